@@ -1,0 +1,57 @@
+"""ublk_driver: Linux ublk block devices served from Python.
+
+Layers, each with one job:
+
+- :mod:`ublk_driver.uapi` — the kernel's structures and opcodes, as bytes;
+- :mod:`ublk_driver._bindings` — the only user of cffi (engine in ``csrc/``);
+- :mod:`ublk_driver.control` — ``/dev/ublk-control`` commands;
+- :mod:`ublk_driver.queue` — one thread and io_uring per queue;
+- :mod:`ublk_driver.server` — a device's lifecycle around a target;
+- :mod:`ublk_driver.targets` — null, mem, loop and the Python plug-in API.
+"""
+
+from ublk_driver.control import Control, bdev_path, cdev_path, driver_available
+from ublk_driver.errors import (
+    ConfigError,
+    ControlError,
+    DeviceNotFoundError,
+    DriverUnavailableError,
+    IoError,
+    PluginError,
+    TargetError,
+    UblkError,
+)
+from ublk_driver.server import Server, ServerConfig
+from ublk_driver.targets import (
+    Capabilities,
+    LoopTarget,
+    MemTarget,
+    NullTarget,
+    PluginBackend,
+    Target,
+    load_plugin,
+)
+
+__all__ = [
+    "Capabilities",
+    "ConfigError",
+    "Control",
+    "ControlError",
+    "DeviceNotFoundError",
+    "DriverUnavailableError",
+    "IoError",
+    "LoopTarget",
+    "MemTarget",
+    "NullTarget",
+    "PluginBackend",
+    "PluginError",
+    "Server",
+    "ServerConfig",
+    "Target",
+    "TargetError",
+    "UblkError",
+    "bdev_path",
+    "cdev_path",
+    "driver_available",
+    "load_plugin",
+]

@@ -1,0 +1,5 @@
+import sys
+
+from ublk_driver.cli import main
+
+sys.exit(main())

@@ -1,0 +1,217 @@
+"""The only module that touches cffi's ``ffi`` and ``lib``.
+
+It keeps the C names (``ctrl_cmd``, ``queue_submit_fetches``, ...), checks
+arguments, turns negative errno returns into ``OSError`` and owns every C
+pointer's lifetime.  Everything above it speaks bytes, ints and memoryviews.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ublk_driver._ublkml_cffi import ffi, lib
+
+# Kinds of native target (csrc/ublkml.h).
+TGT_NULL: int = lib.UBLKML_TGT_NULL
+TGT_MEM: int = lib.UBLKML_TGT_MEM
+TGT_LOOP: int = lib.UBLKML_TGT_LOOP
+TGT_EVENTS: int = lib.UBLKML_TGT_EVENTS
+
+
+class EventHandler(Protocol):
+    def __call__(self, tag: int, op: int, op_flags: int, offset: int, length: int,
+                 buf: memoryview) -> int: ...
+
+
+def _check(ret: int, what: str) -> int:
+    if ret < 0:
+        raise OSError(-ret, f"{what}: {os.strerror(-ret)}")
+    return ret
+
+
+def sizeof(ctype: str) -> int:
+    """Size of a C type of the extension (for the layout tests)."""
+    return int(ffi.sizeof(ctype))
+
+
+def offsetof(ctype: str, fieldname: str) -> int:
+    return int(ffi.offsetof(ctype, fieldname))
+
+
+def c_constant(name: str) -> int:
+    return int(getattr(lib, name))
+
+
+class CtrlRing:
+    """An SQE128 io_uring bound to ``/dev/ublk-control``."""
+
+    def __init__(self, path: str = "/dev/ublk-control") -> None:
+        out = ffi.new("struct ublkml_ctrl **")
+        _check(lib.ublkml_ctrl_open(out, path.encode()), f"open {path}")
+        self._c: Any = out[0]
+
+    def close(self) -> None:
+        if self._c is not None:
+            lib.ublkml_ctrl_close(self._c)
+            self._c = None
+
+    def cmd(self, cmd_op: int, dev_id: int, queue_id: int, buf: bytearray | None,
+            data0: int = 0) -> int:
+        """Send one command; ``buf`` (if any) is passed by address and updated in place.
+
+        Returns the CQE result: negative errno on failure (not raised, so the
+        caller can map errnos to its own exceptions).
+        """
+        if self._c is None:
+            raise ValueError("control ring is closed")
+        if buf is None:
+            return int(lib.ublkml_ctrl_cmd(self._c, cmd_op, dev_id, queue_id, ffi.NULL, 0,
+                                           data0))
+        cbuf = ffi.from_buffer(buf)
+        return int(lib.ublkml_ctrl_cmd(self._c, cmd_op, dev_id, queue_id, cbuf, len(buf),
+                                       data0))
+
+
+class CTarget:
+    """A C target object; queues of one device share it."""
+
+    def __init__(self, kind: int, size: int, fd: int = -1, is_bdev: bool = False) -> None:
+        out = ffi.new("struct ublkml_target **")
+        if kind == TGT_NULL:
+            ret = lib.ublkml_target_new_null(out, size)
+        elif kind == TGT_MEM:
+            ret = lib.ublkml_target_new_mem(out, size)
+        elif kind == TGT_LOOP:
+            ret = lib.ublkml_target_new_loop(out, fd, int(is_bdev), size)
+        elif kind == TGT_EVENTS:
+            ret = lib.ublkml_target_new_events(out, size)
+        else:
+            raise ValueError(f"unknown native target kind {kind}")
+        _check(ret, "create target")
+        self._t: Any = out[0]
+        self.kind = kind
+        self.size = size
+
+    @property
+    def handle(self) -> Any:
+        return self._t
+
+    def free(self) -> None:
+        if self._t is not None:
+            lib.ublkml_target_free(self._t)
+            self._t = None
+
+
+def dio_alignment(fd: int, is_bdev: bool) -> int:
+    return int(lib.ublkml_dio_alignment(fd, int(is_bdev)))
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    ops: tuple[int, ...]
+    bytes: tuple[int, ...]
+    errors: int
+    batches: int
+
+
+class EventBatch:
+    """A reusable array of ``struct ublkml_event`` for event-target queues."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.c: Any = ffi.new("struct ublkml_event[]", size)
+
+    def __getitem__(self, i: int) -> Any:
+        # Returns the C struct itself: fields tag, op, op_flags, nr_sectors,
+        # start_sector, result (writable). Cheap: no copy.
+        return self.c[i]
+
+
+class Queue:
+    """One ublk queue: its ring, its descriptors, its buffers.
+
+    ``cdev_fd < 0`` makes a harness queue without the driver (unit tests).
+    """
+
+    def __init__(self, target: CTarget, cdev_fd: int, q_id: int, depth: int,
+                 buf_size: int, ioctl_encode: bool) -> None:
+        out = ffi.new("struct ublkml_queue **")
+        _check(lib.ublkml_queue_new(out, target.handle, cdev_fd, q_id, depth, buf_size,
+                                    int(ioctl_encode)), f"set up queue {q_id}")
+        self._q: Any = out[0]
+        self._target = target  # keep alive as long as the queue
+        self.q_id = q_id
+        self.depth = depth
+        self.buf_size = buf_size
+        self._bufs: list[memoryview] | None = None
+
+    def free(self) -> None:
+        if self._q is not None:
+            self._bufs = None
+            lib.ublkml_queue_free(self._q)
+            self._q = None
+
+    def submit_fetches(self) -> None:
+        _check(lib.ublkml_queue_submit_fetches(self._q), f"queue {self.q_id}: FETCH_REQ")
+
+    def run(self) -> None:
+        """Serve a native target until the driver aborts the queue."""
+        _check(lib.ublkml_queue_run(self._q), f"queue {self.q_id}")
+
+    def commit_and_wait(self, batch: EventBatch, n_done: int) -> int:
+        """Commit ``batch[0:n_done]`` and wait for new requests; -1 once stopped."""
+        ret = int(lib.ublkml_queue_commit_and_wait(self._q, batch.c, n_done, batch.size))
+        if ret == -errno.ENODEV:
+            return -1
+        return _check(ret, f"queue {self.q_id}")
+
+    def buffer(self, tag: int) -> memoryview:
+        """The I/O buffer of ``tag`` (``buf_size`` bytes), without copying."""
+        if self._bufs is None:
+            self._bufs = [
+                memoryview(ffi.buffer(lib.ublkml_queue_buf(self._q, t), self.buf_size))
+                for t in range(self.depth)
+            ]
+        return self._bufs[tag]
+
+    def serve_events(self, handler: EventHandler, batch_size: int | None = None) -> None:
+        """Serve an event target: ``handler`` answers each request with a result.
+
+        ``handler(tag, op, op_flags, offset, length, buf)`` returns the bytes
+        moved or a negative errno.  One C call per batch commits the previous
+        answers and waits for the next requests.
+        """
+        batch = EventBatch(batch_size or self.depth)
+        evs = batch.c
+        self.buffer(0)
+        bufs = self._bufs
+        assert bufs is not None
+        n = 0
+        while True:
+            n = self.commit_and_wait(batch, n)
+            if n < 0:
+                return
+            for i in range(n):
+                e = evs[i]
+                tag = e.tag
+                e.result = handler(tag, e.op, e.op_flags, e.start_sector << 9,
+                                   e.nr_sectors << 9, bufs[tag])
+
+    def stats(self) -> QueueStats:
+        st = ffi.new("struct ublkml_queue_stats *")
+        lib.ublkml_queue_get_stats(self._q, st)
+        return QueueStats(tuple(st.ops), tuple(st.bytes), int(st.errors), int(st.batches))
+
+    # ---- harness ------------------------------------------------------------
+
+    def inject(self, tag: int, op_flags: int, start_sector: int, nr_sectors: int) -> None:
+        _check(lib.ublkml_queue_inject(self._q, tag, op_flags, start_sector, nr_sectors),
+               "inject")
+
+    def harvest(self, batch: EventBatch) -> list[tuple[int, int]]:
+        """(tag, result) of the requests completed since the last harvest."""
+        n = _check(lib.ublkml_queue_harvest(self._q, batch.c, batch.size), "harvest")
+        return [(int(batch.c[i].tag), int(batch.c[i].result)) for i in range(n)]

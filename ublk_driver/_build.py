@@ -1,0 +1,207 @@
+"""cffi build script (API mode): compiles csrc/ublkml.c against liburing.
+
+API mode rather than ABI mode because liburing's prep helpers are
+``static inline`` and the UAPI layout must be checked by a C compiler: every
+struct below is declared in full, so cffi's generated code asserts that each
+field's offset and size match ``csrc/ublk_uapi.h`` at build time.
+"""
+
+import os
+from pathlib import Path
+
+from cffi import FFI
+
+HERE = Path(__file__).resolve().parent
+CSRC = HERE / "csrc"
+
+CDEF = """
+/* ---- UAPI constants ---- */
+#define UBLK_CMD_GET_QUEUE_AFFINITY ...
+#define UBLK_CMD_GET_DEV_INFO ...
+#define UBLK_CMD_ADD_DEV ...
+#define UBLK_CMD_DEL_DEV ...
+#define UBLK_CMD_START_DEV ...
+#define UBLK_CMD_STOP_DEV ...
+#define UBLK_CMD_SET_PARAMS ...
+#define UBLK_CMD_GET_PARAMS ...
+#define UBLK_CMD_START_USER_RECOVERY ...
+#define UBLK_CMD_END_USER_RECOVERY ...
+#define UBLK_CMD_GET_DEV_INFO2 ...
+#define UBLK_CMD_GET_FEATURES ...
+#define UBLK_CMD_DEL_DEV_ASYNC ...
+#define UBLK_IO_FETCH_REQ ...
+#define UBLK_IO_COMMIT_AND_FETCH_REQ ...
+#define UBLK_IO_NEED_GET_DATA ...
+#define UBLK_U_CMD_GET_QUEUE_AFFINITY ...
+#define UBLK_U_CMD_GET_DEV_INFO ...
+#define UBLK_U_CMD_ADD_DEV ...
+#define UBLK_U_CMD_DEL_DEV ...
+#define UBLK_U_CMD_START_DEV ...
+#define UBLK_U_CMD_STOP_DEV ...
+#define UBLK_U_CMD_SET_PARAMS ...
+#define UBLK_U_CMD_GET_PARAMS ...
+#define UBLK_U_CMD_START_USER_RECOVERY ...
+#define UBLK_U_CMD_END_USER_RECOVERY ...
+#define UBLK_U_CMD_GET_DEV_INFO2 ...
+#define UBLK_U_CMD_GET_FEATURES ...
+#define UBLK_U_CMD_DEL_DEV_ASYNC ...
+#define UBLK_U_IO_FETCH_REQ ...
+#define UBLK_U_IO_COMMIT_AND_FETCH_REQ ...
+#define UBLK_U_IO_NEED_GET_DATA ...
+#define IORING_OP_URING_CMD ...
+#define IORING_SETUP_SQE128 ...
+
+struct ublksrv_ctrl_cmd {
+    uint32_t dev_id;
+    uint16_t queue_id;
+    uint16_t len;
+    uint64_t addr;
+    uint64_t data[1];
+    uint16_t dev_path_len;
+    uint16_t pad;
+    uint32_t reserved;
+};
+
+struct ublksrv_ctrl_dev_info {
+    uint16_t nr_hw_queues;
+    uint16_t queue_depth;
+    uint16_t state;
+    uint16_t pad0;
+    uint32_t max_io_buf_bytes;
+    uint32_t dev_id;
+    int32_t ublksrv_pid;
+    uint32_t pad1;
+    uint64_t flags;
+    uint64_t ublksrv_flags;
+    uint32_t owner_uid;
+    uint32_t owner_gid;
+    uint64_t reserved1;
+    uint64_t reserved2;
+};
+
+struct ublksrv_io_desc {
+    uint32_t op_flags;
+    uint32_t nr_sectors;
+    uint64_t start_sector;
+    uint64_t addr;
+};
+
+struct ublksrv_io_cmd {
+    uint16_t q_id;
+    uint16_t tag;
+    int32_t result;
+    uint64_t addr;
+};
+
+struct ublk_param_basic {
+    uint32_t attrs;
+    uint8_t logical_bs_shift;
+    uint8_t physical_bs_shift;
+    uint8_t io_opt_shift;
+    uint8_t io_min_shift;
+    uint32_t max_sectors;
+    uint32_t chunk_sectors;
+    uint64_t dev_sectors;
+    uint64_t virt_boundary_mask;
+};
+
+struct ublk_param_discard {
+    uint32_t discard_alignment;
+    uint32_t discard_granularity;
+    uint32_t max_discard_sectors;
+    uint32_t max_write_zeroes_sectors;
+    uint16_t max_discard_segments;
+    uint16_t reserved0;
+};
+
+struct ublk_param_devt {
+    uint32_t char_major;
+    uint32_t char_minor;
+    uint32_t disk_major;
+    uint32_t disk_minor;
+};
+
+struct ublk_param_zoned {
+    uint32_t max_open_zones;
+    uint32_t max_active_zones;
+    uint32_t max_zone_append_sectors;
+    uint8_t reserved[20];
+};
+
+struct ublk_params {
+    uint32_t len;
+    uint32_t types;
+    struct ublk_param_basic basic;
+    struct ublk_param_discard discard;
+    struct ublk_param_devt devt;
+    struct ublk_param_zoned zoned;
+};
+
+/* ---- engine ---- */
+#define UBLKML_TGT_NULL ...
+#define UBLKML_TGT_MEM ...
+#define UBLKML_TGT_LOOP ...
+#define UBLKML_TGT_EVENTS ...
+
+struct ublkml_ctrl;
+struct ublkml_target;
+struct ublkml_queue;
+
+struct ublkml_event {
+    uint16_t tag;
+    uint8_t op;
+    uint8_t pad0;
+    uint32_t op_flags;
+    uint32_t nr_sectors;
+    int32_t result;
+    uint64_t start_sector;
+};
+
+struct ublkml_queue_stats {
+    uint64_t ops[8];
+    uint64_t bytes[8];
+    uint64_t errors;
+    uint64_t batches;
+};
+
+int ublkml_ctrl_open(struct ublkml_ctrl **out, const char *path);
+void ublkml_ctrl_close(struct ublkml_ctrl *c);
+int ublkml_ctrl_cmd(struct ublkml_ctrl *c, uint32_t cmd_op, uint32_t dev_id,
+                    uint16_t queue_id, void *buf, uint16_t len, uint64_t data0);
+
+int ublkml_target_new_null(struct ublkml_target **out, uint64_t size);
+int ublkml_target_new_mem(struct ublkml_target **out, uint64_t size);
+int ublkml_target_new_loop(struct ublkml_target **out, int fd, int is_bdev, uint64_t size);
+int ublkml_target_new_events(struct ublkml_target **out, uint64_t size);
+void ublkml_target_free(struct ublkml_target *t);
+int ublkml_target_kind(const struct ublkml_target *t);
+int ublkml_dio_alignment(int fd, int is_bdev);
+
+int ublkml_queue_new(struct ublkml_queue **out, struct ublkml_target *t, int cdev_fd,
+                     uint16_t q_id, uint16_t depth, uint32_t buf_size, int ioctl_encode);
+void ublkml_queue_free(struct ublkml_queue *q);
+int ublkml_queue_submit_fetches(struct ublkml_queue *q);
+int ublkml_queue_run(struct ublkml_queue *q);
+int ublkml_queue_commit_and_wait(struct ublkml_queue *q, struct ublkml_event *evs,
+                                 int n_done, int max);
+void *ublkml_queue_buf(struct ublkml_queue *q, uint16_t tag);
+uint32_t ublkml_queue_buf_size(const struct ublkml_queue *q);
+void ublkml_queue_get_stats(const struct ublkml_queue *q, struct ublkml_queue_stats *out);
+int ublkml_queue_inject(struct ublkml_queue *q, uint16_t tag, uint32_t op_flags,
+                        uint64_t start_sector, uint32_t nr_sectors);
+int ublkml_queue_harvest(struct ublkml_queue *q, struct ublkml_event *out, int max);
+"""
+
+ffibuilder = FFI()
+ffibuilder.cdef(CDEF)
+ffibuilder.set_source(
+    "ublk_driver._ublkml_cffi",
+    '#include "ublkml.h"\n#include <liburing.h>\n',
+    sources=[os.path.relpath(CSRC / "ublkml.c")],
+    include_dirs=[os.path.relpath(CSRC)],
+    libraries=["uring"],
+    extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-std=gnu11"],
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)

@@ -1,0 +1,382 @@
+"""The ``ublkml`` command line.
+
+Verbs follow ublksrv's (``add -t TYPE``, ``del -n ID | --all``, ``list``,
+``features``) so that users of the C server feel at home.  Every error is a
+single line on stderr and a non-zero exit: 1 for a failed operation, 2 for a
+usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import json
+import os
+import select
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from ublk_driver.control import Control, bdev_path
+from ublk_driver.errors import ConfigError, DeviceNotFoundError, UblkError
+from ublk_driver.server import STATE_DIR, Server, ServerConfig, read_state
+from ublk_driver.sizes import format_size, parse_size
+from ublk_driver.targets.base import Backend
+from ublk_driver.uapi import DEV_ID_AUTO, DevState, feature_names
+
+PROG = "ublkml"
+
+
+class CliError(Exception):
+    """An error to print as one line, with an exit code."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _size_arg(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _kv_arg(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+# ---- add ------------------------------------------------------------------
+
+
+def make_backend(args: argparse.Namespace) -> Backend:
+    """Build (and so validate) the target before any device exists."""
+    from ublk_driver.targets import LoopTarget, MemTarget, NullTarget, load_plugin
+
+    t = args.type
+    if t == "null":
+        return NullTarget(args.size if args.size is not None else 250 << 30)
+    if t == "mem":
+        if args.size is None:
+            raise CliError("-t mem needs --size (for example --size 1G)", 2)
+        return MemTarget(args.size)
+    if t == "loop":
+        if not args.file:
+            raise CliError("-t loop needs -f FILE (a file or block device)", 2)
+        return LoopTarget(args.file, size=args.size, direct=not args.buffered,
+                          read_only=args.read_only)
+    if t == "python":
+        if not args.plugin:
+            raise CliError("-t python needs --plugin MODULE:CLASS", 2)
+        plugin_args = dict(args.plugin_arg or [])
+        if args.size is not None and "size" not in plugin_args:
+            plugin_args["size"] = str(args.size)
+        return load_plugin(args.plugin, plugin_args)
+    raise CliError(f"unknown target type {t!r}", 2)
+
+
+def _device_summary(server: Server) -> dict[str, Any]:
+    info = server.info
+    assert info is not None
+    return {"dev_id": info.dev_id, "bdev": bdev_path(info.dev_id), "pid": os.getpid(),
+            "queues": info.nr_hw_queues, "depth": info.queue_depth,
+            "block_size": server.backend.block_size, **server.backend.describe()}
+
+
+def _print_ready(summary: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(summary), flush=True)
+    else:
+        print(f"{summary['bdev']}: {summary['target']} {format_size(int(summary['size']))}, "
+              f"{summary['queues']} queue(s) x depth {summary['depth']}, "
+              f"server pid {summary['pid']}", flush=True)
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    config = ServerConfig(queues=args.queues, depth=args.depth,
+                          dev_id=DEV_ID_AUTO if args.number is None else args.number,
+                          max_io_bytes=args.max_io)
+    config.validate()
+    backend = make_backend(args)
+    if args.foreground:
+        server = Server(backend, config)
+        problems = server.serve_forever(
+            on_ready=lambda s: _print_ready(_device_summary(s), args.json))
+        for p in problems:
+            print(f"{PROG}: {p}", file=sys.stderr)
+        return 1 if problems else 0
+    return _add_daemon(backend, config, args)
+
+
+def _add_daemon(backend: Backend, config: ServerConfig, args: argparse.Namespace) -> int:
+    """Fork a server that outlives this command; report once the device is live."""
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the server
+        os.close(rfd)
+        code = 1
+        try:
+            os.setsid()
+            os.makedirs(STATE_DIR, exist_ok=True)
+            log_path = os.path.join(STATE_DIR, f"server-{os.getpid()}.log")
+            log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            null_fd = os.open(os.devnull, os.O_RDWR)
+            os.dup2(null_fd, 0)
+            os.dup2(null_fd, 1)
+            os.dup2(log_fd, 2)
+            os.close(null_fd)
+            os.close(log_fd)
+
+            def ready(server: Server) -> None:
+                summary = _device_summary(server)
+                summary["log"] = log_path
+                os.write(wfd, json.dumps({"ok": True, **summary}).encode())
+                os.close(wfd)
+
+            server = Server(backend, config)
+            problems = server.serve_forever(on_ready=ready)
+            for p in problems:
+                print(f"{PROG}: {p}", file=sys.stderr, flush=True)
+            code = 1 if problems else 0
+        except BaseException as e:  # reported to the waiting parent
+            with contextlib.suppress(OSError):
+                os.write(wfd, json.dumps({"ok": False, "error": str(e)}).encode())
+            print(f"{PROG}: {e}", file=sys.stderr, flush=True)
+        finally:
+            os._exit(code)
+    os.close(wfd)
+    chunks = []
+    while True:
+        chunk = os.read(rfd, 65536)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(rfd)
+    text = b"".join(chunks).decode()
+    if not text:
+        _, status = os.waitpid(pid, 0)
+        raise CliError(f"the server exited before the device was ready (status {status})")
+    msg = json.loads(text)
+    if not msg.pop("ok"):
+        os.waitpid(pid, 0)
+        raise CliError(msg["error"])
+    _print_ready(msg, args.json)
+    return 0
+
+
+# ---- list / del / features ---------------------------------------------------
+
+
+def _device_record(ctrl: Control, dev_id: int) -> dict[str, Any]:
+    info = ctrl.get_info(dev_id)
+    rec: dict[str, Any] = {"dev_id": dev_id, "state": info.state_name,
+                           "queues": info.nr_hw_queues, "depth": info.queue_depth,
+                           "max_io_bytes": info.max_io_buf_bytes, "pid": info.ublksrv_pid,
+                           "flags": feature_names(info.flags)}
+    with contextlib.suppress(UblkError):
+        params = ctrl.get_params(dev_id)
+        rec["size"] = params.size_bytes
+        rec["block_size"] = params.logical_block_size
+    state = read_state(dev_id)
+    if state:
+        for k in ("target", "backing", "plugin", "direct_io"):
+            if k in state:
+                rec[k] = state[k]
+    rec["bdev"] = bdev_path(dev_id) if info.state == DevState.LIVE else None
+    return rec
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    with Control() as ctrl:
+        records = []
+        for dev_id in ctrl.list_ids():
+            with contextlib.suppress(DeviceNotFoundError):
+                records.append(_device_record(ctrl, dev_id))
+    if args.json:
+        print(json.dumps(records, indent=2))
+        return 0
+    if not records:
+        print("no ublk devices")
+        return 0
+    print(f"{'ID':>4} {'STATE':<8} {'TARGET':<7} {'SIZE':>8} {'Q':>2} {'DEPTH':>5} "
+          f"{'PID':>7}  BACKING")
+    for r in records:
+        backing = r.get("backing") or r.get("plugin") or ""
+        size = format_size(r["size"]) if "size" in r else "?"
+        print(f"{r['dev_id']:>4} {r['state']:<8} {r.get('target', '?'):<7} {size:>8} "
+              f"{r['queues']:>2} {r['depth']:>5} {r['pid']:>7}  {backing}")
+        if args.verbose:
+            print(f"      flags: {' '.join(r['flags'])}")
+    return 0
+
+
+def _wait_pid_exit(pid: int, timeout: float) -> bool:
+    if pid <= 0:
+        return True
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        return bool(select.select([pidfd], [], [], timeout)[0])
+    finally:
+        os.close(pidfd)
+
+
+def delete_device(ctrl: Control, dev_id: int, timeout: float = 30.0) -> None:
+    """DEL_DEV (stops the device if live), then wait for its server to finish."""
+    info = ctrl.get_info(dev_id)
+    ctrl.delete(dev_id)
+    # DEL_DEV returns once the server closed the char device; wait for it to
+    # flush its target and exit too, so that `del` means "data is safe".
+    if info.ublksrv_pid > 0 and info.ublksrv_pid != os.getpid() and not _wait_pid_exit(
+            info.ublksrv_pid, timeout):
+        raise CliError(f"device {dev_id} deleted, but its server (pid {info.ublksrv_pid}) "
+                       f"has not exited after {timeout:.0f} s")
+
+
+def cmd_del(args: argparse.Namespace) -> int:
+    with Control() as ctrl:
+        ids = ctrl.list_ids() if args.all else [args.number]
+        deleted = []
+        for dev_id in ids:
+            try:
+                delete_device(ctrl, dev_id)
+            except DeviceNotFoundError:
+                if not args.all:
+                    raise CliError(f"no ublk device with id {dev_id} (see `ublkml list`)"
+                                   ) from None
+                continue
+            deleted.append(dev_id)
+    if args.json:
+        print(json.dumps({"deleted": deleted}))
+    elif args.all and not deleted:
+        print("no ublk devices")
+    else:
+        for d in deleted:
+            print(f"deleted ublk device {d}")
+    return 0
+
+
+def cmd_features(args: argparse.Namespace) -> int:
+    with Control() as ctrl:
+        feats = ctrl.features
+        out = {"features": feats, "names": feature_names(feats),
+               "ioctl_encode": ctrl.ioctl_encode, "kernel": os.uname().release}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"kernel {out['kernel']}: ublk features 0x{feats:x}")
+        for n in out["names"]:
+            print(f"  {n}")
+        print("control opcodes: " + ("ioctl-encoded" if ctrl.ioctl_encode else "legacy"))
+    return 0
+
+
+def cmd_vm(argv: list[str]) -> int:
+    from ublk_driver.testbed import vm_main
+
+    return vm_main(argv)
+
+
+# ---- parser -------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Serve Linux block devices from Python through the kernel's ublk driver.",
+        epilog="Run `ublkml COMMAND --help` for a command's options. Needs root and the "
+               "ublk_drv module; on machines without it, `ublkml vm run -- CMD` runs CMD in "
+               "the project's qemu test bed.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    a = sub.add_parser("add", help="create a ublk device and start its server",
+                       description="Create a ublk device served by this process. By default "
+                       "the server goes to the background once /dev/ublkbN is live and this "
+                       "command prints the device; `ublkml del -n ID` removes it.")
+    a.add_argument("-t", "--type", required=True, choices=["null", "mem", "loop", "python"],
+                   help="target: null (discards everything), mem (RAM disk), loop (a file "
+                   "or block device, O_DIRECT), python (a plug-in class)")
+    a.add_argument("-f", "--file", help="backing file or block device (loop)")
+    a.add_argument("--size", type=_size_arg,
+                   help="device size, e.g. 64M, 1G (mem: required; loop: defaults to the "
+                   "file's size; null: 250G)")
+    a.add_argument("-q", "--queues", type=int, default=1, help="number of queues (default 1)")
+    a.add_argument("-d", "--depth", type=int, default=128,
+                   help="queue depth (default 128, at most 4096)")
+    a.add_argument("-n", "--number", type=int, help="device id (default: the kernel picks)")
+    a.add_argument("--max-io", type=_size_arg, default=512 * 1024,
+                   help="largest I/O in bytes (default 512K)")
+    a.add_argument("--plugin", help="python: MODULE:CLASS or FILE.py:CLASS")
+    a.add_argument("--plugin-arg", action="append", type=_kv_arg, metavar="KEY=VALUE",
+                   help="python: keyword argument for the plug-in class (repeatable)")
+    a.add_argument("--buffered", action="store_true",
+                   help="loop: use the page cache instead of O_DIRECT")
+    a.add_argument("--read-only", action="store_true", help="loop: open the file read-only")
+    a.add_argument("--foreground", action="store_true",
+                   help="serve from this process until SIGINT/SIGTERM")
+    a.add_argument("--json", action="store_true", help="print the device as JSON")
+    a.set_defaults(func=cmd_add)
+
+    ls = sub.add_parser("list", help="list ublk devices",
+                        description="List the ublk devices the kernel knows, with their "
+                        "state, target and server.")
+    ls.add_argument("-v", "--verbose", action="store_true", help="show feature flags too")
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
+    ls.set_defaults(func=cmd_list)
+
+    d = sub.add_parser("del", help="delete ublk devices",
+                       description="Stop and delete a device; its server flushes the target "
+                       "and exits before this returns.")
+    g = d.add_mutually_exclusive_group(required=True)
+    g.add_argument("-n", "--number", type=int, help="device id")
+    g.add_argument("-a", "--all", action="store_true", help="every ublk device")
+    d.add_argument("--json", action="store_true", help="machine-readable output")
+    d.set_defaults(func=cmd_del)
+
+    f = sub.add_parser("features", help="what the running kernel's ublk driver supports")
+    f.add_argument("--json", action="store_true", help="machine-readable output")
+    f.set_defaults(func=cmd_features)
+
+    sub.add_parser("vm", help="the qemu test bed (a real ublk kernel): provision, run, info",
+                   add_help=False)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "vm":
+        return cmd_vm(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    try:
+        return int(args.func(args))
+    except CliError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return e.code
+    except UblkError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        if e.errno == errno.EPERM or e.errno == errno.EACCES:
+            print(f"{PROG}: error: {e} (ublk needs root)", file=sys.stderr)
+        else:
+            print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * ublkml's native engine: the control ring and the per-queue data path.
+ *
+ * Conventions (as liburing's): every function that can fail returns a
+ * negative errno; 0 or a count means success.  Nothing here allocates per
+ * I/O: a queue owns its descriptors, buffers and ring for its whole life.
+ */
+#ifndef UBLKML_H
+#define UBLKML_H
+
+#include <stdint.h>
+#include "ublk_uapi.h"
+
+/* ---- control device ---------------------------------------------------- */
+
+struct ublkml_ctrl;
+
+int ublkml_ctrl_open(struct ublkml_ctrl **out, const char *path);
+void ublkml_ctrl_close(struct ublkml_ctrl *c);
+/* Sends one control command and waits for its completion (the GIL is
+ * released by cffi around the call, so START_DEV may block here safely). */
+int ublkml_ctrl_cmd(struct ublkml_ctrl *c, uint32_t cmd_op, uint32_t dev_id,
+		    uint16_t queue_id, void *buf, uint16_t len, uint64_t data0);
+
+/* ---- targets ----------------------------------------------------------- */
+
+enum {
+	UBLKML_TGT_NULL = 0,
+	UBLKML_TGT_MEM = 1,
+	UBLKML_TGT_LOOP = 2,
+	UBLKML_TGT_EVENTS = 3,	/* I/O handed to the caller (Python plug-ins) */
+};
+
+struct ublkml_target;
+
+int ublkml_target_new_null(struct ublkml_target **out, uint64_t size);
+int ublkml_target_new_mem(struct ublkml_target **out, uint64_t size);
+/* fd stays owned by the caller; is_bdev selects ioctl discard/zeroout. */
+int ublkml_target_new_loop(struct ublkml_target **out, int fd, int is_bdev,
+			   uint64_t size);
+int ublkml_target_new_events(struct ublkml_target **out, uint64_t size);
+void ublkml_target_free(struct ublkml_target *t);
+int ublkml_target_kind(const struct ublkml_target *t);
+
+/* O_DIRECT alignment the file or device needs (STATX_DIOALIGN, BLKSSZGET),
+ * or 512 when the kernel does not say. */
+int ublkml_dio_alignment(int fd, int is_bdev);
+
+/* ---- queues ------------------------------------------------------------ */
+
+/* One I/O handed to the caller (event targets and the test harness). */
+struct ublkml_event {
+	uint16_t tag;
+	uint8_t op;
+	uint8_t pad0;
+	uint32_t op_flags;
+	uint32_t nr_sectors;
+	int32_t result;		/* filled in by whoever completes it */
+	uint64_t start_sector;
+};
+
+struct ublkml_queue_stats {
+	uint64_t ops[8];	/* by UBLK_IO_OP_* (0..7) */
+	uint64_t bytes[8];
+	uint64_t errors;
+	uint64_t batches;	/* completion batches reaped */
+};
+
+struct ublkml_queue;
+
+/* cdev_fd < 0 builds a harness queue: no ublk driver, descriptors live in
+ * the heap, I/O comes from ublkml_queue_inject and results are collected
+ * by ublkml_queue_harvest.  Unit tests use it to check target logic. */
+int ublkml_queue_new(struct ublkml_queue **out, struct ublkml_target *t,
+		     int cdev_fd, uint16_t q_id, uint16_t depth,
+		     uint32_t buf_size, int ioctl_encode);
+void ublkml_queue_free(struct ublkml_queue *q);
+/* Must run on the thread that will serve the queue. */
+int ublkml_queue_submit_fetches(struct ublkml_queue *q);
+/* Native targets: serve until the driver aborts the queue (0) or an error. */
+int ublkml_queue_run(struct ublkml_queue *q);
+/* Event targets: commit evs[0..n_done) with their result, then wait for new
+ * I/O and fill evs[0..max); returns how many, or -ENODEV once stopped. */
+int ublkml_queue_commit_and_wait(struct ublkml_queue *q,
+				 struct ublkml_event *evs, int n_done, int max);
+void *ublkml_queue_buf(struct ublkml_queue *q, uint16_t tag);
+uint32_t ublkml_queue_buf_size(const struct ublkml_queue *q);
+void ublkml_queue_get_stats(const struct ublkml_queue *q,
+			    struct ublkml_queue_stats *out);
+
+/* Harness only. */
+int ublkml_queue_inject(struct ublkml_queue *q, uint16_t tag, uint32_t op_flags,
+			uint64_t start_sector, uint32_t nr_sectors);
+int ublkml_queue_harvest(struct ublkml_queue *q, struct ublkml_event *out,
+			 int max);
+
+#endif /* UBLKML_H */

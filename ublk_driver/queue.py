@@ -1,0 +1,51 @@
+"""Queue workers: one thread and one io_uring per ublk queue.
+
+The thread that submits a queue's FETCH commands is the only one the driver
+lets issue that queue's later commands, so the worker sets up its queue, sends
+the FETCHes and serves, all on its own thread.  The C calls release the GIL:
+native queues run in parallel; plug-in queues take the GIL only for the
+plug-in's own methods.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from ublk_driver import _bindings
+from ublk_driver.targets.base import Backend
+from ublk_driver.targets.plugin import PluginBackend
+
+
+class QueueWorker(threading.Thread):
+    def __init__(self, backend: Backend, ctarget: _bindings.CTarget, cdev_fd: int, q_id: int,
+                 depth: int, buf_size: int, ioctl_encode: bool) -> None:
+        super().__init__(name=f"ublk-q{q_id}", daemon=True)
+        self.backend = backend
+        self.ctarget = ctarget
+        self.cdev_fd = cdev_fd
+        self.q_id = q_id
+        self.depth = depth
+        self.buf_size = buf_size
+        self.ioctl_encode = ioctl_encode
+        self.fetched = threading.Event()
+        self.error: BaseException | None = None
+        self.final_stats: _bindings.QueueStats | None = None
+
+    def run(self) -> None:
+        queue: _bindings.Queue | None = None
+        try:
+            queue = _bindings.Queue(self.ctarget, self.cdev_fd, self.q_id, self.depth,
+                                    self.buf_size, self.ioctl_encode)
+            queue.submit_fetches()
+            self.fetched.set()
+            if isinstance(self.backend, PluginBackend):
+                queue.serve_events(self.backend.handler())
+            else:
+                queue.run()
+        except BaseException as e:  # reported by the server, never lost
+            self.error = e
+        finally:
+            self.fetched.set()
+            if queue is not None:
+                self.final_stats = queue.stats()
+                queue.free()

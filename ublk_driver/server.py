@@ -1,0 +1,316 @@
+"""A ublk device and the server behind it.
+
+Lifecycle (the kernel's order): ADD_DEV, SET_PARAMS, open ``/dev/ublkcN``,
+queue threads submit their FETCHes, START_DEV (from this thread: it blocks
+until every tag has a FETCH outstanding), serve, then STOP_DEV, join the
+queues, close the char device, DEL_DEV (it waits for that close), and close
+the target so its data reaches stable storage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+from ublk_driver import _bindings
+from ublk_driver.control import Control, bdev_path, cdev_path
+from ublk_driver.errors import ConfigError, ControlError, DeviceNotFoundError, UblkError
+from ublk_driver.queue import QueueWorker
+from ublk_driver.targets.base import Backend
+from ublk_driver.uapi import (
+    DEV_ID_AUTO,
+    MAX_QUEUE_DEPTH,
+    Attr,
+    DevInfo,
+    Feature,
+    ParamBasic,
+    ParamDiscard,
+    Params,
+    ParamType,
+)
+
+STATE_DIR = os.environ.get("UBLKML_STATE_DIR", "/run/ublkml")
+DEFAULT_DEPTH = 128
+DEFAULT_QUEUES = 1
+DEFAULT_MAX_IO = 512 * 1024
+
+
+def possible_cpus() -> int:
+    """nr_cpu_ids, the kernel's cap on the number of queues."""
+    try:
+        with open("/sys/devices/system/cpu/possible") as f:
+            text = f.read().strip()
+        return max(int(part.split("-")[-1]) for part in text.split(",")) + 1
+    except (OSError, ValueError):
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    queues: int = DEFAULT_QUEUES
+    depth: int = DEFAULT_DEPTH
+    dev_id: int = DEV_ID_AUTO
+    max_io_bytes: int = DEFAULT_MAX_IO
+
+    def validate(self) -> None:
+        cpus = possible_cpus()
+        if not 1 <= self.queues <= cpus:
+            raise ConfigError(f"queue count must be 1..{cpus} (one per CPU at most), "
+                              f"got {self.queues}")
+        if not 1 <= self.depth <= MAX_QUEUE_DEPTH:
+            raise ConfigError(f"queue depth must be 1..{MAX_QUEUE_DEPTH}, got {self.depth}")
+        if self.dev_id != DEV_ID_AUTO and not 0 <= self.dev_id < 1 << 20:
+            raise ConfigError(f"device id must be 0..{(1 << 20) - 1}, got {self.dev_id}")
+        if self.max_io_bytes < 4096 or self.max_io_bytes % 4096 or self.max_io_bytes > 1 << 24:
+            raise ConfigError("max I/O size must be a multiple of 4096 between 4K and 16M, "
+                              f"got {self.max_io_bytes}")
+
+
+def build_params(backend: Backend, max_io_bytes: int) -> Params:
+    caps = backend.capabilities
+    bs = backend.block_size
+    bs_shift = bs.bit_length() - 1
+    attrs = 0
+    if caps.read_only:
+        attrs |= Attr.READ_ONLY
+    if caps.rotational:
+        attrs |= Attr.ROTATIONAL
+    if caps.flush:
+        attrs |= Attr.VOLATILE_CACHE
+    if caps.fua:
+        attrs |= Attr.FUA
+    basic = ParamBasic(attrs=attrs, logical_bs_shift=bs_shift,
+                       physical_bs_shift=max(bs_shift, 12), io_opt_shift=max(bs_shift, 12),
+                       io_min_shift=bs_shift, max_sectors=max_io_bytes >> 9,
+                       dev_sectors=backend.size >> 9)
+    types = ParamType.BASIC
+    discard = ParamDiscard()
+    if caps.discard or caps.write_zeroes:
+        types |= ParamType.DISCARD
+        discard = ParamDiscard(
+            discard_granularity=max(bs, 4096),
+            max_discard_sectors=(1 << 30 >> 9) if caps.discard else 0,
+            max_write_zeroes_sectors=(1 << 30 >> 9) if caps.write_zeroes else 0,
+            max_discard_segments=1,
+        )
+    return Params(types=types, basic=basic, discard=discard)
+
+
+class Server:
+    """Serves one target as one ublk device, from this process."""
+
+    def __init__(self, backend: Backend, config: ServerConfig | None = None,
+                 control: Control | None = None) -> None:
+        self.backend = backend
+        self.config = config or ServerConfig()
+        self.config.validate()
+        self._own_control = control is None
+        self.control = control or Control()
+        self.info: DevInfo | None = None
+        self._cdev_fd = -1
+        self._ctarget: _bindings.CTarget | None = None
+        self._workers: list[QueueWorker] = []
+        self._stop_requested = threading.Event()
+        self._stopped_by_us = False
+
+    @property
+    def dev_id(self) -> int:
+        if self.info is None:
+            raise UblkError("device not added yet")
+        return self.info.dev_id
+
+    @property
+    def bdev(self) -> str:
+        return bdev_path(self.dev_id)
+
+    # ---- lifecycle ----------------------------------------------------------
+
+    def add(self) -> DevInfo:
+        cfg = self.config
+        want = DevInfo(nr_hw_queues=cfg.queues, queue_depth=cfg.depth,
+                       max_io_buf_bytes=cfg.max_io_bytes, dev_id=cfg.dev_id,
+                       ublksrv_pid=os.getpid(),
+                       flags=int(Feature.CMD_IOCTL_ENCODE & self.control.features))
+        info = self.control.add(want)
+        self.info = info
+        try:
+            if info.nr_hw_queues != cfg.queues or info.queue_depth != cfg.depth:
+                raise ConfigError(
+                    f"the kernel granted {info.nr_hw_queues} queue(s) of depth "
+                    f"{info.queue_depth}, not {cfg.queues} of {cfg.depth}")
+            self.control.set_params(info.dev_id, build_params(self.backend,
+                                                              info.max_io_buf_bytes))
+        except BaseException:
+            self._delete_quietly()
+            raise
+        return info
+
+    def start(self) -> None:
+        """Open the char device, start the queue threads, then START_DEV."""
+        info = self.info
+        if info is None:
+            info = self.add()
+        try:
+            self._cdev_fd = self._open_cdev(info.dev_id)
+            self._ctarget = self.backend.attach()
+            encode = bool(info.flags & Feature.CMD_IOCTL_ENCODE)
+            for q in range(info.nr_hw_queues):
+                w = QueueWorker(self.backend, self._ctarget, self._cdev_fd, q,
+                                info.queue_depth, info.max_io_buf_bytes, encode)
+                self._workers.append(w)
+                w.start()
+            for w in self._workers:
+                w.fetched.wait()
+                if w.error is not None:
+                    raise UblkError(f"queue {w.q_id} failed to start: {w.error}")
+            self.control.start(info.dev_id, os.getpid())
+            self._write_state()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    @staticmethod
+    def _open_cdev(dev_id: int) -> int:
+        path = cdev_path(dev_id)
+        # devtmpfs creates the node asynchronously after ADD_DEV.
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                return os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            except FileNotFoundError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+
+    def request_stop(self) -> None:
+        """Ask the device to stop (safe from a signal handler)."""
+        self._stop_requested.set()
+
+    def wait(self, poll: float = 0.2) -> None:
+        """Serve until a stop is requested or the device is stopped from outside."""
+        while True:
+            if self._stop_requested.is_set():
+                self._stop_device()
+                break
+            alive = [w for w in self._workers if w.is_alive()]
+            if not alive:
+                break
+            alive[0].join(poll)
+
+    def _stop_device(self) -> None:
+        if self.info is None or self._stopped_by_us:
+            return
+        self._stopped_by_us = True
+        with contextlib.suppress(DeviceNotFoundError):
+            self.control.stop(self.info.dev_id)
+
+    def shutdown(self) -> list[str]:
+        """Stop, join the queues, close everything, delete the device.
+
+        Returns problems met on the way (queue errors) so the caller can report
+        them after the device is gone; never leaves a device behind.
+        """
+        problems: list[str] = []
+        if self.info is not None and any(w.is_alive() for w in self._workers):
+            self._stop_device()
+        for w in self._workers:
+            w.join(30)
+            if w.is_alive():
+                problems.append(f"queue {w.q_id} did not stop within 30 s")
+            elif w.error is not None:
+                problems.append(f"queue {w.q_id}: {w.error}")
+        if self._cdev_fd >= 0:
+            os.close(self._cdev_fd)
+            self._cdev_fd = -1
+        self._delete_quietly()
+        if self._ctarget is not None and not any(w.is_alive() for w in self._workers):
+            self._ctarget.free()
+            self._ctarget = None
+        try:
+            self.backend.close()
+        except OSError as e:
+            problems.append(f"closing the target: {e}")
+        self._remove_state()
+        if self._own_control:
+            self.control.close()
+        return problems
+
+    def _delete_quietly(self) -> None:
+        if self.info is None:
+            return
+        try:
+            self.control.delete(self.info.dev_id)
+        except DeviceNotFoundError:
+            pass  # someone (`ublkml del`) deleted it already
+        except ControlError as e:
+            if e.errno != errno.ENODEV:
+                raise
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"queues": []}
+        for w in self._workers:
+            st = w.final_stats
+            if st is not None:
+                out["queues"].append({"q_id": w.q_id, "ops": st.ops, "errors": st.errors,
+                                      "batches": st.batches})
+        return out
+
+    def serve_forever(self, on_ready: Any = None) -> list[str]:
+        """add + start, then serve until SIGINT/SIGTERM or an outside stop."""
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            self.request_stop()
+
+        old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            if self.info is None:
+                self.add()
+            self.start()
+            if on_ready is not None:
+                on_ready(self)
+            self.wait()
+        finally:
+            problems = self.shutdown()
+            for s, h in old.items():
+                signal.signal(s, h)
+        return problems
+
+    # ---- state file for `ublkml list` ---------------------------------------
+
+    def _state_path(self) -> str:
+        return os.path.join(STATE_DIR, f"{self.dev_id}.json")
+
+    def _write_state(self) -> None:
+        assert self.info is not None
+        state = {"dev_id": self.info.dev_id, "pid": os.getpid(),
+                 "queues": self.info.nr_hw_queues, "depth": self.info.queue_depth,
+                 "block_size": self.backend.block_size, **self.backend.describe()}
+        try:
+            os.makedirs(STATE_DIR, exist_ok=True)
+            tmp = self._state_path() + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(state, f)
+            os.replace(tmp, self._state_path())
+        except OSError:
+            pass  # `list` then shows kernel facts only
+
+    def _remove_state(self) -> None:
+        if self.info is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._state_path())
+
+
+def read_state(dev_id: int) -> dict[str, Any] | None:
+    try:
+        with open(os.path.join(STATE_DIR, f"{dev_id}.json")) as f:
+            data: dict[str, Any] = json.load(f)
+            return data
+    except (OSError, ValueError):
+        return None

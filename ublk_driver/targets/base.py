@@ -1,0 +1,119 @@
+"""What every target tells the server, and the plug-in base class.
+
+A *target* is where a device's I/O goes.  The server needs four things from
+it: the size, the logical block size, the capabilities (which become the
+device's queue limits, so the kernel never sends what the target cannot do)
+and an engine: a native C target (null, mem, loop) whose I/O never enters
+the interpreter, or Python methods (plug-ins).
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+from ublk_driver import _bindings
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a target can do; each maps to a queue limit of the ublk device."""
+
+    read_only: bool = False
+    flush: bool = False          # volatile write cache: FLUSH reaches stable storage
+    fua: bool = False            # FUA writes are honoured
+    discard: bool = False
+    write_zeroes: bool = False
+    discard_zeroes: bool = False  # discarded ranges read back as zeros
+    rotational: bool = False
+
+
+class Backend(abc.ABC):
+    """The server's view of a target (native or plug-in)."""
+
+    #: short name shown by ``ublkml list``
+    name: str = "?"
+
+    @property
+    @abc.abstractmethod
+    def size(self) -> int:
+        """Device size in bytes (a multiple of ``block_size``)."""
+
+    @property
+    def block_size(self) -> int:
+        """Logical block size in bytes (512 unless the backing store needs more)."""
+        return 512
+
+    @property
+    @abc.abstractmethod
+    def capabilities(self) -> Capabilities: ...
+
+    @abc.abstractmethod
+    def attach(self) -> _bindings.CTarget:
+        """Create the C target object the queues will share."""
+
+    def describe(self) -> dict[str, object]:
+        """A JSON-able description for ``ublkml list``."""
+        return {"target": self.name, "size": self.size}
+
+    def close(self) -> None:
+        """Release resources; flush what must reach stable storage."""
+
+
+class Target:
+    """Base class of Python plug-in targets, in the spirit of nbdkit's plug-ins.
+
+    Override :meth:`size` and :meth:`read`; everything else is optional and
+    the device only advertises what you define:
+
+    - :meth:`write` — without it the device is read-only;
+    - :meth:`flush` — makes the device a write-back cache device; FUA writes
+      are then honoured as a write followed by ``flush()``;
+    - :meth:`discard`, :meth:`write_zeroes`.
+
+    ``read_into`` (fill a buffer in place) may replace ``read`` for speed.
+
+    Errors: raise :class:`ublk_driver.IoError` (or any ``OSError``) with an
+    errno to fail that one I/O with it; any other exception fails it with
+    EIO.  Returning fewer bytes than asked fails the I/O with EIO.  The device
+    and the server keep running either way.
+
+    The plug-in methods of one queue run on that queue's thread; with several
+    queues, methods may run on several threads (one at a time under the GIL).
+    """
+
+    #: discarded ranges read back as zeros
+    discard_zeroes: bool = False
+    rotational: bool = False
+
+    def size(self) -> int:
+        raise NotImplementedError("a plug-in target must define size()")
+
+    def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
+        raise NotImplementedError("a plug-in target must define read() or read_into()")
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        data = self.read(offset, len(buf))
+        if len(data) != len(buf):
+            raise ShortReadError(len(data), len(buf))
+        buf[:] = data
+
+    def write(self, offset: int, data: memoryview) -> None:
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        raise NotImplementedError
+
+    def discard(self, offset: int, length: int) -> None:
+        raise NotImplementedError
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Called once when the device goes away."""
+
+
+class ShortReadError(Exception):
+    def __init__(self, got: int, wanted: int) -> None:
+        super().__init__(f"read returned {got} bytes, {wanted} were asked for")

@@ -1,0 +1,155 @@
+"""The native targets: their I/O is served by the C engine, never by Python."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+from ublk_driver import _bindings
+from ublk_driver.errors import ConfigError, TargetError
+from ublk_driver.targets.base import Backend, Capabilities
+
+
+def _check_size(size: int, block_size: int) -> int:
+    if size <= 0:
+        raise ConfigError(f"device size must be positive, got {size}")
+    if size % block_size:
+        raise ConfigError(
+            f"device size {size} is not a multiple of the block size ({block_size} bytes)"
+        )
+    return size
+
+
+class NullTarget(Backend):
+    """Completes every I/O at once and stores nothing (reads return junk)."""
+
+    name = "null"
+
+    def __init__(self, size: int = 250 << 30) -> None:
+        self._size = _check_size(size, 512)
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(flush=True, fua=True, discard=True, write_zeroes=True)
+
+    def attach(self) -> _bindings.CTarget:
+        return _bindings.CTarget(_bindings.TGT_NULL, self._size)
+
+
+class MemTarget(Backend):
+    """A RAM disk: anonymous memory, zero until written, gone when stopped."""
+
+    name = "mem"
+
+    def __init__(self, size: int) -> None:
+        self._size = _check_size(size, 512)
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(flush=True, fua=True, discard=True, write_zeroes=True,
+                            discard_zeroes=True)
+
+    def attach(self) -> _bindings.CTarget:
+        try:
+            return _bindings.CTarget(_bindings.TGT_MEM, self._size)
+        except OSError as e:
+            raise TargetError(e.errno or errno.ENOMEM,
+                              f"cannot reserve {self._size} bytes of memory: {e.strerror}"
+                              ) from None
+
+
+class LoopTarget(Backend):
+    """A file or block device, read and written with O_DIRECT through io_uring.
+
+    Where the file system refuses O_DIRECT the target falls back to buffered
+    I/O and says so in ``describe()``; FLUSH and FUA still reach stable
+    storage (fdatasync, RWF_DSYNC).
+    """
+
+    name = "loop"
+
+    def __init__(self, path: str, size: int | None = None, direct: bool = True,
+                 read_only: bool = False) -> None:
+        self.path = path
+        self.read_only = read_only
+        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            raise TargetError(e.errno or errno.ENOENT,
+                              f"backing file {path}: {e.strerror}") from None
+        self.is_bdev = stat.S_ISBLK(st.st_mode)
+        if not (self.is_bdev or stat.S_ISREG(st.st_mode)):
+            raise TargetError(errno.EINVAL,
+                              f"backing file {path} is neither a regular file nor a block device")
+        self.direct = False
+        fd = -1
+        if direct:
+            try:
+                fd = os.open(path, flags | os.O_DIRECT)
+                self.direct = True
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise TargetError(e.errno or errno.EIO,
+                                      f"backing file {path}: {e.strerror}") from None
+        if fd < 0:
+            try:
+                fd = os.open(path, flags)
+            except OSError as e:
+                raise TargetError(e.errno or errno.EIO,
+                                  f"backing file {path}: {e.strerror}") from None
+        self._fd = fd
+        try:
+            self._block_size = (_bindings.dio_alignment(fd, self.is_bdev)
+                                if self.direct else 512)
+            self._block_size = max(512, self._block_size)
+            backing_size = os.lseek(fd, 0, os.SEEK_END)
+            if size is None:
+                size = backing_size - backing_size % self._block_size
+            elif size > backing_size:
+                raise ConfigError(f"--size {size} is larger than the backing file {path} "
+                                  f"({backing_size} bytes)")
+            self._size = _check_size(size, self._block_size)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def block_size(self) -> int:
+        return self._block_size
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(read_only=self.read_only, flush=True, fua=True,
+                            discard=not self.read_only, write_zeroes=not self.read_only,
+                            discard_zeroes=not self.is_bdev)
+
+    def attach(self) -> _bindings.CTarget:
+        return _bindings.CTarget(_bindings.TGT_LOOP, self._size, fd=self._fd,
+                                 is_bdev=self.is_bdev)
+
+    def describe(self) -> dict[str, object]:
+        return {"target": self.name, "size": self.size, "backing": self.path,
+                "direct_io": self.direct}
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            try:
+                if not self.read_only:
+                    os.fsync(self._fd)
+            finally:
+                os.close(self._fd)
+                self._fd = -1

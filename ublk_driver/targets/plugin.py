@@ -1,0 +1,184 @@
+"""Serving a Python :class:`~ublk_driver.targets.base.Target` plug-in.
+
+The C engine hands requests over in batches; :class:`PluginBackend` answers
+each with the plug-in's method.  The capabilities are inferred from the
+methods the plug-in class overrides (trio's trick), so the kernel never sends
+an operation the plug-in cannot serve.
+"""
+
+from __future__ import annotations
+
+import errno
+import importlib
+import importlib.util
+import inspect
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from ublk_driver import _bindings
+from ublk_driver.errors import ConfigError, IoError, PluginError
+from ublk_driver.targets.base import Backend, Capabilities, ShortReadError, Target
+from ublk_driver.uapi import IoFlag, Op
+
+
+def _overrides(obj: Target, name: str) -> bool:
+    impl = getattr(type(obj), name, None)
+    return impl is not None and impl is not getattr(Target, name)
+
+
+class PluginBackend(Backend):
+    """A plug-in object served through the engine's event queues."""
+
+    name = "python"
+
+    def __init__(self, plugin: Target, spec: str = "") -> None:
+        if not isinstance(plugin, Target):
+            raise PluginError(f"{type(plugin).__name__} is not a ublk_driver.Target subclass")
+        if not (_overrides(plugin, "read") or _overrides(plugin, "read_into")):
+            raise PluginError(f"plug-in {type(plugin).__name__} defines neither read() "
+                              "nor read_into()")
+        self.plugin = plugin
+        self.spec = spec or f"{type(plugin).__module__}:{type(plugin).__qualname__}"
+        try:
+            size = int(plugin.size())
+        except Exception as e:
+            raise PluginError(f"plug-in {self.spec}: size() failed: {e}") from None
+        if size <= 0 or size % 512:
+            raise ConfigError(f"plug-in {self.spec}: size() returned {size}, which is not a "
+                              "positive multiple of the block size (512 bytes)")
+        self._size = size
+        caps = Capabilities(
+            read_only=not _overrides(plugin, "write"),
+            flush=_overrides(plugin, "flush"),
+            fua=_overrides(plugin, "flush") and _overrides(plugin, "write"),
+            discard=_overrides(plugin, "discard"),
+            write_zeroes=_overrides(plugin, "write_zeroes"),
+            discard_zeroes=bool(plugin.discard_zeroes),
+            rotational=bool(plugin.rotational),
+        )
+        self._caps = caps
+        self._errors_logged = 0
+        self._log_lock = threading.Lock()
+        self.io_errors = 0
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self._caps
+
+    def attach(self) -> _bindings.CTarget:
+        return _bindings.CTarget(_bindings.TGT_EVENTS, self._size)
+
+    def describe(self) -> dict[str, object]:
+        return {"target": self.name, "size": self.size, "plugin": self.spec}
+
+    def close(self) -> None:
+        try:
+            self.plugin.close()
+        except Exception as e:
+            self._log(f"close() raised {e!r}")
+
+    def _log(self, msg: str) -> None:
+        # Rate-limited: a plug-in that fails every I/O must not flood the log.
+        with self._log_lock:
+            self._errors_logged += 1
+            n = self._errors_logged
+        if n <= 20 or n % 1000 == 0:
+            print(f"ublkml: plug-in {self.spec}: {msg}", file=sys.stderr, flush=True)
+
+    def handler(self) -> _bindings.EventHandler:
+        """The per-request function the queue threads call."""
+        p = self.plugin
+        read_into = p.read_into
+        write, flush = p.write, p.flush
+        discard, write_zeroes = p.discard, p.write_zeroes
+        READ, WRITE, FLUSH = Op.READ, Op.WRITE, Op.FLUSH
+        DISCARD, WRITE_ZEROES, FUA = Op.DISCARD, Op.WRITE_ZEROES, IoFlag.FUA
+
+        def handle(tag: int, op: int, op_flags: int, offset: int, length: int,
+                   buf: memoryview) -> int:
+            try:
+                if op == READ:
+                    read_into(offset, buf[:length])
+                    return length
+                if op == WRITE:
+                    write(offset, buf[:length])
+                    if op_flags & FUA:
+                        flush()
+                    return length
+                if op == FLUSH:
+                    flush()
+                    return 0
+                if op == DISCARD:
+                    discard(offset, length)
+                    return 0
+                if op == WRITE_ZEROES:
+                    write_zeroes(offset, length)
+                    return 0
+                return -errno.EOPNOTSUPP
+            except ShortReadError as e:
+                self._log(f"{Op(op).name} at {offset}+{length}: {e}")
+                res = -errno.EIO
+            except OSError as e:
+                self._log(f"{Op(op).name} at {offset}+{length}: {e}")
+                res = -(e.errno or errno.EIO)
+            except NotImplementedError:
+                res = -errno.EOPNOTSUPP
+            except Exception as e:
+                self._log(f"{Op(op).name} at {offset}+{length} raised {e!r}")
+                res = -errno.EIO
+            self.io_errors += 1
+            return res
+
+        return handle
+
+
+def load_plugin(spec: str, args: Mapping[str, str] | None = None) -> PluginBackend:
+    """Load ``module:Class`` or ``path/to/file.py:Class`` and instantiate it.
+
+    ``args`` become keyword arguments of the class (strings; convert them in
+    ``__init__``).
+    """
+    module_name, sep, class_name = spec.rpartition(":")
+    if not sep or not module_name or not class_name:
+        raise PluginError(f"--plugin wants MODULE:CLASS or FILE.py:CLASS, got {spec!r}")
+    try:
+        if module_name.endswith(".py") or os.sep in module_name:
+            if not os.path.isfile(module_name):
+                raise PluginError(f"plug-in file {module_name} does not exist")
+            mod_spec = importlib.util.spec_from_file_location(
+                f"ublkml_plugin_{abs(hash(module_name))}", module_name)
+            if mod_spec is None or mod_spec.loader is None:
+                raise PluginError(f"cannot load plug-in file {module_name}")
+            module = importlib.util.module_from_spec(mod_spec)
+            mod_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except PluginError:
+        raise
+    except Exception as e:
+        raise PluginError(f"cannot import plug-in module {module_name}: {e}") from None
+    cls: Any = getattr(module, class_name, None)
+    if cls is None:
+        raise PluginError(f"plug-in module {module_name} has no class {class_name}")
+    if not (inspect.isclass(cls) and issubclass(cls, Target)):
+        raise PluginError(f"{spec} is not a subclass of ublk_driver.Target")
+    factory: Callable[..., Target] = cls
+    try:
+        obj = factory(**dict(args or {}))
+    except TypeError as e:
+        raise PluginError(f"cannot create {spec}: {e}") from None
+    except Exception as e:
+        raise PluginError(f"{spec}.__init__ raised {e!r}") from None
+    return PluginBackend(obj, spec)
+
+
+# Time source for plug-ins that want to simulate slowness (examples, tests).
+monotonic = time.monotonic
