@@ -147,7 +147,7 @@ def feature_names(flags: int) -> list[str]:
     names = [f.name for f in Feature if f.name and flags & f]
     known = 0
     for f in Feature:
-        known |= f
+        known |= int(f)  # plain ints: ~ of an IntFlag only spans its own members
     names += [f"BIT_{i}" for i in range(64) if flags & ~known & (1 << i)]
     return names
 
@@ -184,7 +184,7 @@ _BASIC = struct.Struct("<IBBBBIIQQ")
 _DISCARD = struct.Struct("<IIIIHH")
 _DEVT = struct.Struct("<IIII")
 _ZONED = struct.Struct("<III20s")
-_OFF_BASIC, _OFF_DISCARD, _OFF_DEVT, _OFF_ZONED = 8, 40, 60, 80
+_OFF_BASIC, _OFF_DISCARD, _OFF_DEVT, _OFF_ZONED = 8, 40, 60, 76
 
 
 @dataclass(frozen=True)

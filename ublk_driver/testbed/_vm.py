@@ -551,6 +551,7 @@ def _build_image(package: str, root: Path, quiet: bool) -> TestbedImage:
     started = time.monotonic()
     build = Path(tempfile.mkdtemp(prefix=f".build-{version}-", dir=root))
     try:
+        build.chmod(0o755)  # mkdtemp makes it private; the image is not secret
         size = _package_size(package)
         size_text = f" ({size / 1e6:.0f} MB)" if size else ""
         _say(f"downloading kernel package {package}{size_text} ...", quiet)
