@@ -1,0 +1,136 @@
+"""Helpers for the tests that drive real ublk devices (run natively or in the test bed)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# Fixed ids far above the kernel's auto-allocated ones (0, 1, ...) so that the
+# suite can share a machine with other ublk users, as libublk-rs's tests do.
+_ids = itertools.count(900 + (os.getpid() % 50) * 10)
+
+
+def next_dev_id() -> int:
+    return next(_ids)
+
+
+def ublkml(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run the real command line (``python -m ublk_driver``)."""
+    proc = subprocess.run([sys.executable, "-m", "ublk_driver", *args], capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"ublkml {' '.join(args)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout}{proc.stderr}")
+    return proc
+
+
+@dataclass
+class Device:
+    dev_id: int
+    bdev: str
+    info: dict[str, Any]
+
+
+@contextlib.contextmanager
+def device(*args: str) -> Iterator[Device]:
+    """``ublkml add ARGS`` in the background; deleted (and checked gone) afterwards."""
+    dev_id = next_dev_id()
+    out = ublkml("add", "-n", str(dev_id), "--json", *args)
+    info = json.loads(out.stdout)
+    assert info["dev_id"] == dev_id
+    try:
+        yield Device(dev_id, info["bdev"], info)
+    finally:
+        ublkml("del", "-n", str(dev_id))
+        assert not os.path.exists(f"/dev/ublkb{dev_id}")
+
+
+def fio(filename: str, *args: str, timeout: float = 900) -> dict[str, Any]:
+    """Run fio with JSON output and return the parsed document (fields by name)."""
+    cmd = ["fio", "--name=t", f"--filename={filename}", "--ioengine=io_uring", "--direct=1",
+           "--output-format=json", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"fio failed ({proc.returncode}): {' '.join(cmd)}\n"
+                             f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    start = proc.stdout.find("{")
+    doc: dict[str, Any] = json.loads(proc.stdout[start:])
+    return doc
+
+
+def job_totals(doc: dict[str, Any]) -> dict[str, int]:
+    tot = {"read": 0, "write": 0, "errors": 0}
+    for job in doc["jobs"]:
+        tot["read"] += int(job["read"]["io_bytes"])
+        tot["write"] += int(job["write"]["io_bytes"])
+        tot["errors"] += int(job["error"])
+    return tot
+
+
+def sh(*argv: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(argv)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout}{proc.stderr}")
+    return proc
+
+
+def read_direct(path: str, offset: int, length: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        import mmap
+
+        buf = mmap.mmap(-1, length)
+        os.preadv(fd, [buf], offset)
+        return bytes(buf)
+    finally:
+        os.close(fd)
+
+
+def write_direct(path: str, offset: int, data: bytes) -> None:
+    import mmap
+
+    fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+    try:
+        buf = mmap.mmap(-1, len(data))
+        buf[:] = data
+        assert os.pwritev(fd, [buf], offset) == len(data)
+    finally:
+        os.close(fd)
+
+
+def write_tree(root: Path, seed: int, count: int = 12) -> dict[str, str]:
+    """Files of pseudo-random sizes and content; returns name -> sha256."""
+    import random
+
+    rnd = random.Random(seed)
+    digests = {}
+    for i in range(count):
+        data = rnd.randbytes(rnd.randint(1, 768 << 10))
+        name = f"f{i:03d}.bin"
+        (root / name).write_bytes(data)
+        digests[name] = hashlib.sha256(data).hexdigest()
+    return digests
+
+
+def tree_digests(root: Path, names: Sequence[str]) -> dict[str, str]:
+    return {n: hashlib.sha256((root / n).read_bytes()).hexdigest() for n in names}
+
+
+def wait_gone(path: str, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while os.path.exists(path):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
