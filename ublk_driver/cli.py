@@ -345,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--json", action="store_true", help="machine-readable output")
     f.set_defaults(func=cmd_features)
 
+    sub.add_parser("demo", help="the main job: loop device, fio verify, ext4, summary",
+                   add_help=False)
     sub.add_parser("vm", help="the qemu test bed (a real ublk kernel): provision, run, info",
                    add_help=False)
     return p
@@ -354,6 +356,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "vm":
         return cmd_vm(argv[1:])
+    if argv and argv[0] == "demo":
+        from ublk_driver.demo import main as demo_main
+
+        return demo_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
