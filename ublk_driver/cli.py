@@ -16,7 +16,6 @@ import os
 import select
 import signal
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -267,7 +266,7 @@ def cmd_del(args: argparse.Namespace) -> int:
 def cmd_features(args: argparse.Namespace) -> int:
     with Control() as ctrl:
         feats = ctrl.features
-        out = {"features": feats, "names": feature_names(feats),
+        out: dict[str, Any] = {"features": feats, "names": feature_names(feats),
                "ioctl_encode": ctrl.ioctl_encode, "kernel": os.uname().release}
     if args.json:
         print(json.dumps(out))

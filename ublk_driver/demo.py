@@ -141,14 +141,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(res, indent=2))
     else:
-        f, e = res["fio"], res["ext4"]
+        f, fs = res["fio"], res["ext4"]
         print(f"ublkml demo: OK in {res['seconds']} s on {res['device']} "
               f"(loop, {res['queues']} queues x {res['depth']}, "
               f"O_DIRECT={'yes' if res['direct_io'] else 'no'})")
         print(f"  fio randwrite 4k-1m QD32: {format_size(f['written_bytes'])} written, "
               f"{format_size(f['verified_bytes'])} verified (crc32c), "
               f"{f['write_iops']} IOPS, {f['write_bw_kib']} KiB/s, 0 errors")
-        print(f"  ext4: {e['files']} files, {e['bytes']} bytes written, e2fsck clean, "
+        print(f"  ext4: {fs['files']} files, {fs['bytes']} bytes written, e2fsck clean, "
               f"all read back identical after remount")
         print(f"  device deleted: {'yes' if res['device_gone'] else 'NO'}")
     return 0

@@ -24,7 +24,8 @@ def next_dev_id() -> int:
     return next(_ids)
 
 
-def ublkml(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def ublkml(*args: str, check: bool = True,
+           timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """Run the real command line (``python -m ublk_driver``)."""
     proc = subprocess.run([sys.executable, "-m", "ublk_driver", *args], capture_output=True,
                           text=True, timeout=timeout)

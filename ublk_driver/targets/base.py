@@ -56,7 +56,7 @@ class Backend(abc.ABC):
         """A JSON-able description for ``ublkml list``."""
         return {"target": self.name, "size": self.size}
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, most targets hold nothing
         """Release resources; flush what must reach stable storage."""
 
 

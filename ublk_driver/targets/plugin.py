@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ublk_driver import _bindings
-from ublk_driver.errors import ConfigError, IoError, PluginError
+from ublk_driver.errors import ConfigError, PluginError
 from ublk_driver.targets.base import Backend, Capabilities, ShortReadError, Target
 from ublk_driver.uapi import IoFlag, Op
 

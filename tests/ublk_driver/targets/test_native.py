@@ -141,7 +141,7 @@ def test_io_beyond_the_end_fails_with_eio() -> None:
 
 
 def test_loop_missing_file_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(TargetError, match="backing file .*: No such file"):
+    with pytest.raises(TargetError, match=r"backing file .*: No such file"):
         LoopTarget(str(tmp_path / "absent.img"))
 
 
