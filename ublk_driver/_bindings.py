@@ -26,6 +26,12 @@ class EventHandler(Protocol):
                  buf: memoryview) -> int: ...
 
 
+RING_COOP_TASKRUN: int = lib.IORING_SETUP_COOP_TASKRUN
+RING_TASKRUN_FLAG: int = lib.IORING_SETUP_TASKRUN_FLAG
+RING_SINGLE_ISSUER: int = lib.IORING_SETUP_SINGLE_ISSUER
+RING_DEFER_TASKRUN: int = lib.IORING_SETUP_DEFER_TASKRUN
+
+
 def _check(ret: int, what: str) -> int:
     if ret < 0:
         raise OSError(-ret, f"{what}: {os.strerror(-ret)}")
@@ -137,10 +143,10 @@ class Queue:
     """
 
     def __init__(self, target: CTarget, cdev_fd: int, q_id: int, depth: int,
-                 buf_size: int, ioctl_encode: bool) -> None:
+                 buf_size: int, ioctl_encode: bool, ring_flags: int = 0) -> None:
         out = ffi.new("struct ublkml_queue **")
         _check(lib.ublkml_queue_new(out, target.handle, cdev_fd, q_id, depth, buf_size,
-                                    int(ioctl_encode)), f"set up queue {q_id}")
+                                    int(ioctl_encode), ring_flags), f"set up queue {q_id}")
         self._q: Any = out[0]
         self._target = target  # keep alive as long as the queue
         self.q_id = q_id

@@ -133,6 +133,13 @@ class Control:
         """DEL_DEV: waits until nobody holds the device's char device."""
         self._cmd(Cmd.DEL_DEV, dev_id)
 
+    def get_queue_affinity(self, dev_id: int, q_id: int) -> set[int]:
+        """CPUs that blk-mq maps to queue ``q_id``."""
+        buf = bytearray(128)  # a cpumask for up to 1024 CPUs, u64-aligned
+        self._cmd(Cmd.GET_QUEUE_AFFINITY, dev_id, buf, data0=q_id)
+        mask = int.from_bytes(buf, "little")
+        return {cpu for cpu in range(len(buf) * 8) if mask >> cpu & 1}
+
     def list_ids(self) -> list[int]:
         """Ids of the ublk devices that exist (from sysfs, then /dev)."""
         ids: set[int] = set()

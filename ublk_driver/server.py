@@ -14,6 +14,7 @@ import errno
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -162,9 +163,11 @@ class Server:
             self._cdev_fd = self._open_cdev(info.dev_id)
             self._ctarget = self.backend.attach()
             encode = bool(info.flags & Feature.CMD_IOCTL_ENCODE)
+            pin = os.environ.get("UBLKML_PIN_QUEUES", "1") != "0"
             for q in range(info.nr_hw_queues):
+                cpus = self.control.get_queue_affinity(info.dev_id, q) if pin else None
                 w = QueueWorker(self.backend, self._ctarget, self._cdev_fd, q,
-                                info.queue_depth, info.max_io_buf_bytes, encode)
+                                info.queue_depth, info.max_io_buf_bytes, encode, cpus)
                 self._workers.append(w)
                 w.start()
             for w in self._workers:
@@ -280,6 +283,14 @@ class Server:
             problems = self.shutdown()
             for s, h in old.items():
                 signal.signal(s, h)
+            if os.environ.get("UBLKML_STATS"):
+                for w in self._workers:
+                    st = w.final_stats
+                    if st is not None:
+                        n = sum(st.ops)
+                        print(f"ublkml: queue {w.q_id}: {n} I/Os in {st.batches} batches "
+                              f"({n / max(st.batches, 1):.1f} per batch), {st.errors} errors",
+                              file=sys.stderr, flush=True)
         return problems
 
     # ---- state file for `ublkml list` ---------------------------------------

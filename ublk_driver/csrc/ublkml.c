@@ -270,7 +270,7 @@ static size_t round_up(size_t v, size_t a)
 
 int ublkml_queue_new(struct ublkml_queue **out, struct ublkml_target *t,
 		     int cdev_fd, uint16_t q_id, uint16_t depth,
-		     uint32_t buf_size, int ioctl_encode)
+		     uint32_t buf_size, int ioctl_encode, uint32_t ring_flags)
 {
 	struct ublkml_queue *q;
 	struct io_uring_params p;
@@ -329,9 +329,17 @@ int ublkml_queue_new(struct ublkml_queue **out, struct ublkml_target *t,
 
 	/* Room for one ublk command and one target I/O per tag. */
 	memset(&p, 0, sizeof(p));
-	p.flags = IORING_SETUP_CQSIZE;
+	p.flags = IORING_SETUP_CQSIZE | ring_flags;
 	p.cq_entries = 4u * depth;
 	ret = io_uring_queue_init_params(2u * depth, &q->ring, &p);
+	if (ret == -EINVAL && (ring_flags & (IORING_SETUP_DEFER_TASKRUN |
+					     IORING_SETUP_SINGLE_ISSUER))) {
+		/* Kernels before 6.1 lack these: fall back to a plain ring. */
+		memset(&p, 0, sizeof(p));
+		p.flags = IORING_SETUP_CQSIZE;
+		p.cq_entries = 4u * depth;
+		ret = io_uring_queue_init_params(2u * depth, &q->ring, &p);
+	}
 	if (ret < 0) {
 		q->ring.ring_fd = -1;
 		goto fail;

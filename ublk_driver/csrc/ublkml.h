@@ -74,7 +74,7 @@ struct ublkml_queue;
  * by ublkml_queue_harvest.  Unit tests use it to check target logic. */
 int ublkml_queue_new(struct ublkml_queue **out, struct ublkml_target *t,
 		     int cdev_fd, uint16_t q_id, uint16_t depth,
-		     uint32_t buf_size, int ioctl_encode);
+		     uint32_t buf_size, int ioctl_encode, uint32_t ring_flags);
 void ublkml_queue_free(struct ublkml_queue *q);
 /* Must run on the thread that will serve the queue. */
 int ublkml_queue_submit_fetches(struct ublkml_queue *q);

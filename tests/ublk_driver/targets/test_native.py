@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from tests.ublk_driver.targets.model import Model, operations, payload
 from ublk_driver import _bindings
 from ublk_driver.errors import ConfigError, TargetError
+from ublk_driver.queue import default_ring_flags
 from ublk_driver.targets import LoopTarget, MemTarget, NullTarget
 from ublk_driver.targets.base import Backend
 from ublk_driver.uapi import IoFlag, Op
@@ -27,7 +28,7 @@ DEPTH = 4
 
 def run_ops(backend: Backend, ops: list[tuple[int, int, int, int]]) -> None:
     ct = backend.attach()
-    q = _bindings.Queue(ct, -1, 0, DEPTH, BUF, True)
+    q = _bindings.Queue(ct, -1, 0, DEPTH, BUF, True, default_ring_flags())
     batch = _bindings.EventBatch(DEPTH)
     model = Model(backend.size, backend.capabilities.discard_zeroes)
     try:
@@ -96,7 +97,7 @@ def test_loop_target_matches_model(backing_file: Path,
 def test_loop_target_reaches_the_file(backing_file: Path) -> None:
     backend = LoopTarget(str(backing_file))
     ct = backend.attach()
-    q = _bindings.Queue(ct, -1, 0, 2, BUF, True)
+    q = _bindings.Queue(ct, -1, 0, 2, BUF, True, default_ring_flags())
     batch = _bindings.EventBatch(2)
     try:
         q.buffer(0)[:4096] = b"\xab" * 4096
@@ -112,7 +113,7 @@ def test_loop_target_reaches_the_file(backing_file: Path) -> None:
 def test_null_target_completes_everything() -> None:
     backend = NullTarget(SIZE)
     ct = backend.attach()
-    q = _bindings.Queue(ct, -1, 0, 2, BUF, True)
+    q = _bindings.Queue(ct, -1, 0, 2, BUF, True, default_ring_flags())
     batch = _bindings.EventBatch(2)
     try:
         for op, n in ((Op.READ, 8), (Op.WRITE, 16), (Op.FLUSH, 0), (Op.DISCARD, 8)):
@@ -130,7 +131,7 @@ def test_null_target_completes_everything() -> None:
 def test_io_beyond_the_end_fails_with_eio() -> None:
     backend = MemTarget(SIZE)
     ct = backend.attach()
-    q = _bindings.Queue(ct, -1, 0, 2, BUF, True)
+    q = _bindings.Queue(ct, -1, 0, 2, BUF, True, default_ring_flags())
     batch = _bindings.EventBatch(2)
     try:
         q.inject(0, Op.READ, SIZE // 512 - 4, 8)
