@@ -22,6 +22,7 @@ from ublk_driver.errors import (
     UblkError,
 )
 from ublk_driver.server import Server, ServerConfig
+from ublk_driver.sizes import format_size, parse_size
 from ublk_driver.targets import (
     Capabilities,
     LoopTarget,
@@ -53,5 +54,7 @@ __all__ = [
     "bdev_path",
     "cdev_path",
     "driver_available",
+    "format_size",
     "load_plugin",
+    "parse_size",
 ]
