@@ -300,6 +300,63 @@ def test_in_vm_follows_the_marker(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 # --------------------------------------------------------------------------
+# The pytest plugin when the test bed cannot or must not run (no boot needed)
+# --------------------------------------------------------------------------
+
+INLINE_UBLK_TESTS = """
+    import os
+    import pytest
+
+    @pytest.mark.ublk
+    def test_control_device_exists():
+        assert os.path.exists("/dev/ublk-control")
+
+    @pytest.mark.ublk
+    def test_fails_in_the_guest():
+        print("printed in the guest")
+        assert 1 == 2, "deliberate failure"
+
+    def test_on_the_host():
+        pass
+"""
+
+host_without_ublk = pytest.mark.skipif(
+    _vm.native_ublk_available(), reason="this host has ublk: the tests would run natively"
+)
+
+
+def _plugin_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("UBLKML_CACHE", str(CACHE_ROOT))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [
+        str(REPO), os.environ.get("PYTHONPATH")])))
+
+
+@host_without_ublk
+def test_plugin_with_no_ublk_vm_fails_ublk_tests(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _plugin_env(monkeypatch)
+    pytester.makepyfile(test_inline=INLINE_UBLK_TESTS)
+    result = pytester.runpytest_subprocess("-p", "ublk_driver.testbed.pytest_plugin",
+                                           "-p", "no:cacheprovider", "--no-ublk-vm")
+    result.assert_outcomes(passed=1, failed=2)  # the host test passes; no skips
+    result.stdout.fnmatch_lines(["*--no-ublk-vm was given: drop it*"])
+
+
+@host_without_ublk
+def test_plugin_without_qemu_fails_ublk_tests_saying_what_to_install(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    _plugin_env(monkeypatch)
+    _empty_path(monkeypatch, tmp_path)  # pytester starts pytest by absolute path
+    pytester.makepyfile(test_inline=INLINE_UBLK_TESTS)
+    result = pytester.runpytest_subprocess("-p", "ublk_driver.testbed.pytest_plugin",
+                                           "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, failed=2)
+    result.stdout.fnmatch_lines(["*apt-get install qemu-system-x86*"])
+
+
+# --------------------------------------------------------------------------
 # Real boots
 # --------------------------------------------------------------------------
 
@@ -377,9 +434,9 @@ def _our_qemu_children() -> list[int]:
 @pytest.mark.skipif(_vm.in_vm(), reason="already inside the test bed (no nested qemu)")
 def test_vm_timeout_kills_qemu() -> None:
     with pytest.raises(testbed.TestbedTimeout) as err:
-        testbed.run(["sleep", "1000"], timeout=25, stream=False)
-    assert "did not finish within 25 s; qemu was killed" in str(err.value)
-    assert err.value.timeout == 25
+        testbed.run(["sleep", "1000"], timeout=15, stream=False)
+    assert "did not finish within 15 s; qemu was killed" in str(err.value)
+    assert err.value.timeout == 15
     assert _our_qemu_children() == []
 
 
@@ -388,26 +445,18 @@ def test_vm_timeout_kills_qemu() -> None:
 def test_pytest_plugin_runs_ublk_tests_in_the_test_bed(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("UBLKML_CACHE", str(CACHE_ROOT))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [
-        str(REPO), os.environ.get("PYTHONPATH")])))
-    pytester.makepyfile(test_inline="""
-        import os
-        import pytest
-
-        @pytest.mark.ublk
-        def test_control_device_exists():
-            assert os.path.exists("/dev/ublk-control")
-
-        @pytest.mark.ublk
-        def test_fails_in_the_guest():
-            print("printed in the guest")
-            assert 1 == 2, "deliberate failure"
-    """)
+    _plugin_env(monkeypatch)
+    pytester.makepyfile(test_inline=INLINE_UBLK_TESTS)
     result = pytester.runpytest_subprocess(
-        "-p", "ublk_driver.testbed.pytest_plugin", "-p", "no:cacheprovider", timeout=900
+        "-p", "ublk_driver.testbed.pytest_plugin", "-p", "no:cacheprovider", "-rA", timeout=900
     )
-    result.assert_outcomes(passed=1, failed=1)
+    # The two ublk tests: 1 passed, 1 failed (in the guest); plus the host test.
+    result.assert_outcomes(passed=2, failed=1)
+    result.stdout.fnmatch_lines_random([
+        "PASSED test_inline.py::test_control_device_exists",
+        "FAILED test_inline.py::test_fails_in_the_guest*",
+        "PASSED test_inline.py::test_on_the_host",
+    ])
     result.stdout.fnmatch_lines(["*AssertionError: deliberate failure*"])
     if not _vm.native_ublk_available():
         result.stdout.fnmatch_lines([

@@ -228,6 +228,11 @@ def _require_tools(*names: str) -> dict[str, str]:
     return found
 
 
+def require_qemu() -> str:
+    """Path of qemu-system-x86_64; :class:`TestbedError` saying what to install if absent."""
+    return _require_tools(_QEMU)[_QEMU]
+
+
 def _is_static_elf(path: str) -> bool:
     """True if ``path`` is a 64-bit little-endian ELF without a program
     interpreter (so it can run in an initramfs that has no libc)."""
@@ -362,10 +367,8 @@ def _newest_package(names: Iterable[str]) -> str | None:
 
 
 def _apt_search() -> list[str]:
-    out = _run_tool(
-        ["apt-cache", "search", "--names-only", r"^linux-image-6\.12\.[0-9]+\+deb[0-9]+-amd64-unsigned$"],
-        what="apt-cache search",
-    )
+    pattern = r"^linux-image-6\.12\.[0-9]+\+deb[0-9]+-amd64-unsigned$"
+    out = _run_tool(["apt-cache", "search", "--names-only", pattern], what="apt-cache search")
     return [line.split(" ", 1)[0] for line in out.splitlines() if line.strip()]
 
 
@@ -843,7 +846,7 @@ def run(
     command = list(argv)
     if not command:
         raise ValueError("run() needs a command")
-    qemu = _require_tools(_QEMU)[_QEMU]
+    qemu = require_qemu()  # checked first: no point provisioning without it
     image = provision()
     workdir = os.path.abspath(cwd if cwd is not None else os.getcwd())
     if not os.path.isdir(workdir):
