@@ -61,20 +61,20 @@ def test_signal_stops_cleanly_and_flushes(sig: signal.Signals, tmp_path: Path) -
     with open(backing, "wb") as f:
         f.truncate(8 << 20)
     dev_id = next_dev_id()
-    proc = subprocess.Popen([sys.executable, "-m", "ublk_driver", "add", "-t", "loop", "-f",
-                             str(backing), "-n", str(dev_id), "--foreground", "--json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None
-        ready = json.loads(proc.stdout.readline())
-        bdev = ready["bdev"]
-        write_direct(bdev, 1 << 20, b"\xc3" * (1 << 20))
-        proc.send_signal(sig)
-        assert proc.wait(60) == 0, proc.stderr.read() if proc.stderr else ""
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    with subprocess.Popen([sys.executable, "-m", "ublk_driver", "add", "-t", "loop", "-f",
+                           str(backing), "-n", str(dev_id), "--foreground", "--json"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            assert proc.stdout is not None and proc.stderr is not None
+            ready = json.loads(proc.stdout.readline())
+            bdev = ready["bdev"]
+            write_direct(bdev, 1 << 20, b"\xc3" * (1 << 20))
+            proc.send_signal(sig)
+            assert proc.wait(60) == 0, proc.stderr.read()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     assert wait_gone(f"/dev/ublkb{dev_id}") and wait_gone(f"/dev/ublkc{dev_id}")
     assert backing.read_bytes()[1 << 20: 2 << 20] == b"\xc3" * (1 << 20)
 
