@@ -160,6 +160,12 @@ class Queue:
             lib.ublkml_queue_free(self._q)
             self._q = None
 
+    def set_spin(self, usec: int) -> None:
+        """Poll up to ``usec`` microseconds for new I/O before sleeping (0: never poll)."""
+        if not 0 <= usec <= 1_000_000:
+            raise ValueError(f"spin time must be 0..1000000 us, got {usec}")
+        lib.ublkml_queue_set_spin(self._q, usec)
+
     def submit_fetches(self) -> None:
         _check(lib.ublkml_queue_submit_fetches(self._q), f"queue {self.q_id}: FETCH_REQ")
 

@@ -185,6 +185,7 @@ int ublkml_queue_new(struct ublkml_queue **out, struct ublkml_target *t, int cde
                      uint16_t q_id, uint16_t depth, uint32_t buf_size, int ioctl_encode, uint32_t ring_flags);
 void ublkml_queue_free(struct ublkml_queue *q);
 int ublkml_queue_submit_fetches(struct ublkml_queue *q);
+void ublkml_queue_set_spin(struct ublkml_queue *q, uint32_t spin_usec);
 int ublkml_queue_run(struct ublkml_queue *q);
 int ublkml_queue_commit_and_wait(struct ublkml_queue *q, struct ublkml_event *evs,
                                  int n_done, int max);

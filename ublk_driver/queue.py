@@ -28,6 +28,11 @@ def default_ring_flags() -> int:
     return _bindings.RING_SINGLE_ISSUER | _bindings.RING_DEFER_TASKRUN
 
 
+def default_spin_usec() -> int:
+    """Hybrid-polling budget of queue threads (``UBLKML_POLL_US`` overrides)."""
+    return int(os.environ.get("UBLKML_POLL_US", "0"))
+
+
 class QueueWorker(threading.Thread):
     def __init__(self, backend: Backend, ctarget: _bindings.CTarget, cdev_fd: int, q_id: int,
                  depth: int, buf_size: int, ioctl_encode: bool,
@@ -54,6 +59,7 @@ class QueueWorker(threading.Thread):
                 os.sched_setaffinity(0, self.cpus)
             queue = _bindings.Queue(self.ctarget, self.cdev_fd, self.q_id, self.depth,
                                     self.buf_size, self.ioctl_encode, default_ring_flags())
+            queue.set_spin(default_spin_usec())
             queue.submit_fetches()
             self.fetched.set()
             if isinstance(self.backend, PluginBackend):

@@ -38,6 +38,7 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <liburing.h>
@@ -256,6 +257,7 @@ struct ublkml_queue {
 	int cmd_inflight;
 	int tgt_inflight;
 	int stopping;
+	uint64_t spin_ns;		/* hybrid polling budget, 0 = always sleep */
 	/* event targets: requests reaped but not yet handed out */
 	struct ublkml_event *pending;
 	int n_pending;
@@ -388,6 +390,11 @@ void ublkml_queue_free(struct ublkml_queue *q)
 	free(q->pending);
 	free(q->harvest);
 	free(q);
+}
+
+void ublkml_queue_set_spin(struct ublkml_queue *q, uint32_t spin_usec)
+{
+	q->spin_ns = (uint64_t)spin_usec * 1000u;
 }
 
 void *ublkml_queue_buf(struct ublkml_queue *q, uint16_t tag)
@@ -728,16 +735,53 @@ static int queue_done(const struct ublkml_queue *q)
 	return q->stopping && q->cmd_inflight == 0 && q->tgt_inflight == 0;
 }
 
-/* Submit what is prepared, wait for at least one CQE, handle all ready. */
+static uint64_t now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static int ring_error(int ret)
+{
+	return ret < 0 && ret != -EINTR && ret != -EAGAIN && ret != -EBUSY &&
+	       ret != -ETIME;
+}
+
+/* Submit what is prepared, wait for at least one CQE, handle all ready.
+ *
+ * Hybrid polling: for up to spin_ns the thread keeps asking for completions
+ * without sleeping.  While it runs, the driver queues its task work without
+ * waking anybody, so a busy device costs no sleep/wake-up (no IPI) per
+ * batch; an idle one goes to sleep after spin_ns. */
 static int process_batch(struct ublkml_queue *q)
 {
 	struct io_uring_cqe *cqe;
 	unsigned head, n = 0;
 	int ret;
 
-	ret = io_uring_submit_and_wait(&q->ring, 1);
-	if (ret < 0 && ret != -EINTR && ret != -EAGAIN && ret != -EBUSY)
-		return ret;
+	if (q->spin_ns) {
+		uint64_t start = now_ns();
+
+		for (;;) {
+			ret = io_uring_submit_and_get_events(&q->ring);
+			if (ring_error(ret))
+				return ret;
+			if (io_uring_cq_ready(&q->ring))
+				break;
+			if (now_ns() - start >= q->spin_ns) {
+				ret = io_uring_submit_and_wait(&q->ring, 1);
+				if (ring_error(ret))
+					return ret;
+				break;
+			}
+		}
+	} else {
+		ret = io_uring_submit_and_wait(&q->ring, 1);
+		if (ring_error(ret))
+			return ret;
+	}
 	io_uring_for_each_cqe(&q->ring, head, cqe) {
 		handle_cqe(q, cqe);
 		n++;
