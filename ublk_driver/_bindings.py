@@ -212,6 +212,21 @@ class Queue:
                 e.result = handler(tag, e.op, e.op_flags, e.start_sector << 9,
                                    e.nr_sectors << 9, bufs[tag])
 
+    def enable_records(self, capacity: int) -> None:
+        """Record every completion into a ring of ``capacity`` (a power of two) entries."""
+        _check(lib.ublkml_queue_enable_records(self._q, capacity), "enable records")
+
+    def read_records(self, out: Any) -> int:
+        """Move up to ``len(out)`` records into ``out`` (a numpy array of
+        ``records.COMPLETION_DTYPE``); returns how many."""
+        if self._q is None:
+            return 0
+        ptr = ffi.cast("struct ublkml_completion *", ffi.from_buffer(out))
+        return int(lib.ublkml_queue_read_records(self._q, ptr, len(out)))
+
+    def records_dropped(self) -> int:
+        return int(lib.ublkml_queue_records_dropped(self._q)) if self._q is not None else 0
+
     def stats(self) -> QueueStats:
         st = ffi.new("struct ublkml_queue_stats *")
         lib.ublkml_queue_get_stats(self._q, st)

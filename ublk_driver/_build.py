@@ -147,6 +147,20 @@ struct ublk_params {
 #define UBLKML_TGT_LOOP ...
 #define UBLKML_TGT_EVENTS ...
 
+struct ublkml_completion {
+    uint64_t t_ns;
+    uint64_t offset;
+    uint32_t length;
+    uint32_t lat_ns;
+    int32_t result;
+    uint16_t q_id;
+    uint16_t tag;
+    uint8_t op;
+    uint8_t path;
+    uint16_t pad0;
+    uint32_t pad1;
+};
+
 struct ublkml_ctrl;
 struct ublkml_target;
 struct ublkml_queue;
@@ -182,7 +196,8 @@ int ublkml_target_kind(const struct ublkml_target *t);
 int ublkml_dio_alignment(int fd, int is_bdev);
 
 int ublkml_queue_new(struct ublkml_queue **out, struct ublkml_target *t, int cdev_fd,
-                     uint16_t q_id, uint16_t depth, uint32_t buf_size, int ioctl_encode, uint32_t ring_flags);
+                     uint16_t q_id, uint16_t depth, uint32_t buf_size, int ioctl_encode,
+                     uint32_t ring_flags);
 void ublkml_queue_free(struct ublkml_queue *q);
 int ublkml_queue_submit_fetches(struct ublkml_queue *q);
 void ublkml_queue_set_spin(struct ublkml_queue *q, uint32_t spin_usec);
@@ -194,6 +209,9 @@ uint32_t ublkml_queue_buf_size(const struct ublkml_queue *q);
 void ublkml_queue_get_stats(const struct ublkml_queue *q, struct ublkml_queue_stats *out);
 int ublkml_queue_inject(struct ublkml_queue *q, uint16_t tag, uint32_t op_flags,
                         uint64_t start_sector, uint32_t nr_sectors);
+int ublkml_queue_enable_records(struct ublkml_queue *q, uint32_t capacity);
+int ublkml_queue_read_records(struct ublkml_queue *q, struct ublkml_completion *out, int max);
+uint64_t ublkml_queue_records_dropped(const struct ublkml_queue *q);
 int ublkml_queue_harvest(struct ublkml_queue *q, struct ublkml_event *out, int max);
 """
 

@@ -36,7 +36,7 @@ def default_spin_usec() -> int:
 class QueueWorker(threading.Thread):
     def __init__(self, backend: Backend, ctarget: _bindings.CTarget, cdev_fd: int, q_id: int,
                  depth: int, buf_size: int, ioctl_encode: bool,
-                 cpus: set[int] | None = None) -> None:
+                 cpus: set[int] | None = None, record_capacity: int = 0) -> None:
         super().__init__(name=f"ublk-q{q_id}", daemon=True)
         self.backend = backend
         self.ctarget = ctarget
@@ -46,12 +46,15 @@ class QueueWorker(threading.Thread):
         self.buf_size = buf_size
         self.ioctl_encode = ioctl_encode
         self.cpus = cpus
+        self.record_capacity = record_capacity
+        # The queue outlives the thread: the server frees it after join, so
+        # that a record reader never races with the free.
+        self.queue: _bindings.Queue | None = None
         self.fetched = threading.Event()
         self.error: BaseException | None = None
         self.final_stats: _bindings.QueueStats | None = None
 
     def run(self) -> None:
-        queue: _bindings.Queue | None = None
         try:
             if self.cpus:
                 # Run where blk-mq maps this queue's submitters: completions
@@ -59,7 +62,10 @@ class QueueWorker(threading.Thread):
                 os.sched_setaffinity(0, self.cpus)
             queue = _bindings.Queue(self.ctarget, self.cdev_fd, self.q_id, self.depth,
                                     self.buf_size, self.ioctl_encode, default_ring_flags())
+            self.queue = queue
             queue.set_spin(default_spin_usec())
+            if self.record_capacity:
+                queue.enable_records(self.record_capacity)
             queue.submit_fetches()
             self.fetched.set()
             if isinstance(self.backend, PluginBackend):
@@ -70,6 +76,11 @@ class QueueWorker(threading.Thread):
             self.error = e
         finally:
             self.fetched.set()
-            if queue is not None:
-                self.final_stats = queue.stats()
-                queue.free()
+            if self.queue is not None:
+                self.final_stats = self.queue.stats()
+
+    def free(self) -> None:
+        """Release the queue (after the thread ended)."""
+        if self.queue is not None:
+            self.queue.free()
+            self.queue = None

@@ -21,10 +21,13 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
+import numpy as np
+
 from ublk_driver import _bindings
 from ublk_driver.control import Control, bdev_path, cdev_path
 from ublk_driver.errors import ConfigError, ControlError, DeviceNotFoundError, UblkError
 from ublk_driver.queue import QueueWorker
+from ublk_driver.records import COMPLETION_DTYPE
 from ublk_driver.targets.base import Backend
 from ublk_driver.uapi import (
     DEV_ID_AUTO,
@@ -60,6 +63,8 @@ class ServerConfig:
     depth: int = DEFAULT_DEPTH
     dev_id: int = DEV_ID_AUTO
     max_io_bytes: int = DEFAULT_MAX_IO
+    #: completion records kept per queue for the ML scorer (0: off)
+    record_capacity: int = 0
 
     def validate(self) -> None:
         cpus = possible_cpus()
@@ -70,6 +75,9 @@ class ServerConfig:
             raise ConfigError(f"queue depth must be 1..{MAX_QUEUE_DEPTH}, got {self.depth}")
         if self.dev_id != DEV_ID_AUTO and not 0 <= self.dev_id < 1 << 20:
             raise ConfigError(f"device id must be 0..{(1 << 20) - 1}, got {self.dev_id}")
+        cap = self.record_capacity
+        if cap and (cap & (cap - 1) or cap > 1 << 24):
+            raise ConfigError(f"record capacity must be a power of two up to 2^24, got {cap}")
         if self.max_io_bytes < 4096 or self.max_io_bytes % 4096 or self.max_io_bytes > 1 << 24:
             raise ConfigError("max I/O size must be a multiple of 4096 between 4K and 16M, "
                               f"got {self.max_io_bytes}")
@@ -120,6 +128,7 @@ class Server:
         self._ctarget: _bindings.CTarget | None = None
         self._workers: list[QueueWorker] = []
         self._stop_requested = threading.Event()
+        self._queues_lock = threading.Lock()
         self._stopped_by_us = False
 
     @property
@@ -167,7 +176,8 @@ class Server:
             for q in range(info.nr_hw_queues):
                 cpus = self.control.get_queue_affinity(info.dev_id, q) if pin else None
                 w = QueueWorker(self.backend, self._ctarget, self._cdev_fd, q,
-                                info.queue_depth, info.max_io_buf_bytes, encode, cpus)
+                                info.queue_depth, info.max_io_buf_bytes, encode, cpus,
+                                self.config.record_capacity)
                 self._workers.append(w)
                 w.start()
             for w in self._workers:
@@ -230,6 +240,10 @@ class Server:
                 problems.append(f"queue {w.q_id} did not stop within 30 s")
             elif w.error is not None:
                 problems.append(f"queue {w.q_id}: {w.error}")
+        with self._queues_lock:
+            for w in self._workers:
+                if not w.is_alive():
+                    w.free()
         if self._cdev_fd >= 0:
             os.close(self._cdev_fd)
             self._cdev_fd = -1
@@ -256,6 +270,29 @@ class Server:
         except ControlError as e:
             if e.errno != errno.ENODEV:
                 raise
+
+    def read_completions(self, max_per_queue: int = 65536) -> np.ndarray:
+        """Drain the completion records of every queue (``records.COMPLETION_DTYPE``).
+
+        Call from one reader thread; empty when records are off.
+        """
+        parts = []
+        with self._queues_lock:
+            for w in self._workers:
+                q = w.queue
+                if q is None:
+                    continue
+                buf = np.empty(max_per_queue, dtype=COMPLETION_DTYPE)
+                n = q.read_records(buf)
+                if n:
+                    parts.append(buf[:n])
+        if not parts:
+            return np.empty(0, dtype=COMPLETION_DTYPE)
+        return np.concatenate(parts)
+
+    def records_dropped(self) -> int:
+        with self._queues_lock:
+            return sum(w.queue.records_dropped() for w in self._workers if w.queue is not None)
 
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {"queues": []}

@@ -52,6 +52,14 @@
 #define RWF_DSYNC	0x00000002
 #endif
 
+static uint64_t now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
 /* ---- control device ---------------------------------------------------- */
 
 struct ublkml_ctrl {
@@ -236,6 +244,8 @@ struct tag_state {
 	uint8_t op;
 	uint8_t zero_fallback;	/* 0: fallocate, 1: punch, 2: writing zeros */
 	uint8_t fua;
+	uint8_t path;
+	uint64_t t_start;	/* ns, only when records are on */
 };
 
 struct ublkml_queue {
@@ -265,6 +275,12 @@ struct ublkml_queue {
 	struct ublkml_event *harvest;
 	int n_harvest;
 	struct ublkml_queue_stats st;
+	/* completion records (SPSC: the queue thread produces) */
+	struct ublkml_completion *rec;
+	uint32_t rec_mask;
+	uint64_t rec_head;		/* producer: next slot to write */
+	uint64_t rec_tail;		/* consumer: next slot to read */
+	uint64_t rec_dropped;
 };
 
 static size_t round_up(size_t v, size_t a)
@@ -389,6 +405,7 @@ void ublkml_queue_free(struct ublkml_queue *q)
 	free(q->fetching);
 	free(q->pending);
 	free(q->harvest);
+	free(q->rec);
 	free(q);
 }
 
@@ -467,11 +484,71 @@ int ublkml_queue_submit_fetches(struct ublkml_queue *q)
 	return ret < 0 ? ret : 0;
 }
 
+static void record_completion(struct ublkml_queue *q, uint16_t tag, int32_t res)
+{
+	const struct ublksrv_io_desc *iod = &q->iods[tag];
+	uint64_t tail = __atomic_load_n(&q->rec_tail, __ATOMIC_ACQUIRE);
+	struct ublkml_completion *c;
+	uint64_t now, lat;
+
+	if (q->rec_head - tail > q->rec_mask) {
+		q->rec_dropped++;	/* the scorer is behind: never wait for it */
+		return;
+	}
+	now = now_ns();
+	lat = now - q->ts[tag].t_start;
+	c = &q->rec[q->rec_head & q->rec_mask];
+	c->t_ns = now;
+	c->offset = iod->start_sector << SECTOR_SHIFT;
+	c->length = iod->nr_sectors << SECTOR_SHIFT;
+	c->lat_ns = lat > UINT32_MAX ? UINT32_MAX : (uint32_t)lat;
+	c->result = res;
+	c->q_id = q->q_id;
+	c->tag = tag;
+	c->op = iod->op_flags & 0xff;
+	c->path = q->ts[tag].path;
+	__atomic_store_n(&q->rec_head, q->rec_head + 1, __ATOMIC_RELEASE);
+}
+
+int ublkml_queue_enable_records(struct ublkml_queue *q, uint32_t capacity)
+{
+	if (capacity == 0 || (capacity & (capacity - 1)) || q->rec)
+		return -EINVAL;
+	q->rec = calloc(capacity, sizeof(*q->rec));
+	if (!q->rec)
+		return -ENOMEM;
+	q->rec_mask = capacity - 1;
+	return 0;
+}
+
+int ublkml_queue_read_records(struct ublkml_queue *q,
+			      struct ublkml_completion *out, int max)
+{
+	uint64_t head, tail;
+	int n = 0;
+
+	if (!q->rec || max <= 0)
+		return 0;
+	head = __atomic_load_n(&q->rec_head, __ATOMIC_ACQUIRE);
+	tail = q->rec_tail;
+	while (tail != head && n < max)
+		out[n++] = q->rec[tail++ & q->rec_mask];
+	__atomic_store_n(&q->rec_tail, tail, __ATOMIC_RELEASE);
+	return n;
+}
+
+uint64_t ublkml_queue_records_dropped(const struct ublkml_queue *q)
+{
+	return __atomic_load_n(&q->rec_dropped, __ATOMIC_RELAXED);
+}
+
 /* The answer to one request: commit it (or record it, in the harness). */
 static void complete_io(struct ublkml_queue *q, uint16_t tag, int32_t res)
 {
 	if (res < 0)
 		q->st.errors++;
+	if (q->rec)
+		record_completion(q, tag, res);
 	if (q->cdev_fd < 0) {
 		struct ublkml_event *e = &q->harvest[q->n_harvest++];
 
@@ -639,6 +716,10 @@ static void handle_request(struct ublkml_queue *q, uint16_t tag)
 		q->st.ops[op]++;
 		q->st.bytes[op] += len;
 	}
+	if (q->rec) {
+		q->ts[tag].t_start = now_ns();
+		q->ts[tag].path = 0;
+	}
 	if ((op == UBLK_IO_OP_READ || op == UBLK_IO_OP_WRITE) && len > q->buf_size) {
 		complete_io(q, tag, -EINVAL);
 		return;
@@ -733,14 +814,6 @@ static void handle_cqe(struct ublkml_queue *q, const struct io_uring_cqe *cqe)
 static int queue_done(const struct ublkml_queue *q)
 {
 	return q->stopping && q->cmd_inflight == 0 && q->tgt_inflight == 0;
-}
-
-static uint64_t now_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
 static int ring_error(int ret)

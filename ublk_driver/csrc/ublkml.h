@@ -67,6 +67,22 @@ struct ublkml_queue_stats {
 	uint64_t batches;	/* completion batches reaped */
 };
 
+/* One completed request, for the ML scorer (ml/).  Written by the queue
+ * thread into a preallocated single-producer ring; never blocks it. */
+struct ublkml_completion {
+	uint64_t t_ns;		/* when answered, CLOCK_MONOTONIC */
+	uint64_t offset;	/* bytes */
+	uint32_t length;	/* bytes */
+	uint32_t lat_ns;	/* request seen -> answered (saturates) */
+	int32_t result;
+	uint16_t q_id;
+	uint16_t tag;
+	uint8_t op;
+	uint8_t path;		/* completion path: backing file, mirror leg */
+	uint16_t pad0;
+	uint32_t pad1;
+};
+
 struct ublkml_queue;
 
 /* cdev_fd < 0 builds a harness queue: no ublk driver, descriptors live in
@@ -89,6 +105,13 @@ void *ublkml_queue_buf(struct ublkml_queue *q, uint16_t tag);
 uint32_t ublkml_queue_buf_size(const struct ublkml_queue *q);
 void ublkml_queue_get_stats(const struct ublkml_queue *q,
 			    struct ublkml_queue_stats *out);
+
+/* Completion records: enable before serving (capacity: a power of two);
+ * read from any one other thread.  Full ring = records dropped, counted. */
+int ublkml_queue_enable_records(struct ublkml_queue *q, uint32_t capacity);
+int ublkml_queue_read_records(struct ublkml_queue *q,
+			      struct ublkml_completion *out, int max);
+uint64_t ublkml_queue_records_dropped(const struct ublkml_queue *q);
 
 /* Harness only. */
 int ublkml_queue_inject(struct ublkml_queue *q, uint16_t tag, uint32_t op_flags,

@@ -1,0 +1,27 @@
+"""Completion records: one per answered request, for the ML scorer.
+
+The queue threads write them into a preallocated ring in C (never blocking:
+when the reader falls behind, records are dropped and counted); a reader
+drains them in batches as a numpy structured array with this dtype, which
+mirrors ``struct ublkml_completion`` (checked by the tests).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+COMPLETION_DTYPE = np.dtype(
+    [
+        ("t_ns", "<u8"),      # when answered, CLOCK_MONOTONIC
+        ("offset", "<u8"),    # bytes
+        ("length", "<u4"),    # bytes
+        ("lat_ns", "<u4"),    # request seen -> answered
+        ("result", "<i4"),    # bytes moved or -errno
+        ("q_id", "<u2"),
+        ("tag", "<u2"),
+        ("op", "u1"),         # ublk_driver.uapi.Op
+        ("path", "u1"),       # completion path (backing file, mirror leg)
+        ("pad0", "<u2"),
+        ("pad1", "<u4"),
+    ]
+)
