@@ -278,12 +278,6 @@ def cmd_features(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_vm(argv: list[str]) -> int:
-    from ublk_driver.testbed import vm_main
-
-    return vm_main(argv)
-
-
 # ---- parser -------------------------------------------------------------------
 
 
@@ -344,21 +338,47 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--json", action="store_true", help="machine-readable output")
     f.set_defaults(func=cmd_features)
 
-    sub.add_parser("demo", help="the main job: loop device, fio verify, ext4, summary",
-                   add_help=False)
-    sub.add_parser("vm", help="the qemu test bed (a real ublk kernel): provision, run, info",
-                   add_help=False)
+    for name, text in (
+        ("demo", "the main job: loop device, fio verify, ext4, summary"),
+        ("bench", "fio benchmarks against kernel and peer baselines"),
+        ("agent", "the kernel agent: eBPF accounting, extensions, recommendations"),
+        ("model", "ONNX drive-health models: list, validate, use"),
+        ("ml", "detection and training on drive telemetry"),
+        ("vm", "the qemu test bed (a real ublk kernel): provision, run, info"),
+    ):
+        sub.add_parser(name, help=text, add_help=False)
     return p
+
+
+# Command groups that live in other packages: (module, function). Imported
+# only when used, so `ublkml add` does not pay for onnxruntime or libbpf.
+DELEGATED = {
+    "demo": ("ublk_driver.demo", "main"),
+    "vm": ("ublk_driver.testbed", "vm_main"),
+    "bench": ("bench", "main"),
+    "agent": ("kernel_agent.cli", "agent_main"),
+    "model": ("ml.cli", "model_main"),
+    "ml": ("ml.cli", "ml_main"),
+}
+
+
+def run_delegated(name: str, argv: list[str]) -> int:
+    import importlib
+
+    module, func = DELEGATED[name]
+    try:
+        entry = getattr(importlib.import_module(module), func)
+    except (ImportError, AttributeError) as e:
+        print(f"{PROG}: error: `{PROG} {name}` is not available in this installation ({e})",
+              file=sys.stderr)
+        return 1
+    return int(entry(argv))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "vm":
-        return cmd_vm(argv[1:])
-    if argv and argv[0] == "demo":
-        from ublk_driver.demo import main as demo_main
-
-        return demo_main(argv[1:])
+    if argv and argv[0] in DELEGATED:
+        return run_delegated(argv[0], argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
