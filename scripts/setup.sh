@@ -13,6 +13,7 @@ APT_PACKAGES=(
   liburing-dev                                # io_uring (the extension links it)
   fio e2fsprogs util-linux                    # tests, demo and benchmarks
   qemu-system-x86 busybox-static cpio kmod xz-utils   # the test bed
+  clang libbpf-dev bpftool                    # the kernel agent's eBPF objects (built below)
 )
 
 missing=()
@@ -50,5 +51,30 @@ if [ -e /dev/ublk-control ]; then
 else
   say "no /dev/ublk-control: provisioning the qemu test bed (cached after the first time)"
   .venv/bin/ublkml vm provision >&2
+fi
+
+# ---- kernel agent: eBPF objects (compiled here, never at run time) ----------
+# vmlinux.h comes from the running kernel's BTF (CO-RE: the objects then load
+# on other kernels with BTF too, e.g. the test bed's 6.12). Rebuilt only when
+# a source is newer than its object.
+BPF_DIR=kernel_agent/bpf
+if [ ! -s "$BPF_DIR/vmlinux.h" ]; then
+  if [ -r /sys/kernel/btf/vmlinux ]; then
+    say "generating $BPF_DIR/vmlinux.h from this kernel's BTF"
+    bpftool btf dump file /sys/kernel/btf/vmlinux format c > "$BPF_DIR/vmlinux.h.tmp"
+    mv "$BPF_DIR/vmlinux.h.tmp" "$BPF_DIR/vmlinux.h"
+  else
+    say "no /sys/kernel/btf/vmlinux: cannot build the eBPF objects (the agent will use sysfs)"
+  fi
+fi
+if [ -s "$BPF_DIR/vmlinux.h" ]; then
+  for src in "$BPF_DIR"/*.bpf.c; do
+    obj="${src%.c}.o"
+    if [ ! -f "$obj" ] || [ "$src" -nt "$obj" ] || [ "$BPF_DIR/vmlinux.h" -nt "$obj" ]; then
+      say "compiling $src"
+      clang -g -O2 -target bpf -D__TARGET_ARCH_x86 -I"$BPF_DIR" -Wall -c "$src" -o "$obj.tmp"
+      mv "$obj.tmp" "$obj"
+    fi
+  done
 fi
 say "ready"

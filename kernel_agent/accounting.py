@@ -1,0 +1,404 @@
+"""Kernel-side accounting of block devices: eBPF, or ``/sys/block`` as a fall-back.
+
+:class:`BpfAccounting` loads ``bpf/blkacct.bpf.o`` (compiled by
+``scripts/setup.sh``, never here), attaches it to the block tracepoints
+(``tp_btf`` where the kernel has BTF, else the classic trace events) and pins
+its maps under ``/sys/fs/bpf/ublkml/<instance>/``: the agent's sysfs-like
+interface, readable by any root process (:class:`PinnedAccounting`, or
+``bpftool map dump pinned ...``) for as long as the agent runs.
+
+Devices are kernel ``dev_t`` values (``MAJOR << 20 | MINOR``, the kernel's
+internal encoding, which is what the tracepoints see).  Counters start at
+zero when a device is watched.  Where eBPF cannot be used (not root, no BTF,
+no libbpf, the object missing or refused), :func:`sysfs_stats` reads the
+kernel's cumulative ``/sys/block/<dev>/stat`` instead, and every result says
+which source it came from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import struct
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kernel_agent import _libbpf
+from kernel_agent.errors import AgentError, BpfUnavailableError, UnknownDeviceError
+
+BPF_DIR = Path(__file__).resolve().parent / "bpf"
+OBJECT_PATH = BPF_DIR / "blkacct.bpf.o"
+BPFFS = "/sys/fs/bpf"
+PIN_ROOT = f"{BPFFS}/ublkml"
+
+OPS = ("read", "write", "flush", "discard", "other")
+NR_OPS = len(OPS)
+NR_SLOTS = 32
+EV_SLOW = 1
+EV_ERROR = 2
+MAPS = ("ka_devices", "ka_stats", "ka_events")
+
+# Mirrors of blkacct.bpf.c's structures (tests compare sizes with its BTF).
+CFG = struct.Struct("<QQ")                                   # struct ka_dev_cfg
+STATS = struct.Struct(f"<{NR_OPS}Q{NR_OPS}QQqQQQ{NR_SLOTS}Q")  # struct ka_dev_stats
+EVENT = struct.Struct("<QQQIIIiII")                          # struct ka_event
+KEY = struct.Struct("<I")
+
+
+def kdev(major: int, minor: int) -> int:
+    """The kernel's internal dev_t (what the tracepoints report)."""
+    return (major << 20) | minor
+
+
+def kdev_split(dev: int) -> tuple[int, int]:
+    return dev >> 20, dev & ((1 << 20) - 1)
+
+
+@dataclass(frozen=True)
+class BlockDevice:
+    """A whole block device, named as in /sys/block."""
+
+    name: str
+    major: int
+    minor: int
+
+    @property
+    def dev(self) -> int:
+        return kdev(self.major, self.minor)
+
+    @property
+    def majmin(self) -> str:
+        return f"{self.major}:{self.minor}"
+
+    @property
+    def sysfs(self) -> Path:
+        return Path("/sys/block") / self.name
+
+
+def resolve_device(spec: str) -> BlockDevice:
+    """``loop0``, ``/dev/loop0`` or ``7:0`` -> the device (must exist)."""
+    name = spec
+    if ":" in spec and not spec.startswith("/"):
+        link = Path("/sys/dev/block") / spec
+        if not link.exists():
+            raise UnknownDeviceError(f"no block device {spec} (no {link})")
+        name = link.resolve().name
+    elif spec.startswith("/"):
+        try:
+            st = os.stat(spec)
+        except OSError as e:
+            raise UnknownDeviceError(f"no block device {spec}: {e.strerror}") from None
+        if not (st.st_mode & 0o170000) == 0o060000:
+            raise UnknownDeviceError(f"{spec} is not a block device")
+        return resolve_device(f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}")
+    devfile = Path("/sys/class/block") / name / "dev"
+    try:
+        majmin = devfile.read_text().strip()
+    except OSError:
+        raise UnknownDeviceError(f"no block device {spec!r} (no {devfile})") from None
+    if not (Path("/sys/block") / name).exists():
+        raise UnknownDeviceError(f"{name} is a partition: watch the whole device")
+    major, minor = (int(x) for x in majmin.split(":"))
+    return BlockDevice(name, major, minor)
+
+
+@dataclass
+class DeviceStats:
+    """The kernel's view of one device (from eBPF since it was watched, or sysfs)."""
+
+    device: str
+    dev: str
+    source: str                      # "ebpf" or "sysfs"
+    attach: str | None = None        # "tp_btf", "tracepoint" (ebpf only)
+    ios: dict[str, int] = field(default_factory=dict)
+    bytes: dict[str, int] = field(default_factory=dict)
+    in_flight: int = 0
+    errors: int | None = None        # sysfs does not count errors
+    slow_ios: int | None = None
+    latency_sum_ns: int | None = None
+    latency_hist_us: dict[str, int] | None = None  # "[lo, hi)" us -> count
+    events_dropped: int | None = None
+    note: str = ""
+
+    @property
+    def total_ios(self) -> int:
+        return sum(self.ios.values())
+
+    @property
+    def mean_latency_us(self) -> float | None:
+        if self.latency_sum_ns is None or not self.total_ios:
+            return None
+        return self.latency_sum_ns / self.total_ios / 1000.0
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "device": self.device, "dev": self.dev, "source": self.source,
+            "attach": self.attach,
+            "ops": {op: {"ios": self.ios.get(op, 0), "bytes": self.bytes.get(op, 0)}
+                    for op in OPS},
+            "total_ios": self.total_ios, "in_flight": self.in_flight, "errors": self.errors,
+            "slow_ios": self.slow_ios, "mean_latency_us": self.mean_latency_us,
+            "latency_hist_us": self.latency_hist_us, "events_dropped": self.events_dropped,
+        }
+        if self.note:
+            out["note"] = self.note
+        return out
+
+
+def _hist_label(slot: int) -> str:
+    lo = 0 if slot == 0 else 1 << slot
+    return f"[{lo}, {1 << (slot + 1)})" if slot < NR_SLOTS - 1 else f"[{lo}, inf)"
+
+
+def decode_stats(raw: bytes, ncpus: int) -> tuple[int, ...]:
+    """Sum a PERCPU_HASH value (one ``struct ka_dev_stats`` per possible CPU)."""
+    step = (STATS.size + 7) // 8 * 8
+    total = [0] * (2 * NR_OPS + 5 + NR_SLOTS)
+    for cpu in range(ncpus):
+        for i, v in enumerate(STATS.unpack_from(raw, cpu * step)):
+            total[i] += v
+    return tuple(total)
+
+
+def stats_from_values(bd: BlockDevice, values: tuple[int, ...], attach: str) -> DeviceStats:
+    ios = dict(zip(OPS, values[:NR_OPS], strict=True))
+    nbytes = dict(zip(OPS, values[NR_OPS:2 * NR_OPS], strict=True))
+    errors, in_flight, slow, lat_sum, dropped = values[2 * NR_OPS:2 * NR_OPS + 5]
+    hist_vals = values[2 * NR_OPS + 5:]
+    hist = {_hist_label(i): n for i, n in enumerate(hist_vals) if n}
+    return DeviceStats(device=bd.name, dev=bd.majmin, source="ebpf", attach=attach, ios=ios,
+                       bytes=nbytes, in_flight=in_flight, errors=errors, slow_ios=slow,
+                       latency_sum_ns=lat_sum, latency_hist_us=hist, events_dropped=dropped)
+
+
+@dataclass(frozen=True)
+class BlockEvent:
+    """A slow or failed I/O, from the ring buffer."""
+
+    ts_ns: int
+    lat_ns: int
+    sector: int
+    dev: int
+    bytes: int
+    op: str
+    error: int
+    kind: int
+
+    @classmethod
+    def decode(cls, data: bytes) -> BlockEvent:
+        ts, lat, sector, dev, nbytes, op, error, kind, _ = EVENT.unpack_from(data)
+        return cls(ts, lat, sector, dev, nbytes, OPS[op] if op < NR_OPS else "other", error,
+                   kind)
+
+    def to_json(self) -> dict[str, Any]:
+        major, minor = kdev_split(self.dev)
+        kinds = [k for k, bit in (("slow", EV_SLOW), ("error", EV_ERROR)) if self.kind & bit]
+        return {"event": "+".join(kinds) or "io", "dev": f"{major}:{minor}", "op": self.op,
+                "bytes": self.bytes, "sector": self.sector, "latency_us": self.lat_ns / 1000,
+                "error": self.error, "ktime_ns": self.ts_ns}
+
+
+def bpf_unavailable_reason(object_path: Path = OBJECT_PATH) -> str | None:
+    """Why eBPF accounting cannot work here, or None if it may."""
+    if os.geteuid() != 0:
+        return "not root (loading BPF programs needs CAP_BPF and CAP_PERFMON)"
+    if not object_path.exists():
+        return (f"{object_path} is missing: run scripts/setup.sh (it compiles the eBPF "
+                "objects with clang)")
+    if not _libbpf.libbpf_available():
+        return "libbpf.so.1 not found (Debian: apt-get install libbpf1)"
+    if not Path("/sys/kernel/btf/vmlinux").exists() and not Path(
+            "/sys/kernel/tracing/events/block").exists() and not Path(
+            "/sys/kernel/debug/tracing/events/block").exists():
+        return "the kernel has neither BTF nor block trace events"
+    return None
+
+
+def ensure_bpffs() -> None:
+    """Mount bpffs on /sys/fs/bpf if nothing is mounted there (needed to pin)."""
+    if os.path.ismount(BPFFS):
+        return
+    mount = shutil.which("mount") or "/bin/mount"
+    proc = subprocess.run([mount, "-t", "bpf", "bpf", BPFFS], capture_output=True, text=True,
+                          check=False)
+    if proc.returncode != 0:
+        raise BpfUnavailableError(f"cannot mount bpffs on {BPFFS}: {proc.stderr.strip()}")
+
+
+def pin_dir(instance: str) -> str:
+    if not instance or "/" in instance or instance.startswith("."):
+        raise AgentError(f"bad agent instance name {instance!r}")
+    return f"{PIN_ROOT}/{instance}"
+
+
+class BpfAccounting:
+    """The loaded, attached and pinned accounting programs of one agent instance."""
+
+    def __init__(self, instance: str = "default", attach: str = "auto",
+                 object_path: Path = OBJECT_PATH) -> None:
+        reason = bpf_unavailable_reason(object_path)
+        if reason:
+            raise BpfUnavailableError(f"eBPF accounting unavailable: {reason}")
+        self.instance = instance
+        self.pin_dir = pin_dir(instance)
+        self._links: list[_libbpf.BpfLink] = []
+        self._pinned: list[tuple[_libbpf.BpfMap, str]] = []
+        self.ncpus = _libbpf.num_possible_cpus()
+        ensure_bpffs()
+        modes = ["tp_btf", "tracepoint"] if attach == "auto" else [attach]
+        errors = []
+        for mode in modes:
+            try:
+                self._obj = self._load(object_path, mode)
+                self.attach = mode
+                break
+            except _libbpf.LibbpfError as e:
+                errors.append(f"{mode}: {e}" + (f"\n{e.log.strip()[-2000:]}" if e.log else ""))
+        else:
+            raise BpfUnavailableError("cannot load the eBPF accounting: " + "; ".join(errors))
+        try:
+            self._pin()
+        except BaseException:
+            self.close()
+            raise
+        self.devices_fd = self._obj.map("ka_devices").fd
+        self.stats_fd = self._obj.map("ka_stats").fd
+        self.events_fd = self._obj.map("ka_events").fd
+
+    def _load(self, object_path: Path, mode: str) -> _libbpf.BpfObject:
+        obj = _libbpf.BpfObject(str(object_path))
+        try:
+            btf = mode == "tp_btf"
+            for name, use in (("ka_btf_issue", btf), ("ka_btf_complete", btf),
+                              ("ka_tp_issue", not btf), ("ka_tp_complete", not btf)):
+                obj.program(name).set_autoload(use)
+            obj.load()
+            prefix = "ka_btf" if btf else "ka_tp"
+            for name in (f"{prefix}_issue", f"{prefix}_complete"):
+                self._links.append(obj.program(name).attach())
+        except BaseException:
+            for link in self._links:
+                link.destroy()
+            self._links.clear()
+            obj.close()
+            raise
+        return obj
+
+    def _pin(self) -> None:
+        os.makedirs(self.pin_dir, exist_ok=True)
+        for name in MAPS:
+            path = f"{self.pin_dir}/{name}"
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # a stale pin of an agent that died
+            m = self._obj.map(name)
+            m.pin(path)
+            self._pinned.append((m, path))
+
+    # -- devices -------------------------------------------------------------
+
+    def watch(self, bd: BlockDevice, slow_us: int = 0) -> None:
+        """Start accounting ``bd`` from zero; events for I/Os slower than ``slow_us``."""
+        key = KEY.pack(bd.dev)
+        # Stats first, so that the programs never see a watched device without
+        # its counters.
+        zero = b"\0" * (((STATS.size + 7) // 8 * 8) * self.ncpus)
+        _libbpf.map_update_elem(self.stats_fd, key, zero)
+        _libbpf.map_update_elem(self.devices_fd, key, CFG.pack(slow_us * 1000, 0))
+
+    def set_slow_threshold(self, bd: BlockDevice, slow_us: int) -> None:
+        _libbpf.map_update_elem(self.devices_fd, KEY.pack(bd.dev), CFG.pack(slow_us * 1000, 0),
+                                _libbpf.BPF_EXIST)
+
+    def unwatch(self, bd: BlockDevice) -> None:
+        key = KEY.pack(bd.dev)
+        _libbpf.map_delete_elem(self.devices_fd, key)
+        _libbpf.map_delete_elem(self.stats_fd, key)
+
+    def watched(self) -> list[int]:
+        return [KEY.unpack(k)[0] for k in _libbpf.map_keys(self.devices_fd, KEY.size)]
+
+    def stats(self, bd: BlockDevice) -> DeviceStats:
+        return read_stats(self.stats_fd, self.ncpus, bd, self.attach)
+
+    def ring_buffer(self, callback: Any) -> _libbpf.RingBuffer:
+        """A consumer of slow/error events; ``callback(BlockEvent)``."""
+        return _libbpf.RingBuffer(self.events_fd,
+                                  lambda data: callback(BlockEvent.decode(data)))
+
+    def close(self) -> None:
+        """Detach and unpin: the pinned directory goes away with the agent."""
+        for link in self._links:
+            link.destroy()
+        self._links.clear()
+        for m, path in self._pinned:
+            with contextlib.suppress(OSError):
+                m.unpin(path)
+        self._pinned.clear()
+        with contextlib.suppress(OSError):
+            os.rmdir(self.pin_dir)
+        if getattr(self, "_obj", None) is not None:
+            self._obj.close()
+
+    def __enter__(self) -> BpfAccounting:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_stats(stats_fd: int, ncpus: int, bd: BlockDevice, attach: str) -> DeviceStats:
+    raw = _libbpf.map_lookup_elem(stats_fd, KEY.pack(bd.dev),
+                                  ((STATS.size + 7) // 8 * 8) * ncpus)
+    if raw is None:
+        raise UnknownDeviceError(f"{bd.name} ({bd.majmin}) is not watched by the agent")
+    return stats_from_values(bd, decode_stats(raw, ncpus), attach)
+
+
+class PinnedAccounting:
+    """Read another process's pinned maps (``ublkml agent stats``)."""
+
+    def __init__(self, instance: str = "default", attach: str = "unknown") -> None:
+        self.pin_dir = pin_dir(instance)
+        self.instance = instance
+        try:
+            self.stats_fd = _libbpf.obj_get(f"{self.pin_dir}/ka_stats")
+        except OSError as e:
+            raise BpfUnavailableError(f"no running agent's maps in {self.pin_dir}: {e}"
+                                      ) from None
+        self.attach = attach  # bpffs holds no plain files: the agent's state says
+        self.ncpus = _libbpf.num_possible_cpus()
+
+    def stats(self, bd: BlockDevice) -> DeviceStats:
+        return read_stats(self.stats_fd, self.ncpus, bd, self.attach)
+
+    def close(self) -> None:
+        os.close(self.stats_fd)
+
+
+# /sys/block/<dev>/stat fields (Documentation/block/stat.rst), by name.
+_SYSFS_FIELDS = ("read_ios", "read_merges", "read_sectors", "read_ticks", "write_ios",
+                 "write_merges", "write_sectors", "write_ticks", "in_flight", "io_ticks",
+                 "time_in_queue", "discard_ios", "discard_merges", "discard_sectors",
+                 "discard_ticks", "flush_ios", "flush_ticks")
+
+
+def sysfs_stats(bd: BlockDevice, note: str = "") -> DeviceStats:
+    """The kernel's cumulative counters since the device appeared (no histogram)."""
+    try:
+        parts = [int(x) for x in (bd.sysfs / "stat").read_text().split()]
+    except OSError as e:
+        raise UnknownDeviceError(f"cannot read {bd.sysfs}/stat: {e.strerror}") from None
+    f = dict(zip(_SYSFS_FIELDS, parts, strict=False))
+    ios = {"read": f.get("read_ios", 0), "write": f.get("write_ios", 0),
+           "flush": f.get("flush_ios", 0), "discard": f.get("discard_ios", 0), "other": 0}
+    nbytes = {"read": f.get("read_sectors", 0) * 512, "write": f.get("write_sectors", 0) * 512,
+              "flush": 0, "discard": f.get("discard_sectors", 0) * 512, "other": 0}
+    ticks_ms = sum(f.get(k, 0) for k in ("read_ticks", "write_ticks", "discard_ticks",
+                                          "flush_ticks"))
+    return DeviceStats(device=bd.name, dev=bd.majmin, source="sysfs", ios=ios, bytes=nbytes,
+                       in_flight=f.get("in_flight", 0), latency_sum_ns=ticks_ms * 1_000_000,
+                       note=note or "cumulative since the device appeared; no errors, "
+                       "no histogram")

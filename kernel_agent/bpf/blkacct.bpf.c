@@ -1,0 +1,304 @@
+// SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
+/*
+ * blkacct: the kernel agent's view of block devices served from user space.
+ *
+ * For every device (kernel dev_t, MAJOR << 20 | MINOR) that user space writes
+ * into `ka_devices`, count completed I/Os and bytes per operation, in-flight
+ * requests, errors and a log2 histogram of issue -> complete latency, and
+ * send an event to the `ka_events` ring buffer for every I/O slower than the
+ * device's threshold and every error.  Devices that are not in `ka_devices`
+ * cost one hash lookup per request.
+ *
+ * Two attachments of the same logic, chosen by the loader (kernel_agent/_bpf.py)
+ * with bpf_program__set_autoload():
+ *   - tp_btf/block_rq_{issue,complete}: typed access to `struct request`
+ *     (CO-RE), start times keyed by the request's address;
+ *   - tracepoint/block/block_rq_{issue,complete}: the classic trace events,
+ *     for kernels without BTF; start times keyed by (dev, sector).
+ *
+ * Counters live in a PERCPU_HASH so the hot path needs no atomics; user space
+ * sums the CPUs.  In-flight is +1 on one CPU and -1 on another: only the sum
+ * means anything.  I/Os and bytes are counted at completion, so an I/O issued
+ * before the device was registered is not counted (consistent: no negative
+ * in-flight).  The layouts below are mirrored in kernel_agent/_bpf.py; keep
+ * them in sync (a unit test checks the sizes against this file's BTF).
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+
+#define KA_NR_OPS 5     /* read, write, flush, discard, other */
+#define KA_NR_SLOTS 32  /* log2(latency in microseconds) buckets */
+#define KA_EV_SLOW 1
+#define KA_EV_ERROR 2
+
+enum ka_op { KA_READ = 0, KA_WRITE = 1, KA_FLUSH = 2, KA_DISCARD = 3, KA_OTHER = 4 };
+
+struct ka_dev_cfg {
+	__u64 slow_ns;  /* 0: no slow-I/O events */
+	__u64 flags;    /* reserved */
+};
+
+struct ka_dev_stats {
+	__u64 ios[KA_NR_OPS];
+	__u64 bytes[KA_NR_OPS];
+	__u64 errors;
+	__s64 in_flight;
+	__u64 slow;
+	__u64 lat_sum_ns;
+	__u64 events_dropped;
+	__u64 hist[KA_NR_SLOTS];
+};
+
+struct ka_start_key {
+	__u64 a;  /* tp_btf: the request's address; tracepoint: dev */
+	__u64 b;  /* tp_btf: 0; tracepoint: start sector */
+};
+
+struct ka_start {
+	__u64 ts_ns;
+	__u32 dev;
+	__u32 op;
+};
+
+struct ka_event {
+	__u64 ts_ns;   /* completion time, CLOCK_MONOTONIC */
+	__u64 lat_ns;
+	__u64 sector;
+	__u32 dev;
+	__u32 bytes;
+	__u32 op;
+	__s32 error;   /* blk_status_t (tp_btf) or -errno (tracepoint) */
+	__u32 kind;    /* KA_EV_SLOW | KA_EV_ERROR */
+	__u32 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 256);
+	__type(key, __u32);
+	__type(value, struct ka_dev_cfg);
+} ka_devices SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, 256);
+	__type(key, __u32);
+	__type(value, struct ka_dev_stats);
+} ka_stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct ka_start_key);
+	__type(value, struct ka_start);
+} ka_starts SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 256 * 1024);
+} ka_events SEC(".maps");
+
+static __always_inline __u32 log2_u64(__u64 v)
+{
+	__u32 r = 0, s;
+
+	s = (v > 0xFFFFFFFFULL) << 5; v >>= s; r |= s;
+	s = (v > 0xFFFF) << 4; v >>= s; r |= s;
+	s = (v > 0xFF) << 3; v >>= s; r |= s;
+	s = (v > 0xF) << 2; v >>= s; r |= s;
+	s = (v > 0x3) << 1; v >>= s; r |= s;
+	r |= (v >> 1);
+	return r;
+}
+
+/* REQ_OP_* values (include/linux/blk_types.h, stable since 4.10). */
+static __always_inline __u32 op_of(__u32 cmd_flags)
+{
+	switch (cmd_flags & 0xff) {
+	case 0: return KA_READ;
+	case 1: return KA_WRITE;
+	case 2: return KA_FLUSH;
+	case 3: return KA_DISCARD;
+	default: return KA_OTHER;
+	}
+}
+
+static __always_inline void on_issue(__u32 dev, struct ka_start_key *key, __u32 op)
+{
+	struct ka_dev_stats *st;
+	struct ka_start start = {};
+
+	if (!bpf_map_lookup_elem(&ka_devices, &dev))
+		return;
+	start.ts_ns = bpf_ktime_get_ns();
+	start.dev = dev;
+	start.op = op;
+	/* A requeued request is issued again: refresh its start time, but it is
+	 * still one I/O in flight. */
+	if (bpf_map_update_elem(&ka_starts, key, &start, BPF_NOEXIST) != 0) {
+		bpf_map_update_elem(&ka_starts, key, &start, BPF_EXIST);
+		return;
+	}
+	st = bpf_map_lookup_elem(&ka_stats, &dev);
+	if (st)
+		st->in_flight++;
+}
+
+static __always_inline void on_complete(__u32 dev, struct ka_start_key *key, __s32 error,
+					__u64 nr_bytes, __u64 sector, int partial)
+{
+	struct ka_dev_cfg *cfg;
+	struct ka_dev_stats *st;
+	struct ka_start *start;
+	struct ka_event *ev;
+	__u64 now, lat;
+	__u32 op, slot;
+
+	cfg = bpf_map_lookup_elem(&ka_devices, &dev);
+	if (!cfg)
+		return;
+	start = bpf_map_lookup_elem(&ka_starts, key);
+	if (!start)
+		return;  /* issued before we watched the device */
+	st = bpf_map_lookup_elem(&ka_stats, &dev);
+	if (!st)
+		return;
+	op = start->op < KA_NR_OPS ? start->op : KA_OTHER;
+	st->bytes[op] += nr_bytes;
+	if (partial)  /* more completions of this request follow */
+		return;
+	now = bpf_ktime_get_ns();
+	lat = now - start->ts_ns;
+	bpf_map_delete_elem(&ka_starts, key);
+	st->ios[op]++;
+	st->in_flight--;
+	st->lat_sum_ns += lat;
+	slot = log2_u64(lat / 1000);
+	if (slot >= KA_NR_SLOTS)
+		slot = KA_NR_SLOTS - 1;
+	/* clang may drop the clamp's bound on the index: re-bound it visibly. */
+	barrier_var(slot);
+	st->hist[slot & (KA_NR_SLOTS - 1)]++;
+	if (error)
+		st->errors++;
+	if (cfg->slow_ns && lat >= cfg->slow_ns)
+		st->slow++;
+	else if (!error)
+		return;
+	ev = bpf_ringbuf_reserve(&ka_events, sizeof(*ev), 0);
+	if (!ev) {
+		st->events_dropped++;
+		return;
+	}
+	ev->ts_ns = now;
+	ev->lat_ns = lat;
+	ev->sector = sector;
+	ev->dev = dev;
+	ev->bytes = nr_bytes;
+	ev->op = op;
+	ev->error = error;
+	ev->kind = (error ? KA_EV_ERROR : 0) |
+		   ((cfg->slow_ns && lat >= cfg->slow_ns) ? KA_EV_SLOW : 0);
+	ev->pad = 0;
+	bpf_ringbuf_submit(ev, 0);
+}
+
+/* ---- tp_btf: typed, CO-RE ------------------------------------------------ */
+
+static __always_inline __u32 rq_dev(struct request *rq)
+{
+	struct gendisk *disk = BPF_CORE_READ(rq, q, disk);
+
+	if (!disk)
+		return 0;
+	return ((__u32)BPF_CORE_READ(disk, major) << 20) | (__u32)BPF_CORE_READ(disk, first_minor);
+}
+
+SEC("tp_btf/block_rq_issue")
+int BPF_PROG(ka_btf_issue, struct request *rq)
+{
+	struct ka_start_key key = { .a = (__u64)rq, .b = 0 };
+
+	on_issue(rq_dev(rq), &key, op_of(BPF_CORE_READ(rq, cmd_flags)));
+	return 0;
+}
+
+SEC("tp_btf/block_rq_complete")
+int BPF_PROG(ka_btf_complete, struct request *rq, blk_status_t error, unsigned int nr_bytes)
+{
+	struct ka_start_key key = { .a = (__u64)rq, .b = 0 };
+	/* blk_update_request() traces before it shrinks __data_len: fewer bytes
+	 * than remain means a partial completion. */
+	int partial = nr_bytes < BPF_CORE_READ(rq, __data_len);
+
+	on_complete(rq_dev(rq), &key, error, nr_bytes, BPF_CORE_READ(rq, __sector), partial);
+	return 0;
+}
+
+/* ---- classic trace events (no BTF needed) --------------------------------- */
+
+/* The trace events' records, from /sys/kernel/tracing/events/block/ * /format
+ * (stable layout since ioprio was added, Linux 6.1 era; rwbs grew from 8 to
+ * 10 bytes after the fields used here). */
+struct ka_tp_rq_issue {
+	__u64 common;
+	__u32 dev;
+	__u32 pad;
+	__u64 sector;
+	__u32 nr_sector;
+	__u32 bytes;
+	__u16 ioprio;
+	char rwbs[8];
+};
+
+struct ka_tp_rq_complete {
+	__u64 common;
+	__u32 dev;
+	__u32 pad;
+	__u64 sector;
+	__u32 nr_sector;
+	__s32 error;
+	__u16 ioprio;
+	char rwbs[8];
+};
+
+static __always_inline __u32 op_of_rwbs(const char *rwbs)
+{
+	char c = rwbs[0];
+
+	if (c == 'F') {  /* REQ_PREFLUSH prefix; "F" alone is a flush */
+		c = rwbs[1];
+		if (c != 'W' && c != 'R' && c != 'D')
+			return KA_FLUSH;
+	}
+	switch (c) {
+	case 'R': return KA_READ;
+	case 'W': return KA_WRITE;
+	case 'D': return KA_DISCARD;
+	default: return KA_OTHER;
+	}
+}
+
+SEC("tracepoint/block/block_rq_issue")
+int ka_tp_issue(struct ka_tp_rq_issue *ctx)
+{
+	struct ka_start_key key = { .a = ctx->dev, .b = ctx->sector };
+
+	on_issue(ctx->dev, &key, op_of_rwbs(ctx->rwbs));
+	return 0;
+}
+
+SEC("tracepoint/block/block_rq_complete")
+int ka_tp_complete(struct ka_tp_rq_complete *ctx)
+{
+	struct ka_start_key key = { .a = ctx->dev, .b = ctx->sector };
+
+	/* The trace event has no "bytes remaining": treat every completion as
+	 * whole (partial completions are rare: only on errors and some drivers). */
+	on_complete(ctx->dev, &key, ctx->error, (__u64)ctx->nr_sector << 9, ctx->sector, 0);
+	return 0;
+}
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
