@@ -182,7 +182,7 @@ class BlockEvent:
     lat_ns: int
     sector: int
     dev: int
-    bytes: int
+    nbytes: int
     op: str
     error: int
     kind: int
@@ -197,7 +197,7 @@ class BlockEvent:
         major, minor = kdev_split(self.dev)
         kinds = [k for k, bit in (("slow", EV_SLOW), ("error", EV_ERROR)) if self.kind & bit]
         return {"event": "+".join(kinds) or "io", "dev": f"{major}:{minor}", "op": self.op,
-                "bytes": self.bytes, "sector": self.sector, "latency_us": self.lat_ns / 1000,
+                "bytes": self.nbytes, "sector": self.sector, "latency_us": self.lat_ns / 1000,
                 "error": self.error, "ktime_ns": self.ts_ns}
 
 

@@ -1,0 +1,497 @@
+"""The agent: one process, one thread, one event loop.
+
+Each turn of :meth:`Agent.step`:
+
+1. re-reads the registry if its mtime changed (the CLI edits it) and brings
+   the eBPF device map, the pidfds and the rings in line with it;
+2. waits (``select``) on the extensions' pidfds and the eBPF ring buffer's
+   epoll fd, up to one tick;
+3. handles deaths: a pidfd becomes readable when its process exits, whatever
+   the cause (SIGKILL included), and the class's policy is applied;
+4. drains slow/error events into ``events.jsonl``;
+5. reads each extension's submission ring (bounded per turn, so that one
+   flooding extension cannot starve the others), validates every entry and
+   answers it on the completion ring; every decision also goes to
+   ``audit.jsonl``;
+6. advances the effect checks of applied changes.
+
+Effect check: a change is applied only after one *baseline* window of the
+device's kernel-side mean latency (issue -> complete, from eBPF or sysfs), then
+the same window is measured after it.  If both windows saw at least
+``min_ios`` I/Os and the latency after exceeds ``(1 + tolerance)`` times the
+one before, the old value is written back (ROLLED_BACK), else KEPT.  While a
+device has a change under evaluation, other changes to it are rejected
+("busy"), so that each measurement judges one change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kernel_agent.accounting import (
+    BlockEvent,
+    BpfAccounting,
+    DeviceStats,
+    resolve_device,
+    sysfs_stats,
+)
+from kernel_agent.actions import ActionError, ActionSpec, default_actions
+from kernel_agent.errors import AgentError, BpfUnavailableError, RingError, UnknownDeviceError
+from kernel_agent.eventlog import JsonLinesLog
+from kernel_agent.registry import DeviceConfig, Extension, Registry, proc_starttime
+from kernel_agent.ring import (
+    Channel,
+    Completion,
+    MalformedRecord,
+    Recommendation,
+    Status,
+    decode_submission,
+)
+from kernel_agent.validator import Mode, Policy, Validator, Verdict, WatchedDevice
+
+PER_TURN = 32  # submissions read per extension per turn
+
+
+def remove_ublk_device(dev_id: int) -> None:
+    """Delete a ublk device whose server died (DEL_DEV through /dev/ublk-control)."""
+    from ublk_driver.control import Control
+
+    with Control() as ctrl:
+        ctrl.delete(dev_id)
+
+
+@dataclass
+class Trial:
+    """An applied change under evaluation."""
+
+    ext_id: int
+    rec: Recommendation
+    spec: ActionSpec
+    dev: WatchedDevice
+    value: str
+    phase: str            # "baseline" -> "applied"
+    due: float
+    snap: DeviceStats
+    before_us: float | None = None
+    old: str = ""
+
+
+@dataclass
+class _Live:
+    ext: Extension
+    pidfd: int
+    channel: Channel | None
+
+
+def mean_latency_us(a: DeviceStats, b: DeviceStats, min_ios: int) -> float | None:
+    """Mean latency of the I/Os completed between two snapshots (None: too few)."""
+    n = b.total_ios - a.total_ios
+    if n < max(1, min_ios) or a.latency_sum_ns is None or b.latency_sum_ns is None:
+        return None
+    return (b.latency_sum_ns - a.latency_sum_ns) / n / 1000.0
+
+
+def is_regression(before_us: float | None, after_us: float | None, tolerance: float) -> bool:
+    """Measured on both sides and worse than ``(1 + tolerance)`` x before."""
+    if before_us is None or after_us is None:
+        return False
+    return after_us > before_us * (1.0 + tolerance)
+
+
+class Agent:
+    def __init__(self, root: str | os.PathLike[str] | None = None, instance: str = "default",
+                 use_bpf: bool = True, attach: str = "auto", policy: Policy | None = None,
+                 actions: dict[str, ActionSpec] | None = None, window_s: float = 1.0,
+                 tolerance: float = 0.25, min_ios: int = 20, tick_s: float = 0.05,
+                 log_max_bytes: int = 4 << 20,
+                 remove_device: Callable[[int], None] = remove_ublk_device) -> None:
+        self.registry = Registry(root)
+        self.root = self.registry.root
+        self.instance = instance
+        self.window_s, self.tolerance, self.min_ios, self.tick_s = (
+            window_s, tolerance, min_ios, tick_s)
+        self.remove_device = remove_device
+        self.validator = Validator(actions if actions is not None else default_actions(),
+                                   policy or Policy())
+        self.acc: BpfAccounting | None = None
+        self.fallback_reason = ""
+        if use_bpf:
+            try:
+                self.acc = BpfAccounting(instance, attach)
+            except BpfUnavailableError as e:
+                self.fallback_reason = str(e)
+        else:
+            self.fallback_reason = "eBPF disabled (--no-bpf)"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.events = JsonLinesLog(self.root / "events.jsonl", log_max_bytes)
+        self.audit = JsonLinesLog(self.root / "audit.jsonl", log_max_bytes)
+        self._ring = self.acc.ring_buffer(self._on_event) if self.acc else None
+        self._mtime = -1
+        self.devices: dict[str, WatchedDevice] = {}
+        self._slow: dict[str, int] = {}
+        self._wanted: dict[str, DeviceConfig] = {}
+        self._live: dict[int, _Live] = {}
+        self.trials: dict[str, Trial] = {}
+        self.counters = {"events": 0, "decisions": 0, "deaths": 0}
+        self._stop = threading.Event()
+        self.audit.write({"type": "agent", "what": "start", "pid": os.getpid(),
+                          "source": self.source, "fallback": self.fallback_reason or None})
+        self._write_state()
+
+    # -- state ----------------------------------------------------------------------
+
+    @property
+    def source(self) -> str:
+        return "ebpf" if self.acc else "sysfs"
+
+    def _write_state(self) -> None:
+        state = {"pid": os.getpid(), "instance": self.instance, "source": self.source,
+                 "attach": self.acc.attach if self.acc else None,
+                 "fallback_reason": self.fallback_reason or None,
+                 "pin_dir": self.acc.pin_dir if self.acc else None,
+                 "devices": {n: {"dev": d.bd.majmin, "mode": d.mode.value}
+                             for n, d in self.devices.items()},
+                 "extensions": sorted(self._live), "counters": self.counters}
+        tmp = self.root / f"agent.json.tmp{os.getpid()}"
+        tmp.write_text(json.dumps(state, indent=1))
+        os.replace(tmp, self.root / "agent.json")
+
+    def stats(self, name: str) -> DeviceStats:
+        dev = self.devices.get(name)
+        if dev is None:
+            raise UnknownDeviceError(f"{name} is not watched by the agent")
+        if self.acc:
+            return self.acc.stats(dev.bd)
+        return sysfs_stats(dev.bd, f"eBPF unavailable ({self.fallback_reason}); "
+                           "cumulative /sys/block counters")
+
+    # -- sync with the registry -------------------------------------------------------
+
+    def sync(self, force: bool = False) -> None:
+        mtime = self.registry.mtime_ns()
+        if mtime == self._mtime and not force:
+            self._retry_devices()
+            return
+        self._mtime = mtime
+        wanted = self.registry.devices()
+        for name in list(self.devices):
+            if name not in wanted:
+                self._unwatch(name)
+        self._wanted = wanted
+        self._retry_devices()
+        exts = {e.id: e for e in self.registry.extensions()}
+        for ext_id in list(self._live):
+            if ext_id not in exts or exts[ext_id].state != "live":
+                self._drop(ext_id)
+        for ext in exts.values():
+            if ext.state == "live" and ext.id not in self._live:
+                self._adopt(ext)
+        self._write_state()
+
+    def _retry_devices(self) -> None:
+        """Watch wanted devices that exist (a ublk device may appear later)."""
+        for name, cfg in self._wanted.items():
+            cur = self.devices.get(name)
+            if cur is not None:
+                if cur.mode.value != cfg.mode:
+                    self.devices[name] = WatchedDevice(cur.bd, Mode(cfg.mode))
+                if self._slow.get(name) != cfg.slow_us and self.acc:
+                    self.acc.set_slow_threshold(cur.bd, cfg.slow_us)
+                    self._slow[name] = cfg.slow_us
+                continue
+            try:
+                bd = resolve_device(name)
+            except UnknownDeviceError:
+                continue
+            if self.acc:
+                self.acc.watch(bd, cfg.slow_us)
+            self._slow[name] = cfg.slow_us
+            self.devices[name] = WatchedDevice(bd, Mode(cfg.mode))
+            self.audit.write({"type": "device", "what": "watch", "device": name,
+                              "dev": bd.majmin, "mode": cfg.mode, "slow_us": cfg.slow_us,
+                              "source": self.source})
+
+    def _unwatch(self, name: str) -> None:
+        dev = self.devices.pop(name)
+        self._slow.pop(name, None)
+        self.trials.pop(name, None)
+        if self.acc:
+            with contextlib.suppress(OSError):
+                self.acc.unwatch(dev.bd)
+        self.audit.write({"type": "device", "what": "unwatch", "device": name})
+
+    def _adopt(self, ext: Extension) -> None:
+        """Open a pidfd on a registered process (checking it is the same process)."""
+        try:
+            pidfd = os.pidfd_open(ext.pid)
+        except ProcessLookupError:
+            pidfd = -1
+        if pidfd >= 0 and proc_starttime(ext.pid) != ext.starttime:
+            os.close(pidfd)  # the pid was reused: the registered process is gone
+            pidfd = -1
+        channel = None
+        try:
+            channel = Channel.open(ext.ring) if ext.ring else None
+        except RingError as e:
+            self.audit.write({"type": "extension", "what": "ring-unusable", "id": ext.id,
+                              "reason": str(e)})
+        live = _Live(ext, pidfd, channel)
+        self._live[ext.id] = live
+        self.audit.write({"type": "extension", "what": "adopt", "id": ext.id, "cls": ext.cls,
+                          "pid": ext.pid})
+        if pidfd < 0:
+            self._on_death(live)
+
+    def _drop(self, ext_id: int) -> None:
+        live = self._live.pop(ext_id)
+        if live.pidfd >= 0:
+            os.close(live.pidfd)
+        if live.channel:
+            live.channel.close()
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def step(self, timeout: float | None = None) -> None:
+        self.sync()
+        fds = [lv.pidfd for lv in self._live.values() if lv.pidfd >= 0]
+        if self._ring is not None:
+            fds.append(self._ring.epoll_fd())
+        wait = self.tick_s if timeout is None else timeout
+        if fds:
+            try:
+                ready = set(select.select(fds, [], [], wait)[0])
+            except InterruptedError:
+                ready = set()
+        else:
+            time.sleep(wait)
+            ready = set()
+        for live in list(self._live.values()):
+            if live.pidfd in ready:
+                self._on_death(live)
+        if self._ring is not None:
+            self._ring.poll(0)
+        for live in list(self._live.values()):
+            self._serve_ring(live)
+        self._advance_trials()
+
+    def run(self) -> None:
+        """Until SIGTERM/SIGINT (or :meth:`stop`)."""
+        def on_signal(_sig: int, _frame: object) -> None:
+            self._stop.set()
+
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, on_signal)
+            signal.signal(signal.SIGINT, on_signal)
+        self.sync(force=True)
+        last_state = time.monotonic()
+        while not self._stop.is_set():
+            self.step()
+            if time.monotonic() - last_state > 1.0:
+                self._write_state()
+                last_state = time.monotonic()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def close(self) -> None:
+        for ext_id in list(self._live):
+            self._drop(ext_id)
+        for trial in list(self.trials.values()):
+            if trial.phase == "applied" and trial.spec.reversible:
+                # An unfinished evaluation: leave the device as it was found.
+                self._rollback(trial, "agent stopped before the effect check finished")
+        self.trials.clear()
+        if self._ring is not None:
+            self._ring.free()
+        if self.acc:
+            self.acc.close()
+        self.audit.write({"type": "agent", "what": "stop", "pid": os.getpid()})
+        self.events.close()
+        self.audit.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.root / "agent.json")
+
+    # -- events and deaths ------------------------------------------------------------------
+
+    def _on_event(self, ev: BlockEvent) -> None:
+        self.counters["events"] += 1
+        rec = ev.to_json()
+        for name, d in self.devices.items():
+            if d.bd.dev == ev.dev:
+                rec["device"] = name
+        self.events.write(rec)
+
+    def _on_death(self, live: _Live) -> None:
+        ext = live.ext
+        self.counters["deaths"] += 1
+        self._drop(ext.id)
+        action = "unregistered"
+        if ext.cls == "ublk-server" and ext.dev_id is not None:
+            if ext.policy == "remove":
+                try:
+                    self.remove_device(ext.dev_id)
+                    action = f"device {ext.dev_id} removed"
+                except Exception as e:  # the policy failed: say so, keep running
+                    action = f"removing device {ext.dev_id} failed: {e}"
+                self.registry.remove(ext.id)
+            else:
+                action = f"device {ext.dev_id} kept for recovery"
+                self.registry.set_state(ext.id, "dead")
+        else:
+            self.registry.remove(ext.id)
+        self._mtime = -1  # our own change: re-sync devices next turn
+        self.audit.write({"type": "extension", "what": "died", "id": ext.id, "cls": ext.cls,
+                          "pid": ext.pid, "policy": ext.policy, "action": action})
+
+    # -- recommendations ----------------------------------------------------------------------
+
+    def _decide(self, live: _Live, c: Completion, rec: Recommendation | None = None) -> None:
+        self.counters["decisions"] += 1
+        c = Completion(c.seq, c.ext_id, c.status, c.device, c.action, c.old, c.new,
+                       c.reason, time.time_ns())
+        posted = live.channel.complete(c) if live.channel else False
+        entry: dict[str, Any] = {"type": "decision", "ext": live.ext.id, "seq": c.seq,
+                                 "status": c.status.name.lower(), "device": c.device,
+                                 "action": c.action, "old": c.old, "new": c.new,
+                                 "reason": c.reason, "posted": posted}
+        if rec is not None:
+            entry.update(value=rec.value, confidence=rec.confidence, model=rec.model)
+        self.audit.write(entry)
+
+    def _serve_ring(self, live: _Live) -> None:
+        if live.channel is None:
+            return
+        raws, problem = live.channel.take_submissions(PER_TURN)
+        if problem:
+            self._decide(live, Completion(0, live.ext.id, Status.REJECTED, reason=problem))
+        for raw in raws:
+            try:
+                rec = decode_submission(raw)
+            except MalformedRecord as e:
+                # Still costs a token: a flood of garbage is a flood.
+                self.validator.check(Recommendation("", "", "", 0.0, "", 0, -1),
+                                     live.ext.id, {})
+                self._decide(live, Completion(0, live.ext.id, Status.REJECTED,
+                                              reason=f"malformed: {e}"))
+                continue
+            try:
+                self._handle(live, rec)
+            except Exception as e:  # a bug must not take the agent down
+                self._decide(live, Completion(rec.seq, live.ext.id, Status.FAILED, rec.device,
+                                              rec.action, reason=f"internal error: {e!r}"),
+                             rec)
+
+    def _handle(self, live: _Live, rec: Recommendation) -> None:
+        v: Verdict = self.validator.check(rec, live.ext.id, self.devices)
+
+        def answer(status: Status, reason: str, old: str = "", new: str = "") -> None:
+            self._decide(live, Completion(rec.seq, live.ext.id, status, rec.device, rec.action,
+                                          old, new, reason), rec)
+
+        if v.status is not Status.APPLIED:
+            answer(v.status, v.reason, new=v.value)
+            return
+        assert v.spec is not None and v.device is not None
+        if rec.device in self.trials:
+            answer(Status.REJECTED, f"busy: another change to {rec.device} is being "
+                   "evaluated")
+            return
+        trial = Trial(live.ext.id, rec, v.spec, v.device, v.value, "baseline",
+                      time.monotonic() + self.window_s, self._snapshot(v.device))
+        if not v.spec.check_effect:
+            self._apply(trial)
+            return
+        self.trials[rec.device] = trial
+
+    def _snapshot(self, dev: WatchedDevice) -> DeviceStats:
+        return self.acc.stats(dev.bd) if self.acc else sysfs_stats(dev.bd)
+
+    def _completion_for(self, t: Trial, status: Status, reason: str) -> None:
+        live = self._live.get(t.ext_id)
+        c = Completion(t.rec.seq, t.ext_id, status, t.rec.device, t.rec.action, t.old, t.value,
+                       reason)
+        if live is not None:
+            self._decide(live, c, t.rec)
+        else:  # the extension is gone; the log still gets the decision
+            self.audit.write({"type": "decision", "ext": t.ext_id, "seq": t.rec.seq,
+                              "status": status.name.lower(), "device": t.rec.device,
+                              "action": t.rec.action, "old": t.old, "new": t.value,
+                              "reason": reason, "posted": False})
+
+    def _apply(self, t: Trial) -> bool:
+        try:
+            t.old = t.spec.applier.read(t.dev.bd)
+            t.spec.applier.write(t.dev.bd, t.value)
+        except (ActionError, OSError) as e:
+            self.trials.pop(t.rec.device, None)
+            self._completion_for(t, Status.FAILED, str(e))
+            return False
+        note = "applied; effect check in progress" if t.spec.check_effect else \
+            "applied (no effect check for this action)"
+        self._completion_for(t, Status.APPLIED, note)
+        return True
+
+    def _rollback(self, t: Trial, reason: str) -> None:
+        try:
+            t.spec.applier.write(t.dev.bd, t.old)
+        except (ActionError, OSError) as e:
+            reason += f"; ROLLBACK FAILED: {e}"
+        self._completion_for(t, Status.ROLLED_BACK, reason)
+
+    def _advance_trials(self) -> None:
+        now = time.monotonic()
+        for name, t in list(self.trials.items()):
+            if now < t.due:
+                continue
+            try:
+                snap = self._snapshot(t.dev)
+            except AgentError as e:
+                self.trials.pop(name)
+                self._completion_for(t, Status.FAILED, f"cannot measure: {e}")
+                continue
+            if t.phase == "baseline":
+                t.before_us = mean_latency_us(t.snap, snap, self.min_ios)
+                if not self._apply(t):
+                    continue
+                t.phase, t.due, t.snap = "applied", time.monotonic() + self.window_s, snap
+                continue
+            self.trials.pop(name)
+            after = mean_latency_us(t.snap, snap, self.min_ios)
+            measured = f"mean latency {_us(t.before_us)} -> {_us(after)}"
+            if is_regression(t.before_us, after, self.tolerance):
+                self._rollback(t, f"regression: {measured} (tolerance "
+                               f"{self.tolerance:+.0%}); restored {t.old!r}")
+            elif t.before_us is None or after is None:
+                self._completion_for(t, Status.KEPT, f"kept: too little I/O to measure "
+                                     f"(< {self.min_ios} per window); {measured}")
+            else:
+                self._completion_for(t, Status.KEPT, f"kept: {measured}")
+
+
+def _us(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.1f} us"
+
+
+def read_agent_state(root: Path) -> dict[str, Any] | None:
+    """agent.json if its agent is alive, else None."""
+    try:
+        state: dict[str, Any] = json.loads((root / "agent.json").read_text())
+    except (OSError, ValueError):
+        return None
+    try:
+        os.kill(int(state["pid"]), 0)
+    except (ProcessLookupError, KeyError, ValueError):
+        return None
+    except PermissionError:
+        pass
+    return state
