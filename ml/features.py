@@ -176,8 +176,9 @@ def summarize(records: npt.NDArray[np.void]) -> Summary:
         n=np.bincount(path, minlength=n_paths).astype(np.int64),
         errors=np.bincount(path, weights=(result < 0), minlength=n_paths).astype(np.int64),
         bytes=np.bincount(path, weights=moved, minlength=n_paths).astype(np.int64),
-        lat_sum=np.bincount(path, weights=latf, minlength=n_paths),
-        lat_sumsq=np.bincount(path, weights=latf * latf, minlength=n_paths),
+        lat_sum=np.bincount(path, weights=latf, minlength=n_paths).astype(np.float64),
+        lat_sumsq=np.bincount(path, weights=latf * latf,
+                               minlength=n_paths).astype(np.float64),
         hist=hist.reshape(n_paths, N_BINS).astype(np.int64),
     )
 

@@ -1,0 +1,547 @@
+"""The benchmark report: Markdown tables, the issue's targets (PASS/FAIL), PNG plots.
+
+Input is the ``results.json`` document the runner writes (see
+docs/benchmarks.md for its fields).  Everything here is pure computation on
+that document except :func:`make_plots`, which needs matplotlib (the optional
+``bench`` extra) and is skipped, with a note in the report, without it.
+
+Re-render a report from saved results::
+
+    python -m bench.report results/bench-full/results.json [--out report.md] [--no-plots]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "GOALS",
+    "Goal",
+    "GoalResult",
+    "check_goals",
+    "index_results",
+    "make_plots",
+    "ratio",
+    "render_markdown",
+    "write_report",
+]
+
+Key = tuple[str, str, int]
+"""(device, workload name, queues)"""
+
+#: The devices of each group, baseline first, as the tables show them.
+GROUP_DEVICES: dict[str, tuple[str, str]] = {
+    "null": ("null_blk", "ublkml-null"),
+    "loop": ("kernel-loop", "ublkml-loop"),
+    "python": ("nbdkit-python", "ublkml-python"),
+}
+GROUP_TITLES = {
+    "null": "null: kernel null_blk vs ublkml null target",
+    "loop": "loop: kernel loop (direct I/O) vs ublkml loop target, same backing file",
+    "python": "python: nbdkit Python plug-in over kernel NBD vs ublkml Python plug-in, "
+              "same RamStore",
+}
+HEADLINE = "4k-randread-qd32"
+
+
+@dataclass(frozen=True)
+class Goal:
+    """One of issue 3's performance goals."""
+
+    key: str
+    text: str
+    kind: str
+    """``iops_ratio`` (device / other >= threshold), ``scaling`` (2 queues / 1
+    queue > threshold) or ``latency_ratio`` (p50 device / other <= threshold)."""
+    device: str
+    other: str | None
+    workload: str
+    queues: int
+    threshold: float
+
+
+GOALS: tuple[Goal, ...] = (
+    Goal("null-iops", "ublkml null >= 0.70 x null_blk IOPS (4k randread QD32, 1 queue)",
+         "iops_ratio", "ublkml-null", "null_blk", HEADLINE, 1, 0.70),
+    Goal("loop-iops", "ublkml loop >= 0.90 x kernel loop IOPS (4k randread QD32, 1 queue)",
+         "iops_ratio", "ublkml-loop", "kernel-loop", HEADLINE, 1, 0.90),
+    Goal("python-iops",
+         "ublkml python >= 3 x nbdkit python IOPS (4k randread QD32, 1 queue)",
+         "iops_ratio", "ublkml-python", "nbdkit-python", HEADLINE, 1, 3.0),
+    Goal("null-scaling", "ublkml null: 2 queues > 1 queue IOPS (4k randread QD32)",
+         "scaling", "ublkml-null", None, HEADLINE, 2, 1.0),
+    Goal("loop-scaling", "ublkml loop: 2 queues > 1 queue IOPS (4k randread QD32)",
+         "scaling", "ublkml-loop", None, HEADLINE, 2, 1.0),
+    Goal("python-scaling", "ublkml python: 2 queues > 1 queue IOPS (4k randread QD32)",
+         "scaling", "ublkml-python", None, HEADLINE, 2, 1.0),
+    Goal("null-qd1-latency",
+         "ublkml null QD1 p50 latency <= 1.5 x null_blk (4k randread QD1, 1 queue)",
+         "latency_ratio", "ublkml-null", "null_blk", "4k-randread-qd1", 1, 1.5),
+)
+
+
+@dataclass(frozen=True)
+class GoalResult:
+    goal: Goal
+    status: str
+    """``PASS``, ``FAIL`` or ``n/a`` (a figure is missing: not measured, or failed)."""
+    ratio: float | None
+    detail: str
+
+
+# ---------------------------------------------------------------------------
+# Computation
+# ---------------------------------------------------------------------------
+
+
+def index_results(doc: dict[str, Any]) -> dict[Key, dict[str, Any]]:
+    """Records by (device, workload, queues)."""
+    return {(r["device"], r["workload"], int(r["queues"])): r for r in doc.get("results", [])}
+
+
+def ratio(num: float | None, den: float | None) -> float | None:
+    """``num / den``; None when either is missing or the denominator is not positive."""
+    if num is None or den is None or den <= 0:
+        return None
+    return num / den
+
+
+def _ok(rec: dict[str, Any] | None) -> bool:
+    return rec is not None and rec.get("status") == "ok"
+
+
+def _iops(idx: dict[Key, dict[str, Any]], key: Key) -> float | None:
+    rec = idx.get(key)
+    return float(rec["iops"]) if rec is not None and _ok(rec) else None
+
+
+def _lat(idx: dict[Key, dict[str, Any]], key: Key, pct: str) -> float | None:
+    rec = idx.get(key)
+    return float(rec["lat_us"][pct]) if rec is not None and _ok(rec) else None
+
+
+def _why_missing(idx: dict[Key, dict[str, Any]], key: Key) -> str:
+    rec = idx.get(key)
+    if rec is None:
+        return f"{key[0]} {key[1]} q{key[2]} not measured"
+    if rec.get("status") == "n/a":
+        return f"{key[0]} q{key[2]} n/a"
+    return f"{key[0]} {key[1]} q{key[2]} failed"
+
+
+def check_goals(doc: dict[str, Any], goals: Iterable[Goal] = GOALS) -> list[GoalResult]:
+    """Each goal's status and measured ratio."""
+    idx = index_results(doc)
+    out: list[GoalResult] = []
+    for g in goals:
+        if g.kind == "scaling":
+            a_key: Key = (g.device, g.workload, g.queues)
+            b_key: Key = (g.device, g.workload, 1)
+            a, b = _iops(idx, a_key), _iops(idx, b_key)
+            r = ratio(a, b)
+            detail = (f"{_fmt_iops(a)} IOPS with 2 queues vs {_fmt_iops(b)} with 1"
+                      if r is not None else "")
+            passed = r is not None and r > g.threshold
+        elif g.kind in ("iops_ratio", "latency_ratio"):
+            assert g.other is not None
+            a_key, b_key = (g.device, g.workload, g.queues), (g.other, g.workload, g.queues)
+            if g.kind == "iops_ratio":
+                a, b = _iops(idx, a_key), _iops(idx, b_key)
+                r = ratio(a, b)
+                detail = f"{_fmt_iops(a)} vs {_fmt_iops(b)} IOPS" if r is not None else ""
+                passed = r is not None and r >= g.threshold
+            else:
+                a, b = _lat(idx, a_key, "p50"), _lat(idx, b_key, "p50")
+                r = ratio(a, b)
+                detail = (f"p50 {_fmt_us(a)} vs {_fmt_us(b)} us" if r is not None else "")
+                passed = r is not None and r <= g.threshold
+        else:
+            raise ValueError(f"unknown goal kind {g.kind!r}")
+        if r is None:
+            missing = [_why_missing(idx, k) for k in (a_key, b_key) if not _ok(idx.get(k))]
+            out.append(GoalResult(g, "n/a", None, "; ".join(missing)))
+        else:
+            out.append(GoalResult(g, "PASS" if passed else "FAIL", r, detail))
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Formatting
+# ---------------------------------------------------------------------------
+
+
+def _fmt_iops(v: float | None) -> str:
+    return "-" if v is None else f"{v:,.0f}"
+
+
+def _fmt_bw(v: float | None) -> str:
+    return "-" if v is None else f"{v:,.1f}"
+
+
+def _fmt_us(v: float | None) -> str:
+    if v is None:
+        return "-"
+    if v < 10:
+        return f"{v:.2f}"
+    if v < 1000:
+        return f"{v:.1f}"
+    return f"{v:,.0f}"
+
+
+def _fmt_ratio(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+def _cell(rec: dict[str, Any] | None, value: str) -> str:
+    """What a table cell shows: the value, or why there is none."""
+    if rec is None:
+        return "-"
+    status = rec.get("status")
+    if status == "n/a":
+        return "n/a"
+    if status != "ok":
+        return "error"
+    return value
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[str]],
+           align: Sequence[str] | None = None) -> list[str]:
+    align = align or ["---"] + ["---:"] * (len(header) - 1)
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def _workloads(doc: dict[str, Any]) -> list[tuple[str, str]]:
+    """(name, label) of the workloads in the results, in run order."""
+    seen: dict[str, str] = {}
+    for r in doc.get("results", []):
+        seen.setdefault(r["workload"], r.get("label", r["workload"]))
+    from bench.jobs import WORKLOADS
+
+    order = {w.name: i for i, w in enumerate(WORKLOADS)}
+    return sorted(seen.items(), key=lambda kv: order.get(kv[0], len(order)))
+
+
+def _group_tables(doc: dict[str, Any], group: str) -> list[str]:
+    idx = index_results(doc)
+    base, ub = GROUP_DEVICES[group]
+    keys = sorted({(r["workload"], int(r["queues"])) for r in doc["results"]
+                   if r["group"] == group},
+                  key=lambda k: ([w for w, _ in _workloads(doc)].index(k[0]), k[1]))
+    labels = dict(_workloads(doc))
+    perf_rows, lat_rows = [], []
+    for w, q in keys:
+        b, u = idx.get((base, w, q)), idx.get((ub, w, q))
+        bi, ui = _iops(idx, (base, w, q)), _iops(idx, (ub, w, q))
+        bb = float(b["bw_mib_s"]) if b is not None and _ok(b) else None
+        ubw = float(u["bw_mib_s"]) if u is not None and _ok(u) else None
+        perf_rows.append([labels[w], str(q), _cell(b, _fmt_iops(bi)), _cell(u, _fmt_iops(ui)),
+                          _fmt_ratio(ratio(ui, bi)), _cell(b, _fmt_bw(bb)),
+                          _cell(u, _fmt_bw(ubw)), _fmt_ratio(ratio(ubw, bb))])
+
+        lat_rows.append([labels[w], str(q), _trio(idx, (base, w, q)), _trio(idx, (ub, w, q)),
+                         _fmt_ratio(ratio(_lat(idx, (ub, w, q), "p50"),
+                                          _lat(idx, (base, w, q), "p50"))),
+                         _fmt_ratio(ratio(_lat(idx, (ub, w, q), "p99"),
+                                          _lat(idx, (base, w, q), "p99")))])
+    lines = [f"### {GROUP_TITLES[group]}", ""]
+    lines += _table(["workload", "queues", f"{base} IOPS", f"{ub} IOPS", "ratio",
+                     f"{base} MiB/s", f"{ub} MiB/s", "ratio"], perf_rows,
+                    ["---", "---:", "---:", "---:", "---:", "---:", "---:", "---:"])
+    lines += ["", "Latency (µs, p50 / p99 / p99.9; ratio: ublkml ÷ baseline, lower is better):",
+              ""]
+    lines += _table(["workload", "queues", f"{base}", f"{ub}", "p50 ratio", "p99 ratio"],
+                    lat_rows)
+    return [*lines, ""]
+
+
+def _trio(idx: dict[Key, dict[str, Any]], key: Key) -> str:
+    """``p50 / p99 / p99.9`` of one record, or why there is none."""
+    return _cell(idx.get(key), " / ".join(_fmt_us(_lat(idx, key, p))
+                                          for p in ("p50", "p99", "p99.9")))
+
+
+def _scaling_table(doc: dict[str, Any]) -> list[str]:
+    idx = index_results(doc)
+    rows = []
+    for group in ("null", "loop", "python"):
+        for dev in GROUP_DEVICES[group]:
+            q1, q2 = idx.get((dev, HEADLINE, 1)), idx.get((dev, HEADLINE, 2))
+            if q1 is None and q2 is None:
+                continue
+            a, b = _iops(idx, (dev, HEADLINE, 1)), _iops(idx, (dev, HEADLINE, 2))
+            rows.append([dev, _cell(q1, _fmt_iops(a)), _cell(q2, _fmt_iops(b)),
+                         _fmt_ratio(ratio(b, a))])
+    if not rows:
+        return []
+    return ["### Queue scaling (4k randread QD32 per job; 2 queues = 2 pinned fio jobs)", "",
+            *_table(["device", "1 queue IOPS", "2 queues IOPS", "2q ÷ 1q"], rows), ""]
+
+
+def _profile_table(doc: dict[str, Any]) -> list[str]:
+    rows = []
+    for r in doc.get("results", []):
+        prof = r.get("profile")
+        if not prof:
+            continue
+        top = ", ".join(f"{t['name']} {float(t['user_s']) + float(t['sys_s']):.1f}s"
+                        for t in prof.get("threads", [])[:3])
+        util = prof.get("cpu_util")
+        per_io = prof.get("cpu_us_per_io")
+        rows.append([r["device"], r.get("label", r["workload"]), str(r["queues"]),
+                     "-" if util is None else f"{util:.2f}",
+                     "-" if per_io is None else f"{per_io:.1f}",
+                     f"{prof['user_s']:.1f} / {prof['sys_s']:.1f}", top])
+    if not rows:
+        return []
+    return ["## Server CPU profile (--profile)", "",
+            "CPU time of the serving process (ublkml daemon or nbdkit) during each "
+            "measurement, from /proc; CPU µs per I/O is approximate (the ramp and fio's "
+            "start-up are in the wall time).", "",
+            *_table(["device", "workload", "queues", "CPUs busy", "CPU µs / I/O",
+                     "user / sys s", "busiest threads"], rows,
+                    ["---", "---", "---:", "---:", "---:", "---:", "---"]), ""]
+
+
+def _devices_section(doc: dict[str, Any]) -> list[str]:
+    meta = doc.get("meta", {})
+    attrs: dict[str, dict[int, dict[str, Any]]] = {}
+    for r in doc.get("results", []):
+        if r.get("device_attrs"):
+            attrs.setdefault(r["device"], {}).setdefault(int(r["queues"]), r["device_attrs"])
+    lines = ["## Devices", ""]
+    for name, info in meta.get("devices", {}).items():
+        if name not in attrs and not any(r["device"] == name for r in doc.get("results", [])):
+            continue
+        facts = []
+        for q, a in sorted(attrs.get(name, {}).items()):
+            bits = [f"{k}={a[k]}" for k in ("hw_queues", "direct_io", "block_size",
+                                            "connections") if k in a and a[k] is not None]
+            facts.append(f"q{q}: " + ", ".join(bits))
+        extra = f" ({'; '.join(facts)})" if facts else ""
+        lines.append(f"- **{name}**: {info.get('description', '')}{extra}")
+    backing = meta.get("loop_backing")
+    if backing:
+        lines.append(f"- loop backing file: {backing['size'] >> 20} MiB on "
+                     f"{backing['filesystem']}, O_DIRECT "
+                     f"{'supported' if backing['o_direct'] else 'NOT supported'}")
+    return [*lines, ""]
+
+
+def _header(doc: dict[str, Any]) -> list[str]:
+    m = doc.get("meta", {})
+    vm = m.get("vm") or {}
+    host = m.get("host") or {}
+    if m.get("environment") == "vm":
+        where = (f"qemu test bed ({vm.get('accel', 'tcg').upper()}, {m.get('cpus')} vCPUs, "
+                 f"{m.get('memory_mib')} MiB), guest kernel {m.get('kernel')}")
+        if host:
+            where += f"; host kernel {host.get('kernel')}, {host.get('cpus')} CPUs"
+    else:
+        where = f"native, kernel {m.get('kernel')}, {m.get('cpus')} CPUs"
+    lines = [
+        "# ublkml benchmark report",
+        "",
+        f"- date: {m.get('date')}" + (f", commit {m['git_commit']}" if m.get("git_commit")
+                                        else ""),
+        f"- where: {where}",
+        f"- fio: {m.get('fio_version')}, io_uring, O_DIRECT, {m.get('runtime_s'):g} s per "
+        f"job after {m.get('ramp_s'):g} s ramp" + (" (**--quick**: a smoke test, not figures "
+                                                   "to quote)" if m.get("quick") else ""),
+        f"- measuring took {float(m.get('elapsed_s', 0)) / 60:.1f} min"
+        + (f" (VM total {float(vm['total_s']) / 60:.1f} min, boot {vm['boot_s']:.0f} s)"
+           if vm.get("total_s") else ""),
+    ]
+    if m.get("git_dirty"):
+        lines.append(f"- working tree differs from the commit in: {', '.join(m['git_dirty'])}")
+    engines = sorted({str(r["device_attrs"]["engine"]) for r in doc.get("results", [])
+                      if (r.get("device_attrs") or {}).get("engine")})
+    if m.get("engine") or engines:
+        note = " (**changed during the run**)" if len(engines) > 1 else ""
+        lines.append(f"- ublkml engine build: {', '.join(engines) or m.get('engine')}{note}")
+    if m.get("skipped_groups"):
+        lines.append(f"- skipped groups: {', '.join(m['skipped_groups'])}")
+    if m.get("interrupted"):
+        lines.append("- **the run was interrupted: results are partial**")
+    if host:
+        before = host.get("loadavg_before") or [0.0]
+        after = host.get("loadavg_after") or [0.0]
+        during = host.get("during") or {}
+        text = (f"- noise: host load average {before[0]:.2f} before, {after[0]:.2f} after")
+        if during:
+            text += (f", {during['loadavg_mean']:.2f} on average during the run (max "
+                     f"{during['loadavg_max']:.2f}); another qemu (a colleague's test bed) "
+                     f"was running in {during['other_qemu_share']:.0%} of "
+                     f"{during['samples']} samples (at most {during['other_qemu_max']} at once)")
+        else:
+            text += (f"; other qemu processes on the host: "
+                     f"{host.get('other_qemu_before', '?')} before, "
+                     f"{host.get('other_qemu_after', '?')} after")
+        lines.append(text)
+    if m.get("environment") == "vm":
+        lines += ["", "Absolute figures under software emulation (TCG) mean little; the "
+                  "ratios between devices measured in this one run are what count. On a "
+                  "2-CPU machine shared with other VMs, expect a few percent of noise "
+                  "between runs."]
+    return [*lines, ""]
+
+
+def render_markdown(doc: dict[str, Any], plots: Sequence[str] = (),
+                    plot_note: str = "") -> str:
+    """The whole report as Markdown (``plots``: PNG file names beside it)."""
+    results = doc.get("results", [])
+    goals = check_goals(doc)
+    lines = _header(doc)
+    counts = {s: sum(1 for g in goals if g.status == s) for s in ("PASS", "FAIL", "n/a")}
+    lines += ["## Targets (issue 3)", "",
+              f"{counts['PASS']} PASS, {counts['FAIL']} FAIL, {counts['n/a']} n/a "
+              "(n/a: a figure it needs was not measured or failed).", ""]
+    rows = []
+    for g in goals:
+        cmp = "> " if g.goal.kind == "scaling" else ("<= " if g.goal.kind == "latency_ratio"
+                                                     else ">= ")
+        rows.append([g.goal.text, g.detail or "-", _fmt_ratio(g.ratio),
+                     f"{cmp}{g.goal.threshold:g}", f"**{g.status}**"])
+    lines += _table(["goal", "measured", "ratio", "needed", "result"], rows,
+                    ["---", "---", "---:", "---:", "---"])
+    lines += [""]
+    lines += [f"- {g.status}: {g.goal.text}: ratio {_fmt_ratio(g.ratio)}"
+              + (f" ({g.detail})" if g.detail else "") for g in goals]
+    lines += ["", "## Results", "",
+              "Ratio columns: ublkml ÷ its baseline on the same workload and queue count "
+              "(higher is better for IOPS and MiB/s). Queue depth is per fio job; with 2 "
+              "queues there are 2 jobs, one pinned to each CPU. `n/a`: the baseline has no "
+              "such configuration; `error`: see Errors below.", ""]
+    for group in ("null", "loop", "python"):
+        if any(r["group"] == group for r in results):
+            lines += _group_tables(doc, group)
+    lines += _scaling_table(doc)
+    lines += _profile_table(doc)
+    lines += _devices_section(doc)
+    errors = [r for r in results if r.get("status") == "error"]
+    if errors:
+        lines += ["## Errors", ""]
+        lines += [f"- {r['device']} {r.get('label', r['workload'])} q{r['queues']}: "
+                  f"{r.get('error')}" for r in errors]
+        lines += [""]
+    if plots or plot_note:
+        lines += ["## Plots", ""]
+        if plot_note:
+            lines += [plot_note, ""]
+        lines += [f"![{Path(p).stem}]({p})" for p in plots]
+        lines += [""]
+    lines += ["See docs/benchmarks.md for what is measured and how to read this report.", ""]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# Plots
+# ---------------------------------------------------------------------------
+
+
+def make_plots(doc: dict[str, Any], outdir: Path) -> list[str]:
+    """PNG charts in ``outdir``; their file names.  Raises ImportError without matplotlib.
+
+    Per workload: IOPS by device (a bar per queue count), and latency
+    percentiles by device (1 queue).  Log scales: the devices span two orders
+    of magnitude (nbdkit's Python plug-in vs null_blk).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; also the only backend that is always there
+    import matplotlib.pyplot as plt
+
+    idx = index_results(doc)
+    devices = [d for g in ("null", "loop", "python") for d in GROUP_DEVICES[g]
+               if any(k[0] == d for k in idx)]
+    files: list[str] = []
+    for w, label in _workloads(doc):
+        # IOPS, grouped by device, one bar per queue count.
+        fig, ax = plt.subplots(figsize=(9, 4.5))
+        width = 0.38
+        for j, q in enumerate((1, 2)):
+            xs, ys = [], []
+            for i, d in enumerate(devices):
+                v = _iops(idx, (d, w, q))
+                if v is not None:
+                    xs.append(i + (j - 0.5) * width)
+                    ys.append(v)
+            bars = ax.bar(xs, ys, width, label=f"{q} queue{'s' if q > 1 else ''}")
+            ax.bar_label(bars, labels=[f"{y / 1000:.1f}k" if y >= 1000 else f"{y:.0f}"
+                                       for y in ys], fontsize=7, padding=2)
+        ax.set_xticks(range(len(devices)), devices, rotation=15)
+        ax.set_yscale("log")
+        ax.set_ylabel("IOPS (log scale)")
+        ax.set_title(f"IOPS: {label}")
+        ax.legend()
+        fig.tight_layout()
+        name = f"iops-{w}.png"
+        fig.savefig(outdir / name, dpi=100)
+        plt.close(fig)
+        files.append(name)
+
+        # Latency percentiles with one queue.
+        fig, ax = plt.subplots(figsize=(9, 4.5))
+        width = 0.27
+        for j, p in enumerate(("p50", "p99", "p99.9")):
+            xs, ys = [], []
+            for i, d in enumerate(devices):
+                v = _lat(idx, (d, w, 1), p)
+                if v is not None:
+                    xs.append(i + (j - 1) * width)
+                    ys.append(v)
+            ax.bar(xs, ys, width, label=p)
+        ax.set_xticks(range(len(devices)), devices, rotation=15)
+        ax.set_yscale("log")
+        ax.set_ylabel("latency, µs (log scale)")
+        ax.set_title(f"Latency percentiles, 1 queue: {label}")
+        ax.legend()
+        fig.tight_layout()
+        name = f"latency-{w}.png"
+        fig.savefig(outdir / name, dpi=100)
+        plt.close(fig)
+        files.append(name)
+    return files
+
+
+def write_report(doc: dict[str, Any], outdir: Path, *, plots: bool = True,
+                 out: Path | None = None) -> Path:
+    """Plots (if wanted and matplotlib is there) and report.md in ``outdir``."""
+    files: list[str] = []
+    note = ""
+    if plots:
+        try:
+            files = make_plots(doc, outdir)
+        except ImportError:
+            note = ("Plots skipped: matplotlib is not installed "
+                    "(`pip install 'ublkml[bench]'` or `pip install matplotlib`).")
+    path = out or outdir / "report.md"
+    path.write_text(render_markdown(doc, files, note))
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m bench.report RESULTS_JSON [--out FILE] [--no-plots]``."""
+    p = argparse.ArgumentParser(prog="python -m bench.report",
+                                description="Render report.md (and plots) from results.json.")
+    p.add_argument("results", help="a results.json written by python -m bench")
+    p.add_argument("--out", help="Markdown file to write (default: report.md beside it)")
+    p.add_argument("--no-plots", action="store_true", help="do not draw the PNG charts")
+    args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
+    src = Path(args.results)
+    doc = json.loads(src.read_text())
+    path = write_report(doc, src.parent, plots=not args.no_plots,
+                        out=Path(args.out) if args.out else None)
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1085 @@
+"""The benchmark runner: ``python -m bench [--quick] [--out DIR] [--json] [--skip GROUP]``.
+
+Three groups, each a ublkml device next to the kernel (or nbdkit) device it
+should be compared with, measured with identical fio jobs (:mod:`bench.jobs`):
+
+======== ===================================== =======================================
+group    baseline                              ublkml
+======== ===================================== =======================================
+null     kernel ``null_blk`` (blk-mq, no IRQ)  ``ublkml add -t null``
+loop     kernel loop, ``--direct-io=on``       ``ublkml add -t loop -f FILE`` (same file)
+python   nbdkit Python plug-in + kernel NBD    ``ublkml add -t python`` (same RamStore)
+======== ===================================== =======================================
+
+Where to measure: the figures of one report must come from one kernel on one
+machine in one sitting, or the ratios mean nothing.  Where ``/dev/ublk-control``
+exists the runner measures right here (as root).  Elsewhere it re-runs itself
+with ``--in-vm`` inside the project's qemu test bed, in *one* boot, with the
+output directory shared into the guest; the guest writes ``results.json``
+and the host then renders the report (matplotlib is slow under TCG).
+
+Order: group by group, and within a group the baseline and the ublkml device
+are set up side by side and measured alternately, workload by workload, so
+that the two figures of a comparison are taken seconds apart.
+
+Robustness: each device lives in a context manager that tears it down
+(``ublkml del``, ``losetup -d``, ``nbd-client -d``, ``rmmod null_blk``) whatever
+happens; a failed setup or measurement becomes an ``error`` record in
+results.json (which is rewritten after every measurement, so a killed run
+still leaves what it measured) and the run goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import hashlib
+import itertools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from bench.jobs import (
+    QUICK_CASES,
+    WORKLOADS,
+    FioError,
+    Workload,
+    fio_job_text,
+    parse_fio_json,
+    workload_by_name,
+)
+
+__all__ = [
+    "DEVICES",
+    "GROUPS",
+    "BenchError",
+    "Case",
+    "DeviceSpec",
+    "MissingToolError",
+    "build_parser",
+    "main",
+    "plan_cases",
+]
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SCHEMA_VERSION = 1
+GROUPS = ("null", "loop", "python")
+
+#: Time per measurement.  The full run has 66 measurements: 10 s + 2 s ramp
+#: each (plus fio's start-up, slow under TCG) keeps it near 20 minutes.
+FULL_RUNTIME, FULL_RAMP = 10.0, 2.0
+#: --quick is a smoke test of the whole chain, not a measurement to quote.
+QUICK_RUNTIME, QUICK_RAMP = 2.0, 1.0
+#: Seconds a measurement costs beyond runtime + ramp (fio start-up under TCG),
+#: and a device set-up; only for the time estimate and the VM timeout.
+_CASE_OVERHEAD, _SETUP_OVERHEAD, _BOOT_OVERHEAD = 4.0, 4.0, 30.0
+
+DEPTH = 128                  # hardware queue depth of every device
+NULL_GB = 16                 # null_blk and ublkml null: 16 GiB, no memory behind them
+LOOP_BYTES = 512 << 20       # the loop group's backing file
+RAM_BYTES = 256 << 20        # the python group's RamStore
+#: The test bed: as many vCPUs as the project's machines have cores (more would
+#: only time-share them), and room for the tmpfs file and two RamStores.
+VM_CPUS, VM_MEMORY_MB = 2, 4096
+
+#: Debian packages that provide each external tool, for error messages.
+TOOL_PACKAGES = {
+    "fio": "fio",
+    "nbdkit": "nbdkit",
+    "nbd-client": "nbd-client",
+    "losetup": "mount",
+    "modprobe": "kmod",
+    "rmmod": "kmod",
+}
+
+
+class BenchError(Exception):
+    """A set-up or measurement failed; the message is one line for the report."""
+
+
+class MissingToolError(BenchError):
+    """An external program is not installed; the message names the Debian package."""
+
+    def __init__(self, tool: str, package: str | None = None) -> None:
+        pkg = package or TOOL_PACKAGES.get(tool, tool)
+        super().__init__(f"{tool} not found: install the Debian package {pkg} "
+                         f"(apt-get install {pkg})")
+        self.tool = tool
+
+
+# ---------------------------------------------------------------------------
+# What is measured
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """One device of a group."""
+
+    name: str
+    group: str
+    role: str
+    """``baseline`` (kernel or nbdkit) or ``ublkml``."""
+    baseline: str | None
+    """For a ublkml device, the device it is compared with."""
+    max_queues: int
+    """Most hardware queues the device can have (kernel loop: 1)."""
+    tools: tuple[str, ...]
+    description: str
+    single_queue_reason: str = ""
+
+
+DEVICES: tuple[DeviceSpec, ...] = (
+    DeviceSpec("null_blk", "null", "baseline", None, 2, ("modprobe", "rmmod"),
+               f"kernel null_blk: queue_mode=2 (blk-mq), irqmode=0, {NULL_GB} GiB, "
+               f"hw_queue_depth={DEPTH}, submit_queues=1|2"),
+    DeviceSpec("ublkml-null", "null", "ublkml", "null_blk", 2, (),
+               f"ublkml add -t null --size {NULL_GB}G -q 1|2 -d {DEPTH}"),
+    DeviceSpec("kernel-loop", "loop", "baseline", None, 1, ("losetup", "modprobe"),
+               f"kernel loop (losetup --direct-io=on) on a {LOOP_BYTES >> 20} MiB tmpfs file",
+               single_queue_reason="the kernel loop driver has a single hardware queue"),
+    DeviceSpec("ublkml-loop", "loop", "ublkml", "kernel-loop", 2, (),
+               f"ublkml add -t loop -f FILE -q 1|2 -d {DEPTH} (O_DIRECT), same file"),
+    DeviceSpec("nbdkit-python", "python", "baseline", None, 2,
+               ("nbdkit", "nbd-client", "modprobe"),
+               f"nbdkit python bench/nbdkit_ramdisk.py (RamStore, {RAM_BYTES >> 20} MiB, "
+               "parallel) over the kernel NBD client on a Unix socket; "
+               "-connections 2 for 2 queues"),
+    DeviceSpec("ublkml-python", "python", "ublkml", "nbdkit-python", 2, (),
+               f"ublkml add -t python --plugin bench.ramstore:RamStoreTarget "
+               f"({RAM_BYTES >> 20} MiB) -q 1|2 -d {DEPTH}"),
+)
+
+
+def device_by_name(name: str) -> DeviceSpec:
+    for d in DEVICES:
+        if d.name == name:
+            return d
+    raise KeyError(name)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One measurement: a workload on a device with a number of queues."""
+
+    device: DeviceSpec
+    workload: Workload
+    queues: int
+
+    @property
+    def title(self) -> str:
+        return f"{self.device.name} {self.workload.label} q{self.queues}"
+
+    @property
+    def applicable(self) -> bool:
+        return self.queues <= self.device.max_queues
+
+
+def _order(case: Case) -> tuple[int, int, int, int]:
+    # Group, queue count, workload, then baseline before ublkml: the two
+    # figures of each comparison are taken one right after the other (see
+    # _Run.pair), which matters on a machine shared with other VMs.
+    return (GROUPS.index(case.device.group), case.queues, WORKLOADS.index(case.workload),
+            DEVICES.index(case.device))
+
+
+def plan_cases(*, quick: bool, skip: Sequence[str] = ()) -> list[Case]:
+    """Every case of the run, in the order they are measured (n/a ones included)."""
+    if quick:
+        cases = [Case(device_by_name(d), workload_by_name(w), q) for d, w, q in QUICK_CASES]
+    else:
+        cases = [Case(d, w, q) for d in DEVICES for w in WORKLOADS for q in (1, 2)]
+    return sorted((c for c in cases if c.device.group not in skip), key=_order)
+
+
+def estimate_seconds(cases: Sequence[Case], runtime: float, ramp: float) -> float:
+    """Rough wall time of the measurements (set-ups included, boot excluded)."""
+    measured = [c for c in cases if c.applicable]
+    setups = len({(c.device.name, c.queues) for c in measured})  # one per device and count
+    return len(measured) * (runtime + ramp + _CASE_OVERHEAD) + setups * _SETUP_OVERHEAD
+
+
+# ---------------------------------------------------------------------------
+# Small helpers
+# ---------------------------------------------------------------------------
+
+
+def _say(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+def _sh(argv: Sequence[str], *, what: str, timeout: float = 120,
+        check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run a command; failures become one-line :class:`BenchError` messages."""
+    try:
+        proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout,
+                              cwd=REPO_ROOT, check=False, env=_child_env())
+    except FileNotFoundError:
+        raise MissingToolError(argv[0]) from None
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"{what} did not finish within {timeout:.0f} s") from None
+    if check and proc.returncode != 0:
+        text = (proc.stderr.strip() or proc.stdout.strip() or "(no output)").splitlines()
+        raise BenchError(f"{what} failed (exit {proc.returncode}): {text[-1]}")
+    return proc
+
+
+def _child_env() -> dict[str, str]:
+    """The environment of the commands we run: the repository importable
+    (``bench.ramstore`` is loaded by the ublkml server), sbin on PATH."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    path = env.get("PATH", "").split(os.pathsep)
+    for d in ("/usr/local/sbin", "/usr/sbin", "/sbin"):
+        if d not in path:
+            path.append(d)
+    env["PATH"] = os.pathsep.join(p for p in path if p)
+    return env
+
+
+def _which(tool: str) -> str:
+    found = shutil.which(tool, path=_child_env()["PATH"])
+    if found is None:
+        raise MissingToolError(tool)
+    return found
+
+
+def _wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise BenchError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def _read(path: str | Path, default: str = "") -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return default
+
+
+def _hw_queues(bdev: str) -> int | None:
+    """Number of blk-mq hardware queues of a block device (from sysfs)."""
+    try:
+        return len(os.listdir(f"/sys/block/{os.path.basename(bdev)}/mq"))
+    except OSError:
+        return None
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+def _write_json(path: Path, doc: dict[str, Any]) -> None:
+    """Write then rename: a reader (or a kill) never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------
+# Devices: each a context manager that always tears down what it set up
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Handle:
+    """A live device: its block device path, facts for the report, its server."""
+
+    path: str
+    attrs: dict[str, Any] = field(default_factory=dict)
+    pid: int | None = None
+    """The user-space server process (ublkml daemon, nbdkit), for --profile."""
+
+
+@dataclass
+class Context:
+    """What the device set-ups share within one run."""
+
+    outdir: Path
+    scratch: Path
+    python: str = sys.executable
+    loop_file: Path | None = None
+    loop_file_info: dict[str, Any] = field(default_factory=dict)
+
+
+def _rmmod(module: str) -> None:
+    # The last opener may take a moment to let go (udev, a closing fio).
+    for _ in range(20):
+        if not Path(f"/sys/module/{module}").exists():
+            return
+        proc = _sh(["rmmod", module], what=f"rmmod {module}", check=False)
+        if proc.returncode == 0:
+            return
+        time.sleep(0.25)
+    _say(f"warning: could not unload {module}")
+
+
+@contextlib.contextmanager
+def null_blk_device(queues: int, ctx: Context) -> Iterator[Handle]:
+    """The kernel's null_blk with ``queues`` submission queues."""
+    if Path("/sys/module/null_blk").exists():
+        # Loaded by someone else (or a previous crashed run): the module
+        # parameters only apply at load time, so it must go first.
+        _sh(["rmmod", "null_blk"], what="rmmod null_blk (it was loaded before the benchmark)")
+    params = ["nr_devices=1", "queue_mode=2", f"submit_queues={queues}", "irqmode=0",
+              f"gb={NULL_GB}", f"hw_queue_depth={DEPTH}", "bs=512"]
+    _sh(["modprobe", "null_blk", *params], what="modprobe null_blk")
+    try:
+        path = "/dev/nullb0"
+        _wait_for(lambda: os.path.exists(path), 10, path)
+        # null_blk adds poll_queues (default 1) to its hardware queues; fio
+        # does not poll (no hipri), so only the others carry this I/O.
+        poll = int(_read("/sys/module/null_blk/parameters/poll_queues", "0") or 0)
+        total = _hw_queues(path)
+        yield Handle(path, {"module_params": " ".join(params),
+                            "hw_queues": None if total is None else total - poll,
+                            "poll_queues": poll})
+    finally:
+        _rmmod("null_blk")
+
+
+def _ublkml(args: Sequence[str], ctx: Context, what: str) -> subprocess.CompletedProcess[str]:
+    return _sh([ctx.python, "-m", "ublk_driver", *args], what=what, timeout=180)
+
+
+@contextlib.contextmanager
+def ublkml_device(add_args: Sequence[str], ctx: Context) -> Iterator[Handle]:
+    """``ublkml add ... --json``, then ``ublkml del -n ID`` when done."""
+    proc = _ublkml(["add", *add_args, "--json"], ctx, "ublkml add " + " ".join(add_args))
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    try:
+        info = json.loads(lines[-1])
+    except (IndexError, json.JSONDecodeError):
+        raise BenchError(f"ublkml add printed no device description: {proc.stdout!r}"
+                         ) from None
+    try:
+        path = str(info["bdev"])
+        _wait_for(lambda: os.path.exists(path), 10, path)
+        attrs = {k: info[k] for k in ("dev_id", "target", "queues", "depth", "block_size",
+                                      "size", "direct_io", "plugin", "backing") if k in info}
+        attrs["hw_queues"] = _hw_queues(path)
+        attrs["engine"] = engine_fingerprint()
+        yield Handle(path, attrs, pid=int(info["pid"]) if "pid" in info else None)
+    finally:
+        try:
+            _ublkml(["del", "-n", str(info["dev_id"])], ctx, "ublkml del")
+        except BenchError as e:
+            _say(f"warning: {e}")
+
+
+@contextlib.contextmanager
+def kernel_loop_device(queues: int, ctx: Context) -> Iterator[Handle]:
+    """``losetup --direct-io=on`` on the run's backing file (one hardware queue)."""
+    assert ctx.loop_file is not None
+    _sh(["modprobe", "loop"], what="modprobe loop", check=False)  # may be built in
+    proc = _sh(["losetup", "--direct-io=on", "-f", "--show", str(ctx.loop_file)],
+               what="losetup --direct-io=on")
+    dev = proc.stdout.strip()
+    try:
+        name = os.path.basename(dev)
+        dio = _read(f"/sys/block/{name}/loop/dio") == "1"
+        if not dio:
+            _say(f"warning: {dev} runs without direct I/O: the comparison is unfair")
+        yield Handle(dev, {"direct_io": dio, "backing": str(ctx.loop_file),
+                           "hw_queues": _hw_queues(dev),
+                           "block_size": int(_read(f"/sys/block/{name}/queue/"
+                                                   "logical_block_size", "0"))})
+    finally:
+        _sh(["losetup", "-d", dev], what=f"losetup -d {dev}", check=False)
+
+
+def _nbdkit_python_available() -> None:
+    nbdkit = _which("nbdkit")
+    proc = _sh([nbdkit, "python", "--dump-plugin"], what="nbdkit python --dump-plugin",
+               check=False)
+    if proc.returncode != 0:
+        raise MissingToolError("nbdkit python plug-in", "nbdkit-plugin-python")
+
+
+def _free_nbd() -> str:
+    for i in range(64):
+        name = f"nbd{i}"
+        if not os.path.exists(f"/sys/block/{name}"):
+            break
+        if _read(f"/sys/block/{name}/size", "0") == "0" and \
+                not os.path.exists(f"/sys/block/{name}/pid"):
+            return f"/dev/{name}"
+    raise BenchError("no free /dev/nbdN device (modprobe nbd nbds_max=...)")
+
+
+@contextlib.contextmanager
+def nbdkit_device(queues: int, ctx: Context) -> Iterator[Handle]:
+    """nbdkit's Python plug-in serving RamStore, over the kernel NBD client."""
+    sock = ctx.scratch / f"nbdkit-q{queues}.sock"
+    log_path = ctx.outdir / "logs" / f"nbdkit-q{queues}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    script = REPO_ROOT / "bench" / "nbdkit_ramdisk.py"
+    with open(log_path, "w") as log:
+        try:
+            # -f: stay in the foreground, so that this process owns (and ends) it;
+            # --exit-with-parent: and it dies with us even if we are killed.
+            proc = subprocess.Popen(
+                [_which("nbdkit"), "-f", "-U", str(sock), "--exit-with-parent", "python",
+                 str(script), f"size={RAM_BYTES}"],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                cwd=REPO_ROOT, env=_child_env())
+        except FileNotFoundError:
+            raise MissingToolError("nbdkit") from None
+    try:
+        def ready() -> bool:
+            if proc.poll() is not None:
+                tail = _read(log_path).splitlines()[-1:] or ["(no output)"]
+                raise BenchError(f"nbdkit exited with status {proc.returncode}: {tail[0]}")
+            return sock.exists()
+
+        _wait_for(ready, 60, "nbdkit's socket")
+        _sh(["modprobe", "nbd"], what="modprobe nbd", check=False)  # may be built in
+        _wait_for(lambda: os.path.exists("/sys/block/nbd0"), 10, "/dev/nbd0 (modprobe nbd)")
+        dev = _free_nbd()
+        argv = [_which("nbd-client"), "-unix", str(sock), dev, "-b", "4096"]
+        if queues > 1:
+            argv += ["-connections", str(queues)]  # one hardware queue per connection
+        _sh(argv, what="nbd-client")
+        try:
+            name = os.path.basename(dev)
+            _wait_for(lambda: _read(f"/sys/block/{name}/size", "0") != "0", 10,
+                      f"{dev} to connect")
+            yield Handle(dev, {"connections": queues, "hw_queues": _hw_queues(dev),
+                               "block_size": 4096, "size": RAM_BYTES}, pid=proc.pid)
+        finally:
+            _sh(["nbd-client", "-d", dev], what=f"nbd-client -d {dev}", check=False)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def open_device(spec: DeviceSpec, queues: int, ctx: Context) -> contextlib.AbstractContextManager[
+        Handle]:
+    """The context manager that sets up ``spec`` with ``queues`` hardware queues."""
+    q = ["-q", str(queues), "-d", str(DEPTH)]
+    if spec.name == "null_blk":
+        return null_blk_device(queues, ctx)
+    if spec.name == "ublkml-null":
+        return ublkml_device(["-t", "null", "--size", f"{NULL_GB}G", *q], ctx)
+    if spec.name == "kernel-loop":
+        return kernel_loop_device(queues, ctx)
+    if spec.name == "ublkml-loop":
+        assert ctx.loop_file is not None
+        return ublkml_device(["-t", "loop", "-f", str(ctx.loop_file), *q], ctx)
+    if spec.name == "nbdkit-python":
+        return nbdkit_device(queues, ctx)
+    if spec.name == "ublkml-python":
+        return ublkml_device(["-t", "python", "--plugin", "bench.ramstore:RamStoreTarget",
+                              "--plugin-arg", f"size={RAM_BYTES}", *q], ctx)
+    raise KeyError(spec.name)
+
+
+def _tmpfs_dir() -> Path:
+    """Where the loop group's backing file goes: RAM (tmpfs), so that the
+    comparison measures the two loop drivers and not a disk.  tmpfs takes
+    O_DIRECT since Linux 6.6; /dev/shm is tmpfs on Debian and in the test bed."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK):
+        return shm
+    return Path(tempfile.gettempdir())
+
+
+def create_backing_file(path: Path, size: int) -> dict[str, Any]:
+    """Fill ``path`` with ``size`` bytes of non-zero data; report O_DIRECT support.
+
+    Written, not sparse: reading a hole is cheaper than reading data and
+    would flatter whichever driver happened to hit holes.
+    """
+    chunk = os.urandom(1 << 20)
+    with open(path, "wb") as f:
+        for _ in range(size // len(chunk)):
+            f.write(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        os.close(fd)
+        o_direct = True
+    except OSError:
+        o_direct = False
+    fs = _sh(["stat", "-f", "-c", "%T", str(path)], what="stat -f", check=False).stdout.strip()
+    return {"path": str(path), "size": size, "filesystem": fs or "?", "o_direct": o_direct}
+
+
+# ---------------------------------------------------------------------------
+# One measurement
+# ---------------------------------------------------------------------------
+
+
+def _task_cpu(pid: int) -> dict[int, tuple[str, int, int]]:
+    """tid -> (thread name, utime, stime in clock ticks) of every thread of ``pid``."""
+    out: dict[int, tuple[str, int, int]] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        stat = _read(f"/proc/{pid}/task/{tid}/stat")
+        if not stat:
+            continue
+        # The name (field 2) may contain spaces and parentheses: split after the last ')'.
+        fields = stat[stat.rfind(")") + 2:].split()
+        name = _read(f"/proc/{pid}/task/{tid}/comm", "?")
+        out[int(tid)] = (name, int(fields[11]), int(fields[12]))
+    return out
+
+
+def cpu_profile(before: dict[int, tuple[str, int, int]], after: dict[int, tuple[str, int, int]],
+                wall: float, iops: float) -> dict[str, Any]:
+    """Server CPU use during one measurement, from /proc (no py-spy needed).
+
+    ``cpu_us_per_io`` divides the server's CPU time by the I/Os of the whole
+    wall time (ramp and fio's start-up included, when fewer I/Os happen), so
+    it slightly *under*states the cost per I/O; it is for comparing devices
+    and runs, not an exact figure.
+    """
+    tick = os.sysconf("SC_CLK_TCK")
+    threads: list[dict[str, Any]] = []
+    user = system = 0.0
+    for tid, (name, ut, st) in after.items():
+        ut0, st0 = before.get(tid, (name, 0, 0))[1:]
+        du, ds = (ut - ut0) / tick, (st - st0) / tick
+        user += du
+        system += ds
+        threads.append({"tid": tid, "name": name, "user_s": round(du, 3),
+                        "sys_s": round(ds, 3)})
+    threads.sort(key=lambda t: -(float(t["user_s"]) + float(t["sys_s"])))
+    total = user + system
+    return {
+        "wall_s": round(wall, 3),
+        "user_s": round(user, 3),
+        "sys_s": round(system, 3),
+        "cpu_util": round(total / wall, 3) if wall > 0 else None,
+        "cpu_us_per_io": round(total / (iops * wall) * 1e6, 2) if wall > 0 and iops > 0
+        else None,
+        "threads": threads[:8],
+    }
+
+
+def run_fio(job_path: Path, out_path: Path, timeout: float) -> str:
+    """Run fio on a job file; its JSON document as text."""
+    try:
+        proc = subprocess.Popen([_which("fio"), "--output-format=json",
+                                 f"--output={out_path}", str(job_path)],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=_child_env())
+    except FileNotFoundError:
+        raise MissingToolError("fio") from None
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        # fio blocked in the kernel on a wedged device cannot die until the
+        # device is torn down: do not wait for it forever.
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.communicate(timeout=10)
+        raise BenchError(f"fio did not finish within {timeout:.0f} s (device hung?)") from None
+    text = _read(out_path)
+    if proc.returncode != 0:
+        line = (err.strip() or "(no output)").splitlines()[-1]
+        if not text:
+            raise BenchError(f"fio failed (exit {proc.returncode}): {line}")
+        # fio may exit non-zero but still write the per-job error into its JSON,
+        # which parse_fio_json turns into a precise message.
+    return text
+
+
+def measure_case(case: Case, handle: Handle, ctx: Context, *, runtime: float, ramp: float,
+                 profile: bool) -> dict[str, Any]:
+    """fio on the live device; the figures (raises BenchError/FioError)."""
+    stem = f"{case.device.name}-{case.workload.name}-q{case.queues}"
+    jobs_dir, fio_dir = ctx.outdir / "jobs", ctx.outdir / "fio"
+    jobs_dir.mkdir(exist_ok=True)
+    fio_dir.mkdir(exist_ok=True)
+    cpus = sorted(os.sched_getaffinity(0))
+    job = fio_job_text(handle.path, case.workload, queues=case.queues, runtime=runtime,
+                       ramp=ramp, cpus=cpus)
+    job_path = jobs_dir / f"{stem}.fio"
+    job_path.write_text(job)
+    out_path = fio_dir / f"{stem}.json"
+    with contextlib.suppress(FileNotFoundError):
+        out_path.unlink()
+    before = _task_cpu(handle.pid) if profile and handle.pid else {}
+    t0 = time.monotonic()
+    text = run_fio(job_path, out_path, timeout=runtime + ramp + 180)
+    wall = time.monotonic() - t0
+    after = _task_cpu(handle.pid) if profile and handle.pid else {}
+    result = parse_fio_json(text, case.workload.direction)
+    figures = result.to_dict()
+    if profile and handle.pid:
+        figures["profile"] = cpu_profile(before, after, wall, result.iops)
+    return figures
+
+
+# ---------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------
+
+
+def _fio_version() -> str:
+    try:
+        return _sh([_which("fio"), "--version"], what="fio --version").stdout.strip()
+    except BenchError:
+        return "unknown"
+
+
+def _environment() -> dict[str, Any]:
+    from ublk_driver.testbed import in_vm
+
+    vm = in_vm()
+    mem_kb = 0
+    for line in _read("/proc/meminfo").splitlines():
+        if line.startswith("MemTotal:"):
+            mem_kb = int(line.split()[1])
+    return {
+        "environment": "vm" if vm else "native",
+        "kernel": os.uname().release,
+        "machine": os.uname().machine,
+        "cpus": len(os.sched_getaffinity(0)),
+        "memory_mib": mem_kb // 1024,
+        "python": sys.version.split()[0],
+    }
+
+
+def _git_commit() -> str | None:
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        proc = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=20, check=False)
+        if proc.returncode == 0:
+            return proc.stdout.strip()
+    return None
+
+
+def _git_dirty() -> list[str]:
+    """Files changed from the commit: colleagues may be editing the tree being measured."""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        proc = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain",
+                               "--untracked-files=no"],
+                              capture_output=True, text=True, timeout=20, check=False)
+        if proc.returncode == 0:
+            return [line[3:] for line in proc.stdout.splitlines() if line.strip()]
+    return []
+
+
+def engine_fingerprint() -> str | None:
+    """sha256 (12 hex digits) of the compiled engine the ublkml servers load.
+
+    Recorded at each ublkml device set-up: the guest sees the host's live tree,
+    so a rebuild during a run would otherwise go unnoticed.
+    """
+    for so in sorted((REPO_ROOT / "ublk_driver").glob("_ublkml_cffi*.so")):
+        with contextlib.suppress(OSError):
+            return hashlib.sha256(so.read_bytes()).hexdigest()[:12]
+    return None
+
+
+def _record(case: Case, meta: dict[str, Any]) -> dict[str, Any]:
+    w = case.workload
+    return {
+        "group": case.device.group, "device": case.device.name, "role": case.device.role,
+        "baseline": case.device.baseline, "workload": w.name, "label": w.label,
+        "rw": w.rw, "bs": w.bs, "depth": w.depth, "queues": case.queues,
+        "numjobs": case.queues, "in_flight": w.depth * case.queues,
+        "fio_version": meta["fio_version"], "kernel": meta["kernel"],
+        "environment": meta["environment"], "date": _now(),
+    }
+
+
+class _Terminated(BaseException):
+    """SIGTERM, turned into an exception so that every device is torn down."""
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise _Terminated()
+
+
+class _Run:
+    """The state of one measuring run: the results document and the progress count."""
+
+    def __init__(self, args: argparse.Namespace, outdir: Path, cases: list[Case]) -> None:
+        self.args = args
+        self.runtime, self.ramp = _timing(args)
+        self.cases = cases
+        self.total = sum(1 for c in cases if c.applicable)
+        self.index = 0
+        self.code = 0
+        self.started = time.monotonic()
+        self.results_path = outdir / "results.json"
+        env = _environment()
+        self.meta: dict[str, Any] = {
+            "schema": SCHEMA_VERSION, "date": _now(), "quick": bool(args.quick),
+            "runtime_s": self.runtime, "ramp_s": self.ramp, "fio_version": _fio_version(),
+            "git_commit": _git_commit(), "git_dirty": _git_dirty(),
+            "engine": engine_fingerprint(), "skipped_groups": sorted(args.skip or []),
+            "profile": bool(args.profile), **env,
+            "devices": {d.name: {"group": d.group, "role": d.role, "baseline": d.baseline,
+                                 "description": d.description} for d in DEVICES},
+        }
+        self.doc: dict[str, Any] = {"meta": self.meta, "results": []}
+
+    def save(self) -> None:
+        """Rewrite results.json (after every measurement: a killed run keeps its figures)."""
+        self.meta["elapsed_s"] = round(time.monotonic() - self.started, 1)
+        _write_json(self.results_path, self.doc)
+
+    def add(self, rec: dict[str, Any]) -> None:
+        self.doc["results"].append(rec)
+        self.save()
+
+    def group(self, group: str, ctx: Context) -> None:
+        """Every case of one group (device set-ups in order, each torn down after use)."""
+        group_cases = [c for c in self.cases if c.device.group == group]
+        group_error: str | None = None
+        if group == "loop" and any(c.applicable for c in group_cases):
+            try:
+                ctx.loop_file = ctx.scratch / "loop-backing.img"
+                ctx.loop_file_info = create_backing_file(ctx.loop_file, LOOP_BYTES)
+                self.meta["loop_backing"] = ctx.loop_file_info
+                if not ctx.loop_file_info["o_direct"]:
+                    _say("warning: the backing file's file system refuses O_DIRECT")
+            except (OSError, BenchError) as e:
+                group_error = f"cannot create the backing file: {e}"
+        for queues, batch in itertools.groupby(group_cases, key=lambda c: c.queues):
+            self.pair(queues, list(batch), ctx, group_error)
+
+    def pair(self, queues: int, batch: list[Case], ctx: Context,
+             group_error: str | None) -> None:
+        """The cases of a group with one queue count: both devices set up side by side.
+
+        The baseline and the ublkml device are live at the same time and
+        measured alternately, workload by workload, so that the two figures
+        of each pair are taken seconds apart: on a machine shared with other
+        VMs the load changes over minutes, and it then weighs on both alike.
+        An idle device costs nothing (its server sleeps in io_uring_enter).
+        """
+        specs = list(dict.fromkeys(c.device for c in batch))
+        handles: dict[str, Handle] = {}
+        errors: dict[str, str | None] = {}
+        try:
+            with contextlib.ExitStack() as stack:
+                for spec in specs:
+                    if queues > spec.max_queues:
+                        continue
+                    error = group_error or _preflight(spec)
+                    if error is None:
+                        try:
+                            handles[spec.name] = stack.enter_context(
+                                open_device(spec, queues, ctx))
+                        except Exception as e:  # recorded; the other device still runs
+                            error = f"setting up {spec.name} with {queues} queue(s): {e}"
+                    errors[spec.name] = error
+                for case in batch:
+                    if not case.applicable:
+                        reason = case.device.single_queue_reason
+                        rec = _record(case, self.meta)
+                        rec.update(status="n/a", reason=reason)
+                        _say(f"{case.title}: n/a ({reason})")
+                        self.add(rec)
+                    else:
+                        name = case.device.name
+                        self.one(case, handles.get(name), ctx, errors.get(name))
+        except Exception as e:  # a failed tear-down must not stop the other groups
+            _say(f"warning: tearing down the {specs[0].group} devices (q{queues}) failed: {e}")
+
+    def one(self, case: Case, handle: Handle | None, ctx: Context, error: str | None) -> None:
+        """Measure one case, or record why it could not be measured."""
+        self.index += 1
+        rec = _record(case, self.meta)
+        print(f"[{self.index}/{self.total}] {case.title} ... ", end="", file=sys.stderr,
+              flush=True)
+        if handle is None:
+            rec.update(status="error", error=error or "device not set up")
+        else:
+            rec["device_attrs"] = handle.attrs
+            try:
+                figures = measure_case(case, handle, ctx, runtime=self.runtime,
+                                       ramp=self.ramp, profile=self.args.profile)
+                rec.update(status="ok", **figures)
+            except (BenchError, FioError, OSError) as e:
+                rec.update(status="error", error=str(e))
+            except Exception as e:  # a bug here must not lose the other figures
+                rec.update(status="error", error=f"{type(e).__name__}: {e}")
+        if rec["status"] == "ok":
+            lat = rec["lat_us"]
+            print(f"{rec['iops']:,.0f} IOPS, {rec['bw_mib_s']:,.1f} MiB/s, "
+                  f"p50 {lat['p50']:,.1f} us, p99 {lat['p99']:,.1f} us",
+                  file=sys.stderr, flush=True)
+        else:
+            self.code = 1
+            print(f"ERROR: {rec['error']}", file=sys.stderr, flush=True)
+        self.add(rec)
+
+
+def measure(args: argparse.Namespace, outdir: Path) -> tuple[dict[str, Any], int]:
+    """Measure every case here (ublk must work); returns (results document, exit code)."""
+    run = _Run(args, outdir, plan_cases(quick=args.quick, skip=args.skip or ()))
+    meta = run.meta
+    _say(f"{run.total} measurements ({run.runtime:g} s + {run.ramp:g} s ramp each), about "
+         f"{estimate_seconds(run.cases, run.runtime, run.ramp) / 60:.0f} min, on "
+         f"{meta['environment']} kernel {meta['kernel']} with {meta['fio_version']}")
+    old_term = signal.signal(signal.SIGTERM, _on_sigterm)
+    scratch = Path(tempfile.mkdtemp(prefix="ublkml-bench-", dir=_tmpfs_dir()))
+    try:
+        ctx = Context(outdir=outdir, scratch=scratch)
+        for group in GROUPS:
+            run.group(group, ctx)
+    except (KeyboardInterrupt, _Terminated):
+        meta["interrupted"] = True
+        _say("interrupted: devices torn down, partial results kept")
+        run.code = 130
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+        shutil.rmtree(scratch, ignore_errors=True)
+        run.save()
+    return run.doc, run.code
+
+
+_preflight_cache: dict[str, str | None] = {}
+
+
+def _preflight(spec: DeviceSpec) -> str | None:
+    """A one-line error if a tool the device needs is missing, else None."""
+    if spec.name not in _preflight_cache:
+        error: str | None = None
+        try:
+            for tool in spec.tools:
+                _which(tool)
+            if spec.name == "nbdkit-python":
+                _nbdkit_python_available()
+        except BenchError as e:
+            error = str(e)
+        _preflight_cache[spec.name] = error
+    return _preflight_cache[spec.name]
+
+
+def _timing(args: argparse.Namespace) -> tuple[float, float]:
+    runtime = args.runtime if args.runtime is not None else (
+        QUICK_RUNTIME if args.quick else FULL_RUNTIME)
+    ramp = args.ramp if args.ramp is not None else (QUICK_RAMP if args.quick else FULL_RAMP)
+    return float(runtime), float(ramp)
+
+
+# ---------------------------------------------------------------------------
+# Host side: re-run in the test bed
+# ---------------------------------------------------------------------------
+
+
+def _count_qemu() -> int:
+    """qemu processes on this host other than our own test bed's (a colleague's
+    test bed competes with ours for the 2 CPUs: the main source of noise)."""
+    n = 0
+    me = str(os.getpid())
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or not _read(f"/proc/{pid}/comm").startswith("qemu-system"):
+            continue
+        stat = _read(f"/proc/{pid}/stat")
+        ppid = stat[stat.rfind(")") + 2:].split()[1:2]
+        if ppid != [me]:
+            n += 1
+    return n
+
+
+class NoiseSampler:
+    """Samples the host's load and the other qemu processes while the test bed runs.
+
+    Snapshots before and after miss a colleague's test bed that ran for ten
+    minutes in between; a sample every few seconds does not.
+    """
+
+    def __init__(self, interval: float = 5.0) -> None:
+        self.interval = interval
+        self.samples: list[tuple[int, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="bench-noise", daemon=True)
+
+    def _loop(self) -> None:
+        while True:
+            self.samples.append((_count_qemu(), os.getloadavg()[0]))
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> NoiseSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self) -> dict[str, Any]:
+        if not self.samples:
+            return {}
+        qemus = [q for q, _ in self.samples]
+        loads = [load for _, load in self.samples]
+        return {"samples": len(self.samples), "other_qemu_max": max(qemus),
+                "other_qemu_share": round(sum(1 for q in qemus if q) / len(qemus), 3),
+                "loadavg_mean": round(sum(loads) / len(loads), 2),
+                "loadavg_max": round(max(loads), 2)}
+
+
+def _forwarded(args: argparse.Namespace) -> list[str]:
+    out: list[str] = []
+    if args.quick:
+        out.append("--quick")
+    for g in args.skip or []:
+        out += ["--skip", g]
+    if args.runtime is not None:
+        out += ["--runtime", f"{args.runtime:g}"]
+    if args.ramp is not None:
+        out += ["--ramp", f"{args.ramp:g}"]
+    if args.profile:
+        out.append("--profile")
+    return out
+
+
+def run_in_vm(args: argparse.Namespace, outdir: Path) -> tuple[dict[str, Any] | None, int]:
+    """Boot the test bed once and measure everything in it."""
+    from ublk_driver import testbed
+
+    runtime, ramp = _timing(args)
+    cases = plan_cases(quick=args.quick, skip=args.skip or ())
+    estimate = estimate_seconds(cases, runtime, ramp) + _BOOT_OVERHEAD
+    timeout = args.vm_timeout or max(900.0, 2.5 * estimate + 300)
+    argv = [sys.executable, "-m", "bench", "--in-vm", "--out", str(outdir), *_forwarded(args)]
+    host: dict[str, Any] = {"kernel": os.uname().release, "cpus": os.cpu_count(),
+                            "loadavg_before": list(os.getloadavg()),
+                            "other_qemu_before": _count_qemu()}
+    _say(f"no /dev/ublk-control here: measuring in the qemu test bed (one boot, about "
+         f"{estimate / 60:.0f} min; timeout {timeout / 60:.0f} min)")
+    results_path = outdir / "results.json"
+    code = 0
+    sampler = NoiseSampler()
+    try:
+        with sampler:
+            vm = testbed.run(argv, cwd=str(REPO_ROOT), share=str(outdir), timeout=timeout,
+                             stream=sys.stderr, memory_mb=VM_MEMORY_MB, cpus=VM_CPUS)
+        (outdir / "logs").mkdir(exist_ok=True)
+        (outdir / "logs" / "vm-console.log").write_text(vm.output)
+        (outdir / "logs" / "vm-dmesg.log").write_text(vm.kernel_log)
+        host.update(vm_boot_s=vm.boot_seconds, vm_total_s=vm.total_seconds)
+        code = vm.returncode
+    except testbed.TestbedError as e:
+        _say(f"error: the test bed failed: {e}")
+        if e.output:
+            (outdir / "logs").mkdir(exist_ok=True)
+            (outdir / "logs" / "vm-console.log").write_text(e.output)
+        code = 125
+    host.update(loadavg_after=list(os.getloadavg()), other_qemu_after=_count_qemu(),
+                during=sampler.summary())
+    if not results_path.exists():
+        _say(f"the guest wrote no {results_path}")
+        return None, code or 1
+    doc: dict[str, Any] = json.loads(results_path.read_text())
+    doc["meta"]["host"] = host
+    doc["meta"]["vm"] = {"accel": "tcg", "cpus": VM_CPUS, "memory_mib": VM_MEMORY_MB,
+                         "boot_s": host.get("vm_boot_s"), "total_s": host.get("vm_total_s")}
+    _write_json(results_path, doc)
+    return doc, code
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Benchmark ublkml devices against their kernel (and nbdkit) "
+                    "counterparts with identical fio jobs; write results.json, report.md "
+                    "and plots. Runs natively where /dev/ublk-control exists (as root), "
+                    "else in the qemu test bed, in one boot.",
+        epilog="See docs/benchmarks.md.")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: 4k randread QD32 on every device, plus 2 queues for "
+                        f"the null group; {QUICK_RUNTIME:g} s per job (about 3 min with boot)")
+    p.add_argument("--out", metavar="DIR",
+                   help="output directory (default: results/bench-<timestamp>)")
+    p.add_argument("--json", action="store_true",
+                   help="print results.json on stdout at the end")
+    p.add_argument("--skip", action="append", choices=GROUPS, metavar="GROUP",
+                   help=f"leave a group out (repeatable): {', '.join(GROUPS)}")
+    p.add_argument("--profile", action="store_true",
+                   help="record the CPU time of each server process and thread (ublkml "
+                        "daemons, nbdkit) during each measurement, from /proc")
+    p.add_argument("--runtime", type=float, metavar="S",
+                   help=f"seconds measured per job (default {FULL_RUNTIME:g}, "
+                        f"--quick {QUICK_RUNTIME:g})")
+    p.add_argument("--ramp", type=float, metavar="S",
+                   help=f"seconds of warm-up per job, not counted (default {FULL_RAMP:g}, "
+                        f"--quick {QUICK_RAMP:g})")
+    p.add_argument("--vm-timeout", type=float, metavar="S",
+                   help="kill the test bed after S seconds (default: from the estimate)")
+    p.add_argument("--no-report", action="store_true",
+                   help="write results.json only (no report.md, no plots)")
+    p.add_argument("--in-vm", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m bench``; returns the exit status.
+
+    0: every measurement succeeded; 1: some failed (recorded in the results);
+    2: usage error; 125: the test bed itself failed; 130: interrupted.
+    """
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.runtime is not None and args.runtime <= 0:
+        _say("error: --runtime must be positive")
+        return 2
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    outdir = Path(args.out or Path("results") / f"bench-{stamp}").resolve()
+    outdir.mkdir(parents=True, exist_ok=True)
+    try:
+        _which("fio")
+    except MissingToolError as e:
+        _say(f"error: {e}")
+        return 2
+    from ublk_driver.testbed import in_vm, native_ublk_available
+
+    doc: dict[str, Any] | None
+    if args.in_vm or native_ublk_available():
+        if os.geteuid() != 0:
+            _say("error: the benchmark creates block devices and loads modules: run it as root")
+            return 2
+        doc, code = measure(args, outdir)
+    elif in_vm():
+        _say("error: inside the test bed but /dev/ublk-control is missing (modprobe ublk_drv)")
+        return 2
+    else:
+        doc, code = run_in_vm(args, outdir)
+    if doc is None:
+        return code
+    if not args.in_vm and not args.no_report:
+        from bench.report import write_report
+
+        report = write_report(doc, outdir)
+        _say(f"report: {report}")
+    if not args.in_vm:
+        _say(f"results: {outdir / 'results.json'}")
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    return code

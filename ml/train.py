@@ -1,0 +1,350 @@
+"""Reproducible training that exports ONNX models following the plug-in contract.
+
+Needs the optional extra ``train`` (scikit-learn, skl2onnx, onnx); scoring does
+not.  Everything is seeded: the same data and seed give the same model bytes.
+
+Fail-slow (telemetry in the Perseus layout + labels)
+    Rows are the (drive, window) rows of :func:`ml.features.telemetry_features`,
+    reduced to the unit-free peer ratios (:data:`FAIL_SLOW_FEATURES`), so that a
+    model trained on drive telemetry also scores a live device's paths.  Only
+    drive labels exist (as in the public data), so every window of a labelled
+    drive is a positive: the classifier learns "looks like a window of a slow
+    drive".  The threshold is the one that maximises the drive-level MCC of
+    out-of-fold scores (folds by host), with drive scores as in
+    :mod:`ml.detect`.
+Failure (Backblaze SMART history)
+    Rows are drive-days; a row is positive when its drive fails within the
+    horizon (7 days).  Threshold: best drive-level MCC out of fold (folds by
+    drive), where a drive is flagged when any of its rows is.
+
+``python -m ml.train reference`` rebuilds the packaged models from generated
+data (:mod:`ml.synth`, preset ``train``, seed 1) and evaluates them on the
+``heldout`` presets (seed 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from ml import detect, synth
+from ml.features import SMART_FEATURES, select, telemetry_features
+from ml.model import MODELS_DIR, ModelError, load_model_bytes
+from ml.smart import SmartHistory, failure_labels, read_backblaze
+from ml.telemetry import HostData, read_labels, read_tree
+
+FAIL_SLOW_FEATURES = ("peer_lat_ratio", "peer_p90_ratio", "peer_p99_ratio", "peer_tput_ratio")
+FAILURE_FEATURES = SMART_FEATURES
+HORIZON_DAYS = 7
+REFERENCE_SEED = 1
+HELDOUT_SEED = 2
+
+
+class TrainError(ModelError):
+    """Training cannot run (missing extra, no positives, ...)."""
+
+
+def _sklearn() -> Any:
+    try:
+        import onnx  # noqa: F401
+        import skl2onnx  # type: ignore[import-untyped]  # noqa: F401
+        import sklearn  # type: ignore[import-untyped]
+    except ImportError as e:
+        raise TrainError(f"training needs the optional extra 'train' ({e.name} is missing): "
+                         "pip install 'ublkml[train]'") from None
+    return sklearn
+
+
+def _classifier(seed: int) -> Any:
+    _sklearn()
+    from sklearn.ensemble import GradientBoostingClassifier  # type: ignore[import-untyped]
+
+    # Shallow boosted trees: non-linear in the ratios, small once exported
+    # (tens of KB), microseconds to score a batch.
+    return GradientBoostingClassifier(n_estimators=60, max_depth=3, learning_rate=0.1,
+                                      subsample=0.8, random_state=seed)
+
+
+def export_onnx(clf: Any, features: Sequence[str], kind: str, output: str, threshold: float,
+                version: str, doc: str = "") -> bytes:
+    """A fitted binary classifier as ONNX bytes with the ublkml metadata."""
+    _sklearn()
+    from skl2onnx import to_onnx
+    from skl2onnx.common.data_types import FloatTensorType  # type: ignore[import-untyped]
+
+    proto = to_onnx(clf, initial_types=[("input", FloatTensorType([None, len(features)]))],
+                    options={id(clf): {"zipmap": False}},
+                    target_opset={"": 17, "ai.onnx.ml": 3})
+    meta = {"ublkml.kind": kind, "ublkml.features": ",".join(features),
+            "ublkml.output": output, "ublkml.threshold": f"{threshold:.6g}",
+            "ublkml.version": version}
+    del proto.metadata_props[:]
+    for k, v in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+    proto.doc_string = doc
+    proto.producer_name = "ublkml.ml.train"
+    data: bytes = proto.SerializeToString()
+    load_model_bytes(data, "<trained model>", expect_kind=kind)  # refuse to emit a bad one
+    return data
+
+
+def best_mcc_threshold(scores: npt.NDArray[np.float64],
+                       truth: npt.NDArray[np.bool_]) -> tuple[float, float]:
+    """(threshold, MCC) maximising MCC of ``scores >= threshold``."""
+    best = (0.5, -1.0)
+    for t in np.unique(np.round(scores, 4)):
+        if t <= 0:
+            continue
+        f = scores >= t
+        tp = float(np.sum(f & truth))
+        fp = float(np.sum(f & ~truth))
+        fn = float(np.sum(~f & truth))
+        tn = float(np.sum(~f & ~truth))
+        den = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+        mcc = (tp * tn - fp * fn) / den if den else 0.0
+        if mcc > best[1]:
+            best = (float(t), mcc)
+    return best
+
+
+# ---- fail-slow -----------------------------------------------------------------
+
+
+@dataclass
+class _Windows:
+    x: npt.NDArray[np.float32]
+    y: npt.NDArray[np.int64]
+    host: npt.NDArray[np.int64]      # index into the hosts list
+    drive: npt.NDArray[np.int64]     # global drive index
+    drive_truth: npt.NDArray[np.bool_]
+
+
+def _windows(hosts: list[HostData], labels: set[tuple[str, str]],
+             window_s: float) -> _Windows:
+    xs, ys, hs, ds, truth = [], [], [], [], []
+    base = 0
+    for i, h in enumerate(hosts):
+        tw = telemetry_features(h.ts, h.drive, h.latency, h.throughput, window_s)
+        lab = np.array([(h.host, d) in labels for d in h.disk_ids])
+        xs.append(select(tw.x, FAIL_SLOW_FEATURES))
+        ys.append(lab[tw.drive].astype(np.int64))
+        hs.append(np.full(tw.drive.size, i, dtype=np.int64))
+        ds.append(tw.drive + base)
+        truth.append(lab)
+        base += len(h.disk_ids)
+    return _Windows(np.concatenate(xs), np.concatenate(ys), np.concatenate(hs),
+                    np.concatenate(ds), np.concatenate(truth))
+
+
+def train_fail_slow(hosts: list[HostData], labels: set[tuple[str, str]], seed: int = 0,
+                    window_s: float = detect.DEFAULT_WINDOW_S, version: str = "1",
+                    folds: int = 4) -> tuple[bytes, dict[str, Any]]:
+    """(ONNX bytes, report) of a fail-slow model trained on telemetry."""
+    w = _windows(hosts, labels, window_s)
+    if w.y.sum() == 0 or w.y.sum() == w.y.size:
+        raise TrainError("the labels must name some, but not all, drives of the telemetry")
+    # Out-of-fold drive scores (folds by host, as peers share a host) pick the
+    # threshold without looking at a model's own training rows.
+    rng = np.random.default_rng(seed)
+    fold_of_host = rng.permutation(len(hosts)) % folds
+    oof = np.zeros(w.y.size)
+    for k in range(folds):
+        test = fold_of_host[w.host] == k
+        if not test.any() or w.y[~test].min() == w.y[~test].max():
+            continue
+        clf = _classifier(seed).fit(w.x[~test], w.y[~test])
+        oof[test] = clf.predict_proba(w.x[test])[:, 1]
+    ds = detect.drive_scores_from_windows(w.drive, oof.astype(np.float32), w.drive_truth.size)
+    threshold, mcc = best_mcc_threshold(ds, w.drive_truth)
+    clf = _classifier(seed).fit(w.x, w.y)
+    data = export_onnx(clf, FAIL_SLOW_FEATURES, "fail_slow",
+                       "probability that the path's window looks like that of a fail-slow "
+                       "drive (class 1 of a gradient-boosted classifier)", threshold, version,
+                       doc=f"ublkml fail-slow model, seed {seed}, window {window_s:g} s")
+    return data, {"kind": "fail_slow", "windows": int(w.y.size), "positive_windows":
+                  int(w.y.sum()), "drives": int(w.drive_truth.size),
+                  "slow_drives": int(w.drive_truth.sum()), "threshold": threshold,
+                  "oof_drive_mcc": mcc, "features": list(FAIL_SLOW_FEATURES)}
+
+
+# ---- failure -------------------------------------------------------------------
+
+
+def _drive_flags(serial: npt.NDArray[np.str_], flags: npt.NDArray[np.bool_]) -> dict[str, bool]:
+    out: dict[str, bool] = {}
+    for s, f in zip(serial, flags, strict=True):
+        out[str(s)] = out.get(str(s), False) or bool(f)
+    return out
+
+
+def failure_drive_metrics(h: SmartHistory, scores: npt.NDArray[np.float64], threshold: float,
+                          horizon_days: int = HORIZON_DAYS) -> dict[str, float]:
+    """Drive-level: a failing drive counts as caught if flagged within the horizon
+    before its failure; a healthy drive is a false alarm if flagged on any day."""
+    y = failure_labels(h, horizon_days).astype(bool)
+    failing = {str(s) for s in h.serial[h.failure == 1]}
+    flagged = scores >= threshold
+    caught = _drive_flags(h.serial, flagged & y)
+    alarm = _drive_flags(h.serial, flagged & ~y)
+    tp = sum(1 for s in failing if caught.get(s))
+    fn = len(failing) - tp
+    fp = sum(1 for s, a in alarm.items() if a and s not in failing)
+    healthy = len({str(s) for s in h.serial} - failing)
+    tn = healthy - fp
+    prec = tp / (tp + fp) if tp + fp else 0.0
+    rec = tp / (tp + fn) if tp + fn else 0.0
+    den = float(np.sqrt(float(tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)))
+    return {"tp": tp, "fp": fp, "fn": fn, "tn": tn, "precision": prec, "recall": rec,
+            "f1": 2 * prec * rec / (prec + rec) if prec + rec else 0.0,
+            "mcc": (tp * tn - fp * fn) / den if den else 0.0}
+
+
+def train_failure(h: SmartHistory, seed: int = 0, horizon_days: int = HORIZON_DAYS,
+                  version: str = "1", folds: int = 4) -> tuple[bytes, dict[str, Any]]:
+    """(ONNX bytes, report) of a failure predictor trained on SMART history."""
+    y = failure_labels(h, horizon_days)
+    if y.sum() == 0:
+        raise TrainError("no drive fails in the SMART history: nothing to learn")
+    x = h.x.astype(np.float32)
+    serials, drive = np.unique(h.serial, return_inverse=True)
+    rng = np.random.default_rng(seed)
+    fold_of_drive = rng.permutation(serials.size) % folds
+    oof = np.zeros(y.size)
+    for k in range(folds):
+        test = fold_of_drive[drive] == k
+        if not test.any() or y[~test].min() == y[~test].max():
+            continue
+        oof[test] = _classifier(seed).fit(x[~test], y[~test]).predict_proba(x[test])[:, 1]
+    best = (0.5, -1.0)
+    for t in np.unique(np.round(oof, 3)):
+        if t > 0:
+            m = failure_drive_metrics(h, oof, float(t), horizon_days)["mcc"]
+            if m > best[1]:
+                best = (float(t), m)
+    clf = _classifier(seed).fit(x, y)
+    data = export_onnx(clf, FAILURE_FEATURES, "failure",
+                       f"probability that the drive fails within {horizon_days} days",
+                       best[0], version, doc=f"ublkml failure model, seed {seed}")
+    return data, {"kind": "failure", "rows": int(y.size), "positive_rows": int(y.sum()),
+                  "drives": int(serials.size), "threshold": best[0], "oof_drive_mcc": best[1],
+                  "features": list(FAILURE_FEATURES)}
+
+
+# ---- reference models and their evaluation ---------------------------------------
+
+
+def _say(quiet: bool) -> Callable[[str], None]:
+    def say(msg: str) -> None:
+        if not quiet:
+            print(msg, file=sys.stderr, flush=True)
+    return say
+
+
+def evaluate_fail_slow(tree: str, model_bytes: bytes) -> dict[str, dict[str, float]]:
+    """MCC & co. of the model and both baselines on a labelled telemetry tree."""
+    hosts = read_tree(tree)
+    labels = read_labels(os.path.join(tree, "labels.csv"))
+    model = load_model_bytes(model_bytes, "<model>")
+    return {m: detect.metrics(detect.run(m, hosts, model), labels) for m in detect.METHODS}
+
+
+def reference(out_dir: str = MODELS_DIR, quiet: bool = False,
+              evaluate: bool = True) -> dict[str, Any]:
+    """Rebuild the packaged models (and evaluate them on held-out data)."""
+    say = _say(quiet)
+    report: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="ublkml-train-") as tmp:
+        t0 = time.monotonic()
+        tel = os.path.join(tmp, "telemetry-train")
+        say(f"generating training telemetry (preset train, seed {REFERENCE_SEED})")
+        synth.make_telemetry(tel, REFERENCE_SEED, synth.PRESETS["train"])
+        hosts = read_tree(tel)
+        fs, rep = train_fail_slow(hosts, read_labels(os.path.join(tel, "labels.csv")),
+                                  seed=REFERENCE_SEED, version="1.0")
+        report["fail_slow"] = rep
+        say(f"fail_slow: {rep['windows']} windows, threshold {rep['threshold']:.3f}, "
+            f"out-of-fold drive MCC {rep['oof_drive_mcc']:.3f}")
+        smart_dir = os.path.join(tmp, "smart-train")
+        say(f"generating training SMART history (preset train, seed {REFERENCE_SEED})")
+        synth.make_smart(smart_dir, REFERENCE_SEED, synth.SMART_PRESETS["train"])
+        fl, rep = train_failure(read_backblaze(smart_dir), seed=REFERENCE_SEED, version="1.0")
+        report["failure"] = rep
+        say(f"failure: {rep['rows']} drive-days, threshold {rep['threshold']:.3f}, "
+            f"out-of-fold drive MCC {rep['oof_drive_mcc']:.3f}")
+        os.makedirs(out_dir, exist_ok=True)
+        for name, data in (("fail_slow.onnx", fs), ("failure.onnx", fl)):
+            with open(os.path.join(out_dir, name), "wb") as f:
+                f.write(data)
+            say(f"wrote {os.path.join(out_dir, name)} ({len(data)} bytes)")
+        if evaluate:
+            held = os.path.join(tmp, "telemetry-heldout")
+            say(f"generating held-out telemetry (preset heldout, seed {HELDOUT_SEED})")
+            synth.make_telemetry(held, HELDOUT_SEED, synth.PRESETS["heldout"])
+            report["heldout_fail_slow"] = evaluate_fail_slow(held, fs)
+            hs = os.path.join(tmp, "smart-heldout")
+            synth.make_smart(hs, HELDOUT_SEED, synth.SMART_PRESETS["heldout"])
+            h = read_backblaze(hs)
+            m = load_model_bytes(fl, "<failure>")
+            scores = m.score(h.x.astype(np.float32)).astype(np.float64)
+            report["heldout_failure"] = failure_drive_metrics(h, scores, m.threshold)
+        report["seconds"] = round(time.monotonic() - t0, 1)
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m ml.train``: the same as ``ublkml ml train``."""
+    from ml.cli import ml_main
+
+    return ml_main(["train", *(sys.argv[1:] if argv is None else argv)])
+
+
+def train_main(args: argparse.Namespace) -> int:
+    """The ``train`` verb (parsed by ml.cli)."""
+    say = _say(args.quiet or args.json)
+    if args.what == "reference":
+        report = reference(args.out or MODELS_DIR, quiet=args.quiet or args.json,
+                           evaluate=not args.no_eval)
+    elif args.what == "fail-slow":
+        hosts = read_tree(args.dir, progress=lambda i, n: say(f"read {i}/{n} hosts")
+                          if i == n or i % 10 == 0 else None)
+        labels = read_labels(args.labels or os.path.join(args.dir, "labels.csv"))
+        data, report = train_fail_slow(hosts, labels, seed=args.seed, window_s=args.window,
+                                       version=args.version)
+        _write(args.out, data)
+        report["path"] = args.out
+    else:
+        h = read_backblaze(args.dir)
+        data, report = train_failure(h, seed=args.seed, horizon_days=args.horizon,
+                                     version=args.version)
+        _write(args.out, data)
+        report["path"] = args.out
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for k, v in report.items():
+            print(f"{k}: {v}")
+    return 0
+
+
+def _write(path: str, data: bytes) -> None:
+    if not path:
+        raise TrainError("--out FILE is required")
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""bench.report: ratios, the issue's targets, Markdown rendering and plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench import report
+from bench.jobs import workload_by_name
+from bench.report import GOALS, check_goals, ratio, render_markdown, write_report
+from bench.runner import DEVICES, device_by_name
+
+# A full run as the report sees it: IOPS per (device, workload, queues);
+# p50 latency is derived from IOPS so that the latency goal follows the figures.
+GOOD = {
+    ("null_blk", 1): 80_000, ("ublkml-null", 1): 60_000,
+    ("null_blk", 2): 90_000, ("ublkml-null", 2): 70_000,
+    ("kernel-loop", 1): 70_000, ("ublkml-loop", 1): 66_000, ("ublkml-loop", 2): 80_000,
+    ("nbdkit-python", 1): 2_000, ("ublkml-python", 1): 9_000,
+    ("nbdkit-python", 2): 2_500, ("ublkml-python", 2): 12_000,
+}
+
+
+def _rec(device: str, workload: str, queues: int, iops: float | None,
+         status: str = "ok", p50: float | None = None) -> dict[str, Any]:
+    spec = device_by_name(device)
+    w = workload_by_name(workload)
+    rec: dict[str, Any] = {
+        "group": spec.group, "device": device, "role": spec.role,
+        "baseline": spec.baseline, "workload": workload, "label": w.label, "rw": w.rw,
+        "bs": w.bs, "depth": w.depth, "queues": queues, "numjobs": queues,
+        "in_flight": w.depth * queues, "fio_version": "fio-3.33", "kernel": "6.12.0",
+        "environment": "vm", "date": "2026-01-01T00:00:00+00:00", "status": status,
+    }
+    if status == "ok":
+        assert iops is not None
+        lat = p50 if p50 is not None else 32e6 / iops / 1000 * w.depth / 32
+        rec.update(iops=iops, bw_bytes=iops * w.bs, bw_mib_s=iops * w.bs / 2**20,
+                   lat_us={"p50": lat, "p99": lat * 3, "p99.9": lat * 10, "mean": lat},
+                   device_attrs={"hw_queues": queues})
+    elif status == "error":
+        rec["error"] = "fio failed (exit 1): boom"
+    else:
+        rec["reason"] = "the kernel loop driver has a single hardware queue"
+    return rec
+
+
+def make_doc(iops: dict[tuple[str, int], float] | None = None, *,
+             workloads: tuple[str, ...] = ("4k-randread-qd1", "4k-randread-qd32"),
+             overrides: dict[tuple[str, str, int], dict[str, Any]] | None = None,
+             ) -> dict[str, Any]:
+    iops = GOOD if iops is None else iops
+    results = []
+    for w in workloads:
+        for d in DEVICES:
+            for q in (1, 2):
+                key = (d.name, w, q)
+                if overrides and key in overrides:
+                    results.append(overrides[key])
+                elif q > d.max_queues:
+                    results.append(_rec(d.name, w, q, None, status="n/a"))
+                elif (d.name, q) in iops:
+                    results.append(_rec(d.name, w, q, iops[(d.name, q)]))
+    meta = {"schema": 1, "date": "2026-01-01T00:00:00+00:00", "quick": False,
+            "runtime_s": 10.0, "ramp_s": 2.0, "fio_version": "fio-3.33", "git_commit": "abc123",
+            "environment": "vm", "kernel": "6.12.0", "cpus": 2, "memory_mib": 3920,
+            "elapsed_s": 1200.0, "skipped_groups": [],
+            "devices": {d.name: {"group": d.group, "role": d.role, "baseline": d.baseline,
+                                 "description": d.description} for d in DEVICES},
+            "vm": {"accel": "tcg", "cpus": 2, "memory_mib": 4096, "boot_s": 7.0,
+                   "total_s": 1260.0},
+            "host": {"kernel": "6.18", "cpus": 2, "loadavg_before": [0.5, 0.4, 0.3],
+                     "loadavg_after": [2.0, 1.5, 1.0], "other_qemu_before": 1,
+                     "other_qemu_after": 0}}
+    return {"meta": meta, "results": results}
+
+
+def _by_key(doc: dict[str, Any]) -> dict[str, report.GoalResult]:
+    return {g.goal.key: g for g in check_goals(doc)}
+
+
+def test_ratio() -> None:
+    assert ratio(3.0, 2.0) == 1.5
+    assert ratio(None, 2.0) is None
+    assert ratio(1.0, None) is None
+    assert ratio(1.0, 0.0) is None
+
+
+def test_goals_pass() -> None:
+    goals = _by_key(make_doc())
+    assert set(goals) == {g.key for g in GOALS}
+    assert goals["null-iops"].status == "PASS"
+    assert goals["null-iops"].ratio == pytest.approx(0.75)
+    assert goals["loop-iops"].ratio == pytest.approx(66 / 70)
+    assert goals["loop-iops"].status == "PASS"
+    assert goals["python-iops"].ratio == pytest.approx(4.5)
+    assert goals["null-scaling"].ratio == pytest.approx(70 / 60)
+    assert goals["loop-scaling"].status == "PASS"
+    assert goals["python-scaling"].status == "PASS"
+    # p50 is inversely proportional to IOPS in make_doc: 80/60 = 1.33 <= 1.5
+    assert goals["null-qd1-latency"].ratio == pytest.approx(80 / 60)
+    assert goals["null-qd1-latency"].status == "PASS"
+    assert "60,000 vs 80,000 IOPS" in goals["null-iops"].detail
+
+
+def test_goals_fail_at_the_thresholds() -> None:
+    iops = dict(GOOD)
+    iops[("ublkml-null", 1)] = 0.69 * 80_000      # just under 0.70
+    iops[("ublkml-loop", 1)] = 0.899 * 70_000     # just under 0.90
+    iops[("ublkml-python", 1)] = 2.99 * 2_000     # just under 3
+    iops[("ublkml-null", 2)] = iops[("ublkml-null", 1)]  # equal is not "more"
+    goals = _by_key(make_doc(iops))
+    for key in ("null-iops", "loop-iops", "python-iops", "null-scaling"):
+        assert goals[key].status == "FAIL", key
+    # 80/55.2 = 1.45: still within 1.5 x
+    assert goals["null-qd1-latency"].status == "PASS"
+
+
+def test_goal_boundaries_are_inclusive_where_the_issue_says_so() -> None:
+    iops = dict(GOOD)
+    iops[("ublkml-null", 1)] = 0.70 * 80_000
+    iops[("ublkml-python", 1)] = 3 * 2_000
+    goals = _by_key(make_doc(iops))
+    assert goals["null-iops"].status == "PASS"      # >= 0.70
+    assert goals["python-iops"].status == "PASS"    # >= 3
+
+
+def test_latency_goal_fails() -> None:
+    over = {("ublkml-null", "4k-randread-qd1", 1): _rec("ublkml-null", "4k-randread-qd1", 1,
+                                                      60_000, p50=100.0),
+            ("null_blk", "4k-randread-qd1", 1): _rec("null_blk", "4k-randread-qd1", 1,
+                                                   80_000, p50=50.0)}
+    g = _by_key(make_doc(overrides=over))["null-qd1-latency"]
+    assert g.status == "FAIL"
+    assert g.ratio == pytest.approx(2.0)
+    assert "p50 100.0 vs 50.0 us" in g.detail
+
+
+def test_goals_na_when_a_figure_is_missing_or_failed() -> None:
+    over = {("nbdkit-python", "4k-randread-qd32", 1):
+            _rec("nbdkit-python", "4k-randread-qd32", 1, None, status="error")}
+    goals = _by_key(make_doc(overrides=over, workloads=("4k-randread-qd32",)))
+    assert goals["python-iops"].status == "n/a"
+    assert "nbdkit-python 4k-randread-qd32 q1 failed" in goals["python-iops"].detail
+    assert goals["null-qd1-latency"].status == "n/a"
+    assert "not measured" in goals["null-qd1-latency"].detail
+    assert goals["null-iops"].status == "PASS"
+
+
+def test_markdown_has_tables_and_pass_fail_lines() -> None:
+    iops = dict(GOOD)
+    iops[("ublkml-loop", 1)] = 35_000
+    md = render_markdown(make_doc(iops))
+    assert md.startswith("# ublkml benchmark report")
+    assert "## Targets (issue 3)" in md
+    assert "6 PASS, 1 FAIL, 0 n/a" in md
+    assert "- PASS: ublkml null >= 0.70 x null_blk IOPS (4k randread QD32, 1 queue): " \
+           "ratio 0.75 (60,000 vs 80,000 IOPS)" in md
+    assert "- FAIL: ublkml loop >= 0.90 x kernel loop IOPS" in md
+    assert "| ublkml loop >= 0.90 x kernel loop IOPS (4k randread QD32, 1 queue) | " \
+           "35,000 vs 70,000 IOPS | 0.50 | >= 0.9 | **FAIL** |" in md
+    # The group tables: IOPS, MiB/s and ratios side by side.
+    assert "| workload | queues | null_blk IOPS | ublkml-null IOPS | ratio | null_blk MiB/s" \
+           in md
+    assert "| 4k randread QD32 | 1 | 80,000 | 60,000 | 0.75 | 312.5 | 234.4 | 0.75 |" in md
+    # Kernel loop has one hardware queue: its 2-queue cells say n/a.
+    assert "| 4k randread QD32 | 2 | n/a | 80,000 | - |" in md
+    # Latency table: p50 / p99 / p99.9 per device.
+    assert "| workload | queues | null_blk | ublkml-null | p50 ratio | p99 ratio |" in md
+    assert "### Queue scaling" in md
+    assert "| ublkml-null | 60,000 | 70,000 | 1.17 |" in md
+    assert "## Devices" in md and "**ublkml-loop**" in md
+    assert "host load average 0.50 before, 2.00 after" in md
+    assert "## Errors" not in md
+
+
+def test_markdown_lists_errors() -> None:
+    over = {("ublkml-null", "4k-randread-qd32", 2):
+            _rec("ublkml-null", "4k-randread-qd32", 2, None, status="error")}
+    md = render_markdown(make_doc(overrides=over))
+    assert "## Errors" in md
+    assert "- ublkml-null 4k randread QD32 q2: fio failed (exit 1): boom" in md
+    assert "| 4k randread QD32 | 2 | 90,000 | error | - |" in md
+    assert "n/a: ublkml null: 2 queues > 1 queue IOPS" in md
+
+
+def test_markdown_quick_and_interrupted_and_profile() -> None:
+    doc = make_doc(workloads=("4k-randread-qd32",))
+    doc["meta"].update(quick=True, interrupted=True)
+    rec = next(r for r in doc["results"] if r["device"] == "ublkml-python"
+               and r["queues"] == 1)
+    rec["profile"] = {"wall_s": 12.0, "user_s": 6.0, "sys_s": 3.0, "cpu_util": 0.75,
+                      "cpu_us_per_io": 83.3,
+                      "threads": [{"tid": 1, "name": "python", "user_s": 5.0, "sys_s": 2.0}]}
+    md = render_markdown(doc)
+    assert "**--quick**" in md
+    assert "interrupted" in md
+    assert "## Server CPU profile" in md
+    assert "| ublkml-python | 4k randread QD32 | 1 | 0.75 | 83.3 | 6.0 / 3.0 | python 7.0s |" \
+        in md
+
+
+def test_write_report_with_plots(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    doc = make_doc()
+    path = write_report(doc, tmp_path)
+    md = path.read_text()
+    for w in ("4k-randread-qd1", "4k-randread-qd32"):
+        for kind in ("iops", "latency"):
+            png = tmp_path / f"{kind}-{w}.png"
+            assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+            assert f"]({kind}-{w}.png)" in md
+
+
+def test_write_report_without_matplotlib(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                         ) -> None:
+    def no_matplotlib(doc: dict[str, Any], outdir: Path) -> list[str]:
+        raise ImportError("No module named 'matplotlib'")
+
+    monkeypatch.setattr(report, "make_plots", no_matplotlib)
+    md = write_report(make_doc(), tmp_path).read_text()
+    assert "Plots skipped: matplotlib is not installed" in md
+    assert "## Targets" in md
+
+
+def test_report_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "results.json"
+    src.write_text(json.dumps(make_doc()))
+    out = tmp_path / "copy.md"
+    assert report.main([str(src), "--out", str(out), "--no-plots"]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    assert "## Targets" in out.read_text()
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_header_flags_a_dirty_tree_and_an_engine_rebuilt_mid_run() -> None:
+    doc = make_doc(workloads=("4k-randread-qd32",))
+    doc["meta"].update(git_dirty=["ublk_driver/queue.py"], engine="aaaa")
+    ublk = [r for r in doc["results"] if r["role"] == "ublkml" and r["status"] == "ok"]
+    for i, r in enumerate(ublk):
+        r["device_attrs"]["engine"] = "aaaa" if i == 0 else "bbbb"
+    md = render_markdown(doc)
+    assert "working tree differs from the commit in: ublk_driver/queue.py" in md
+    assert "ublkml engine build: aaaa, bbbb (**changed during the run**)" in md
+    for r in ublk:
+        r["device_attrs"]["engine"] = "aaaa"
+    assert "ublkml engine build: aaaa\n" in render_markdown(doc)
+
+
+def test_header_shows_noise_sampled_during_the_run() -> None:
+    doc = make_doc(workloads=("4k-randread-qd32",))
+    doc["meta"]["host"]["during"] = {"samples": 100, "other_qemu_max": 1,
+                                     "other_qemu_share": 0.4, "loadavg_mean": 2.9,
+                                     "loadavg_max": 3.8}
+    md = render_markdown(doc)
+    assert ("2.90 on average during the run (max 3.80); another qemu (a colleague's test "
+            "bed) was running in 40% of 100 samples (at most 1 at once)") in md

@@ -1,0 +1,304 @@
+"""bench.runner without a kernel: the plan, the failure handling, the test-bed round trip.
+
+The devices and fio are replaced by stand-ins here; test_vm.py runs the real thing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench import runner
+from bench.jobs import WORKLOADS
+from bench.runner import (
+    DEVICES,
+    GROUPS,
+    BenchError,
+    Case,
+    Context,
+    Handle,
+    MissingToolError,
+    build_parser,
+    cpu_profile,
+    estimate_seconds,
+    plan_cases,
+)
+
+
+def test_full_plan() -> None:
+    cases = plan_cases(quick=False)
+    assert len(cases) == len(DEVICES) * len(WORKLOADS) * 2
+    na = [c for c in cases if not c.applicable]
+    # Only the kernel loop lacks a second hardware queue.
+    assert {(c.device.name, c.queues) for c in na} == {("kernel-loop", 2)}
+    # Group by group, queue count, workload; the baseline right before ublkml.
+    order = [(c.device.group, c.queues, c.workload.name, c.device.name) for c in cases]
+    assert order == sorted(order, key=lambda t: (
+        GROUPS.index(t[0]), t[1], [w.name for w in WORKLOADS].index(t[2]),
+        [d.name for d in DEVICES].index(t[3])))
+    assert [c.title for c in cases[:3]] == ["null_blk 4k randread QD1 q1",
+                                            "ublkml-null 4k randread QD1 q1",
+                                            "null_blk 4k randread QD32 q1"]
+
+
+def test_time_budget() -> None:
+    """The full run fits in ~20-25 min of VM time, --quick in ~3-4 min with boot."""
+    full = estimate_seconds(plan_cases(quick=False), runner.FULL_RUNTIME, runner.FULL_RAMP)
+    quick = estimate_seconds(plan_cases(quick=True), runner.QUICK_RUNTIME, runner.QUICK_RAMP)
+    assert 15 * 60 <= full <= 23 * 60
+    assert quick + 60 <= 4 * 60
+
+
+def test_quick_plan_and_skip() -> None:
+    quick = plan_cases(quick=True)
+    assert {c.device.group for c in quick} == set(GROUPS)
+    assert all(c.workload.name == "4k-randread-qd32" for c in quick)
+    assert {c.queues for c in quick} == {1, 2}
+    skipped = plan_cases(quick=True, skip=["python", "loop"])
+    assert {c.device.group for c in skipped} == {"null"}
+
+
+def test_parser_and_forwarding() -> None:
+    args = build_parser().parse_args(["--quick", "--skip", "python", "--runtime", "3",
+                                      "--profile", "--out", "x"])
+    assert runner._forwarded(args) == ["--quick", "--skip", "python", "--runtime", "3",
+                                       "--profile"]
+    assert runner._timing(args) == (3.0, runner.QUICK_RAMP)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--skip", "nonsense"])
+
+
+def test_missing_tool_names_the_debian_package() -> None:
+    e = MissingToolError("losetup")
+    assert "install the Debian package mount" in str(e)
+    e = MissingToolError("nbdkit python plug-in", "nbdkit-plugin-python")
+    assert "apt-get install nbdkit-plugin-python" in str(e)
+
+
+def test_main_without_fio(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                          capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # nothing on it
+    assert runner.main(["--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "fio not found: install the Debian package fio" in err
+
+
+def test_cpu_profile() -> None:
+    tick = os.sysconf("SC_CLK_TCK")
+    before = {1: ("python", 0, 0), 2: ("iou-wrk", 10, 10)}
+    after = {1: ("python", 2 * tick, tick), 2: ("iou-wrk", 10, 10 + tick), 3: ("new", 0, 0)}
+    p = cpu_profile(before, after, wall=4.0, iops=1000.0)
+    assert (p["user_s"], p["sys_s"]) == (2.0, 2.0)
+    assert p["cpu_util"] == 1.0
+    assert p["cpu_us_per_io"] == 1000.0  # 4 CPU seconds for 4000 I/Os
+    assert p["threads"][0] == {"tid": 1, "name": "python", "user_s": 2.0, "sys_s": 1.0}
+
+
+def test_task_cpu_reads_our_threads() -> None:
+    threads = runner._task_cpu(os.getpid())
+    assert os.getpid() in threads
+    name, ut, st = threads[os.getpid()]
+    assert ut >= 0 and st >= 0 and name
+    assert runner._task_cpu(2**22 + 12345) == {}
+
+
+def test_backing_file(tmp_path: Path) -> None:
+    info = runner.create_backing_file(tmp_path / "f.img", 2 << 20)
+    assert info["size"] == 2 << 20
+    assert (tmp_path / "f.img").stat().st_size == 2 << 20
+    assert isinstance(info["o_direct"], bool)
+    data = (tmp_path / "f.img").read_bytes()
+    assert data.count(0) < len(data) // 2  # written with data, not a sparse file
+
+
+# ---- the measuring loop, with stand-ins for devices and fio -------------------
+
+
+class FakeLab:
+    """Records set-ups and tear-downs; fails where told to."""
+
+    def __init__(self, fail_setup: set[tuple[str, int]] | None = None,
+                 fail_measure: set[str] | None = None) -> None:
+        self.fail_setup = fail_setup or set()
+        self.fail_measure = fail_measure or set()
+        self.live: list[str] = []
+        self.log: list[str] = []
+
+    @contextlib.contextmanager
+    def device(self, spec: runner.DeviceSpec, queues: int, ctx: Context) -> Iterator[Handle]:
+        name = f"{spec.name}/q{queues}"
+        if (spec.name, queues) in self.fail_setup:
+            raise BenchError("modprobe null_blk failed (exit 1): no such module")
+        self.live.append(name)
+        self.log.append(f"up {name}")
+        try:
+            yield Handle(f"/dev/fake-{spec.name}", {"hw_queues": queues}, pid=os.getpid())
+        finally:
+            self.live.remove(name)
+            self.log.append(f"down {name}")
+
+    def measure(self, case: Case, handle: Handle, ctx: Context, *, runtime: float,
+                ramp: float, profile: bool) -> dict[str, Any]:
+        assert handle.path == f"/dev/fake-{case.device.name}"
+        if case.title in self.fail_measure:
+            raise RuntimeError("something unexpected")
+        iops = 1000.0 * (2 if case.device.role == "ublkml" else 1)
+        return {"fio_version": "fio-3.33", "iops": iops, "bw_bytes": iops * 4096,
+                "bw_mib_s": iops * 4096 / 2**20, "total_ios": 10,
+                "lat_us": {"p50": 1.0, "p99": 2.0, "p99.9": 3.0, "mean": 1.0},
+                "fio_cpu": {"usr": 1.0, "sys": 1.0}}
+
+
+def _fake_env(monkeypatch: pytest.MonkeyPatch, lab: FakeLab) -> None:
+    monkeypatch.setattr(runner, "open_device", lab.device)
+    monkeypatch.setattr(runner, "measure_case", lab.measure)
+    monkeypatch.setattr(runner, "_preflight", lambda spec: None)
+    monkeypatch.setattr(runner, "LOOP_BYTES", 1 << 20)
+    monkeypatch.setattr(runner, "_fio_version", lambda: "fio-3.33")
+
+
+def test_measure_records_failures_and_tears_everything_down(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    lab = FakeLab(fail_setup={("null_blk", 2)},
+                  fail_measure={"ublkml-python 4k randread QD32 q1"})
+    _fake_env(monkeypatch, lab)
+    args = build_parser().parse_args(["--quick", "--in-vm"])
+    doc, code = runner.measure(args, tmp_path)
+    assert code == 1
+    assert lab.live == []  # every device torn down
+    assert lab.log.count("up ublkml-python/q1") == lab.log.count("down ublkml-python/q1") == 1
+    by = {(r["device"], r["queues"]): r for r in doc["results"]}
+    assert len(by) == len(plan_cases(quick=True))
+    assert by[("null_blk", 2)]["status"] == "error"
+    assert "setting up null_blk with 2 queue(s): modprobe null_blk failed" in \
+        by[("null_blk", 2)]["error"]
+    assert by[("ublkml-python", 1)]["error"] == "RuntimeError: something unexpected"
+    # ... and the run went on after both failures.
+    assert by[("ublkml-null", 2)]["status"] == "ok"
+    assert by[("nbdkit-python", 1)]["status"] == "ok"
+    assert by[("ublkml-null", 1)]["iops"] == 2000.0
+    assert by[("ublkml-null", 1)]["fio_version"] == "fio-3.33"
+    assert by[("ublkml-null", 1)]["environment"] in ("vm", "native")
+    # results.json on disk is the same document.
+    assert json.loads((tmp_path / "results.json").read_text()) == doc
+    assert doc["meta"]["loop_backing"]["size"] == 1 << 20
+    err = capsys.readouterr().err
+    assert "[1/8] null_blk 4k randread QD32 q1 ... 1,000 IOPS" in err
+    assert "ERROR: RuntimeError: something unexpected" in err
+
+
+def test_measure_marks_single_queue_devices_na(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    lab = FakeLab()
+    _fake_env(monkeypatch, lab)
+    monkeypatch.setattr(runner, "WORKLOADS", WORKLOADS[:1])
+    monkeypatch.setattr(runner, "plan_cases", lambda quick, skip=(): [
+        c for c in plan_cases(quick=False, skip=["null", "python"])
+        if c.workload.name == "4k-randread-qd1"])
+    args = build_parser().parse_args(["--in-vm"])
+    doc, code = runner.measure(args, tmp_path)
+    assert code == 0
+    kl2 = next(r for r in doc["results"] if r["device"] == "kernel-loop" and r["queues"] == 2)
+    assert kl2["status"] == "n/a"
+    assert "single hardware queue" in kl2["reason"]
+    assert "up kernel-loop/q2" not in lab.log
+
+
+def test_interrupt_keeps_partial_results(tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    lab = FakeLab()
+    _fake_env(monkeypatch, lab)
+    calls = []
+
+    def measure(case: Case, handle: Handle, ctx: Context, **kw: Any) -> dict[str, Any]:
+        calls.append(case)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return lab.measure(case, handle, ctx, **kw)
+
+    monkeypatch.setattr(runner, "measure_case", measure)
+    doc, code = runner.measure(build_parser().parse_args(["--quick", "--in-vm"]), tmp_path)
+    assert code == 130
+    assert doc["meta"]["interrupted"] is True
+    assert len(doc["results"]) == 2
+    assert lab.live == []
+
+
+def test_host_runs_everything_in_one_boot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """Without /dev/ublk-control: one testbed.run, then the report on the host."""
+    from ublk_driver import testbed
+
+    boots: list[dict[str, Any]] = []
+
+    def fake_run(argv: list[str], **kw: Any) -> testbed.VmResult:
+        boots.append({"argv": argv, **kw})
+        outdir = Path(kw["share"])
+        assert argv[1:4] == ["-m", "bench", "--in-vm"]
+        from tests.bench.test_report import make_doc
+
+        (outdir / "results.json").write_text(json.dumps(make_doc()))
+        return testbed.VmResult(returncode=0, output="guest says hi", boot_seconds=5.0,
+                                total_seconds=60.0, share_dir=str(outdir))
+
+    monkeypatch.setattr(runner, "_which", lambda tool: f"/usr/bin/{tool}")
+    monkeypatch.setattr(testbed, "native_ublk_available", lambda: False)
+    monkeypatch.setattr(testbed, "in_vm", lambda: False)
+    monkeypatch.setattr(testbed, "run", fake_run)
+    out = tmp_path / "out"
+    code = runner.main(["--quick", "--skip", "python", "--out", str(out), "--json"])
+    assert code == 0
+    assert len(boots) == 1
+    assert boots[0]["share"] == str(out)
+    assert boots[0]["argv"][-3:] == ["--quick", "--skip", "python"]
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["meta"]["vm"]["total_s"] == 60.0
+    assert printed["meta"]["host"]["other_qemu_before"] >= 0
+    assert (out / "logs" / "vm-console.log").read_text() == "guest says hi"
+    assert "## Targets (issue 3)" in (out / "report.md").read_text()
+
+
+def test_host_reports_a_failed_test_bed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from ublk_driver import testbed
+
+    def broken(argv: list[str], **kw: Any) -> testbed.VmResult:
+        raise testbed.TestbedError("qemu-system-x86_64 not found", output="")
+
+    monkeypatch.setattr(runner, "_which", lambda tool: f"/usr/bin/{tool}")
+    monkeypatch.setattr(testbed, "native_ublk_available", lambda: False)
+    monkeypatch.setattr(testbed, "in_vm", lambda: False)
+    monkeypatch.setattr(testbed, "run", broken)
+    assert runner.main(["--quick", "--out", str(tmp_path)]) == 125
+    assert "the test bed failed: qemu-system-x86_64 not found" in capsys.readouterr().err
+
+
+def test_package_main_is_lazy() -> None:
+    import subprocess
+    import sys
+
+    # nbdkit's interpreter imports bench.ramstore: that must not load the runner.
+    code = ("import sys, bench.ramstore; "
+            "assert 'bench.runner' not in sys.modules, 'runner imported'")
+    subprocess.run([sys.executable, "-c", code], check=True,
+                   cwd=Path(__file__).resolve().parents[2])
+
+
+def test_noise_sampler() -> None:
+    with runner.NoiseSampler(interval=0.01) as sampler:
+        import time
+
+        time.sleep(0.05)
+    summary = sampler.summary()
+    assert summary["samples"] >= 2
+    assert summary["other_qemu_max"] >= 0
+    assert 0.0 <= summary["other_qemu_share"] <= 1.0
+    assert summary["loadavg_max"] >= summary["loadavg_mean"] >= 0
+    assert runner.NoiseSampler().summary() == {}

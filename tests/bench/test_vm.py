@@ -1,0 +1,47 @@
+"""End to end: ``python -m bench --quick`` in the real test bed (or natively with ublk)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ublk_driver.testbed import in_vm
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.vm
+@pytest.mark.skipif(in_vm(), reason="already inside the test bed (no nested qemu)")
+def test_quick_benchmark_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
+    log = proc.stderr[-6000:]
+    assert (out / "results.json").exists(), log
+    doc = json.loads((out / "results.json").read_text())
+    results = doc["results"]
+    assert {r["group"] for r in results} == {"null", "loop", "python"}, log
+    assert {r["device"] for r in results} == {"null_blk", "ublkml-null", "kernel-loop",
+                                              "ublkml-loop", "nbdkit-python",
+                                              "ublkml-python"}
+    failed = [f"{r['device']} q{r['queues']}: {r.get('error')}" for r in results
+              if r["status"] != "ok"]
+    assert not failed, "\n".join(failed) + "\n" + log
+    assert proc.returncode == 0, log
+    for r in results:
+        assert r["iops"] > 0 and r["lat_us"]["p50"] > 0
+        assert r["fio_version"].startswith("fio-")
+        assert r["kernel"].startswith("6.")
+    ublk_queues = {(r["device"], r["queues"]): r["device_attrs"]["hw_queues"]
+                   for r in results}
+    assert ublk_queues[("ublkml-null", 2)] == 2
+    assert ublk_queues[("null_blk", 2)] == 2
+    md = (out / "report.md").read_text()
+    assert "## Targets (issue 3)" in md
+    assert "ublkml null >= 0.70 x null_blk IOPS" in md
+    # Every device was torn down: the guest is gone, but its console says so.
+    assert "warning: could not" not in proc.stderr
