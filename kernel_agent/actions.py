@@ -25,7 +25,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Protocol
+from typing import ClassVar, Literal, Protocol
 
 from kernel_agent.accounting import BlockDevice
 
@@ -219,11 +219,15 @@ def no_channel(_bd: BlockDevice) -> ControlChannel | None:
     return None
 
 
-def default_actions(throttle: ThrottleInterface | None = None,
+def default_actions(throttle: ThrottleInterface | None | Literal["detect"] = "detect",
                     channel_for: Callable[[BlockDevice], ControlChannel | None] = no_channel,
                     ) -> dict[str, ActionSpec]:
-    """The allow-list; bounds are conservative rather than the kernel's own limits."""
-    if throttle is None:
+    """The allow-list; bounds are conservative rather than the kernel's own limits.
+
+    ``throttle``: where limits go; ``"detect"`` asks :func:`detect_throttle`,
+    None disables the throttle actions.
+    """
+    if throttle == "detect":
         throttle = detect_throttle()
     specs = [
         ActionSpec("read_ahead_kb", QueueKnob("read_ahead_kb"), 0, 16384),
