@@ -24,6 +24,7 @@ IOPS, queue depth or errors); :func:`select` refuses a model that needs them.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -195,21 +196,26 @@ def _hist_quantiles(hist: IntArray, n: IntArray) -> FloatArray:
 # ---- peers ------------------------------------------------------------------
 
 
-def peer_median(values: FloatArray) -> FloatArray:
-    """Median over the *other* rows of each column, ignoring NaN.
+@functools.lru_cache(maxsize=64)
+def _others(k: int) -> IntArray:
+    """[k, k-1]: for each row, the indices of the other rows."""
+    return np.array([[j for j in range(k) if j != i] for i in range(k)], dtype=np.int64)
 
-    ``values`` is [peers, windows]; the result has the same shape and is NaN
-    where a row has no valid peer.  Written without np.nanmedian, which warns
-    on all-NaN columns (and warnings are errors in the tests).
+
+def peer_median(values: FloatArray) -> FloatArray:
+    """Median over the *other* rows (axis 0) of ``values``, ignoring NaN.
+
+    ``values`` is [peers, ...]; the result has the same shape and is NaN where
+    a row has no valid peer.  Written without np.nanmedian, which warns on
+    all-NaN slices (and warnings are errors in the tests).
     """
     k = values.shape[0]
     if k <= 1:
         return np.full(values.shape, np.nan)
-    others = np.array([[j for j in range(k) if j != i] for i in range(k)], dtype=np.int64)
-    peers = np.sort(values[others], axis=1)            # [k, k-1, windows], NaN last
-    valid = np.sum(~np.isnan(peers), axis=1)           # [k, windows]
-    lo = np.take_along_axis(peers, np.maximum((valid - 1) // 2, 0)[:, None, :], axis=1)[:, 0]
-    hi = np.take_along_axis(peers, np.maximum(valid // 2, 0)[:, None, :], axis=1)[:, 0]
+    peers = np.sort(values[_others(k)], axis=1)        # [k, k-1, ...], NaN last
+    valid = np.sum(~np.isnan(peers), axis=1)           # [k, ...]
+    lo = np.take_along_axis(peers, np.maximum((valid - 1) // 2, 0)[:, None], axis=1)[:, 0]
+    hi = np.take_along_axis(peers, np.maximum(valid // 2, 0)[:, None], axis=1)[:, 0]
     med: FloatArray = np.where(valid > 0, (lo + hi) / 2, np.nan)
     return med
 
@@ -219,18 +225,23 @@ def peer_ratio(values: FloatArray) -> FloatArray:
     med = peer_median(values)
     with np.errstate(divide="ignore", invalid="ignore"):
         r = values / med
-    r = np.where(np.isnan(med), 1.0, r)                    # no peers
-    r = np.where((med == 0) & (values == 0), 1.0, r)       # both idle
-    r = np.where(np.isnan(values), np.nan, r)
-    out: FloatArray = np.clip(np.nan_to_num(r, nan=np.nan, posinf=RATIO_CAP), 0.0, RATIO_CAP)
+    r[np.isnan(med)] = 1.0                                 # no peers
+    r[(med == 0) & (values == 0)] = 1.0                    # both idle
+    r[(med == 0) & (values > 0)] = RATIO_CAP
+    r[np.isnan(values)] = np.nan
+    out: FloatArray = np.minimum(r, RATIO_CAP)
     return out
 
 
+_PEER_OF = {"peer_lat_ratio": "lat_p50_us", "peer_p90_ratio": "lat_p90_us",
+            "peer_p99_ratio": "lat_p99_us", "peer_tput_ratio": "throughput_bps"}
+_PEER_DST = [FEATURE_INDEX[n] for n in _PEER_OF]
+_PEER_SRC = [FEATURE_INDEX[n] for n in _PEER_OF.values()]
+
+
 def _fill_peer_columns(x: FloatArray) -> None:
-    """Peer ratios of x ([peers, windows, features]) in place."""
-    for ratio, base in (("peer_lat_ratio", "lat_p50_us"), ("peer_p90_ratio", "lat_p90_us"),
-                        ("peer_p99_ratio", "lat_p99_us"), ("peer_tput_ratio", "throughput_bps")):
-        x[:, :, FEATURE_INDEX[ratio]] = peer_ratio(x[:, :, FEATURE_INDEX[base]])
+    """Peer ratios of x ([peers, windows, features]) in place, in one pass."""
+    x[:, :, _PEER_DST] = peer_ratio(x[:, :, _PEER_SRC])
 
 
 # ---- completion records -----------------------------------------------------

@@ -1,0 +1,379 @@
+"""Command-line entry points: ``ublkml model ...`` and ``ublkml ml ...``.
+
+``model_main(argv)`` and ``ml_main(argv)`` take the arguments after the verb
+and return an exit status: 0 success, 1 a failed operation (bad model, bad
+telemetry, ...), 2 a usage error.  Every error is one line on stderr; progress
+of long work goes to stderr too, so that ``--json`` output stays clean.
+``python -m ml model ...`` / ``python -m ml detect ...`` run them without the
+main CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ublk_driver.errors import UblkError
+
+PROG = "ublkml"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that returns status 2 with a one-line error instead of exiting."""
+
+    def error(self, message: str) -> Any:  # argparse's signature says NoReturn
+        raise _UsageError(f"{self.prog}: error: {message}")
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _run(parser: argparse.ArgumentParser, argv: Sequence[str]) -> int:
+    try:
+        args = parser.parse_args(list(argv))
+    except _UsageError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
+    if func is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(func(args))
+    except (UblkError, ValueError, OSError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _progress(enabled: bool, what: str) -> Callable[[int, int], None] | None:
+    if not enabled:
+        return None
+
+    def report(i: int, n: int) -> None:
+        if i == n or i % max(n // 10, 1) == 0:
+            print(f"{PROG}: {what} {i}/{n}", file=sys.stderr, flush=True)
+    return report
+
+
+# ---- ublkml model ---------------------------------------------------------------
+
+
+def _describe(info: dict[str, Any]) -> str:
+    return (f"{info['path']}\n  kind {info['kind']}, version {info['version']}, threshold "
+            f"{info['threshold']:g}\n  features {','.join(info['features'])}\n"
+            f"  output: {info['output']}")
+
+
+def cmd_model_list(args: argparse.Namespace) -> int:
+    from ml.model import REFERENCE_MODELS, load_model
+    from ml.scorer import model_file, state_dir
+
+    models = []
+    for kind, path in REFERENCE_MODELS.items():
+        entry: dict[str, Any] = {"kind": kind, "path": path, "packaged": True}
+        try:
+            entry.update(load_model(path).info.as_dict())
+        except UblkError as e:
+            entry["error"] = str(e)
+        models.append(entry)
+    devices = []
+    sd = state_dir()
+    if os.path.isdir(sd):
+        for name in sorted(os.listdir(sd)):
+            if name.endswith(".model") and name[:-6].isdigit():
+                with open(model_file(int(name[:-6]), sd)) as f:
+                    devices.append({"dev_id": int(name[:-6]), "model": f.read().strip()})
+    if args.json:
+        print(json.dumps({"models": models, "devices": devices}, indent=2))
+        return 0
+    for m in models:
+        print(f"packaged {m['kind']}: " + (_describe(m) if "error" not in m
+                                           else f"{m['path']}: {m['error']}"))
+    for d in devices:
+        print(f"device {d['dev_id']} uses {d['model']}")
+    if not devices:
+        print(f"no device has a chosen model (files {sd}/<dev>.model); devices use the "
+              "packaged fail_slow model")
+    return 0
+
+
+def cmd_model_validate(args: argparse.Namespace) -> int:
+    from ml.model import load_model
+
+    info = load_model(args.file, expect_kind=args.kind).info.as_dict()
+    if args.json:
+        print(json.dumps({"valid": True, **info}, indent=2))
+    else:
+        print(f"valid: {_describe(info)}")
+    return 0
+
+
+def cmd_model_use(args: argparse.Namespace) -> int:
+    from ml.model import load_model
+    from ml.scorer import model_file, state_dir
+
+    path = os.path.abspath(args.file)
+    info = load_model(path, expect_kind="fail_slow").info  # never hand a bad one over
+    sd = state_dir()
+    dev = args.number
+    if dev is None:
+        running = sorted(int(n[:-5]) for n in (os.listdir(sd) if os.path.isdir(sd) else [])
+                         if n.endswith(".json") and n[:-5].isdigit())
+        if len(running) != 1:
+            raise _Fail(f"{len(running)} devices in {sd}: say which one with -n DEV")
+        dev = running[0]
+    if not os.path.exists(os.path.join(sd, f"{dev}.json")):
+        print(f"{PROG}: warning: no running device {dev} known in {sd}; its scorer picks "
+              "the model up when it starts", file=sys.stderr)
+    target = model_file(dev, sd)
+    os.makedirs(sd, exist_ok=True)
+    tmp = target + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(path + "\n")
+    os.replace(tmp, target)  # the scorer sees a new mtime and swaps
+    if args.json:
+        print(json.dumps({"dev_id": dev, "model": path, "version": info.version}))
+    else:
+        print(f"device {dev}: model {path} (version {info.version}); the scorer swaps it "
+              "in within a tick")
+    return 0
+
+
+class _Fail(UblkError, ValueError):
+    pass
+
+
+def model_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=f"{PROG} model", description="List, validate and switch the ONNX "
+                "models that score a device's completion paths (contract: docs/models.md).")
+    sub = p.add_subparsers(dest="verb", metavar="VERB")
+    ls = sub.add_parser("list", help="packaged models and the model each device uses",
+                        description="Show the packaged reference models and, per device, "
+                        "the model chosen with `model use`.")
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
+    ls.set_defaults(func=cmd_model_list)
+    v = sub.add_parser("validate", help="check a model against the plug-in contract",
+                       description="Load FILE as the scorer would (onnx checker, metadata, "
+                       "input/output shapes and dtypes, a trial run); exit 1 with the reason "
+                       "if it is refused.")
+    v.add_argument("file", metavar="FILE")
+    v.add_argument("--kind", choices=["fail_slow", "failure"], help="also require this kind")
+    v.add_argument("--json", action="store_true", help="machine-readable output")
+    v.set_defaults(func=cmd_model_validate)
+    u = sub.add_parser("use", help="hot-swap a running device's fail-slow model",
+                       description="Validate FILE, then point the device's scorer at it "
+                       "($UBLKML_STATE_DIR/<dev>.model, default /run/ublkml); the scorer "
+                       "swaps within a tick and keeps its old model if the new one fails.")
+    u.add_argument("file", metavar="FILE")
+    u.add_argument("-n", "--number", type=int, help="device id (default: the only device)")
+    u.add_argument("--json", action="store_true", help="machine-readable output")
+    u.set_defaults(func=cmd_model_use)
+    return p
+
+
+def model_main(argv: Sequence[str]) -> int:
+    """``ublkml model list|validate FILE|use FILE [-n DEV]``."""
+    return _run(model_parser(), argv)
+
+
+# ---- ublkml ml ----------------------------------------------------------------------
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    from ml import detect
+    from ml.model import load_model
+    from ml.telemetry import read_labels, read_tree
+
+    quiet = args.json or args.quiet
+    hosts = read_tree(args.dir, progress=_progress(not quiet, "read hosts"))
+    labels = read_labels(args.labels) if args.labels else None
+    model = load_model(args.model, expect_kind="fail_slow") if args.model else None
+    verdicts = detect.run(args.method, hosts, model, args.window)
+    if args.out:
+        tmp = args.out + ".tmp"
+        with open(tmp, "w") as f:
+            f.write("host,disk_id,flagged,score\n")
+            f.writelines(f"{v.host},{v.disk_id},{int(v.flagged)},{v.score:.6g}\n"
+                         for v in verdicts)
+        os.replace(tmp, args.out)
+    result: dict[str, Any] = {"method": args.method, "drives": len(verdicts),
+                              "flagged": sum(v.flagged for v in verdicts)}
+    if labels is not None:
+        result["metrics"] = detect.metrics(verdicts, labels)
+    if args.json:
+        result["verdicts"] = [{"host": v.host, "disk_id": v.disk_id, "flagged": v.flagged,
+                               "score": v.score} for v in verdicts]
+        print(json.dumps(result, indent=2))
+        return 0
+    if not args.out:
+        print("host,disk_id,flagged,score")
+        for v in verdicts:
+            print(f"{v.host},{v.disk_id},{int(v.flagged)},{v.score:.6g}")
+    print(f"{args.method}: {result['flagged']} of {result['drives']} drives flagged",
+          file=sys.stderr if not args.out else sys.stdout)
+    if labels is not None:
+        m = result["metrics"]
+        print(f"precision {m['precision']:.3f}  recall {m['recall']:.3f}  F1 {m['f1']:.3f}  "
+              f"MCC {m['mcc']:.3f}  (tp {m['tp']} fp {m['fp']} fn {m['fn']} tn {m['tn']})",
+              file=sys.stderr if not args.out else sys.stdout)
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from ml import synth
+
+    quiet = args.json or args.quiet
+    if args.what == "telemetry":
+        cfg = synth.config_from(args.preset, hosts=args.hosts, days=args.days,
+                                slow_fraction=args.slow_fraction)
+        faults = synth.make_telemetry(args.out, args.seed, cfg,
+                                      progress=_progress(not quiet, "hosts written"))
+        summary = {"out": args.out, "preset": args.preset, "seed": args.seed,
+                   "hosts": cfg.hosts, "slow_drives": len(faults),
+                   "labels": os.path.join(args.out, "labels.csv")}
+    else:
+        scfg = synth.SMART_PRESETS[args.preset]
+        fails = synth.make_smart(args.out, args.seed, scfg)
+        summary = {"out": args.out, "preset": args.preset, "seed": args.seed,
+                   "drives": scfg.drives, "days": scfg.days, "failures": len(fails)}
+    print(json.dumps(summary) if args.json else
+          ", ".join(f"{k} {v}" for k, v in summary.items()))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ml.train import train_main
+
+    return train_main(args)
+
+
+def cmd_smart(args: argparse.Namespace) -> int:
+    from ml.model import load_model, reference_model
+    from ml.smart import parse_smartctl_json, read_smart
+
+    if args.from_json:
+        with open(args.from_json, "rb") as f:
+            reading = parse_smartctl_json(f.read(), args.from_json)
+    else:
+        reading = read_smart(args.device)
+    model = load_model(args.model, "failure") if args.model else reference_model("failure")
+    score, flag = model.predict(reading.vector(model.features))
+    out = {"device": reading.device, "model": reading.model, "serial": reading.serial,
+           "smart_passed": reading.passed, "score": float(score[0]), "flagged": bool(flag[0]),
+           "threshold": model.threshold, "missing": list(reading.missing),
+           "features": reading.features}
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print(f"{out['device']} ({out['model']} {out['serial']}): failure score "
+              f"{out['score']:.3f} ({'FLAGGED' if out['flagged'] else 'ok'}, threshold "
+              f"{model.threshold:g})" + (f"; not reported: {', '.join(reading.missing)}"
+                                         if reading.missing else ""))
+    return 0
+
+
+def ml_parser() -> argparse.ArgumentParser:
+    from ml.detect import DEFAULT_WINDOW_S, METHODS
+    from ml.synth import PRESETS, SMART_PRESETS
+    from ml.train import HORIZON_DAYS
+
+    p = _Parser(prog=f"{PROG} ml", description="Drive-health models: fail-slow detection on "
+                "telemetry, training, synthetic data, SMART failure scores.")
+    sub = p.add_subparsers(dest="verb", metavar="VERB")
+
+    d = sub.add_parser("detect", help="per-drive fail-slow verdicts for a telemetry tree",
+                       description="Read DIR/<host>/*.csv (columns ts,disk_id,throughput,"
+                       "latency; the drives of a host are peers) and write one verdict per "
+                       "drive: host,disk_id,flagged,score. With --labels, print precision, "
+                       "recall, F1 and MCC.")
+    d.add_argument("dir", metavar="DIR")
+    d.add_argument("--labels", metavar="CSV", help="slow drives (host,disk_id) to score "
+                   "the verdicts against")
+    d.add_argument("--model", metavar="FILE", help="a fail_slow ONNX model (default: the "
+                   "packaged one)")
+    d.add_argument("--method", choices=METHODS, default="model",
+                   help="model (default), peer2x (2x peer-median rule) or perseus "
+                   "(latency-vs-throughput regression)")
+    d.add_argument("--window", type=float, default=DEFAULT_WINDOW_S,
+                   help=f"window in seconds (default {DEFAULT_WINDOW_S:g})")
+    d.add_argument("--out", metavar="CSV", help="write the verdicts here instead of stdout")
+    d.add_argument("--json", action="store_true", help="machine-readable output")
+    d.add_argument("-q", "--quiet", action="store_true", help="no progress")
+    d.set_defaults(func=cmd_detect)
+
+    t = sub.add_parser("train", help="train a model and export it as ONNX (extra: train)",
+                       description="Seeded training. `reference` rebuilds the packaged "
+                       "models from generated data; `fail-slow DIR` trains on a telemetry "
+                       "tree with labels; `failure DIR` on Backblaze-layout SMART CSVs.")
+    t.add_argument("what", choices=["reference", "fail-slow", "failure"])
+    t.add_argument("dir", nargs="?", metavar="DIR", help="training data (not for reference)")
+    t.add_argument("--labels", metavar="CSV", help="fail-slow: labels (default DIR/labels.csv)")
+    t.add_argument("--out", metavar="PATH", help="the model file (reference: a directory, "
+                   "default the package's ml/models)")
+    t.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    t.add_argument("--window", type=float, default=DEFAULT_WINDOW_S,
+                   help="fail-slow: window in seconds")
+    t.add_argument("--horizon", type=int, default=HORIZON_DAYS,
+                   help=f"failure: days ahead to predict (default {HORIZON_DAYS})")
+    t.add_argument("--version", default="1", help="the model's ublkml.version (default 1)")
+    t.add_argument("--no-eval", action="store_true", help="reference: skip the held-out "
+                   "evaluation")
+    t.add_argument("--json", action="store_true", help="machine-readable report")
+    t.add_argument("-q", "--quiet", action="store_true", help="no progress")
+    t.set_defaults(func=_check_train)
+
+    s = sub.add_parser("synth", help="generate labelled data (telemetry or SMART history)",
+                       description="Write a Perseus-layout telemetry tree with injected "
+                       "fail-slow drives (DIR/labels.csv, DIR/injected.csv) or a "
+                       "Backblaze-layout SMART history, from a seed.")
+    s.add_argument("what", choices=["telemetry", "smart"])
+    s.add_argument("out", metavar="DIR")
+    s.add_argument("--preset", default="train",
+                   choices=sorted(set(PRESETS) | set(SMART_PRESETS)),
+                   help="train (default), heldout or small")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    s.add_argument("--hosts", type=int, help="telemetry: number of hosts")
+    s.add_argument("--days", type=int, help="telemetry: days per host")
+    s.add_argument("--slow-fraction", type=float, help="telemetry: fraction of slow drives")
+    s.add_argument("--json", action="store_true", help="machine-readable summary")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress")
+    s.set_defaults(func=cmd_synth)
+
+    m = sub.add_parser("smart", help="failure score of a drive from smartctl --json",
+                       description="Run `smartctl --json -a DEVICE` (or read its saved "
+                       "output) and score it with the failure model.")
+    g = m.add_mutually_exclusive_group(required=True)
+    g.add_argument("device", nargs="?", metavar="DEVICE")
+    g.add_argument("--from-json", metavar="FILE", help="saved smartctl --json output")
+    m.add_argument("--model", metavar="FILE", help="a failure ONNX model (default: packaged)")
+    m.add_argument("--json", action="store_true", help="machine-readable output")
+    m.set_defaults(func=cmd_smart)
+    return p
+
+
+def _check_train(args: argparse.Namespace) -> int:
+    if args.what != "reference" and not args.dir:
+        raise _Fail(f"train {args.what} needs DIR")
+    if args.what != "reference" and not args.out:
+        raise _Fail(f"train {args.what} needs --out FILE")
+    return cmd_train(args)
+
+
+def ml_main(argv: Sequence[str]) -> int:
+    """``ublkml ml detect|train|synth|smart ...``."""
+    return _run(ml_parser(), argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m ml``: ``model ...`` goes to model_main, the rest to ml_main."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "model":
+        return model_main(argv[1:])
+    return ml_main(argv)
