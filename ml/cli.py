@@ -39,6 +39,8 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str]) -> int:
     except _UsageError as e:
         print(str(e), file=sys.stderr)
         return 2
+    except SystemExit as e:  # --help: return instead of exiting the caller's process
+        return e.code if isinstance(e.code, int) else 0
     func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
     if func is None:
         parser.print_help(sys.stderr)

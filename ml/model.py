@@ -198,6 +198,7 @@ class Model:
 def _session(data: bytes, where: str) -> Any:
     import onnxruntime as ort  # type: ignore[import-untyped,unused-ignore]
 
+    ort.set_default_logger_severity(3)  # shape-merge warnings would go to stderr
     opts = ort.SessionOptions()
     # One thread, no spinning: the scorer shares the machine with queue threads.
     opts.intra_op_num_threads = 1

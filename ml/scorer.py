@@ -178,14 +178,17 @@ class Scorer:
         t0 = time.perf_counter_ns()
         out: list[PathVerdict] = []
         try:
+            self._poll_model_file()  # first, so that a new model scores this tick
+        except Exception as e:
+            self._error("model swap refused", e)
+        try:
             out = self._tick(t0)
         except Exception as e:
             self._error("tick failed", e)
-        for hook in (self._poll_model_file, self._maybe_write_state):
-            try:
-                hook()
-            except Exception as e:
-                self._error(hook.__name__.lstrip("_").replace("_", " "), e)
+        try:
+            self._maybe_write_state()
+        except Exception as e:
+            self._error("cannot write the state file", e)
         self.total_ns += time.perf_counter_ns() - t0
         self.ticks += 1
         return out

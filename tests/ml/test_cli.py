@@ -1,0 +1,79 @@
+"""`ublkml model ...` and `ublkml ml ...` entry points: outputs, errors, exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ml.cli import main, ml_main, model_main
+from ml.model import REFERENCE_MODELS
+from tests.ml.helpers import sigmoid_model
+
+
+@pytest.fixture
+def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    d = tmp_path / "state"
+    monkeypatch.setenv("UBLKML_STATE_DIR", str(d))
+    return d
+
+
+def test_validate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert model_main(["validate", REFERENCE_MODELS["fail_slow"], "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["valid"] and out["kind"] == "fail_slow"
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x08\x07garbage")
+    assert model_main(["validate", str(bad)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ublkml: error: ") and str(bad) in err[0]
+    assert model_main(["validate", REFERENCE_MODELS["failure"], "--kind", "fail_slow"]) == 1
+
+
+def test_use_and_list(tmp_path: Path, state: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = tmp_path / "m.onnx"
+    good.write_bytes(sigmoid_model())
+    assert model_main(["use", str(good)]) == 1          # no device: which one?
+    assert "-n DEV" in capsys.readouterr().err
+    state.mkdir()
+    (state / "3.json").write_text("{}")
+    assert model_main(["use", str(good), "--json"]) == 0  # the only device
+    assert json.loads(capsys.readouterr().out)["dev_id"] == 3
+    assert (state / "3.model").read_text().strip() == str(good)
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(sigmoid_model({"ublkml.kind": "fail_slow"}))
+    assert model_main(["use", str(bad), "-n", "3"]) == 1  # validated before it is handed over
+    assert (state / "3.model").read_text().strip() == str(good)
+    capsys.readouterr()
+    assert model_main(["list", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {m["kind"] for m in out["models"]} == {"fail_slow", "failure"}
+    assert out["devices"] == [{"dev_id": 3, "model": str(good)}]
+
+
+def test_usage_errors_and_help(capsys: pytest.CaptureFixture[str]) -> None:
+    assert model_main([]) == 2
+    assert model_main(["frobnicate"]) == 2
+    assert ml_main(["detect"]) == 2
+    assert "DIR" in capsys.readouterr().err
+    assert ml_main(["detect", "--help"]) == 0
+    assert "host,disk_id,flagged,score" in capsys.readouterr().out
+    assert main(["model", "validate", "--help"]) == 0
+
+
+def test_synth_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert ml_main(["synth", "telemetry", str(tmp_path / "t"), "--preset", "small",
+                    "--hosts", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["hosts"] == 2 and (tmp_path / "t" / "labels.csv").exists()
+    assert ml_main(["synth", "smart", str(tmp_path / "s"), "--preset", "small", "-q"]) == 0
+
+
+def test_python_dash_m() -> None:
+    p = subprocess.run([sys.executable, "-m", "ml", "model", "validate",
+                        REFERENCE_MODELS["failure"]], capture_output=True, text=True,
+                       timeout=120, check=False)
+    assert p.returncode == 0 and "kind failure" in p.stdout

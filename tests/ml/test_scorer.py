@@ -1,0 +1,119 @@
+"""The scorer: per-path windows, batched scoring, hooks, hot swap, never dying."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ml.bench_scoring import measure
+from ml.model import REFERENCE_MODELS, ModelError
+from ml.scorer import Scorer, model_file, verdicts_file
+from tests.ml.helpers import GOOD_META, batch, sigmoid_model
+from ublk_driver.records import COMPLETION_DTYPE
+
+
+class Source:
+    """Hands out queued batches, then nothing (like an idle device)."""
+
+    def __init__(self, *batches: np.ndarray) -> None:
+        self.batches = list(batches)
+
+    def read_completions(self, max_per_queue: int = 65536) -> np.ndarray:
+        return self.batches.pop(0) if self.batches else np.zeros(0, COMPLETION_DTYPE)
+
+
+def test_slow_leg_is_flagged_and_hooks_run() -> None:
+    seen: list[tuple[int, float, bool]] = []
+    tapped: list[int] = []
+    src = Source(*(batch(3000, paths=3, slow_path=1, factor=5.0, seed=i) for i in range(3)))
+    sc = Scorer(src, on_verdict=lambda p, s, f: seen.append((p, s, f)),
+                on_records=lambda r: tapped.append(len(r)))
+    for _ in range(4):
+        sc.tick()
+    v = sc.verdicts()
+    assert set(v) == {0, 1, 2}
+    assert v[1].flagged and not v[0].flagged and not v[2].flagged
+    assert v[1].score > v[0].score
+    assert sum(x.completions for x in v.values()) == 9000   # all three ticks in the window
+    assert v[1].features["peer_lat_ratio"] > 3
+    assert sc.consumed == 9000 and tapped == [3000] * 3
+    assert {p for p, _, _ in seen} == {0, 1, 2}
+    assert sc.stats()["scoring_ns_per_completion"] > 0
+
+
+def test_window_slides() -> None:
+    src = Source(*(batch(100, seed=i) for i in range(5)))
+    sc = Scorer(src, window_ticks=2, min_completions=1)
+    for _ in range(5):
+        sc.tick()
+    assert sc.verdicts()[0].completions == 200
+    sc.tick()
+    assert sc.verdicts()[0].completions == 100  # only the last batch is left in the window
+
+
+def test_swap_model_validates_first(tmp_path: Path) -> None:
+    sc = Scorer(Source())
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"nope")
+    with pytest.raises(ModelError):
+        sc.swap_model(str(bad))
+    assert sc.model.info.path == REFERENCE_MODELS["fail_slow"]
+    good = tmp_path / "good.onnx"
+    good.write_bytes(sigmoid_model())
+    assert sc.swap_model(str(good)).info.version == "0.1"
+    assert sc.model.info.path == str(good)
+    failure = REFERENCE_MODELS["failure"]
+    with pytest.raises(ModelError, match="failure model, fail_slow expected"):
+        sc.swap_model(failure)
+
+
+def test_hot_swap_through_the_state_file(tmp_path: Path) -> None:
+    src = Source(*(batch(500, seed=i) for i in range(10)))
+    sc = Scorer(src, dev_id=7, directory=str(tmp_path), state_interval_s=0)
+    good = tmp_path / "good.onnx"
+    good.write_bytes(sigmoid_model({**GOOD_META, "ublkml.version": "9"}))
+    Path(model_file(7, str(tmp_path))).write_text(f"{good}\n")
+    sc.tick()
+    assert sc.model.info.version == "9" and sc.verdicts()[0].model_version == "9"
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(sigmoid_model({**GOOD_META, "ublkml.features": "bogus"}))
+    Path(model_file(7, str(tmp_path))).write_text(f"{bad}\n")
+    os.utime(model_file(7, str(tmp_path)), (time.time() + 5, time.time() + 5))
+    sc.tick()  # refused: logged, kept the old model, the tick still scored
+    assert sc.model.info.version == "9" and sc.errors == 1
+    state = json.loads(Path(verdicts_file(7, str(tmp_path))).read_text())
+    assert "unknown feature" in state["model_error"]
+    assert state["verdicts"][0]["path"] == 0 and state["model"]["version"] == "9"
+
+
+def test_errors_never_stop_it(caplog: pytest.LogCaptureFixture) -> None:
+    class Broken:
+        calls = 0
+
+        def read_completions(self, max_per_queue: int = 65536) -> np.ndarray:
+            self.calls += 1
+            if self.calls % 2:
+                raise OSError(5, "ring gone")
+            return batch(100)
+
+    def bad_hook(p: int, s: float, f: bool) -> None:
+        raise RuntimeError("hook bug")
+
+    src = Broken()
+    with Scorer(src, interval_s=0.01, min_completions=1, on_verdict=bad_hook) as sc:
+        deadline = time.monotonic() + 5
+        while src.calls < 10 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert src.calls >= 10 and sc.errors >= 8
+    assert 0 in sc.verdicts()
+    assert "ring gone" in caplog.text and "hook bug" in caplog.text
+
+
+def test_cost_is_under_a_microsecond_per_completion() -> None:
+    r = measure(16384, paths=2, ticks=20, runs=3)
+    assert r["ns_per_completion"] < 1000, r
