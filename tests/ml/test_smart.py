@@ -125,5 +125,5 @@ def test_backblaze_round_trip(tmp_path: Path) -> None:
     assert h.x.shape[1] == len(SMART_FEATURES)
     assert int(h.failure.sum()) == len(fails) > 0
     (tmp_path / "2024-01-01.csv").write_text("date,serial_number\n")
-    with pytest.raises(SmartError, match="missing column.*failure"):
+    with pytest.raises(SmartError, match=r"missing column.*failure"):
         read_backblaze(str(tmp_path))

@@ -10,17 +10,17 @@ import pytest
 
 pytest.importorskip("skl2onnx")
 
-from ml import synth  # noqa: E402
-from ml.cli import ml_main  # noqa: E402
-from ml.model import load_model, load_model_bytes  # noqa: E402
-from ml.smart import read_backblaze  # noqa: E402
-from ml.telemetry import read_labels, read_tree  # noqa: E402
-from ml.train import (  # noqa: E402
+from ml import synth
+from ml.cli import ml_main
+from ml.model import load_model, load_model_bytes
+from ml.smart import read_backblaze
+from ml.telemetry import read_labels, read_tree
+from ml.train import (
     FAIL_SLOW_FEATURES,
     TrainError,
     best_mcc_threshold,
-    train_failure,
     train_fail_slow,
+    train_failure,
 )
 
 
