@@ -22,6 +22,7 @@ import os
 import shutil
 import struct
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,8 @@ EV_ERROR = 2
 MAPS = ("ka_devices", "ka_stats", "ka_events")
 
 # Mirrors of blkacct.bpf.c's structures (tests compare sizes with its BTF).
-CFG = struct.Struct("<QQ")                                   # struct ka_dev_cfg
+CFG = struct.Struct("<QQQQ")                                 # struct ka_dev_cfg
+F_PRECISE = 1
 STATS = struct.Struct(f"<{NR_OPS}Q{NR_OPS}QQqQQQ{NR_SLOTS}Q")  # struct ka_dev_stats
 EVENT = struct.Struct("<QQQIIIiII")                          # struct ka_event
 KEY = struct.Struct("<I")
@@ -246,6 +248,7 @@ class BpfAccounting:
         self.pin_dir = pin_dir(instance)
         self._links: list[_libbpf.BpfLink] = []
         self._pinned: list[tuple[_libbpf.BpfMap, str]] = []
+        self._cfg: dict[int, list[int]] = {}
         self.ncpus = _libbpf.num_possible_cpus()
         ensure_bpffs()
         modes = ["tp_btf", "tracepoint"] if attach == "auto" else [attach]
@@ -272,12 +275,14 @@ class BpfAccounting:
         obj = _libbpf.BpfObject(str(object_path))
         try:
             btf = mode == "tp_btf"
-            for name, use in (("ka_btf_issue", btf), ("ka_btf_complete", btf),
-                              ("ka_tp_issue", not btf), ("ka_tp_complete", not btf)):
-                obj.program(name).set_autoload(use)
+            btf_progs = ("ka_btf_issue", "ka_btf_requeue", "ka_btf_complete")
+            tp_progs = ("ka_tp_issue", "ka_tp_complete")
+            for name in btf_progs:
+                obj.program(name).set_autoload(btf)
+            for name in tp_progs:
+                obj.program(name).set_autoload(not btf)
             obj.load()
-            prefix = "ka_btf" if btf else "ka_tp"
-            for name in (f"{prefix}_issue", f"{prefix}_complete"):
+            for name in btf_progs if btf else tp_progs:
                 self._links.append(obj.program(name).attach())
         except BaseException:
             for link in self._links:
@@ -299,17 +304,30 @@ class BpfAccounting:
 
     # -- devices -------------------------------------------------------------
 
-    def watch(self, bd: BlockDevice, slow_us: int = 0) -> None:
-        """Start accounting ``bd`` from zero; events for I/Os slower than ``slow_us``."""
+    def watch(self, bd: BlockDevice, slow_us: int = 0, precise: bool | None = None) -> None:
+        """Start accounting ``bd`` from zero; events for I/Os slower than ``slow_us``.
+
+        ``precise``: time issue -> complete through a per-request map (slower)
+        instead of from the request's allocation stamp; None = only where the
+        kernel does not stamp requests (the queue's iostats off).
+        """
+        if precise is None:
+            try:
+                precise = (bd.sysfs / "queue" / "iostats").read_text().strip() == "0"
+            except OSError:
+                precise = True
         key = KEY.pack(bd.dev)
         # Stats first, so that the programs never see a watched device without
         # its counters.
         zero = b"\0" * (((STATS.size + 7) // 8 * 8) * self.ncpus)
         _libbpf.map_update_elem(self.stats_fd, key, zero)
-        _libbpf.map_update_elem(self.devices_fd, key, CFG.pack(slow_us * 1000, 0))
+        self._cfg[bd.dev] = [slow_us * 1000, F_PRECISE if precise else 0, time.monotonic_ns()]
+        _libbpf.map_update_elem(self.devices_fd, key, CFG.pack(*self._cfg[bd.dev], 0))
 
     def set_slow_threshold(self, bd: BlockDevice, slow_us: int) -> None:
-        _libbpf.map_update_elem(self.devices_fd, KEY.pack(bd.dev), CFG.pack(slow_us * 1000, 0),
+        cfg = self._cfg[bd.dev]
+        cfg[0] = slow_us * 1000
+        _libbpf.map_update_elem(self.devices_fd, KEY.pack(bd.dev), CFG.pack(*cfg, 0),
                                 _libbpf.BPF_EXIST)
 
     def unwatch(self, bd: BlockDevice) -> None:

@@ -219,7 +219,7 @@ def no_channel(_bd: BlockDevice) -> ControlChannel | None:
     return None
 
 
-def default_actions(throttle: ThrottleInterface | None | Literal["detect"] = "detect",
+def default_actions(throttle: ThrottleInterface | Literal["detect"] | None = "detect",
                     channel_for: Callable[[BlockDevice], ControlChannel | None] = no_channel,
                     ) -> dict[str, ActionSpec]:
     """The allow-list; bounds are conservative rather than the kernel's own limits.

@@ -9,10 +9,11 @@
  * device's threshold and every error.  Devices that are not in `ka_devices`
  * cost one hash lookup per request.
  *
- * Two attachments of the same logic, chosen by the loader (kernel_agent/_bpf.py)
+ * Two attachments of the same logic, chosen by the loader (kernel_agent/accounting.py)
  * with bpf_program__set_autoload():
- *   - tp_btf/block_rq_{issue,complete}: typed access to `struct request`
- *     (CO-RE), start times keyed by the request's address;
+ *   - tp_btf/block_rq_{issue,requeue,complete}: typed access to `struct request`
+ *     (CO-RE); latency from the request's own start_time_ns (see the fast
+ *     path below) or, with KA_F_PRECISE, issue times keyed by its address;
  *   - tracepoint/block/block_rq_{issue,complete}: the classic trace events,
  *     for kernels without BTF; start times keyed by (dev, sector).
  *
@@ -21,7 +22,7 @@
  * means anything.  I/Os and bytes are counted at completion, so an I/O issued
  * before the device was registered is not counted (consistent: no negative
  * in-flight).  The layouts below are mirrored in kernel_agent/_bpf.py; keep
- * them in sync (a unit test checks the sizes against this file's BTF).
+ * them in sync (a test checks the sizes against this file's BTF).
  */
 #include "vmlinux.h"
 #include <bpf/bpf_core_read.h>
@@ -35,9 +36,13 @@
 
 enum ka_op { KA_READ = 0, KA_WRITE = 1, KA_FLUSH = 2, KA_DISCARD = 3, KA_OTHER = 4 };
 
+#define KA_F_PRECISE 1  /* time issue -> complete through ka_starts (see below) */
+
 struct ka_dev_cfg {
-	__u64 slow_ns;  /* 0: no slow-I/O events */
-	__u64 flags;    /* reserved */
+	__u64 slow_ns;   /* 0: no slow-I/O events */
+	__u64 flags;     /* KA_F_* */
+	__u64 since_ns;  /* when user space started watching (CLOCK_MONOTONIC) */
+	__u64 pad;
 };
 
 struct ka_dev_stats {
@@ -146,32 +151,26 @@ static __always_inline void on_issue(__u32 dev, struct ka_start_key *key, __u32 
 		st->in_flight++;
 }
 
-static __always_inline void on_complete(__u32 dev, struct ka_start_key *key, __s32 error,
-					__u64 nr_bytes, __u64 sector, int partial)
+/* Count one completion that started at start_ns (and send an event if it
+ * was slow or failed). */
+static __always_inline void account(struct ka_dev_cfg *cfg, __u32 dev, __u64 start_ns,
+				    __u32 op, __s32 error, __u64 nr_bytes, __u64 sector,
+				    int partial)
 {
-	struct ka_dev_cfg *cfg;
 	struct ka_dev_stats *st;
-	struct ka_start *start;
 	struct ka_event *ev;
 	__u64 now, lat;
-	__u32 op, slot;
+	__u32 slot;
 
-	cfg = bpf_map_lookup_elem(&ka_devices, &dev);
-	if (!cfg)
-		return;
-	start = bpf_map_lookup_elem(&ka_starts, key);
-	if (!start)
-		return;  /* issued before we watched the device */
 	st = bpf_map_lookup_elem(&ka_stats, &dev);
 	if (!st)
 		return;
-	op = start->op < KA_NR_OPS ? start->op : KA_OTHER;
+	op = op < KA_NR_OPS ? op : KA_OTHER;
 	st->bytes[op] += nr_bytes;
 	if (partial)  /* more completions of this request follow */
 		return;
 	now = bpf_ktime_get_ns();
-	lat = now - start->ts_ns;
-	bpf_map_delete_elem(&ka_starts, key);
+	lat = now - start_ns;
 	st->ios[op]++;
 	st->in_flight--;
 	st->lat_sum_ns += lat;
@@ -205,23 +204,88 @@ static __always_inline void on_complete(__u32 dev, struct ka_start_key *key, __s
 	bpf_ringbuf_submit(ev, 0);
 }
 
+/* The precise path: the start time comes from ka_starts. */
+static __always_inline void on_complete(struct ka_dev_cfg *cfg, __u32 dev,
+					struct ka_start_key *key, __s32 error, __u64 nr_bytes,
+					__u64 sector, int partial)
+{
+	struct ka_start *start = bpf_map_lookup_elem(&ka_starts, key);
+	__u64 ts;
+	__u32 op;
+
+	if (!start)
+		return;  /* issued before we watched the device */
+	ts = start->ts_ns;
+	op = start->op;
+	if (!partial)
+		bpf_map_delete_elem(&ka_starts, key);
+	account(cfg, dev, ts, op, error, nr_bytes, sector, partial);
+}
+
 /* ---- tp_btf: typed, CO-RE ------------------------------------------------ */
 
+/* tp_btf arguments are typed kernel pointers: plain loads (relocated by CO-RE
+ * through vmlinux.h's preserve_access_index) are checked by the verifier and
+ * cost one instruction each, where BPF_CORE_READ would call
+ * bpf_probe_read_kernel() for every field.  This is the hot path. */
 static __always_inline __u32 rq_dev(struct request *rq)
 {
-	struct gendisk *disk = BPF_CORE_READ(rq, q, disk);
+	struct gendisk *disk = rq->q->disk;
 
 	if (!disk)
 		return 0;
-	return ((__u32)BPF_CORE_READ(disk, major) << 20) | (__u32)BPF_CORE_READ(disk, first_minor);
+	return ((__u32)disk->major << 20) | (__u32)disk->first_minor;
 }
 
+/*
+ * The fast path (default): blk-mq stamps every request with start_time_ns
+ * when it is allocated (whenever iostats or a scheduler is on), so the
+ * latency is complete - start_time_ns, the same interval iostat's await
+ * uses, and no per-request map entry is needed: two map updates and a
+ * lookup fewer per I/O, which is most of this program's cost.  Requests
+ * allocated before the device was watched are skipped at issue and at
+ * completion alike, so in-flight stays exact.  KA_F_PRECISE (set by user
+ * space when the queue's iostats is off, or on request) times issue ->
+ * complete through ka_starts instead.
+ */
 SEC("tp_btf/block_rq_issue")
 int BPF_PROG(ka_btf_issue, struct request *rq)
 {
 	struct ka_start_key key = { .a = (__u64)rq, .b = 0 };
+	__u32 dev = rq_dev(rq);
+	struct ka_dev_stats *st;
+	struct ka_dev_cfg *cfg;
 
-	on_issue(rq_dev(rq), &key, op_of(BPF_CORE_READ(rq, cmd_flags)));
+	cfg = bpf_map_lookup_elem(&ka_devices, &dev);
+	if (!cfg)
+		return 0;
+	if (cfg->flags & KA_F_PRECISE) {
+		on_issue(dev, &key, op_of(rq->cmd_flags));
+		return 0;
+	}
+	if (rq->start_time_ns < cfg->since_ns)
+		return 0;
+	st = bpf_map_lookup_elem(&ka_stats, &dev);
+	if (st)
+		st->in_flight++;
+	return 0;
+}
+
+SEC("tp_btf/block_rq_requeue")
+int BPF_PROG(ka_btf_requeue, struct request *rq)
+{
+	__u32 dev = rq_dev(rq);
+	struct ka_dev_stats *st;
+	struct ka_dev_cfg *cfg;
+
+	/* It will be issued again (and counted in flight again). The precise
+	 * path handles this at issue (BPF_NOEXIST). */
+	cfg = bpf_map_lookup_elem(&ka_devices, &dev);
+	if (!cfg || (cfg->flags & KA_F_PRECISE) || rq->start_time_ns < cfg->since_ns)
+		return 0;
+	st = bpf_map_lookup_elem(&ka_stats, &dev);
+	if (st)
+		st->in_flight--;
 	return 0;
 }
 
@@ -231,9 +295,22 @@ int BPF_PROG(ka_btf_complete, struct request *rq, blk_status_t error, unsigned i
 	struct ka_start_key key = { .a = (__u64)rq, .b = 0 };
 	/* blk_update_request() traces before it shrinks __data_len: fewer bytes
 	 * than remain means a partial completion. */
-	int partial = nr_bytes < BPF_CORE_READ(rq, __data_len);
+	int partial = nr_bytes < rq->__data_len;
+	__u32 dev = rq_dev(rq);
+	struct ka_dev_cfg *cfg;
+	__u64 start;
 
-	on_complete(rq_dev(rq), &key, error, nr_bytes, BPF_CORE_READ(rq, __sector), partial);
+	cfg = bpf_map_lookup_elem(&ka_devices, &dev);
+	if (!cfg)
+		return 0;
+	if (cfg->flags & KA_F_PRECISE) {
+		on_complete(cfg, dev, &key, error, nr_bytes, rq->__sector, partial);
+		return 0;
+	}
+	start = rq->start_time_ns;
+	if (!start || start < cfg->since_ns)
+		return 0;
+	account(cfg, dev, start, op_of(rq->cmd_flags), error, nr_bytes, rq->__sector, partial);
 	return 0;
 }
 
@@ -294,10 +371,13 @@ SEC("tracepoint/block/block_rq_complete")
 int ka_tp_complete(struct ka_tp_rq_complete *ctx)
 {
 	struct ka_start_key key = { .a = ctx->dev, .b = ctx->sector };
+	__u32 dev = ctx->dev;
+	struct ka_dev_cfg *cfg = bpf_map_lookup_elem(&ka_devices, &dev);
 
 	/* The trace event has no "bytes remaining": treat every completion as
 	 * whole (partial completions are rare: only on errors and some drivers). */
-	on_complete(ctx->dev, &key, ctx->error, (__u64)ctx->nr_sector << 9, ctx->sector, 0);
+	if (cfg)
+		on_complete(cfg, dev, &key, ctx->error, (__u64)ctx->nr_sector << 9, ctx->sector, 0);
 	return 0;
 }
 

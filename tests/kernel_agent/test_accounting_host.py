@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from kernel_agent.accounting import (
+    CFG,
     EVENT,
     STATS,
     BpfAccounting,
@@ -33,15 +34,17 @@ def test_layouts_match_the_object() -> None:
     out = subprocess.run(["bpftool", "btf", "dump", "file", str(OBJECT_PATH)],
                          capture_output=True, text=True, check=True).stdout
     assert f"STRUCT 'ka_dev_stats' size={STATS.size}" in out
-    assert "STRUCT 'ka_dev_cfg' size=16" in out
+    assert f"STRUCT 'ka_dev_cfg' size={CFG.size}" in out
     assert EVENT.size == 48
 
 
-@pytest.mark.parametrize("attach", ["tp_btf", "tracepoint"])
-def test_exact_counts(bpf_ok: None, loopdev: str, instance: str, attach: str) -> None:
+@pytest.mark.parametrize("attach, precise", [("tp_btf", False), ("tp_btf", True),
+                                             ("tracepoint", None)])
+def test_exact_counts(bpf_ok: None, loopdev: str, instance: str, attach: str,
+                      precise: bool | None) -> None:
     bd = resolve_device(loopdev)
     with BpfAccounting(instance, attach=attach) as acc:
-        acc.watch(bd)
+        acc.watch(bd, precise=precise)
         reads = fio(f"/dev/{loopdev}", "--ioengine=psync", "--rw=randread", "--bs=4k",
                     "--number_ios=1000", "--size=32M", "--randseed=1")
         writes = fio(f"/dev/{loopdev}", "--ioengine=io_uring", "--iodepth=16",
