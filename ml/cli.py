@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -45,6 +47,8 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str]) -> int:
     if func is None:
         parser.print_help(sys.stderr)
         return 2
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `... | head`: end quietly, as ublkml
     try:
         return int(func(args))
     except (UblkError, ValueError, OSError) as e:
