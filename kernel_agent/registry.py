@@ -5,8 +5,8 @@
 * ``ublk-server``: a process serving a ublk device.  Params: ``pid``
   (required), ``dev_id`` (the ublk device id; its ``ublkbN`` is then watched),
   ``queues``, ``depth``, ``memory``, ``files``, ``policy`` = ``remove`` (on
-  death, delete the device: nobody serves it) or ``keep`` (leave it for
-  ``ublkml recover``), ``mode`` for the watched device.
+  death, delete the device: nobody serves it) or ``keep`` (leave it for a
+  recovering server), ``mode`` for the watched device.
 * ``ml-extension``: a process sending recommendations (a model).  Params:
   ``pid`` (required), ``memory``, ``files``, ``model``.
 
