@@ -75,6 +75,22 @@ def _classifier(seed: int) -> Any:
                                       subsample=0.8, random_state=seed)
 
 
+#: bound on a tree leaf's value (log-odds).  Gradient boosting's Newton step on
+#: a pure leaf divides by a vanishing hessian and can give values like 1e63,
+#: which overflow float32 in ONNX (inf - inf: NaN scores).  1e4 is still
+#: "certain" after the learning rate (the logistic saturates far below), so
+#: the scores do not change; only the overflow goes.
+LEAF_CAP = 1e4
+
+
+def _fit(seed: int, x: npt.NDArray[np.float32], y: npt.NDArray[np.int64]) -> Any:
+    clf = _classifier(seed).fit(x, y)
+    for est in clf.estimators_.ravel():
+        v = est.tree_.value  # a writable view of the tree's buffer
+        np.clip(v, -LEAF_CAP, LEAF_CAP, out=v)
+    return clf
+
+
 def export_onnx(clf: Any, features: Sequence[str], kind: str, output: str, threshold: float,
                 version: str, doc: str = "") -> bytes:
     """A fitted binary classifier as ONNX bytes with the ublkml metadata."""
@@ -163,11 +179,11 @@ def train_fail_slow(hosts: list[HostData], labels: set[tuple[str, str]], seed: i
         test = fold_of_host[w.host] == k
         if not test.any() or w.y[~test].min() == w.y[~test].max():
             continue
-        clf = _classifier(seed).fit(w.x[~test], w.y[~test])
+        clf = _fit(seed, w.x[~test], w.y[~test])
         oof[test] = clf.predict_proba(w.x[test])[:, 1]
     ds = detect.drive_scores_from_windows(w.drive, oof.astype(np.float32), w.drive_truth.size)
     threshold, mcc = best_mcc_threshold(ds, w.drive_truth)
-    clf = _classifier(seed).fit(w.x, w.y)
+    clf = _fit(seed, w.x, w.y)
     data = export_onnx(clf, FAIL_SLOW_FEATURES, "fail_slow",
                        "probability that the path's window looks like that of a fail-slow "
                        "drive (class 1 of a gradient-boosted classifier)", threshold, version,
@@ -225,14 +241,14 @@ def train_failure(h: SmartHistory, seed: int = 0, horizon_days: int = HORIZON_DA
         test = fold_of_drive[drive] == k
         if not test.any() or y[~test].min() == y[~test].max():
             continue
-        oof[test] = _classifier(seed).fit(x[~test], y[~test]).predict_proba(x[test])[:, 1]
+        oof[test] = _fit(seed, x[~test], y[~test]).predict_proba(x[test])[:, 1]
     best = (0.5, -1.0)
     for t in np.unique(np.round(oof, 3)):
         if t > 0:
             m = failure_drive_metrics(h, oof, float(t), horizon_days)["mcc"]
             if m > best[1]:
                 best = (float(t), m)
-    clf = _classifier(seed).fit(x, y)
+    clf = _fit(seed, x, y)
     data = export_onnx(clf, FAILURE_FEATURES, "failure",
                        f"probability that the drive fails within {horizon_days} days",
                        best[0], version, doc=f"ublkml failure model, seed {seed}")

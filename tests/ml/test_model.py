@@ -169,3 +169,15 @@ def test_metadata_parsing_fails_only_with_model_error(meta: dict[str, str]) -> N
         assert str(e).startswith("m.onnx: ")
     else:
         assert kind in ("fail_slow", "failure") and names and 0 < threshold <= 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(sorted(REFERENCE_MODELS)), st.integers(0, 2**32 - 1),
+       st.sampled_from([1.0, 100.0, 1e6, 1e9]))
+def test_reference_models_score_any_sane_input(kind: str, seed: int, scale: float) -> None:
+    """No input in the features' ranges may give NaN (a float32 overflow in a tree once did)."""
+    m = load_model(REFERENCE_MODELS[kind])
+    rng = np.random.default_rng(seed)
+    x = (rng.random((64, len(m.features))) * scale).astype(np.float32)
+    s = m.score(x)  # raises ModelError on NaN or out of [0, 1]
+    assert s.shape == (64,)
