@@ -25,7 +25,7 @@ lint:
 	$(VENV)/ruff check ublk_driver kernel_agent ml bench tests
 
 typecheck:
-	$(VENV)/mypy ublk_driver
+	$(VENV)/mypy ublk_driver kernel_agent ml bench
 
 clean:
 	rm -rf build *.egg-info ublk_driver/_ublkml_cffi.* .pytest_cache .mypy_cache

@@ -97,16 +97,57 @@ def _print_ready(summary: dict[str, Any], as_json: bool) -> None:
               f"server pid {summary['pid']}", flush=True)
 
 
+def _check_model(args: argparse.Namespace) -> None:
+    """Validate --score's model before any device exists (clear error, nothing created)."""
+    if args.score is None:
+        return
+    from ml.model import load_model, reference_model
+
+    if args.score == "default":
+        reference_model("fail_slow")
+    else:
+        load_model(args.score, expect_kind="fail_slow")
+
+
+class _ScoringHooks:
+    """Starts the ML scorer once the device is live, stops it after the server."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.model = None if args.score in (None, "default") else args.score
+        self.enabled = args.score is not None
+        self.scorer: Any = None
+
+    def started(self, server: Server) -> None:
+        if self.enabled:
+            from ml.scorer import Scorer
+
+            self.scorer = Scorer(server, self.model, dev_id=server.dev_id).start()
+
+    def stopped(self) -> None:
+        if self.scorer is not None:
+            self.scorer.stop()
+
+
 def cmd_add(args: argparse.Namespace) -> int:
     config = ServerConfig(queues=args.queues, depth=args.depth,
                           dev_id=DEV_ID_AUTO if args.number is None else args.number,
-                          max_io_bytes=args.max_io)
+                          max_io_bytes=args.max_io,
+                          record_capacity=1 << 14 if args.score is not None else 0)
     config.validate()
+    _check_model(args)
     backend = make_backend(args)
     if args.foreground:
         server = Server(backend, config)
-        problems = server.serve_forever(
-            on_ready=lambda s: _print_ready(_device_summary(s), args.json))
+        hooks = _ScoringHooks(args)
+
+        def ready(s: Server) -> None:
+            hooks.started(s)
+            _print_ready(_device_summary(s), args.json)
+
+        try:
+            problems = server.serve_forever(on_ready=ready)
+        finally:
+            hooks.stopped()
         for p in problems:
             print(f"{PROG}: {p}", file=sys.stderr)
         return 1 if problems else 0
@@ -132,14 +173,20 @@ def _add_daemon(backend: Backend, config: ServerConfig, args: argparse.Namespace
             os.close(null_fd)
             os.close(log_fd)
 
+            hooks = _ScoringHooks(args)
+
             def ready(server: Server) -> None:
+                hooks.started(server)
                 summary = _device_summary(server)
                 summary["log"] = log_path
                 os.write(wfd, json.dumps({"ok": True, **summary}).encode())
                 os.close(wfd)
 
             server = Server(backend, config)
-            problems = server.serve_forever(on_ready=ready)
+            try:
+                problems = server.serve_forever(on_ready=ready)
+            finally:
+                hooks.stopped()
             for p in problems:
                 print(f"{PROG}: {p}", file=sys.stderr, flush=True)
             code = 1 if problems else 0
@@ -313,6 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--buffered", action="store_true",
                    help="loop: use the page cache instead of O_DIRECT")
     a.add_argument("--read-only", action="store_true", help="loop: open the file read-only")
+    a.add_argument("--score", nargs="?", const="default", metavar="MODEL",
+                   help="score every completion path with an ONNX fail-slow model (the "
+                   "packaged one, or MODEL); `ublkml model use` hot-swaps it")
     a.add_argument("--foreground", action="store_true",
                    help="serve from this process until SIGINT/SIGTERM")
     a.add_argument("--json", action="store_true", help="print the device as JSON")

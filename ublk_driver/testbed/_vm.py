@@ -748,7 +748,7 @@ def qemu_command(
         "-no-reboot",
         "-kernel", str(image.vmlinuz),
         "-initrd", str(image.initrd),
-        "-append", " ".join([_KERNEL_CMDLINE, os.environ.get("UBLKML_TESTBED_CMDLINE", "")]).strip(),
+        "-append", f"{_KERNEL_CMDLINE} {os.environ.get('UBLKML_TESTBED_CMDLINE', '')}".strip(),
     ]
     argv += share("hostroot", "hostroot", "/", readonly=True)
     argv += share("modules", "modules", image.modules_dir, readonly=True)
