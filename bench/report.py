@@ -466,18 +466,26 @@ def make_plots(doc: dict[str, Any], outdir: Path) -> list[str]:
         # IOPS, grouped by device, one bar per queue count.
         fig, ax = plt.subplots(figsize=(9, 4.5))
         width = 0.38
+        missing: list[tuple[float, str]] = []
         for j, q in enumerate((1, 2)):
             xs, ys = [], []
             for i, d in enumerate(devices):
                 v = _iops(idx, (d, w, q))
+                x = i + (j - 0.5) * width
                 if v is not None:
-                    xs.append(i + (j - 0.5) * width)
+                    xs.append(x)
                     ys.append(v)
+                elif (d, w, q) in idx:  # say why the bar is missing
+                    missing.append((x, _cell(idx[(d, w, q)], "")))
             bars = ax.bar(xs, ys, width, label=f"{q} queue{'s' if q > 1 else ''}")
             ax.bar_label(bars, labels=[f"{y / 1000:.1f}k" if y >= 1000 else f"{y:.0f}"
                                        for y in ys], fontsize=7, padding=2)
         ax.set_xticks(range(len(devices)), devices, rotation=15)
         ax.set_yscale("log")
+        bottom = ax.get_ylim()[0]
+        for x, why in missing:
+            ax.text(x, bottom * 1.15, why, ha="center", va="bottom", fontsize=8,
+                    color="grey")
         ax.set_ylabel("IOPS (log scale)")
         ax.set_title(f"IOPS: {label}")
         ax.legend()
