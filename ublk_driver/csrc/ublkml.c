@@ -879,10 +879,23 @@ int ublkml_queue_run(struct ublkml_queue *q)
 	return 0;
 }
 
+/* Move up to max events from the front of a list into out. */
+static int take_events(struct ublkml_event *list, int *count,
+		       struct ublkml_event *out, int max)
+{
+	int n = *count < max ? *count : max;
+
+	memcpy(out, list, (size_t)n * sizeof(*out));
+	*count -= n;
+	if (*count)
+		memmove(list, list + n, (size_t)*count * sizeof(*out));
+	return n;
+}
+
 int ublkml_queue_commit_and_wait(struct ublkml_queue *q,
 				 struct ublkml_event *evs, int n_done, int max)
 {
-	int ret, n;
+	int ret;
 
 	if (q->t->kind != UBLKML_TGT_EVENTS || q->cdev_fd < 0 || max <= 0)
 		return -EINVAL;
@@ -897,13 +910,7 @@ int ublkml_queue_commit_and_wait(struct ublkml_queue *q,
 		if (ret < 0)
 			return ret;
 	}
-	n = q->n_pending < max ? q->n_pending : max;
-	memcpy(evs, q->pending, (size_t)n * sizeof(*evs));
-	q->n_pending -= n;
-	if (q->n_pending)
-		memmove(q->pending, q->pending + n,
-			(size_t)q->n_pending * sizeof(*evs));
-	return n;
+	return take_events(q->pending, &q->n_pending, evs, max);
 }
 
 int ublkml_queue_inject(struct ublkml_queue *q, uint16_t tag, uint32_t op_flags,
@@ -926,7 +933,7 @@ int ublkml_queue_inject(struct ublkml_queue *q, uint16_t tag, uint32_t op_flags,
 int ublkml_queue_harvest(struct ublkml_queue *q, struct ublkml_event *out,
 			 int max)
 {
-	int n, ret;
+	int ret;
 
 	if (q->cdev_fd >= 0)
 		return -EINVAL;
@@ -935,11 +942,5 @@ int ublkml_queue_harvest(struct ublkml_queue *q, struct ublkml_event *out,
 		if (ret < 0)
 			return ret;
 	}
-	n = q->n_harvest < max ? q->n_harvest : max;
-	memcpy(out, q->harvest, (size_t)n * sizeof(*out));
-	q->n_harvest -= n;
-	if (q->n_harvest)
-		memmove(q->harvest, q->harvest + n,
-			(size_t)q->n_harvest * sizeof(*out));
-	return n;
+	return take_events(q->harvest, &q->n_harvest, out, max);
 }
