@@ -1,4 +1,4 @@
-"""The benchmark report: Markdown tables, the issue's targets (PASS/FAIL), PNG plots.
+"""The benchmark report: Markdown tables, the issues' targets (PASS/FAIL), PNG plots.
 
 Input is the ``results.json`` document the runner writes (see
 docs/benchmarks.md for its fields).  Everything here is pure computation on
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ __all__ = [
     "check_goals",
     "index_results",
     "make_plots",
+    "median_iops",
     "ratio",
     "render_markdown",
     "write_report",
@@ -48,22 +50,28 @@ GROUP_TITLES = {
               "same RamStore",
 }
 HEADLINE = "4k-randread-qd32"
+#: The overhead group: the plain device, then the two "on" sides.
+OVERHEAD_OFF = "ublkml-null-off"
+OVERHEAD_ON = ("ublkml-null-acct", "ublkml-null-score")
 
 
 @dataclass(frozen=True)
 class Goal:
-    """One of issue 3's performance goals."""
+    """One of the issues' performance goals."""
 
     key: str
     text: str
     kind: str
     """``iops_ratio`` (device / other >= threshold), ``scaling`` (2 queues / 1
-    queue > threshold) or ``latency_ratio`` (p50 device / other <= threshold)."""
+    queue > threshold), ``latency_ratio`` (p50 device / other <= threshold) or
+    ``median_iops_ratio`` (median IOPS of the device's rounds / median of the
+    other's >= threshold: the overhead group)."""
     device: str
     other: str | None
     workload: str
     queues: int
     threshold: float
+    issue: int = 3
 
 
 GOALS: tuple[Goal, ...] = (
@@ -83,6 +91,14 @@ GOALS: tuple[Goal, ...] = (
     Goal("null-qd1-latency",
          "ublkml null QD1 p50 latency <= 1.5 x null_blk (4k randread QD1, 1 queue)",
          "latency_ratio", "ublkml-null", "null_blk", "4k-randread-qd1", 1, 1.5),
+    Goal("accounting-overhead",
+         "eBPF accounting on >= 0.97 x off IOPS (ublkml null, 4k randread QD32, 1 queue, "
+         "median of rounds)",
+         "median_iops_ratio", "ublkml-null-acct", OVERHEAD_OFF, HEADLINE, 1, 0.97, issue=4),
+    Goal("scoring-overhead",
+         "ublkml null --score >= 0.95 x plain IOPS (4k randread QD32, 1 queue, "
+         "median of rounds)",
+         "median_iops_ratio", "ublkml-null-score", OVERHEAD_OFF, HEADLINE, 1, 0.95, issue=5),
 )
 
 
@@ -135,11 +151,54 @@ def _why_missing(idx: dict[Key, dict[str, Any]], key: Key) -> str:
     return f"{key[0]} {key[1]} q{key[2]} failed"
 
 
+def round_iops(doc: dict[str, Any], device: str, workload: str = HEADLINE,
+               queues: int = 1) -> list[float]:
+    """IOPS of every successful record (every round) of a device, in run order."""
+    return [float(r["iops"]) for r in doc.get("results", [])
+            if r["device"] == device and r["workload"] == workload
+            and int(r["queues"]) == queues and _ok(r)]
+
+
+def median_iops(doc: dict[str, Any], device: str, workload: str = HEADLINE,
+                queues: int = 1) -> float | None:
+    """The median IOPS over a device's rounds; None if none succeeded."""
+    values = round_iops(doc, device, workload, queues)
+    return statistics.median(values) if values else None
+
+
+def _why_no_rounds(doc: dict[str, Any], device: str, workload: str, queues: int) -> str:
+    recs = [r for r in doc.get("results", []) if r["device"] == device
+            and r["workload"] == workload and int(r["queues"]) == queues]
+    if not recs:
+        return f"{device} {workload} q{queues} not measured"
+    return f"{device} {workload} q{queues} failed in all {len(recs)} round(s)"
+
+
+def _median_goal(doc: dict[str, Any], g: Goal) -> GoalResult:
+    assert g.other is not None
+    a = median_iops(doc, g.device, g.workload, g.queues)
+    b = median_iops(doc, g.other, g.workload, g.queues)
+    r = ratio(a, b)
+    if r is None:
+        missing = [_why_no_rounds(doc, d, g.workload, g.queues)
+                   for d, v in ((g.device, a), (g.other, b)) if v is None]
+        return GoalResult(g, "n/a", None, "; ".join(missing))
+    n_on = len(round_iops(doc, g.device, g.workload, g.queues))
+    n_off = len(round_iops(doc, g.other, g.workload, g.queues))
+    rounds = f"{n_on} round{'s' if n_on != 1 else ''}" if n_on == n_off else \
+        f"{n_on} vs {n_off} rounds"
+    detail = f"median {_fmt_iops(a)} vs {_fmt_iops(b)} IOPS ({rounds})"
+    return GoalResult(g, "PASS" if r >= g.threshold else "FAIL", r, detail)
+
+
 def check_goals(doc: dict[str, Any], goals: Iterable[Goal] = GOALS) -> list[GoalResult]:
     """Each goal's status and measured ratio."""
     idx = index_results(doc)
     out: list[GoalResult] = []
     for g in goals:
+        if g.kind == "median_iops_ratio":
+            out.append(_median_goal(doc, g))
+            continue
         if g.kind == "scaling":
             a_key: Key = (g.device, g.workload, g.queues)
             b_key: Key = (g.device, g.workload, 1)
@@ -259,6 +318,48 @@ def _group_tables(doc: dict[str, Any], group: str) -> list[str]:
               ""]
     lines += _table(["workload", "queues", f"{base}", f"{ub}", "p50 ratio", "p99 ratio"],
                     lat_rows)
+    return [*lines, ""]
+
+
+def _overhead_table(doc: dict[str, Any]) -> list[str]:
+    """The overhead group round by round, then the medians the goals compare."""
+    recs = [r for r in doc.get("results", []) if r["group"] == "overhead"]
+    if not recs:
+        return []
+    by: dict[tuple[int, str], dict[str, Any]] = {
+        (int(r.get("round", 0)), r["device"]): r for r in recs}
+    rows = []
+
+    def row(label: str, off: float | None, cells: list[tuple[str, float | None]]) -> list[str]:
+        out = [label, cells[0][0]]
+        for text, value in cells[1:]:
+            out += [text, _fmt_ratio(ratio(value, off))]
+        return out
+
+    for rnd in sorted({k[0] for k in by}):
+        cells = []
+        for dev in (OVERHEAD_OFF, *OVERHEAD_ON):
+            rec = by.get((rnd, dev))
+            value = float(rec["iops"]) if rec is not None and _ok(rec) else None
+            cells.append((_cell(rec, _fmt_iops(value)), value))
+        rows.append(row(str(rnd + 1), cells[0][1], cells))
+    medians = [median_iops(doc, d) for d in (OVERHEAD_OFF, *OVERHEAD_ON)]
+    rows.append(row("**median**", medians[0], [(_fmt_iops(m), m) for m in medians]))
+    counted = [int(r["accounting"]["ios_counted"]) for r in recs
+               if _ok(r) and isinstance(r.get("accounting"), dict)
+               and r["accounting"].get("ios_counted") is not None]
+    attach = sorted({str(r["accounting"].get("attach")) for r in recs
+                     if _ok(r) and isinstance(r.get("accounting"), dict)})
+    lines = ["### overhead: ublkml null plain vs eBPF accounting on vs --score "
+             "(4k randread QD32, 1 queue)", "",
+             "Rounds alternate plain, accounting on (the same device), scoring on; ratios "
+             "are on ÷ the plain device of the same round, and of the medians.", ""]
+    lines += _table(["round", f"{OVERHEAD_OFF} IOPS", "accounting on IOPS", "ratio",
+                     "--score IOPS", "ratio"], rows)
+    if counted:
+        lines += ["", f"The accounting ({', '.join(attach)}) counted "
+                  f"{', '.join(f'{c:,}' for c in counted)} I/Os in its rounds "
+                  "(ramp included)."]
     return [*lines, ""]
 
 
@@ -400,7 +501,9 @@ def render_markdown(doc: dict[str, Any], plots: Sequence[str] = (),
     goals = check_goals(doc)
     lines = _header(doc)
     counts = {s: sum(1 for g in goals if g.status == s) for s in ("PASS", "FAIL", "n/a")}
-    lines += ["## Targets (issue 3)", "",
+    issues = sorted({g.goal.issue for g in goals})
+    lines += [f"## Targets (issue{'s' if len(issues) > 1 else ''} "
+              f"{', '.join(str(i) for i in issues)})", "",
               f"{counts['PASS']} PASS, {counts['FAIL']} FAIL, {counts['n/a']} n/a "
               "(n/a: a figure it needs was not measured or failed).", ""]
     rows = []
@@ -422,14 +525,16 @@ def render_markdown(doc: dict[str, Any], plots: Sequence[str] = (),
     for group in ("null", "loop", "python"):
         if any(r["group"] == group for r in results):
             lines += _group_tables(doc, group)
+    lines += _overhead_table(doc)
     lines += _scaling_table(doc)
     lines += _profile_table(doc)
     lines += _devices_section(doc)
     errors = [r for r in results if r.get("status") == "error"]
     if errors:
         lines += ["## Errors", ""]
-        lines += [f"- {r['device']} {r.get('label', r['workload'])} q{r['queues']}: "
-                  f"{r.get('error')}" for r in errors]
+        lines += [f"- {r['device']} {r.get('label', r['workload'])} q{r['queues']}"
+                  + (f" round {int(r['round']) + 1}" if "round" in r else "")
+                  + f": {r.get('error')}" for r in errors]
         lines += [""]
     if plots or plot_note:
         lines += ["## Plots", ""]

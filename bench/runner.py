@@ -1,7 +1,9 @@
 """The benchmark runner: ``python -m bench [--quick] [--out DIR] [--json] [--skip GROUP]``.
 
 Three groups, each a ublkml device next to the kernel (or nbdkit) device it
-should be compared with, measured with identical fio jobs (:mod:`bench.jobs`):
+should be compared with, measured with identical fio jobs (:mod:`bench.jobs`),
+and a fourth, ``overhead``, of ublkml null devices with and without the
+kernel agent's eBPF accounting and the ML scorer (issues 4 and 5):
 
 ======== ===================================== =======================================
 group    baseline                              ublkml
@@ -9,7 +11,12 @@ group    baseline                              ublkml
 null     kernel ``null_blk`` (blk-mq, no IRQ)  ``ublkml add -t null``
 loop     kernel loop, ``--direct-io=on``       ``ublkml add -t loop -f FILE`` (same file)
 python   nbdkit Python plug-in + kernel NBD    ``ublkml add -t python`` (same RamStore)
+overhead ``ublkml add -t null`` (plain)        the same device with eBPF accounting
+                                               attached; ``ublkml add -t null --score``
 ======== ===================================== =======================================
+
+The overhead group measures only 4k randread QD32 on 1 queue, in rounds
+(plain, accounting, scoring; plain, ...), and its goals compare medians.
 
 Where to measure: the figures of one report must come from one kernel on one
 machine in one sitting, or the ratios mean nothing.  Where ``/dev/ublk-control``
@@ -68,14 +75,16 @@ __all__ = [
     "Case",
     "DeviceSpec",
     "MissingToolError",
+    "accounting_attached",
     "build_parser",
     "main",
+    "overhead_cases",
     "plan_cases",
 ]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCHEMA_VERSION = 1
-GROUPS = ("null", "loop", "python")
+GROUPS = ("null", "loop", "python", "overhead")
 
 #: Time per measurement.  The full run has 66 measurements: 10 s + 2 s ramp
 #: each (plus fio's start-up, slow under TCG) keeps it near 20 minutes.
@@ -93,6 +102,13 @@ RAM_BYTES = 256 << 20        # the python group's RamStore
 #: The test bed: as many vCPUs as the project's machines have cores (more would
 #: only time-share them), and room for the tmpfs file and two RamStores.
 VM_CPUS, VM_MEMORY_MB = 2, 4096
+#: Alternations of the overhead group (plain, accounting on, scoring on): the
+#: goals compare medians.  Full: 15 measurements, about 4 min; --quick: 9.
+OVERHEAD_ROUNDS_FULL, OVERHEAD_ROUNDS_QUICK = 5, 3
+OVERHEAD_WORKLOAD, OVERHEAD_QUEUES = "4k-randread-qd32", 1
+#: The kernel agent instance the overhead group attaches (pins under
+#: /sys/fs/bpf/ublkml/<instance>/ while measuring).
+ACCOUNTING_INSTANCE = "bench-overhead"
 
 #: Debian packages that provide each external tool, for error messages.
 TOOL_PACKAGES = {
@@ -160,6 +176,16 @@ DEVICES: tuple[DeviceSpec, ...] = (
     DeviceSpec("ublkml-python", "python", "ublkml", "nbdkit-python", 2, (),
                f"ublkml add -t python --plugin bench.ramstore:RamStoreTarget "
                f"({RAM_BYTES >> 20} MiB) -q 1|2 -d {DEPTH}"),
+    DeviceSpec("ublkml-null-off", "overhead", "baseline", None, 1, (),
+               f"ublkml add -t null --size {NULL_GB}G -q 1 -d {DEPTH}, plain: the 'off' "
+               "side of both overhead goals"),
+    DeviceSpec("ublkml-null-acct", "overhead", "ublkml", "ublkml-null-off", 1, (),
+               "the same device as ublkml-null-off with the kernel agent's eBPF accounting "
+               "attached and the device watched (kernel_agent.accounting.BpfAccounting, "
+               "slow-I/O events off), only while it is measured"),
+    DeviceSpec("ublkml-null-score", "overhead", "ublkml", "ublkml-null-off", 1, (),
+               f"ublkml add -t null --size {NULL_GB}G -q 1 -d {DEPTH} --score (the reference "
+               "ONNX fail-slow model; completion records on)"),
 )
 
 
@@ -177,30 +203,44 @@ class Case:
     device: DeviceSpec
     workload: Workload
     queues: int
+    round: int = 0
+    """The alternation (0, 1, ...) of an overhead case; 0 for the other groups."""
 
     @property
     def title(self) -> str:
-        return f"{self.device.name} {self.workload.label} q{self.queues}"
+        title = f"{self.device.name} {self.workload.label} q{self.queues}"
+        return title + (f" round {self.round + 1}" if self.device.group == "overhead" else "")
 
     @property
     def applicable(self) -> bool:
         return self.queues <= self.device.max_queues
 
 
-def _order(case: Case) -> tuple[int, int, int, int]:
+def _order(case: Case) -> tuple[int, int, int, int, int]:
     # Group, queue count, workload, then baseline before ublkml: the two
     # figures of each comparison are taken one right after the other (see
-    # _Run.pair), which matters on a machine shared with other VMs.
+    # _Run.pair), which matters on a machine shared with other VMs.  The
+    # overhead group alternates round by round: off, accounting, scoring, off, ...
     return (GROUPS.index(case.device.group), case.queues, WORKLOADS.index(case.workload),
-            DEVICES.index(case.device))
+            case.round, DEVICES.index(case.device))
+
+
+def overhead_cases(rounds: int) -> list[Case]:
+    """The overhead group: every device of it, ``rounds`` times, 4k randread QD32, 1 queue."""
+    w = workload_by_name(OVERHEAD_WORKLOAD)
+    return [Case(d, w, OVERHEAD_QUEUES, r) for r in range(rounds)
+            for d in DEVICES if d.group == "overhead"]
 
 
 def plan_cases(*, quick: bool, skip: Sequence[str] = ()) -> list[Case]:
     """Every case of the run, in the order they are measured (n/a ones included)."""
     if quick:
         cases = [Case(device_by_name(d), workload_by_name(w), q) for d, w, q in QUICK_CASES]
+        cases += overhead_cases(OVERHEAD_ROUNDS_QUICK)
     else:
-        cases = [Case(d, w, q) for d in DEVICES for w in WORKLOADS for q in (1, 2)]
+        cases = [Case(d, w, q) for d in DEVICES if d.group != "overhead"
+                 for w in WORKLOADS for q in (1, 2)]
+        cases += overhead_cases(OVERHEAD_ROUNDS_FULL)
     return sorted((c for c in cases if c.device.group not in skip), key=_order)
 
 
@@ -374,6 +414,8 @@ def ublkml_device(add_args: Sequence[str], ctx: Context) -> Iterator[Handle]:
                                       "size", "direct_io", "plugin", "backing") if k in info}
         attrs["hw_queues"] = _hw_queues(path)
         attrs["engine"] = engine_fingerprint()
+        if "--score" in add_args:
+            attrs["score"] = True
         yield Handle(path, attrs, pid=int(info["pid"]) if "pid" in info else None)
     finally:
         try:
@@ -478,8 +520,10 @@ def open_device(spec: DeviceSpec, queues: int, ctx: Context) -> contextlib.Abstr
     q = ["-q", str(queues), "-d", str(DEPTH)]
     if spec.name == "null_blk":
         return null_blk_device(queues, ctx)
-    if spec.name == "ublkml-null":
+    if spec.name in ("ublkml-null", "ublkml-null-off"):
         return ublkml_device(["-t", "null", "--size", f"{NULL_GB}G", *q], ctx)
+    if spec.name == "ublkml-null-score":
+        return ublkml_device(["-t", "null", "--size", f"{NULL_GB}G", *q, "--score"], ctx)
     if spec.name == "kernel-loop":
         return kernel_loop_device(queues, ctx)
     if spec.name == "ublkml-loop":
@@ -523,6 +567,33 @@ def create_backing_file(path: Path, size: int) -> dict[str, Any]:
         o_direct = False
     fs = _sh(["stat", "-f", "-c", "%T", str(path)], what="stat -f", check=False).stdout.strip()
     return {"path": str(path), "size": size, "filesystem": fs or "?", "o_direct": o_direct}
+
+
+@contextlib.contextmanager
+def accounting_attached(path: str) -> Iterator[dict[str, Any]]:
+    """The kernel agent's eBPF accounting, attached and watching ``path``, for the block.
+
+    The same in-process API as ``python -m kernel_agent.overhead`` (its "on"
+    rounds): :class:`kernel_agent.accounting.BpfAccounting` loads, attaches and
+    pins the programs, ``watch`` adds the device's dev_t with slow-I/O events
+    off.  Yields a dict that is filled, when the block ends, with the attach
+    mode and the I/Os the programs counted; none counted is an error (the
+    programs did not see the device, so "on" would not have been on).
+    """
+    from kernel_agent.accounting import BpfAccounting, bpf_unavailable_reason, resolve_device
+
+    reason = bpf_unavailable_reason()
+    if reason:
+        raise BenchError(f"eBPF accounting unavailable: {reason}")
+    bd = resolve_device(path)
+    info: dict[str, Any] = {"instance": ACCOUNTING_INSTANCE, "dev": bd.majmin}
+    with BpfAccounting(ACCOUNTING_INSTANCE) as acc:
+        acc.watch(bd)
+        info["attach"] = acc.attach
+        yield info
+        info["ios_counted"] = acc.stats(bd).total_ios
+    if not info["ios_counted"]:
+        raise BenchError(f"eBPF accounting counted no I/O on {bd.name} ({bd.majmin})")
 
 
 # ---------------------------------------------------------------------------
@@ -612,6 +683,8 @@ def measure_case(case: Case, handle: Handle, ctx: Context, *, runtime: float, ra
                  profile: bool) -> dict[str, Any]:
     """fio on the live device; the figures (raises BenchError/FioError)."""
     stem = f"{case.device.name}-{case.workload.name}-q{case.queues}"
+    if case.device.group == "overhead":
+        stem += f"-r{case.round + 1}"
     jobs_dir, fio_dir = ctx.outdir / "jobs", ctx.outdir / "fio"
     jobs_dir.mkdir(exist_ok=True)
     fio_dir.mkdir(exist_ok=True)
@@ -706,6 +779,7 @@ def _record(case: Case, meta: dict[str, Any]) -> dict[str, Any]:
         "numjobs": case.queues, "in_flight": w.depth * case.queues,
         "fio_version": meta["fio_version"], "kernel": meta["kernel"],
         "environment": meta["environment"], "date": _now(),
+        **({"round": case.round} if case.device.group == "overhead" else {}),
     }
 
 
@@ -753,6 +827,10 @@ class _Run:
     def group(self, group: str, ctx: Context) -> None:
         """Every case of one group (device set-ups in order, each torn down after use)."""
         group_cases = [c for c in self.cases if c.device.group == group]
+        if group == "overhead":
+            if group_cases:
+                self.overhead(group_cases, ctx)
+            return
         group_error: str | None = None
         if group == "loop" and any(c.applicable for c in group_cases):
             try:
@@ -805,8 +883,47 @@ class _Run:
         except Exception as e:  # a failed tear-down must not stop the other groups
             _say(f"warning: tearing down the {specs[0].group} devices (q{queues}) failed: {e}")
 
-    def one(self, case: Case, handle: Handle | None, ctx: Context, error: str | None) -> None:
-        """Measure one case, or record why it could not be measured."""
+    def overhead(self, cases: list[Case], ctx: Context) -> None:
+        """The overhead group: a plain and a ``--score`` ublkml null device side by side.
+
+        Round after round: the plain device ("off"), the same device with the
+        eBPF accounting attached only for that measurement, the scoring
+        device.  The programs are detached (and their maps unpinned) before the
+        next measurement, so that the other two never run with them.
+        """
+        self.meta["overhead_rounds"] = max(c.round for c in cases) + 1
+        plain = device_by_name("ublkml-null-off")
+        handles: dict[str, Handle] = {}
+        errors: dict[str, str | None] = {}
+        try:
+            with contextlib.ExitStack() as stack:
+                for spec in dict.fromkeys(c.device for c in cases):
+                    if spec.name == "ublkml-null-acct":
+                        continue  # the plain device, with the programs attached
+                    try:
+                        handles[spec.name] = stack.enter_context(
+                            open_device(spec, OVERHEAD_QUEUES, ctx))
+                        errors[spec.name] = None
+                    except Exception as e:  # recorded; the other device still runs
+                        errors[spec.name] = (f"setting up {spec.name} with "
+                                             f"{OVERHEAD_QUEUES} queue(s): {e}")
+                for case in cases:
+                    if case.device.name == "ublkml-null-acct":
+                        self.one(case, handles.get(plain.name), ctx, errors.get(plain.name),
+                                 accounting=True)
+                    else:
+                        name = case.device.name
+                        self.one(case, handles.get(name), ctx, errors.get(name))
+        except Exception as e:  # a failed tear-down must not stop the run
+            _say(f"warning: tearing down the overhead devices failed: {e}")
+
+    def one(self, case: Case, handle: Handle | None, ctx: Context, error: str | None,
+            *, accounting: bool = False) -> None:
+        """Measure one case, or record why it could not be measured.
+
+        ``accounting``: with the kernel agent's eBPF accounting attached to the
+        device during the measurement (:func:`accounting_attached`).
+        """
         self.index += 1
         rec = _record(case, self.meta)
         print(f"[{self.index}/{self.total}] {case.title} ... ", end="", file=sys.stderr,
@@ -816,8 +933,14 @@ class _Run:
         else:
             rec["device_attrs"] = handle.attrs
             try:
-                figures = measure_case(case, handle, ctx, runtime=self.runtime,
-                                       ramp=self.ramp, profile=self.args.profile)
+                if accounting:
+                    with accounting_attached(handle.path) as acct:
+                        figures = measure_case(case, handle, ctx, runtime=self.runtime,
+                                               ramp=self.ramp, profile=self.args.profile)
+                    figures["accounting"] = acct
+                else:
+                    figures = measure_case(case, handle, ctx, runtime=self.runtime,
+                                           ramp=self.ramp, profile=self.args.profile)
                 rec.update(status="ok", **figures)
             except (BenchError, FioError, OSError) as e:
                 rec.update(status="error", error=str(e))
@@ -1016,7 +1139,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="See docs/benchmarks.md.")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: 4k randread QD32 on every device, plus 2 queues for "
-                        f"the null group; {QUICK_RUNTIME:g} s per job (about 3 min with boot)")
+                        f"the null group and {OVERHEAD_ROUNDS_QUICK} rounds of the overhead "
+                        f"group; {QUICK_RUNTIME:g} s per job (about 4 min with boot)")
     p.add_argument("--out", metavar="DIR",
                    help="output directory (default: results/bench-<timestamp>)")
     p.add_argument("--json", action="store_true",

@@ -22,10 +22,18 @@ GOOD = {
     ("nbdkit-python", 1): 2_000, ("ublkml-python", 1): 9_000,
     ("nbdkit-python", 2): 2_500, ("ublkml-python", 2): 12_000,
 }
+#: The overhead group: IOPS per round of the plain device and the two "on" sides.
+#: Medians 100,000 / 98,000 / 96,000: ratios 0.98 (accounting) and 0.96 (scoring).
+OVERHEAD = {
+    "ublkml-null-off": (100_000, 95_000, 101_000),
+    "ublkml-null-acct": (98_000, 99_000, 90_000),
+    "ublkml-null-score": (96_000, 93_000, 97_000),
+}
 
 
 def _rec(device: str, workload: str, queues: int, iops: float | None,
-         status: str = "ok", p50: float | None = None) -> dict[str, Any]:
+         status: str = "ok", p50: float | None = None,
+         round_: int | None = None) -> dict[str, Any]:
     spec = device_by_name(device)
     w = workload_by_name(workload)
     rec: dict[str, Any] = {
@@ -35,6 +43,8 @@ def _rec(device: str, workload: str, queues: int, iops: float | None,
         "in_flight": w.depth * queues, "fio_version": "fio-3.33", "kernel": "6.12.0",
         "environment": "vm", "date": "2026-01-01T00:00:00+00:00", "status": status,
     }
+    if round_ is not None:
+        rec["round"] = round_
     if status == "ok":
         assert iops is not None
         lat = p50 if p50 is not None else 32e6 / iops / 1000 * w.depth / 32
@@ -51,11 +61,16 @@ def _rec(device: str, workload: str, queues: int, iops: float | None,
 def make_doc(iops: dict[tuple[str, int], float] | None = None, *,
              workloads: tuple[str, ...] = ("4k-randread-qd1", "4k-randread-qd32"),
              overrides: dict[tuple[str, str, int], dict[str, Any]] | None = None,
+             overhead: dict[str, tuple[float | None, ...]] | None = None,
              ) -> dict[str, Any]:
+    """Records as the runner writes them; ``overhead``: IOPS per round (None: failed)."""
     iops = GOOD if iops is None else iops
+    overhead = OVERHEAD if overhead is None else overhead
     results = []
     for w in workloads:
         for d in DEVICES:
+            if d.group == "overhead":
+                continue
             for q in (1, 2):
                 key = (d.name, w, q)
                 if overrides and key in overrides:
@@ -64,6 +79,13 @@ def make_doc(iops: dict[tuple[str, int], float] | None = None, *,
                     results.append(_rec(d.name, w, q, None, status="n/a"))
                 elif (d.name, q) in iops:
                     results.append(_rec(d.name, w, q, iops[(d.name, q)]))
+    rounds = max((len(v) for v in overhead.values()), default=0)
+    for r in range(rounds):  # alternating, as measured
+        for dev, values in overhead.items():
+            if r < len(values):
+                v = values[r]
+                results.append(_rec(dev, "4k-randread-qd32", 1, v, round_=r,
+                                    status="ok" if v is not None else "error"))
     meta = {"schema": 1, "date": "2026-01-01T00:00:00+00:00", "quick": False,
             "runtime_s": 10.0, "ramp_s": 2.0, "fio_version": "fio-3.33", "git_commit": "abc123",
             "environment": "vm", "kernel": "6.12.0", "cpus": 2, "memory_mib": 3920,
@@ -155,8 +177,8 @@ def test_markdown_has_tables_and_pass_fail_lines() -> None:
     iops[("ublkml-loop", 1)] = 35_000
     md = render_markdown(make_doc(iops))
     assert md.startswith("# ublkml benchmark report")
-    assert "## Targets (issue 3)" in md
-    assert "6 PASS, 1 FAIL, 0 n/a" in md
+    assert "## Targets (issues 3, 4, 5)" in md
+    assert "8 PASS, 1 FAIL, 0 n/a" in md
     assert "- PASS: ublkml null >= 0.70 x null_blk IOPS (4k randread QD32, 1 queue): " \
            "ratio 0.75 (60,000 vs 80,000 IOPS)" in md
     assert "- FAIL: ublkml loop >= 0.90 x kernel loop IOPS" in md
@@ -258,3 +280,77 @@ def test_header_shows_noise_sampled_during_the_run() -> None:
     md = render_markdown(doc)
     assert ("2.90 on average during the run (max 3.80); another qemu (a colleague's test "
             "bed) was running in 40% of 100 samples (at most 1 at once)") in md
+
+
+# ---- the overhead group (issues 4 and 5): medians of alternating rounds -------
+
+
+def test_overhead_goals_compare_medians_of_the_rounds() -> None:
+    goals = _by_key(make_doc())
+    acct, score = goals["accounting-overhead"], goals["scoring-overhead"]
+    assert acct.goal.issue == 4 and score.goal.issue == 5
+    assert acct.ratio == pytest.approx(98_000 / 100_000)
+    assert acct.status == "PASS"
+    assert acct.detail == "median 98,000 vs 100,000 IOPS (3 rounds)"
+    assert score.ratio == pytest.approx(96_000 / 100_000)
+    assert score.status == "PASS"
+    assert report.median_iops(make_doc(), "ublkml-null-off") == 100_000
+
+
+def test_overhead_goals_fail_under_their_thresholds_and_pass_at_them() -> None:
+    off = (100_000.0, 100_000.0, 100_000.0)
+    doc = make_doc(overhead={"ublkml-null-off": off,
+                             "ublkml-null-acct": (96_900.0, 99_000.0, 90_000.0),
+                             "ublkml-null-score": (94_999.0, 94_000.0, 99_000.0)})
+    goals = _by_key(doc)
+    assert goals["accounting-overhead"].status == "FAIL"   # 0.969 < 0.97
+    assert goals["scoring-overhead"].status == "FAIL"      # 0.94999 < 0.95
+    doc = make_doc(overhead={"ublkml-null-off": off,
+                             "ublkml-null-acct": (97_000.0,) * 3,
+                             "ublkml-null-score": (95_000.0,) * 3})
+    goals = _by_key(doc)
+    assert goals["accounting-overhead"].status == "PASS"   # >= 0.97
+    assert goals["scoring-overhead"].status == "PASS"      # >= 0.95
+
+
+def test_overhead_goals_use_the_rounds_that_succeeded_and_say_so() -> None:
+    doc = make_doc(overhead={"ublkml-null-off": (100_000.0, 90_000.0, 110_000.0),
+                             "ublkml-null-acct": (None, 99_000.0, None),
+                             "ublkml-null-score": (None, None, None)})
+    goals = _by_key(doc)
+    acct = goals["accounting-overhead"]
+    assert acct.ratio == pytest.approx(0.99)
+    assert acct.detail == "median 99,000 vs 100,000 IOPS (1 vs 3 rounds)"
+    score = goals["scoring-overhead"]
+    assert score.status == "n/a"
+    assert score.detail == "ublkml-null-score 4k-randread-qd32 q1 failed in all 3 round(s)"
+    missing = _by_key(make_doc(overhead={}))["accounting-overhead"]
+    assert missing.status == "n/a"
+    assert missing.detail == ("ublkml-null-acct 4k-randread-qd32 q1 not measured; "
+                              "ublkml-null-off 4k-randread-qd32 q1 not measured")
+
+
+def test_markdown_overhead_lines_and_table() -> None:
+    doc = make_doc()
+    acct = next(r for r in doc["results"] if r["device"] == "ublkml-null-acct")
+    acct["accounting"] = {"attach": "tp_btf", "ios_counted": 123_456}
+    md = render_markdown(doc)
+    assert ("- PASS: eBPF accounting on >= 0.97 x off IOPS (ublkml null, 4k randread QD32, "
+            "1 queue, median of rounds): ratio 0.98 (median 98,000 vs 100,000 IOPS "
+            "(3 rounds))") in md
+    assert "| ublkml null --score >= 0.95 x plain IOPS (4k randread QD32, 1 queue, median " \
+           "of rounds) | median 96,000 vs 100,000 IOPS (3 rounds) | 0.96 | >= 0.95 | " \
+           "**PASS** |" in md
+    assert "### overhead: ublkml null plain vs eBPF accounting on" in md
+    assert "| 2 | 95,000 | 99,000 | 1.04 | 93,000 | 0.98 |" in md
+    assert "| **median** | 100,000 | 98,000 | 0.98 | 96,000 | 0.96 |" in md
+    assert "The accounting (tp_btf) counted 123,456 I/Os" in md
+
+
+def test_markdown_overhead_errors_name_the_round() -> None:
+    doc = make_doc(overhead={"ublkml-null-off": (100_000.0, 100_000.0),
+                             "ublkml-null-acct": (99_000.0, None),
+                             "ublkml-null-score": (96_000.0, 96_000.0)})
+    md = render_markdown(doc)
+    assert "- ublkml-null-acct 4k randread QD32 q1 round 2: fio failed (exit 1): boom" in md
+    assert "| 2 | 100,000 | error | - | 96,000 | 0.96 |" in md

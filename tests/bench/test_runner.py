@@ -33,15 +33,19 @@ from bench.runner import (
 
 def test_full_plan() -> None:
     cases = plan_cases(quick=False)
-    assert len(cases) == len(DEVICES) * len(WORKLOADS) * 2
+    compared = [d for d in DEVICES if d.group != "overhead"]
+    overhead = [d for d in DEVICES if d.group == "overhead"]
+    assert len(cases) == (len(compared) * len(WORKLOADS) * 2
+                          + len(overhead) * runner.OVERHEAD_ROUNDS_FULL)
     na = [c for c in cases if not c.applicable]
     # Only the kernel loop lacks a second hardware queue.
     assert {(c.device.name, c.queues) for c in na} == {("kernel-loop", 2)}
     # Group by group, queue count, workload; the baseline right before ublkml.
-    order = [(c.device.group, c.queues, c.workload.name, c.device.name) for c in cases]
+    order = [(c.device.group, c.queues, c.workload.name, c.round, c.device.name)
+             for c in cases]
     assert order == sorted(order, key=lambda t: (
-        GROUPS.index(t[0]), t[1], [w.name for w in WORKLOADS].index(t[2]),
-        [d.name for d in DEVICES].index(t[3])))
+        GROUPS.index(t[0]), t[1], [w.name for w in WORKLOADS].index(t[2]), t[3],
+        [d.name for d in DEVICES].index(t[4])))
     assert [c.title for c in cases[:3]] == ["null_blk 4k randread QD1 q1",
                                             "ublkml-null 4k randread QD1 q1",
                                             "null_blk 4k randread QD32 q1"]
@@ -61,7 +65,23 @@ def test_quick_plan_and_skip() -> None:
     assert all(c.workload.name == "4k-randread-qd32" for c in quick)
     assert {c.queues for c in quick} == {1, 2}
     skipped = plan_cases(quick=True, skip=["python", "loop"])
-    assert {c.device.group for c in skipped} == {"null"}
+    assert {c.device.group for c in skipped} == {"null", "overhead"}
+    assert {c.device.group for c in plan_cases(quick=True, skip=["overhead"])} == {
+        "null", "loop", "python"}
+    assert build_parser().parse_args(["--skip", "overhead"]).skip == ["overhead"]
+
+
+def test_overhead_plan_alternates_off_and_on_round_by_round() -> None:
+    cases = [c for c in plan_cases(quick=True) if c.device.group == "overhead"]
+    assert len(cases) == 3 * runner.OVERHEAD_ROUNDS_QUICK >= 9
+    assert [c.title for c in cases[:4]] == [
+        "ublkml-null-off 4k randread QD32 q1 round 1",
+        "ublkml-null-acct 4k randread QD32 q1 round 1",
+        "ublkml-null-score 4k randread QD32 q1 round 1",
+        "ublkml-null-off 4k randread QD32 q1 round 2"]
+    assert all(c.queues == 1 and c.workload.name == "4k-randread-qd32" for c in cases)
+    # The group runs last: every other group's devices are gone by then.
+    assert plan_cases(quick=True)[-len(cases):] == cases
 
 
 def test_parser_and_forwarding() -> None:
@@ -129,6 +149,7 @@ class FakeLab:
         self.fail_measure = fail_measure or set()
         self.live: list[str] = []
         self.log: list[str] = []
+        self.accounting: list[str] = []
 
     @contextlib.contextmanager
     def device(self, spec: runner.DeviceSpec, queues: int, ctx: Context) -> Iterator[Handle]:
@@ -145,7 +166,10 @@ class FakeLab:
 
     def measure(self, case: Case, handle: Handle, ctx: Context, *, runtime: float,
                 ramp: float, profile: bool) -> dict[str, Any]:
-        assert handle.path == f"/dev/fake-{case.device.name}"
+        # The accounting rounds measure the plain device (programs attached).
+        measured = "ublkml-null-off" if case.device.name == "ublkml-null-acct" \
+            else case.device.name
+        assert handle.path == f"/dev/fake-{measured}"
         if case.title in self.fail_measure:
             raise RuntimeError("something unexpected")
         iops = 1000.0 * (2 if case.device.role == "ublkml" else 1)
@@ -161,6 +185,16 @@ def _fake_env(monkeypatch: pytest.MonkeyPatch, lab: FakeLab) -> None:
     monkeypatch.setattr(runner, "_preflight", lambda spec: None)
     monkeypatch.setattr(runner, "LOOP_BYTES", 1 << 20)
     monkeypatch.setattr(runner, "_fio_version", lambda: "fio-3.33")
+    lab.accounting = []
+
+    @contextlib.contextmanager
+    def accounting(path: str) -> Iterator[dict[str, Any]]:
+        # The loop's bookkeeping only: the real attach is measured in test_vm.py.
+        assert lab.live == ["ublkml-null-off/q1", "ublkml-null-score/q1"]
+        lab.accounting.append(path)
+        yield {"attach": "stand-in", "ios_counted": 10}
+
+    monkeypatch.setattr(runner, "accounting_attached", accounting)
 
 
 def test_measure_records_failures_and_tears_everything_down(
@@ -174,8 +208,8 @@ def test_measure_records_failures_and_tears_everything_down(
     assert code == 1
     assert lab.live == []  # every device torn down
     assert lab.log.count("up ublkml-python/q1") == lab.log.count("down ublkml-python/q1") == 1
+    assert len(doc["results"]) == len(plan_cases(quick=True))
     by = {(r["device"], r["queues"]): r for r in doc["results"]}
-    assert len(by) == len(plan_cases(quick=True))
     assert by[("null_blk", 2)]["status"] == "error"
     assert "setting up null_blk with 2 queue(s): modprobe null_blk failed" in \
         by[("null_blk", 2)]["error"]
@@ -190,7 +224,16 @@ def test_measure_records_failures_and_tears_everything_down(
     assert json.loads((tmp_path / "results.json").read_text()) == doc
     assert doc["meta"]["loop_backing"]["size"] == 1 << 20
     err = capsys.readouterr().err
-    assert "[1/8] null_blk 4k randread QD32 q1 ... 1,000 IOPS" in err
+    assert "[1/17] null_blk 4k randread QD32 q1 ... 1,000 IOPS" in err
+    # The overhead group: the accounting rounds measure the plain device with
+    # the programs attached; one set-up of each device for all the rounds.
+    acct = [r for r in doc["results"] if r["device"] == "ublkml-null-acct"]
+    assert [r["round"] for r in acct] == [0, 1, 2]
+    assert all(r["accounting"] == {"attach": "stand-in", "ios_counted": 10} for r in acct)
+    assert lab.accounting == ["/dev/fake-ublkml-null-off"] * 3
+    assert lab.log.count("up ublkml-null-off/q1") == 1
+    assert "up ublkml-null-acct/q1" not in lab.log
+    assert doc["meta"]["overhead_rounds"] == 3
     assert "ERROR: RuntimeError: something unexpected" in err
 
 
@@ -200,7 +243,7 @@ def test_measure_marks_single_queue_devices_na(tmp_path: Path,
     _fake_env(monkeypatch, lab)
     monkeypatch.setattr(runner, "WORKLOADS", WORKLOADS[:1])
     monkeypatch.setattr(runner, "plan_cases", lambda quick, skip=(): [
-        c for c in plan_cases(quick=False, skip=["null", "python"])
+        c for c in plan_cases(quick=False, skip=["null", "python", "overhead"])
         if c.workload.name == "4k-randread-qd1"])
     args = build_parser().parse_args(["--in-vm"])
     doc, code = runner.measure(args, tmp_path)
@@ -262,7 +305,7 @@ def test_host_runs_everything_in_one_boot(tmp_path: Path, monkeypatch: pytest.Mo
     assert printed["meta"]["vm"]["total_s"] == 60.0
     assert printed["meta"]["host"]["other_qemu_before"] >= 0
     assert (out / "logs" / "vm-console.log").read_text() == "guest says hi"
-    assert "## Targets (issue 3)" in (out / "report.md").read_text()
+    assert "## Targets (issues 3, 4, 5)" in (out / "report.md").read_text()
 
 
 def test_host_reports_a_failed_test_bed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -24,10 +24,11 @@ def test_quick_benchmark_end_to_end(tmp_path: Path) -> None:
     assert (out / "results.json").exists(), log
     doc = json.loads((out / "results.json").read_text())
     results = doc["results"]
-    assert {r["group"] for r in results} == {"null", "loop", "python"}, log
+    assert {r["group"] for r in results} == {"null", "loop", "python", "overhead"}, log
     assert {r["device"] for r in results} == {"null_blk", "ublkml-null", "kernel-loop",
                                               "ublkml-loop", "nbdkit-python",
-                                              "ublkml-python"}
+                                              "ublkml-python", "ublkml-null-off",
+                                              "ublkml-null-acct", "ublkml-null-score"}
     failed = [f"{r['device']} q{r['queues']}: {r.get('error')}" for r in results
               if r["status"] != "ok"]
     assert not failed, "\n".join(failed) + "\n" + log
@@ -36,12 +37,16 @@ def test_quick_benchmark_end_to_end(tmp_path: Path) -> None:
         assert r["iops"] > 0 and r["lat_us"]["p50"] > 0
         assert r["fio_version"].startswith("fio-")
         assert r["kernel"].startswith("6.")
+    acct = [r for r in results if r["device"] == "ublkml-null-acct"]
+    assert len(acct) >= 3 and all(r["accounting"]["ios_counted"] > 0 for r in acct)
     ublk_queues = {(r["device"], r["queues"]): r["device_attrs"]["hw_queues"]
                    for r in results}
     assert ublk_queues[("ublkml-null", 2)] == 2
     assert ublk_queues[("null_blk", 2)] == 2
     md = (out / "report.md").read_text()
-    assert "## Targets (issue 3)" in md
+    assert "## Targets (issues 3, 4, 5)" in md
     assert "ublkml null >= 0.70 x null_blk IOPS" in md
+    assert "eBPF accounting on >= 0.97 x off IOPS" in md
+    assert "ublkml null --score >= 0.95 x plain IOPS" in md
     # Every device was torn down: the guest is gone, but its console says so.
     assert "warning: could not" not in proc.stderr
