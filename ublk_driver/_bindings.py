@@ -111,6 +111,11 @@ class CTarget:
             self._t = None
 
 
+def set_thread_name(name: str) -> None:
+    """Name the calling OS thread (at most 15 bytes are kept), for top/perf."""
+    lib.ublkml_set_thread_name(name.encode()[:15])
+
+
 def dio_alignment(fd: int, is_bdev: bool) -> int:
     return int(lib.ublkml_dio_alignment(fd, int(is_bdev)))
 

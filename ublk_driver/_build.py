@@ -200,6 +200,7 @@ int ublkml_queue_new(struct ublkml_queue **out, struct ublkml_target *t, int cde
                      uint32_t ring_flags);
 void ublkml_queue_free(struct ublkml_queue *q);
 int ublkml_queue_submit_fetches(struct ublkml_queue *q);
+int ublkml_set_thread_name(const char *name);
 void ublkml_queue_set_spin(struct ublkml_queue *q, uint32_t spin_usec);
 int ublkml_queue_run(struct ublkml_queue *q);
 int ublkml_queue_commit_and_wait(struct ublkml_queue *q, struct ublkml_event *evs,

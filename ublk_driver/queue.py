@@ -56,6 +56,7 @@ class QueueWorker(threading.Thread):
 
     def run(self) -> None:
         try:
+            _bindings.set_thread_name(f"ublk-q{self.q_id}")
             if self.cpus:
                 # Run where blk-mq maps this queue's submitters: completions
                 # stay on the CPUs that issued the I/O.

@@ -226,7 +226,8 @@ def test_markdown_quick_and_interrupted_and_profile() -> None:
 
 
 def test_write_report_with_plots(tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib")
+    import matplotlib  # noqa: F401  (extra "bench"; `make setup` installs it)
+
     doc = make_doc()
     path = write_report(doc, tmp_path)
     md = path.read_text()

@@ -60,7 +60,6 @@ def test_hand_made_model(tmp_path: Path) -> None:
 
 
 def test_sklearn_classifier_without_zipmap() -> None:
-    pytest.importorskip("skl2onnx")
     from sklearn.linear_model import LogisticRegression
 
     from ml.train import export_onnx
@@ -76,7 +75,6 @@ def test_sklearn_classifier_without_zipmap() -> None:
 
 
 def test_sklearn_zipmap_output_is_refused() -> None:
-    pytest.importorskip("skl2onnx")
     from skl2onnx import to_onnx
     from skl2onnx.common.data_types import FloatTensorType
     from sklearn.linear_model import LogisticRegression

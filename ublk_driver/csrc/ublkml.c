@@ -32,6 +32,7 @@
 #include <fcntl.h>
 #include <linux/falloc.h>
 #include <linux/fs.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
@@ -466,6 +467,13 @@ static int queue_io_cmd(struct ublkml_queue *q, uint16_t tag, uint32_t op,
 	io_uring_sqe_set_data64(sqe, tag);
 	q->cmd_inflight++;
 	return 0;
+}
+
+int ublkml_set_thread_name(const char *name)
+{
+	/* Python's thread names stay inside Python; profilers, top and perf
+	 * see this one. */
+	return -pthread_setname_np(pthread_self(), name);
 }
 
 int ublkml_queue_submit_fetches(struct ublkml_queue *q)

@@ -94,6 +94,7 @@ int ublkml_queue_new(struct ublkml_queue **out, struct ublkml_target *t,
 void ublkml_queue_free(struct ublkml_queue *q);
 /* Must run on the thread that will serve the queue. */
 int ublkml_queue_submit_fetches(struct ublkml_queue *q);
+int ublkml_set_thread_name(const char *name);
 void ublkml_queue_set_spin(struct ublkml_queue *q, uint32_t spin_usec);
 /* Native targets: serve until the driver aborts the queue (0) or an error. */
 int ublkml_queue_run(struct ublkml_queue *q);
