@@ -551,6 +551,15 @@ def render_markdown(doc: dict[str, Any], plots: Sequence[str] = (),
 # ---------------------------------------------------------------------------
 
 
+def _save_plot(plt: Any, fig: Any, ax: Any, outdir: Path, name: str) -> str:
+    """Finish one chart (legend, layout), write it as PNG and free it; its file name."""
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(outdir / name, dpi=100)
+    plt.close(fig)
+    return name
+
+
 def make_plots(doc: dict[str, Any], outdir: Path) -> list[str]:
     """PNG charts in ``outdir``; their file names.  Raises ImportError without matplotlib.
 
@@ -593,12 +602,7 @@ def make_plots(doc: dict[str, Any], outdir: Path) -> list[str]:
                     color="grey")
         ax.set_ylabel("IOPS (log scale)")
         ax.set_title(f"IOPS: {label}")
-        ax.legend()
-        fig.tight_layout()
-        name = f"iops-{w}.png"
-        fig.savefig(outdir / name, dpi=100)
-        plt.close(fig)
-        files.append(name)
+        files.append(_save_plot(plt, fig, ax, outdir, f"iops-{w}.png"))
 
         # Latency percentiles with one queue.
         fig, ax = plt.subplots(figsize=(9, 4.5))
@@ -615,12 +619,7 @@ def make_plots(doc: dict[str, Any], outdir: Path) -> list[str]:
         ax.set_yscale("log")
         ax.set_ylabel("latency, µs (log scale)")
         ax.set_title(f"Latency percentiles, 1 queue: {label}")
-        ax.legend()
-        fig.tight_layout()
-        name = f"latency-{w}.png"
-        fig.savefig(outdir / name, dpi=100)
-        plt.close(fig)
-        files.append(name)
+        files.append(_save_plot(plt, fig, ax, outdir, f"latency-{w}.png"))
     return files
 
 

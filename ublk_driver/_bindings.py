@@ -135,11 +135,6 @@ class EventBatch:
         self.size = size
         self.c: Any = ffi.new("struct ublkml_event[]", size)
 
-    def __getitem__(self, i: int) -> Any:
-        # Returns the C struct itself: fields tag, op, op_flags, nr_sectors,
-        # start_sector, result (writable). Cheap: no copy.
-        return self.c[i]
-
 
 class Queue:
     """One ublk queue: its ring, its descriptors, its buffers.

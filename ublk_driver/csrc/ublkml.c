@@ -264,7 +264,6 @@ struct ublkml_queue {
 	size_t iods_len;
 	char *bufs;
 	struct tag_state *ts;
-	uint8_t *fetching;		/* tag still owned by the driver loop */
 	int cmd_inflight;
 	int tgt_inflight;
 	int stopping;
@@ -341,9 +340,8 @@ int ublkml_queue_new(struct ublkml_queue **out, struct ublkml_target *t,
 		goto fail;
 	}
 	q->ts = calloc(depth, sizeof(*q->ts));
-	q->fetching = calloc(depth, 1);
 	q->pending = calloc(depth, sizeof(struct ublkml_event));
-	if (!q->ts || !q->fetching || !q->pending) {
+	if (!q->ts || !q->pending) {
 		ret = -ENOMEM;
 		goto fail;
 	}
@@ -403,7 +401,6 @@ void ublkml_queue_free(struct ublkml_queue *q)
 	}
 	free(q->bufs);
 	free(q->ts);
-	free(q->fetching);
 	free(q->pending);
 	free(q->harvest);
 	free(q->rec);
@@ -486,7 +483,6 @@ int ublkml_queue_submit_fetches(struct ublkml_queue *q)
 		ret = queue_io_cmd(q, tag, q->op_fetch, 0);
 		if (ret)
 			return ret;
-		q->fetching[tag] = 1;
 	}
 	ret = io_uring_submit(&q->ring);
 	return ret < 0 ? ret : 0;
@@ -650,6 +646,32 @@ static int loop_submit(struct ublkml_queue *q, uint16_t tag)
 	return 0;
 }
 
+/* A piece of a transfer moved res bytes: queue the rest (returns 1), or
+ * leave the request's final result in *final (done_res once complete). */
+static int continue_transfer(struct ublkml_queue *q, uint16_t tag, int res,
+			     int done_res, int *final)
+{
+	struct tag_state *s = &q->ts[tag];
+	int ret;
+
+	if (res == 0)
+		res = -EIO;	/* EOF inside the device: backing shrank */
+	if (res < 0) {
+		*final = res;
+		return 0;
+	}
+	s->done += (uint32_t)res;
+	if (s->done < s->len) {
+		ret = loop_submit(q, tag);
+		if (ret == 0)
+			return 1;
+		*final = ret;
+		return 0;
+	}
+	*final = done_res;
+	return 0;
+}
+
 static void loop_tgt_done(struct ublkml_queue *q, uint16_t tag, int res)
 {
 	struct tag_state *s = &q->ts[tag];
@@ -659,36 +681,14 @@ static void loop_tgt_done(struct ublkml_queue *q, uint16_t tag, int res)
 	switch (s->op) {
 	case UBLK_IO_OP_READ:
 	case UBLK_IO_OP_WRITE:
-		if (res == 0)
-			res = -EIO;	/* EOF inside the device: backing shrank */
-		if (res < 0)
-			break;
-		s->done += (uint32_t)res;
-		if (s->done < s->len) {
-			ret = loop_submit(q, tag);
-			if (ret == 0)
-				return;
-			res = ret;
-			break;
-		}
-		res = (int)s->len;
+		if (continue_transfer(q, tag, res, (int)s->len, &res))
+			return;
 		break;
 	case UBLK_IO_OP_DISCARD:
 	case UBLK_IO_OP_WRITE_ZEROES:
 		if (s->zero_fallback == 2) {
-			if (res <= 0) {
-				res = res ? res : -EIO;
-				break;
-			}
-			s->done += (uint32_t)res;
-			if (s->done < s->len) {
-				ret = loop_submit(q, tag);
-				if (ret == 0)
-					return;
-				res = ret;
-				break;
-			}
-			res = 0;
+			if (continue_transfer(q, tag, res, 0, &res))
+				return;
 			break;
 		}
 		if (res == -EOPNOTSUPP || res == -EINVAL) {
@@ -815,7 +815,6 @@ static void handle_cqe(struct ublkml_queue *q, const struct io_uring_cqe *cqe)
 	}
 	/* ABORT (queue going away) or an error of the command itself: this
 	 * tag is finished; the queue stops once every tag is. */
-	q->fetching[tag] = 0;
 	q->stopping = 1;
 }
 

@@ -15,7 +15,6 @@ import inspect
 import os
 import sys
 import threading
-import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -179,6 +178,3 @@ def load_plugin(spec: str, args: Mapping[str, str] | None = None) -> PluginBacke
         raise PluginError(f"{spec}.__init__ raised {e!r}") from None
     return PluginBackend(obj, spec)
 
-
-# Time source for plug-ins that want to simulate slowness (examples, tests).
-monotonic = time.monotonic
