@@ -25,6 +25,7 @@ import numpy as np
 
 from ublk_driver import _bindings
 from ublk_driver.control import Control, bdev_path, cdev_path
+from ublk_driver.ctl import ControlServer, socket_path
 from ublk_driver.errors import ConfigError, ControlError, DeviceNotFoundError, UblkError
 from ublk_driver.queue import QueueWorker
 from ublk_driver.records import COMPLETION_DTYPE
@@ -130,6 +131,7 @@ class Server:
         self._stop_requested = threading.Event()
         self._queues_lock = threading.Lock()
         self._stopped_by_us = False
+        self._ctl: ControlServer | None = None
 
     @property
     def dev_id(self) -> int:
@@ -186,9 +188,18 @@ class Server:
                     raise UblkError(f"queue {w.q_id} failed to start: {w.error}")
             self.control.start(info.dev_id, os.getpid())
             self._write_state()
+            self._start_control_channel()
         except BaseException:
             self.shutdown()
             raise
+
+    def _start_control_channel(self) -> None:
+        """The socket of `ublkml status/fault/leg` (ublk_driver/ctl.py)."""
+        try:
+            self._ctl = ControlServer(self, socket_path(self.dev_id, STATE_DIR)).start()
+        except OSError as e:  # the device serves without it; the log says why it is missing
+            print(f"ublkml: device {self.dev_id} has no control channel: {e}",
+                  file=sys.stderr, flush=True)
 
     @staticmethod
     def _open_cdev(dev_id: int) -> int:
@@ -232,6 +243,9 @@ class Server:
         them after the device is gone; never leaves a device behind.
         """
         problems: list[str] = []
+        if self._ctl is not None:  # first: no request may reach a half torn-down server
+            self._ctl.close()
+            self._ctl = None
         if self.info is not None and any(w.is_alive() for w in self._workers):
             self._stop_device()
         for w in self._workers:
