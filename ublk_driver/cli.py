@@ -395,6 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("model", "ONNX drive-health models: list, validate, use"),
         ("ml", "detection and training on drive telemetry"),
         ("vm", "the qemu test bed (a real ublk kernel): provision, run, info"),
+        ("status", "ask a running server about its device (control channel)"),
+        ("fault", "inject or clear faults on a running device"),
+        ("leg", "list, demote, fail or promote the legs of a running mirror"),
     ):
         sub.add_parser(name, help=text, add_help=False)
     return p
@@ -409,6 +412,9 @@ DELEGATED = {
     "agent": ("kernel_agent.cli", "agent_main"),
     "model": ("ml.cli", "model_main"),
     "ml": ("ml.cli", "ml_main"),
+    "status": ("ublk_driver.ctl_cli", "status_main"),
+    "fault": ("ublk_driver.ctl_cli", "fault_main"),
+    "leg": ("ublk_driver.ctl_cli", "leg_main"),
 }
 
 
