@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -53,9 +54,32 @@ class SmartReading:
 
 
 def _int(v: Any, what: str, where: str) -> float:
+    """A counter from the JSON: a finite number >= 0 (SMART raw values are unsigned).
+
+    JSON allows NaN, Infinity and integers of any size; each of them used to
+    escape as a bare OverflowError/ValueError (or reach the model as NaN).
+    """
     if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise SmartError(f"{where}: {what} is {v!r}, not a number")
-    return float(v)
+        raise SmartError(f"{where}: {what} is {_short(v)}, not a number")
+    try:
+        f = float(v)
+    except OverflowError:
+        f = math.inf
+    if not math.isfinite(f) or f < 0:
+        raise SmartError(f"{where}: {what} is {_short(v)}; expected a finite number >= 0")
+    return f
+
+
+def _one_line(text: str, limit: int = 100) -> str:
+    """A message that quotes file content, kept on one line (cells may hold newlines)."""
+    text = text.replace("\r", "\\r").replace("\n", "\\n")
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _short(v: Any) -> str:
+    """``repr`` cut to keep the error on one short line, whatever the input holds."""
+    text = repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def parse_smartctl_json(text: str | bytes, where: str = "smartctl") -> SmartReading:
@@ -65,15 +89,21 @@ def parse_smartctl_json(text: str | bytes, where: str = "smartctl") -> SmartRead
     except (ValueError, UnicodeDecodeError) as e:
         raise SmartError(f"{where}: output is not JSON ({e}); run smartctl with --json") \
             from None
+    except RecursionError:  # "[[[[..." nested deeper than the interpreter's stack
+        raise SmartError(f"{where}: output is not smartctl JSON (nested too deeply); run "
+                         "smartctl with --json") from None
     if not isinstance(doc, dict):
         raise SmartError(f"{where}: expected a JSON object, got {type(doc).__name__}")
     ctl = doc.get("smartctl")
     if not isinstance(ctl, dict):
         raise SmartError(f"{where}: no 'smartctl' section: not smartctl --json output")
     status = ctl.get("exit_status", 0)
-    if not isinstance(status, int):
-        raise SmartError(f"{where}: smartctl.exit_status is {status!r}")
-    msgs = [m.get("string", "") for m in ctl.get("messages", []) or []
+    if isinstance(status, bool) or not isinstance(status, int) or not 0 <= status <= 255:
+        raise SmartError(f"{where}: smartctl.exit_status is {_short(status)}, not an exit "
+                         "status 0..255")
+    messages = ctl.get("messages")
+    msgs = [str(m.get("string", "")).splitlines()[0] if m.get("string") else ""
+            for m in (messages if isinstance(messages, list) else [])
             if isinstance(m, dict) and m.get("severity") == "error"]
     for bit, meaning in _FATAL_BITS.items():
         if status & (1 << bit):
@@ -98,8 +128,12 @@ def parse_smartctl_json(text: str | bytes, where: str = "smartctl") -> SmartRead
             raise SmartError(f"{where}: ata_smart_attributes.table is not a list")
         for row in rows:
             if not isinstance(row, dict) or "id" not in row:
-                raise SmartError(f"{where}: an attribute without an id: {row!r}")
-            aid = int(_int(row["id"], "attribute id", where))
+                raise SmartError(f"{where}: an attribute without an id: {_short(row)}")
+            aid_v = row["id"]
+            if isinstance(aid_v, bool) or not isinstance(aid_v, int) or not 0 <= aid_v <= 255:
+                raise SmartError(f"{where}: attribute id {_short(aid_v)} is not an ATA "
+                                 "attribute id 0..255")
+            aid = aid_v
             raw = row.get("raw")
             if not isinstance(raw, dict) or "value" not in raw:
                 raise SmartError(f"{where}: attribute {aid} has no raw value")
@@ -198,7 +232,7 @@ def read_backblaze(root: str, progress: Callable[[int, int], None] | None = None
                 fail = int(r[idx["failure"]])
                 vals = [float(r[c]) if c >= 0 and r[c].strip() else 0.0 for c in fcol]
             except ValueError as e:
-                raise SmartError(f"{path}: line {i + 2}: {e}") from None
+                raise SmartError(f"{path}: line {i + 2}: {_one_line(str(e))}") from None
             if fail not in (0, 1) or not all(np.isfinite(vals)):
                 raise SmartError(f"{path}: line {i + 2}: failure must be 0/1 and values "
                                  "finite")

@@ -29,6 +29,12 @@ class TelemetryError(UblkError, ValueError):
     """A telemetry or label file cannot be used; the message names it."""
 
 
+def _show(cells: list[str], limit: int = 60) -> str:
+    """File content quoted for a one-line error: a quoted CSV cell may hold newlines."""
+    text = repr(",".join(cells))
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 @dataclass(frozen=True)
 class HostData:
     """All samples of one host, ordered by time; ``drive`` indexes ``disk_ids``."""
@@ -41,23 +47,32 @@ class HostData:
     latency: npt.NDArray[np.float64]
 
 
-def _numbers(path: str, name: str, cells: list[str], first_line: int) -> npt.NDArray[np.float64]:
+def _numbers(path: str, name: str, cells: list[str], lines: list[int]
+             ) -> npt.NDArray[np.float64]:
+    """The column as floats; ``lines[i]`` is the file line of ``cells[i]`` (for errors)."""
     try:
         v = np.array(cells, dtype=np.float64)
     except ValueError:
+        # numpy and float() do not accept quite the same spellings: name the cell
+        # float() refuses, else take float()'s reading of every cell.
+        vals = []
         for i, c in enumerate(cells):
             try:
-                float(c)
+                vals.append(float(c))
             except ValueError:
-                raise TelemetryError(f"{path}: line {first_line + i}: {name} {c!r} is not a "
+                raise TelemetryError(f"{path}: line {lines[i]}: {name} {_cell(c)} is not a "
                                      "number") from None
-        raise
+        v = np.array(vals, dtype=np.float64)
     bad = ~np.isfinite(v) | (v < 0)
     if bad.any():
         i = int(np.argmax(bad))
-        raise TelemetryError(f"{path}: line {first_line + i}: {name} is {cells[i]!r}; "
+        raise TelemetryError(f"{path}: line {lines[i]}: {name} is {_cell(cells[i])}; "
                              "expected a finite number >= 0")
     return v
+
+
+def _cell(text: str) -> str:
+    return _show([text], 40)
 
 
 def read_file(path: str) -> tuple[npt.NDArray[np.float64], list[str], npt.NDArray[np.float64],
@@ -65,37 +80,43 @@ def read_file(path: str) -> tuple[npt.NDArray[np.float64], list[str], npt.NDArra
     """(ts, disk_id, throughput, latency) of one telemetry CSV."""
     try:
         with open(path, newline="") as f:
-            rows = list(csv.reader(f))
+            reader = csv.reader(f)
+            # The line each row ends on: a quoted cell may span lines, and blank
+            # lines are skipped below, so a row's index is not its line number.
+            rows = [(reader.line_num, r) for r in reader]
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise TelemetryError(f"{path}: cannot read it: {e}") from None
-    if not rows or not any(c.strip() for c in rows[0]):
+    if not rows or not any(c.strip() for c in rows[0][1]):
         raise TelemetryError(f"{path}: empty file (expected the header "
                              f"{','.join(COLUMNS)})")
-    header = [c.strip().lower() for c in rows[0]]
+    first = rows[0][1]
+    header = [c.strip().lower() for c in first]
     missing = [c for c in COLUMNS if c not in header]
     if missing:
         raise TelemetryError(f"{path}: missing column(s) {', '.join(missing)} "
-                             f"(header: {','.join(rows[0])})")
-    body = [r for r in rows[1:] if r and any(c.strip() for c in r)]
+                             f"(header: {_show(first)})")
+    body = [(ln, r) for ln, r in rows[1:] if r and any(c.strip() for c in r)]
     if not body:
         raise TelemetryError(f"{path}: no data rows after the header")
     width = len(header)
-    for i, r in enumerate(rows[1:]):
-        if r and any(c.strip() for c in r) and len(r) != width:
-            raise TelemetryError(f"{path}: line {i + 2}: {len(r)} fields, the header has "
+    for ln, r in body:
+        if len(r) != width:
+            raise TelemetryError(f"{path}: line {ln}: {len(r)} fields, the header has "
                                  f"{width}")
     col = {c: header.index(c) for c in COLUMNS}
-    ts = _numbers(path, "ts", [r[col["ts"]] for r in body], 2)
-    tput = _numbers(path, "throughput", [r[col["throughput"]] for r in body], 2)
-    lat = _numbers(path, "latency", [r[col["latency"]] for r in body], 2)
-    disks = [r[col["disk_id"]].strip() for r in body]
+    lines = [ln for ln, _ in body]
+    ts = _numbers(path, "ts", [r[col["ts"]] for _, r in body], lines)
+    tput = _numbers(path, "throughput", [r[col["throughput"]] for _, r in body], lines)
+    lat = _numbers(path, "latency", [r[col["latency"]] for _, r in body], lines)
+    disks = [r[col["disk_id"]].strip() for _, r in body]
     if any(not d for d in disks):
-        raise TelemetryError(f"{path}: line {disks.index('') + 2}: empty disk_id")
+        raise TelemetryError(f"{path}: line {lines[disks.index('')]}: empty disk_id")
     back = np.flatnonzero(np.diff(ts) < 0)
     if back.size:
         i = int(back[0]) + 1
-        raise TelemetryError(f"{path}: line {i + 2}: ts goes backwards ({body[i][col['ts']]} "
-                             f"after {body[i - 1][col['ts']]}); rows must be sorted by time")
+        raise TelemetryError(f"{path}: line {lines[i]}: ts goes backwards "
+                             f"({_cell(body[i][1][col['ts']])} after "
+                             f"{_cell(body[i - 1][1][col['ts']])}); rows must be sorted by time")
     return ts, disks, tput, lat
 
 
@@ -144,21 +165,22 @@ def read_labels(path: str) -> set[tuple[str, str]]:
     """The (host, disk_id) pairs of a labels CSV."""
     try:
         with open(path, newline="") as f:
-            rows = list(csv.reader(f))
+            reader = csv.reader(f)
+            rows = [(reader.line_num, r) for r in reader]
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise TelemetryError(f"{path}: cannot read the labels: {e}") from None
     if not rows:
         raise TelemetryError(f"{path}: empty labels file (expected the header host,disk_id)")
-    header = [c.strip().lower() for c in rows[0]]
+    header = [c.strip().lower() for c in rows[0][1]]
     if "host" not in header or "disk_id" not in header:
         raise TelemetryError(f"{path}: labels need columns host,disk_id (header: "
-                             f"{','.join(rows[0])})")
+                             f"{_show(rows[0][1])})")
     h, d = header.index("host"), header.index("disk_id")
     out = set()
-    for i, r in enumerate(rows[1:]):
+    for ln, r in rows[1:]:
         if not r or not any(c.strip() for c in r):
             continue
         if len(r) <= max(h, d) or not r[h].strip() or not r[d].strip():
-            raise TelemetryError(f"{path}: line {i + 2}: expected host,disk_id")
+            raise TelemetryError(f"{path}: line {ln}: expected host,disk_id")
         out.add((r[h].strip(), r[d].strip()))
     return out
