@@ -13,15 +13,20 @@ recommendation.
   is on the unified hierarchy, else v1 ``blkio.throttle.*_device``.  The
   limit applies to the configured cgroup (default: the root group of v1, i.e.
   every process not in a child group); ``0`` removes it.
-* Driver actions (``demote_leg``) go to the ublk server's control channel.
-  That channel does not exist yet: the handler is pluggable
-  (:class:`ControlChannel`) and without one the recommendation is rejected
-  with "unsupported: no control channel".
+* Driver actions (``demote_leg``, ``promote_leg``; the value is the leg)
+  go to the server of the device through a :class:`ControlChannel`.  By
+  default a ublk device ``ublkbN`` is reached through its server's control
+  socket (:class:`UblkControlChannel`, :mod:`ublk_driver.ctl`); any other
+  device, or a ublk device whose server has no socket, has no channel and the
+  recommendation is rejected with "unsupported: no control channel".
+  ``promote_leg`` is applied once the resync has *started*: the agent's one
+  thread must not wait minutes for it.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,10 +158,52 @@ class Throttle:
 
 
 class ControlChannel(Protocol):
-    """A ublk server's control channel (future work): performs a driver action."""
+    """A ublk server's control channel: performs a driver action."""
 
     def perform(self, bd: BlockDevice, action: str, value: str) -> str:
         """Do it; return the previous value (for rollback) or raise ActionError."""
+
+
+class UblkControlChannel:
+    """The control socket of a ublkml server (``ublk_driver.ctl``)."""
+
+    LEG_STATES: ClassVar[dict[str, str]] = {"demote_leg": "demoted", "promote_leg": "active"}
+
+    def __init__(self, dev_id: int, timeout: float = 2.0, state_dir: str | None = None) -> None:
+        self.dev_id = dev_id
+        self.timeout = timeout   # short: the agent has one thread
+        self.state_dir = state_dir
+
+    def perform(self, bd: BlockDevice, action: str, value: str) -> str:
+        """Set the leg named by ``value``; the leg's previous state ("" if unknown)."""
+        # Imported here: ublk_driver loads its compiled engine on import.
+        from ublk_driver.ctl import ControlClient
+        from ublk_driver.errors import UblkError
+
+        state = self.LEG_STATES.get(action)
+        if state is None:
+            raise ActionError(f"unsupported: the ublk server has no action {action!r}")
+        try:
+            leg = int(value)
+            out = ControlClient(self.dev_id, self.timeout, self.state_dir).call(
+                "leg_set", leg=leg, state=state)
+        except ValueError:
+            raise ActionError(f"{action} needs a leg number, got {value!r}") from None
+        except UblkError as e:
+            raise ActionError(f"{action} {value} on {bd.name}: {e}") from None
+        return str(out.get("previous") or "")
+
+
+def ublk_channel_for(bd: BlockDevice, state_dir: str | None = None) -> ControlChannel | None:
+    """The control channel of ``/dev/ublkbN``'s server, if it has one."""
+    m = re.fullmatch(r"ublkb(\d+)", bd.name)
+    if m is None:
+        return None
+    dev_id = int(m.group(1))
+    base = state_dir or os.environ.get("UBLKML_STATE_DIR", "/run/ublkml")
+    if not os.path.exists(os.path.join(base, f"{dev_id}.sock")):
+        return None
+    return UblkControlChannel(dev_id, state_dir=state_dir)
 
 
 class DriverAction:
@@ -220,12 +267,13 @@ def no_channel(_bd: BlockDevice) -> ControlChannel | None:
 
 
 def default_actions(throttle: ThrottleInterface | Literal["detect"] | None = "detect",
-                    channel_for: Callable[[BlockDevice], ControlChannel | None] = no_channel,
-                    ) -> dict[str, ActionSpec]:
+                    channel_for: Callable[[BlockDevice], ControlChannel | None] =
+                    ublk_channel_for) -> dict[str, ActionSpec]:
     """The allow-list; bounds are conservative rather than the kernel's own limits.
 
     ``throttle``: where limits go; ``"detect"`` asks :func:`detect_throttle`,
-    None disables the throttle actions.
+    None disables the throttle actions.  ``channel_for``: how driver actions
+    reach a device's server (:func:`no_channel` turns them off).
     """
     if throttle == "detect":
         throttle = detect_throttle()
@@ -245,7 +293,11 @@ def default_actions(throttle: ThrottleInterface | Literal["detect"] | None = "de
                    check_effect=False),
         ActionSpec("throttle_write_iops", Throttle("wiops", throttle), 0, 10_000_000,
                    check_effect=False),
+        # A leg change moves reads between legs: the device's mean latency is
+        # the wrong yardstick for it, and a rollback must not undo a demotion.
         ActionSpec("demote_leg", DriverAction("demote_leg", channel_for), 0, 15,
+                   check_effect=False, reversible=False),
+        ActionSpec("promote_leg", DriverAction("promote_leg", channel_for), 0, 15,
                    check_effect=False, reversible=False),
     ]
     return {s.name: s for s in specs}
