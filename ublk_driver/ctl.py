@@ -653,7 +653,10 @@ class ControlClient:
             if len(buf) > MAX_ANSWER:
                 raise ControlChannelError(f"answer from the server of ublk device "
                                           f"{self.dev_id} is longer than {MAX_ANSWER} bytes")
-            chunk = s.recv(65536)
+            try:
+                chunk = s.recv(65536)
+            except ConnectionResetError:   # it closed with our request unread
+                chunk = b""
             if not chunk:
                 raise ServerUnreachableError(
                     f"the server of ublk device {self.dev_id} closed the control channel "
