@@ -134,7 +134,11 @@ def status_main(argv: Sequence[str]) -> int:
 
 
 def _fault_set(args: argparse.Namespace) -> int:
-    from ublk_driver.faults import FaultSpec
+    try:
+        from ublk_driver.faults import FaultSpec
+    except ImportError as e:
+        raise UblkError(f"fault injection is not available in this installation ({e})"
+                        ) from None
 
     try:
         spec = FaultSpec.parse(args.spec)
