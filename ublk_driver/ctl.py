@@ -295,7 +295,8 @@ class ControlServer:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             sock.bind(tmp)
-            # 0600 before the name exists: nobody else ever sees it wider.
+            # 0600 before it takes its real name: nobody finds it wider (and the
+            # peer check below guards the temporary name too).
             os.chmod(tmp, 0o600)
             sock.listen(16)
             os.replace(tmp, self.path)   # replaces a stale socket of a dead server
