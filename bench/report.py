@@ -431,8 +431,10 @@ def _devices_section(doc: dict[str, Any]) -> list[str]:
     backing = meta.get("loop_backing")
     if backing:
         lines.append(f"- loop backing file: {backing['size'] >> 20} MiB on "
-                     f"{backing['filesystem']}, O_DIRECT "
-                     f"{'supported' if backing['o_direct'] else 'NOT supported'}")
+                     f"{backing['filesystem']}"
+                     + (f" on {backing['device']}" if backing.get("device") else "")
+                     + f", O_DIRECT {'supported' if backing['o_direct'] else 'NOT supported'}"
+                     + (f" (fallback: {backing['fallback']})" if backing.get("fallback") else ""))
     return [*lines, ""]
 
 
