@@ -7,8 +7,11 @@ pointer's lifetime.  Everything above it speaks bytes, ints and memoryviews.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -19,6 +22,22 @@ TGT_NULL: int = lib.UBLKML_TGT_NULL
 TGT_MEM: int = lib.UBLKML_TGT_MEM
 TGT_LOOP: int = lib.UBLKML_TGT_LOOP
 TGT_EVENTS: int = lib.UBLKML_TGT_EVENTS
+TGT_MIRROR: int = lib.UBLKML_TGT_MIRROR
+MAX_LEGS: int = lib.UBLKML_MAX_LEGS
+PROBE_TAG: int = lib.UBLKML_PROBE_TAG
+
+# Fault schedules and leg states (csrc/ublkml.h).
+FAULT_CONST: int = lib.UBLKML_FAULT_CONST
+FAULT_BURST: int = lib.UBLKML_FAULT_BURST
+FAULT_RAMP: int = lib.UBLKML_FAULT_RAMP
+LEG_ACTIVE: int = lib.UBLKML_LEG_ACTIVE
+LEG_DEMOTED: int = lib.UBLKML_LEG_DEMOTED
+LEG_FAILED: int = lib.UBLKML_LEG_FAILED
+
+#: the fields of ``struct ublkml_fault`` (padding left out)
+FAULT_FIELDS: tuple[str, ...] = ("delay_us", "slow_x1000", "mode", "burst_period_ms",
+                                 "burst_on_ms", "ramp_ms", "err_ppm", "err_ops", "err_errno",
+                                 "seed")
 
 
 class EventHandler(Protocol):
@@ -81,10 +100,29 @@ class CtrlRing:
                                        data0))
 
 
-class CTarget:
-    """A C target object; queues of one device share it."""
+@dataclass(frozen=True)
+class LegStats:
+    """``struct ublkml_leg_info`` of one mirror leg."""
 
-    def __init__(self, kind: int, size: int, fd: int = -1, is_bdev: bool = False) -> None:
+    state: int
+    dirty_regions: int
+    total_regions: int
+    reads: int
+    writes: int
+    errors: int
+    probes: int
+
+
+class CTarget:
+    """A C target object; queues of one device share it.
+
+    Control calls (faults, leg states, resync) may come from any thread
+    while the queues serve; ``free`` waits until none is running, so a
+    control thread never touches a freed target.
+    """
+
+    def __init__(self, kind: int, size: int, fd: int = -1, is_bdev: bool = False,
+                 legs: Sequence[tuple[int, bool]] = (), region_shift: int = 20) -> None:
         out = ffi.new("struct ublkml_target **")
         if kind == TGT_NULL:
             ret = lib.ublkml_target_new_null(out, size)
@@ -94,21 +132,96 @@ class CTarget:
             ret = lib.ublkml_target_new_loop(out, fd, int(is_bdev), size)
         elif kind == TGT_EVENTS:
             ret = lib.ublkml_target_new_events(out, size)
+        elif kind == TGT_MIRROR:
+            fds = ffi.new("int[]", [leg_fd for leg_fd, _ in legs])
+            bdevs = ffi.new("int[]", [int(b) for _, b in legs])
+            ret = lib.ublkml_target_new_mirror(out, fds, bdevs, len(legs), size, region_shift)
         else:
             raise ValueError(f"unknown native target kind {kind}")
         _check(ret, "create target")
         self._t: Any = out[0]
         self.kind = kind
         self.size = size
+        self._users = 0
+        self._cond = threading.Condition()
 
     @property
     def handle(self) -> Any:
         return self._t
 
+    @contextlib.contextmanager
+    def _use(self) -> Iterator[Any]:
+        with self._cond:
+            if self._t is None:
+                raise ValueError("the target is closed (the device has stopped)")
+            self._users += 1
+            t = self._t
+        try:
+            yield t
+        finally:
+            with self._cond:
+                self._users -= 1
+                self._cond.notify_all()
+
     def free(self) -> None:
-        if self._t is not None:
-            lib.ublkml_target_free(self._t)
-            self._t = None
+        with self._cond:
+            self._cond.wait_for(lambda: self._users == 0)
+            if self._t is not None:
+                lib.ublkml_target_free(self._t)
+                self._t = None
+
+    @property
+    def n_paths(self) -> int:
+        """Completion paths: mirror legs, 1 for null/mem/loop, 0 for event targets."""
+        with self._use() as t:
+            return int(lib.ublkml_target_n_paths(t))
+
+    def set_fault(self, path: int, fields: Mapping[str, int] | None) -> None:
+        """Set (``fields``: names of :data:`FAULT_FIELDS`) or clear (None) a path's fault."""
+        with self._use() as t:
+            if fields is None:
+                _check(lib.ublkml_target_set_fault(t, path, ffi.NULL), f"clear fault {path}")
+                return
+            unknown = set(fields) - set(FAULT_FIELDS)
+            if unknown:
+                raise ValueError(f"unknown fault fields {sorted(unknown)}")
+            f = ffi.new("struct ublkml_fault *")
+            for name, value in fields.items():
+                setattr(f, name, value)
+            _check(lib.ublkml_target_set_fault(t, path, f), f"set fault on path {path}")
+
+    def get_fault(self, path: int) -> dict[str, int] | None:
+        with self._use() as t:
+            f = ffi.new("struct ublkml_fault *")
+            if not _check(lib.ublkml_target_get_fault(t, path, f), f"get fault {path}"):
+                return None
+            return {name: int(getattr(f, name)) for name in FAULT_FIELDS}
+
+    def set_leg_state(self, leg: int, state: int) -> None:
+        """Raises OSError: EBUSY (last ACTIVE leg), EAGAIN (dirty regions left)."""
+        with self._use() as t:
+            _check(lib.ublkml_mirror_set_leg_state(t, leg, state), f"leg {leg}")
+
+    def leg_info(self, leg: int) -> LegStats:
+        with self._use() as t:
+            info = ffi.new("struct ublkml_leg_info *")
+            _check(lib.ublkml_mirror_leg_info(t, leg, info), f"leg {leg}")
+            return LegStats(int(info.state), int(info.dirty_regions), int(info.total_regions),
+                            int(info.reads), int(info.writes), int(info.errors),
+                            int(info.probes))
+
+    def set_probe_every(self, n: int) -> None:
+        if not 0 <= n < 1 << 32:
+            raise ValueError(f"probe interval must be 0..2^32-1 reads, got {n}")
+        with self._use() as t:
+            _check(lib.ublkml_mirror_set_probe_every(t, n), "probe interval")
+
+    def resync(self, leg: int, max_regions: int) -> int:
+        """Copy up to ``max_regions`` dirty regions (blocking, GIL released); regions left."""
+        if not 0 <= max_regions < 1 << 31:
+            raise ValueError(f"max_regions must be 0..2^31-1, got {max_regions}")
+        with self._use() as t:
+            return _check(lib.ublkml_mirror_resync(t, leg, max_regions), f"resync leg {leg}")
 
 
 def set_thread_name(name: str) -> None:
@@ -239,6 +352,8 @@ class Queue:
                "inject")
 
     def harvest(self, batch: EventBatch) -> list[tuple[int, int]]:
-        """(tag, result) of the requests completed since the last harvest."""
+        """(tag, result) of the requests completed since the last harvest.
+
+        Waits for target I/O (and injected delays) while nothing is ready."""
         n = _check(lib.ublkml_queue_harvest(self._q, batch.c, batch.size), "harvest")
         return [(int(batch.c[i].tag), int(batch.c[i].result)) for i in range(n)]

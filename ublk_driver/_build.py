@@ -146,6 +146,41 @@ struct ublk_params {
 #define UBLKML_TGT_MEM ...
 #define UBLKML_TGT_LOOP ...
 #define UBLKML_TGT_EVENTS ...
+#define UBLKML_TGT_MIRROR ...
+#define UBLKML_MAX_LEGS ...
+#define UBLKML_PROBE_TAG ...
+#define UBLKML_FAULT_CONST ...
+#define UBLKML_FAULT_BURST ...
+#define UBLKML_FAULT_RAMP ...
+#define UBLKML_LEG_ACTIVE ...
+#define UBLKML_LEG_DEMOTED ...
+#define UBLKML_LEG_FAILED ...
+
+struct ublkml_fault {
+    uint32_t delay_us;
+    uint32_t slow_x1000;
+    uint8_t mode;
+    uint8_t pad0[3];
+    uint32_t burst_period_ms;
+    uint32_t burst_on_ms;
+    uint32_t ramp_ms;
+    uint32_t err_ppm;
+    uint32_t err_ops;
+    int32_t err_errno;
+    uint32_t pad1;
+    uint64_t seed;
+};
+
+struct ublkml_leg_info {
+    uint32_t state;
+    uint32_t pad0;
+    uint64_t dirty_regions;
+    uint64_t total_regions;
+    uint64_t reads;
+    uint64_t writes;
+    uint64_t errors;
+    uint64_t probes;
+};
 
 struct ublkml_completion {
     uint64_t t_ns;
@@ -191,8 +226,18 @@ int ublkml_target_new_null(struct ublkml_target **out, uint64_t size);
 int ublkml_target_new_mem(struct ublkml_target **out, uint64_t size);
 int ublkml_target_new_loop(struct ublkml_target **out, int fd, int is_bdev, uint64_t size);
 int ublkml_target_new_events(struct ublkml_target **out, uint64_t size);
+int ublkml_target_new_mirror(struct ublkml_target **out, const int *fds, const int *is_bdev,
+                             int n_legs, uint64_t size, uint32_t region_shift);
 void ublkml_target_free(struct ublkml_target *t);
 int ublkml_target_kind(const struct ublkml_target *t);
+int ublkml_target_n_paths(const struct ublkml_target *t);
+int ublkml_target_set_fault(struct ublkml_target *t, uint32_t path,
+                            const struct ublkml_fault *f);
+int ublkml_target_get_fault(struct ublkml_target *t, uint32_t path, struct ublkml_fault *out);
+int ublkml_mirror_set_leg_state(struct ublkml_target *t, int leg, int state);
+int ublkml_mirror_leg_info(struct ublkml_target *t, int leg, struct ublkml_leg_info *out);
+int ublkml_mirror_set_probe_every(struct ublkml_target *t, uint32_t n);
+int ublkml_mirror_resync(struct ublkml_target *t, int leg, int max_regions);
 int ublkml_dio_alignment(int fd, int is_bdev);
 
 int ublkml_queue_new(struct ublkml_queue **out, struct ublkml_target *t, int cdev_fd,

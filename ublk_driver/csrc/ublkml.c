@@ -7,7 +7,9 @@
  * One queue = one io_uring + one thread.  The ring carries two kinds of
  * requests, told apart by bit 63 of user_data:
  *   - ublk I/O commands (FETCH_REQ, COMMIT_AND_FETCH_REQ) on /dev/ublkcN;
- *   - target I/O (read/write/fsync/fallocate on the loop backing file).
+ *   - target I/O: read/write/fsync/fallocate on a loop or mirror leg, the
+ *     timers of injected delays and mirror health probes (kind, leg and
+ *     tag or probe slot are encoded in user_data, see tgt_ud()).
  * ublkml_queue_run() loops: submit everything prepared, wait for >= 1 CQE,
  * then walk every ready CQE.  A CQE of a ublk command means "a request is in
  * this tag's descriptor": the target handles it, either at once (null, mem:
@@ -21,6 +23,13 @@
  * a request it is copied into a caller-supplied array; the caller answers
  * the whole array in one call.  So Python runs once per batch of
  * completions, plus the plug-in's own method per I/O.
+ *
+ * Leg I/O (loop = one leg, mirror = 2..8): leg_start() -> backing I/O ->
+ * leg_cqe() (short transfers and zero-range fallbacks resubmit) ->
+ * leg_io_done() (adds an injected delay as an IORING_OP_TIMEOUT, never a
+ * sleep) -> leg_finish() -> the request's answer.  The mirror's fan-out,
+ * read retry, dirty regions and probes are in the "mirror: the data path"
+ * section; the resync protocol is at ublkml_mirror_resync().
  *
  * Stopping: STOP_DEV (from any thread or process) makes the driver complete
  * every outstanding FETCH/COMMIT with UBLK_IO_RES_ABORT (-ENODEV).  A tag
@@ -137,12 +146,54 @@ int ublkml_ctrl_cmd(struct ublkml_ctrl *c, uint32_t cmd_op, uint32_t dev_id,
 
 /* ---- targets ----------------------------------------------------------- */
 
+/* One backing file or device: the loop target has one, a mirror 2..8. */
+struct leg {
+	int fd;
+	int is_bdev;
+	/* mirror only; all updated with atomics from several threads */
+	uint64_t *dirty;	/* one bit per region this leg missed */
+	uint64_t n_dirty;	/* bits set in dirty */
+	uint64_t reads, writes, errors, probes;
+};
+
+/* A fault as queue threads read it: copied word by word with relaxed
+ * atomics between the seqlock's sequence loads, so that the reader is
+ * race-free in the C11 model and never waits for the writer. */
+struct fault_data {
+	struct ublkml_fault f;
+	uint64_t t0;		/* ns: the schedule's clock starts here */
+	uint64_t on;
+};
+#define FAULT_WORDS (sizeof(struct fault_data) / sizeof(uint64_t))
+_Static_assert(sizeof(struct fault_data) % sizeof(uint64_t) == 0,
+	       "fault_data is copied in 64-bit words");
+
+struct fault_slot {
+	uint32_t seq;		/* odd while a writer is inside */
+	uint64_t w[FAULT_WORDS];
+};
+
 struct ublkml_target {
 	int kind;
 	uint64_t size;
-	uint8_t *mem;		/* mem */
-	int fd;			/* loop */
-	int is_bdev;		/* loop */
+	uint8_t *mem;			/* mem */
+	int n_legs;			/* loop: 1, mirror: 2..8 */
+	struct leg legs[UBLKML_MAX_LEGS];
+	/* mirror: 2 bits of UBLKML_LEG_* per leg in one word, so that "is
+	 * another leg still ACTIVE?" and the change are a single CAS */
+	uint32_t states;
+	uint32_t region_shift;
+	uint64_t n_regions;
+	uint32_t *r_inflight;		/* per region: writes in flight */
+	uint32_t *r_gen;		/* per region: writes ever submitted */
+	/* write epochs: lets a state change wait until no write that saw
+	 * the previous states is still running (see write_barrier) */
+	uint32_t w_epoch;
+	uint64_t w_active[2];
+	uint32_t probe_every;
+	uint32_t probe_rr;
+	pthread_mutex_t ctl;		/* control calls only, never the queues */
+	struct fault_slot faults[UBLKML_MAX_LEGS];
 };
 
 static int target_alloc(struct ublkml_target **out, int kind, uint64_t size)
@@ -153,7 +204,9 @@ static int target_alloc(struct ublkml_target **out, int kind, uint64_t size)
 		return -ENOMEM;
 	t->kind = kind;
 	t->size = size;
-	t->fd = -1;
+	for (int i = 0; i < UBLKML_MAX_LEGS; i++)
+		t->legs[i].fd = -1;
+	pthread_mutex_init(&t->ctl, NULL);
 	*out = t;
 	return 0;
 }
@@ -180,7 +233,7 @@ int ublkml_target_new_mem(struct ublkml_target **out, uint64_t size)
 		 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
 	if (p == MAP_FAILED) {
 		ret = -errno;
-		free(*out);
+		ublkml_target_free(*out);
 		*out = NULL;
 		return ret;
 	}
@@ -195,9 +248,47 @@ int ublkml_target_new_loop(struct ublkml_target **out, int fd, int is_bdev,
 
 	if (ret)
 		return ret;
-	(*out)->fd = fd;
-	(*out)->is_bdev = is_bdev;
+	(*out)->n_legs = 1;
+	(*out)->legs[0].fd = fd;
+	(*out)->legs[0].is_bdev = is_bdev;
 	return 0;
+}
+
+int ublkml_target_new_mirror(struct ublkml_target **out, const int *fds,
+			     const int *is_bdev, int n_legs, uint64_t size,
+			     uint32_t region_shift)
+{
+	struct ublkml_target *t;
+	size_t words;
+	int ret;
+
+	if (n_legs < 2 || n_legs > UBLKML_MAX_LEGS || region_shift < 12 ||
+	    region_shift > 30 || size == 0)
+		return -EINVAL;
+	ret = target_alloc(&t, UBLKML_TGT_MIRROR, size);
+	if (ret)
+		return ret;
+	t->n_legs = n_legs;
+	t->region_shift = region_shift;
+	t->n_regions = (size + (1ull << region_shift) - 1) >> region_shift;
+	t->probe_every = 8;
+	words = (t->n_regions + 63) / 64;
+	t->r_inflight = calloc(t->n_regions, sizeof(uint32_t));
+	t->r_gen = calloc(t->n_regions, sizeof(uint32_t));
+	if (!t->r_inflight || !t->r_gen)
+		goto nomem;
+	for (int i = 0; i < n_legs; i++) {
+		t->legs[i].fd = fds[i];
+		t->legs[i].is_bdev = is_bdev[i];
+		t->legs[i].dirty = calloc(words, sizeof(uint64_t));
+		if (!t->legs[i].dirty)
+			goto nomem;
+	}
+	*out = t;
+	return 0;
+nomem:
+	ublkml_target_free(t);
+	return -ENOMEM;
 }
 
 void ublkml_target_free(struct ublkml_target *t)
@@ -206,12 +297,24 @@ void ublkml_target_free(struct ublkml_target *t)
 		return;
 	if (t->mem)
 		munmap(t->mem, t->size);
+	for (int i = 0; i < UBLKML_MAX_LEGS; i++)
+		free(t->legs[i].dirty);
+	free(t->r_inflight);
+	free(t->r_gen);
+	pthread_mutex_destroy(&t->ctl);
 	free(t);
 }
 
 int ublkml_target_kind(const struct ublkml_target *t)
 {
 	return t->kind;
+}
+
+int ublkml_target_n_paths(const struct ublkml_target *t)
+{
+	if (t->kind == UBLKML_TGT_EVENTS)
+		return 0;
+	return t->kind == UBLKML_TGT_MIRROR ? t->n_legs : 1;
 }
 
 int ublkml_dio_alignment(int fd, int is_bdev)
@@ -235,18 +338,462 @@ int ublkml_dio_alignment(int fd, int is_bdev)
 	return 512;
 }
 
+/* ---- faults: the control side ------------------------------------------ */
+
+static void fault_write(struct fault_slot *s, const struct fault_data *d)
+{
+	uint64_t w[FAULT_WORDS];
+	uint32_t seq = __atomic_load_n(&s->seq, __ATOMIC_RELAXED);
+
+	memcpy(w, d, sizeof(w));
+	__atomic_store_n(&s->seq, seq + 1, __ATOMIC_RELAXED);
+	__atomic_thread_fence(__ATOMIC_RELEASE);
+	for (size_t i = 0; i < FAULT_WORDS; i++)
+		__atomic_store_n(&s->w[i], w[i], __ATOMIC_RELAXED);
+	__atomic_store_n(&s->seq, seq + 2, __ATOMIC_RELEASE);
+}
+
+/* One attempt: 0 and *seq (even) when *d is a consistent copy, -EAGAIN
+ * when a writer was inside.  Queue threads never retry in a loop: they keep
+ * their previous copy and look again at the next I/O. */
+static int fault_try_read(const struct fault_slot *s, struct fault_data *d,
+			  uint32_t *seq)
+{
+	uint64_t w[FAULT_WORDS];
+	uint32_t s1, s2;
+
+	s1 = __atomic_load_n(&s->seq, __ATOMIC_ACQUIRE);
+	if (s1 & 1)
+		return -EAGAIN;
+	for (size_t i = 0; i < FAULT_WORDS; i++)
+		w[i] = __atomic_load_n(&s->w[i], __ATOMIC_RELAXED);
+	__atomic_thread_fence(__ATOMIC_ACQUIRE);
+	s2 = __atomic_load_n(&s->seq, __ATOMIC_RELAXED);
+	if (s1 != s2)
+		return -EAGAIN;
+	memcpy(d, w, sizeof(w));
+	*seq = s1;
+	return 0;
+}
+
+int ublkml_target_set_fault(struct ublkml_target *t, uint32_t path,
+			    const struct ublkml_fault *f)
+{
+	struct fault_data d;
+
+	if (path >= (uint32_t)ublkml_target_n_paths(t))
+		return -EINVAL;
+	memset(&d, 0, sizeof(d));
+	if (f) {
+		if (f->mode > UBLKML_FAULT_RAMP || f->err_ppm > 1000000 ||
+		    f->err_errno < 0 || f->err_errno > 4095 ||
+		    (f->slow_x1000 && f->slow_x1000 < 1000) ||
+		    (f->mode == UBLKML_FAULT_BURST &&
+		     (!f->burst_period_ms || f->burst_on_ms > f->burst_period_ms)))
+			return -EINVAL;
+		d.f = *f;
+		if (!d.f.slow_x1000)
+			d.f.slow_x1000 = 1000;
+		if (!d.f.err_errno)
+			d.f.err_errno = EIO;
+		d.t0 = now_ns();
+		d.on = 1;
+	}
+	pthread_mutex_lock(&t->ctl);	/* one writer at a time per seqlock */
+	fault_write(&t->faults[path], &d);
+	pthread_mutex_unlock(&t->ctl);
+	return 0;
+}
+
+int ublkml_target_get_fault(struct ublkml_target *t, uint32_t path,
+			    struct ublkml_fault *out)
+{
+	struct fault_data d;
+	uint32_t seq;
+
+	if (path >= (uint32_t)ublkml_target_n_paths(t))
+		return -EINVAL;
+	pthread_mutex_lock(&t->ctl);	/* no writer inside: one read is enough */
+	fault_try_read(&t->faults[path], &d, &seq);
+	pthread_mutex_unlock(&t->ctl);
+	*out = d.f;
+	return d.on ? 1 : 0;
+}
+
+/* ---- mirror: leg states, dirty regions, write epochs --------------------- */
+
+static uint32_t leg_state_of(uint32_t states, int leg)
+{
+	return (states >> (2 * leg)) & 3u;
+}
+
+static uint32_t states_load(struct ublkml_target *t)
+{
+	return __atomic_load_n(&t->states, __ATOMIC_SEQ_CST);
+}
+
+static uint32_t legs_in(const struct ublkml_target *t, uint32_t states,
+			uint32_t state)
+{
+	uint32_t mask = 0;
+
+	for (int i = 0; i < t->n_legs; i++)
+		if (leg_state_of(states, i) == state)
+			mask |= 1u << i;
+	return mask;
+}
+
+/* Move leg from any state in from_mask (bits 1 << UBLKML_LEG_*) to state.
+ * -EBUSY when that would leave no ACTIVE leg, -EAGAIN when the leg is in
+ * another state.  *was gets the previous state. */
+static int leg_cas(struct ublkml_target *t, int leg, uint32_t from_mask,
+		   uint32_t state, uint32_t *was)
+{
+	uint32_t old = states_load(t), nw, cur;
+
+	do {
+		cur = leg_state_of(old, leg);
+		if (was)
+			*was = cur;
+		if (cur == state)
+			return 0;
+		if (!(from_mask & (1u << cur)))
+			return -EAGAIN;
+		if (cur == UBLKML_LEG_ACTIVE &&
+		    !(legs_in(t, old, UBLKML_LEG_ACTIVE) & ~(1u << leg)))
+			return -EBUSY;
+		nw = (old & ~(3u << (2 * leg))) | (state << (2 * leg));
+	} while (!__atomic_compare_exchange_n(&t->states, &old, nw, 0,
+					      __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST));
+	return 0;
+}
+
+#define ANY_LEG_STATE 7u
+
+static void dirty_set(struct leg *lg, uint64_t r)
+{
+	uint64_t bit = 1ull << (r & 63);
+
+	if (!(__atomic_fetch_or(&lg->dirty[r >> 6], bit, __ATOMIC_SEQ_CST) & bit))
+		__atomic_fetch_add(&lg->n_dirty, 1, __ATOMIC_SEQ_CST);
+}
+
+static int dirty_clear(struct leg *lg, uint64_t r)
+{
+	uint64_t bit = 1ull << (r & 63);
+
+	if (!(__atomic_fetch_and(&lg->dirty[r >> 6], ~bit, __ATOMIC_SEQ_CST) & bit))
+		return 0;
+	__atomic_fetch_sub(&lg->n_dirty, 1, __ATOMIC_SEQ_CST);
+	return 1;
+}
+
+static void dirty_range(struct ublkml_target *t, int leg, uint64_t off,
+			uint64_t len)
+{
+	uint64_t r, last;
+
+	if (!len)
+		return;
+	last = (off + len - 1) >> t->region_shift;
+	for (r = off >> t->region_shift; r <= last && r < t->n_regions; r++)
+		dirty_set(&t->legs[leg], r);
+}
+
+/* Wait until every write that may have read the leg states before this
+ * call has completed (the caller changed a state first).  A writer joins
+ * the current epoch before it reads the states; flipping the epoch twice
+ * and draining the old side each time catches every such writer (SRCU's
+ * argument), and new writers, on the other side, cannot starve it. */
+static void write_barrier(struct ublkml_target *t)
+{
+	struct timespec ts = { 0, 20000 };
+
+	for (int i = 0; i < 2; i++) {
+		uint32_t old = __atomic_fetch_add(&t->w_epoch, 1,
+						  __ATOMIC_SEQ_CST) & 1;
+
+		while (__atomic_load_n(&t->w_active[old], __ATOMIC_SEQ_CST))
+			nanosleep(&ts, NULL);
+	}
+}
+
+static uint64_t leg_dirty(struct ublkml_target *t, int leg)
+{
+	return __atomic_load_n(&t->legs[leg].n_dirty, __ATOMIC_SEQ_CST);
+}
+
+static int set_leg_state_locked(struct ublkml_target *t, int leg, uint32_t state)
+{
+	uint32_t cur = leg_state_of(states_load(t), leg);
+	int ret;
+
+	if (cur == state)
+		return 0;
+	if (state == UBLKML_LEG_ACTIVE) {
+		if (leg_dirty(t, leg))
+			return -EAGAIN;
+		if (cur == UBLKML_LEG_FAILED) {
+			/* Writes that saw it FAILED mark their regions dirty
+			 * before they complete: let them finish, then look. */
+			ret = leg_cas(t, leg, 1u << UBLKML_LEG_FAILED,
+				      UBLKML_LEG_DEMOTED, NULL);
+			if (ret)
+				return ret;
+			write_barrier(t);
+			if (leg_dirty(t, leg)) {
+				leg_cas(t, leg, 1u << UBLKML_LEG_DEMOTED,
+					UBLKML_LEG_FAILED, NULL);
+				return -EAGAIN;
+			}
+		}
+		/* A queue thread that fails a write on this leg marks the
+		 * region dirty and then moves the leg to FAILED, so a dirty
+		 * bit set after the check above still ends in FAILED. */
+		return leg_cas(t, leg, 1u << UBLKML_LEG_DEMOTED,
+			       UBLKML_LEG_ACTIVE, NULL);
+	}
+	ret = leg_cas(t, leg, ANY_LEG_STATE, state, &cur);
+	if (ret == 0 && cur == UBLKML_LEG_FAILED && state == UBLKML_LEG_DEMOTED)
+		write_barrier(t);	/* from now on every write reaches it */
+	return ret;
+}
+
+int ublkml_mirror_set_leg_state(struct ublkml_target *t, int leg, int state)
+{
+	int ret;
+
+	if (t->kind != UBLKML_TGT_MIRROR || leg < 0 || leg >= t->n_legs ||
+	    state < UBLKML_LEG_ACTIVE || state > UBLKML_LEG_FAILED)
+		return -EINVAL;
+	pthread_mutex_lock(&t->ctl);
+	ret = set_leg_state_locked(t, leg, (uint32_t)state);
+	pthread_mutex_unlock(&t->ctl);
+	return ret;
+}
+
+int ublkml_mirror_leg_info(struct ublkml_target *t, int leg,
+			   struct ublkml_leg_info *out)
+{
+	struct leg *lg;
+
+	if (t->kind != UBLKML_TGT_MIRROR || leg < 0 || leg >= t->n_legs)
+		return -EINVAL;
+	lg = &t->legs[leg];
+	memset(out, 0, sizeof(*out));
+	out->state = leg_state_of(states_load(t), leg);
+	out->dirty_regions = leg_dirty(t, leg);
+	out->total_regions = t->n_regions;
+	out->reads = __atomic_load_n(&lg->reads, __ATOMIC_RELAXED);
+	out->writes = __atomic_load_n(&lg->writes, __ATOMIC_RELAXED);
+	out->errors = __atomic_load_n(&lg->errors, __ATOMIC_RELAXED);
+	out->probes = __atomic_load_n(&lg->probes, __ATOMIC_RELAXED);
+	return 0;
+}
+
+int ublkml_mirror_set_probe_every(struct ublkml_target *t, uint32_t n)
+{
+	if (t->kind != UBLKML_TGT_MIRROR)
+		return -EINVAL;
+	__atomic_store_n(&t->probe_every, n, __ATOMIC_RELAXED);
+	return 0;
+}
+
+static int copy_all(int fd_in, int fd_out, char *buf, uint64_t off, uint64_t len)
+{
+	while (len) {
+		ssize_t n = pread(fd_in, buf, len, (off_t)off), m;
+
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0)
+			return n < 0 ? -errno : -EIO;
+		for (ssize_t done = 0; done < n; done += m) {
+			m = pwrite(fd_out, buf + done, (size_t)(n - done),
+				   (off_t)(off + (uint64_t)done));
+			if (m < 0 && errno == EINTR) {
+				m = 0;
+				continue;
+			}
+			if (m <= 0)
+				return m < 0 ? -errno : -EIO;
+		}
+		off += (uint64_t)n;
+		len -= (uint64_t)n;
+	}
+	return 0;
+}
+
+static int pick_source(struct ublkml_target *t, int leg)
+{
+	uint32_t active = legs_in(t, states_load(t), UBLKML_LEG_ACTIVE) &
+			  ~(1u << leg);
+
+	return active ? __builtin_ctz(active) : -1;
+}
+
+/* The resync protocol, per dirty region r of the leg (queue threads raise
+ * r_inflight[r] and r_gen[r] before they submit a write to r, and lower
+ * r_inflight[r] when the whole request has completed):
+ *   skip r while a write to it is in flight; remember its generation;
+ *   clear the dirty bit (a writer that marks it again afterwards wins);
+ *   copy the region from an ACTIVE leg with pread/pwrite;
+ *   if a write to r started meanwhile (generation changed, or one is in
+ *   flight), the copy may have overwritten newer data on the leg: mark r
+ *   dirty again.  The leg is DEMOTED throughout, so every write that
+ *   starts after the copy reaches it too. */
+int ublkml_mirror_resync(struct ublkml_target *t, int leg, int max_regions)
+{
+	struct leg *lg;
+	uint64_t rsize, chunk;
+	char *buf = NULL;
+	uint32_t cur;
+	int copied = 0, ret = 0;
+
+	if (t->kind != UBLKML_TGT_MIRROR || leg < 0 || leg >= t->n_legs ||
+	    max_regions < 0)
+		return -EINVAL;
+	lg = &t->legs[leg];
+	pthread_mutex_lock(&t->ctl);
+	cur = leg_state_of(states_load(t), leg);
+	if (cur == UBLKML_LEG_FAILED && leg_dirty(t, leg) && max_regions) {
+		ret = leg_cas(t, leg, 1u << UBLKML_LEG_FAILED,
+			      UBLKML_LEG_DEMOTED, &cur);
+		if (ret == 0)
+			write_barrier(t);
+	}
+	pthread_mutex_unlock(&t->ctl);
+	if (ret)
+		return ret;
+	if (cur == UBLKML_LEG_ACTIVE || !max_regions || !leg_dirty(t, leg))
+		return (int)leg_dirty(t, leg);
+
+	rsize = 1ull << t->region_shift;
+	chunk = rsize < (1u << 20) ? rsize : (1u << 20);
+	if (posix_memalign((void **)&buf, 4096, chunk))
+		return -ENOMEM;
+	for (uint64_t r = 0; r < t->n_regions && copied < max_regions; r++) {
+		uint64_t off = r << t->region_shift, end, len;
+		uint32_t gen;
+		int src;
+
+		if (!__atomic_load_n(&lg->dirty[r >> 6], __ATOMIC_RELAXED)) {
+			r |= 63;	/* a clean word: skip 64 regions */
+			continue;
+		}
+		if (!(__atomic_load_n(&lg->dirty[r >> 6], __ATOMIC_SEQ_CST) &
+		      (1ull << (r & 63))))
+			continue;
+		if (__atomic_load_n(&t->r_inflight[r], __ATOMIC_SEQ_CST))
+			continue;	/* busy: a later call takes it */
+		gen = __atomic_load_n(&t->r_gen[r], __ATOMIC_SEQ_CST);
+		if (!dirty_clear(lg, r))
+			continue;
+		if (__atomic_load_n(&t->r_inflight[r], __ATOMIC_SEQ_CST) ||
+		    __atomic_load_n(&t->r_gen[r], __ATOMIC_SEQ_CST) != gen) {
+			dirty_set(lg, r);
+			continue;
+		}
+		src = pick_source(t, leg);
+		if (src < 0) {
+			dirty_set(lg, r);
+			ret = -EBUSY;	/* no ACTIVE leg to copy from */
+			break;
+		}
+		end = off + rsize < t->size ? off + rsize : t->size;
+		for (; off < end; off += len) {
+			len = end - off < chunk ? end - off : chunk;
+			ret = copy_all(t->legs[src].fd, lg->fd, buf, off, len);
+			if (ret)
+				break;
+		}
+		if (ret) {
+			dirty_set(lg, r);
+			__atomic_fetch_add(&lg->errors, 1, __ATOMIC_RELAXED);
+			break;
+		}
+		if (__atomic_load_n(&t->r_gen[r], __ATOMIC_SEQ_CST) != gen ||
+		    __atomic_load_n(&t->r_inflight[r], __ATOMIC_SEQ_CST) ||
+		    leg_state_of(states_load(t), src) != UBLKML_LEG_ACTIVE) {
+			dirty_set(lg, r);	/* raced with a write: again later */
+			continue;
+		}
+		copied++;
+	}
+	free(buf);
+	if (ret)
+		return ret;
+	if (copied && fdatasync(lg->fd) < 0 && errno != EINVAL)
+		return -errno;
+	return (int)leg_dirty(t, leg);
+}
+
 /* ---- queues ------------------------------------------------------------ */
+
+/* user_data of target I/O: bit 63, then what the CQE finishes. */
+#define UD_KIND_SHIFT	24
+#define UD_LEG_SHIFT	16
+enum {
+	KIND_IO = 0,		/* a leg I/O of a request (tag) */
+	KIND_DELAY = 1,		/* the injected delay of a leg I/O ended */
+	KIND_PROBE = 2,		/* a health probe (probe slot) */
+	KIND_PROBE_DELAY = 3,
+};
+
+static uint64_t tgt_ud(uint32_t kind, uint32_t leg, uint32_t idx)
+{
+	return TGT_IO_BIT | (uint64_t)kind << UD_KIND_SHIFT |
+	       (uint64_t)leg << UD_LEG_SHIFT | idx;
+}
 
 /* Per-tag state of a request in progress. */
 struct tag_state {
 	uint64_t off;		/* backing offset of the request */
 	uint32_t len;		/* bytes of the request */
-	uint32_t done;		/* bytes moved so far (short I/O resubmits) */
 	uint8_t op;
-	uint8_t zero_fallback;	/* 0: fallocate, 1: punch, 2: writing zeros */
 	uint8_t fua;
-	uint8_t path;
+	/* mirror */
+	uint8_t pending;	/* leg I/Os not finished yet */
+	uint8_t tried;		/* reads: legs that failed it */
+	uint8_t active;		/* writes: ACTIVE legs when submitted */
+	uint8_t ok_active;	/* writes: ACTIVE legs that succeeded */
+	uint8_t must_fail;	/* a failed leg could not be failed */
+	uint8_t epoch;		/* write epoch joined */
+	int32_t err;		/* first leg error */
 	uint64_t t_start;	/* ns, only when records are on */
+};
+
+/* Per-tag, per-leg state of one leg I/O (loop, null and mem use leg 0). */
+struct leg_io {
+	uint64_t t_start;	/* ns, when records or a fault are on */
+	uint32_t done;		/* bytes moved so far (short I/O resubmits) */
+	int32_t res;		/* result held while an injected delay runs */
+	uint8_t zero_fallback;	/* 0: fallocate, 1: punch, 2: writing zeros */
+	struct __kernel_timespec ts;	/* read by the kernel at submit time */
+};
+
+/* A fault as one queue sees it: a copy, refreshed when the slot's sequence
+ * moves, plus this queue's own PRNG (deterministic per seed and queue). */
+struct qfault {
+	uint32_t seq;
+	int on;
+	struct ublkml_fault f;
+	uint64_t t0;
+	uint64_t rng;
+};
+
+#define PROBE_SLOTS 4
+
+/* A health probe: a copy of a user read sent to a DEMOTED leg.  It has its
+ * own buffer and slot because it may outlive the request's tag. */
+struct probe {
+	uint8_t busy;
+	uint8_t leg;
+	uint32_t len;
+	uint64_t off;
+	uint64_t t_start;
+	int32_t res;
+	struct __kernel_timespec ts;
 };
 
 struct ublkml_queue {
@@ -254,7 +801,7 @@ struct ublkml_queue {
 	struct ublkml_target *t;
 	int cdev_fd;			/* < 0: harness */
 	int fixed_cdev;			/* registered-file index, or -1 */
-	int fixed_backing;
+	int fixed_backing;		/* index of leg 0; legs follow */
 	uint16_t q_id;
 	uint16_t depth;
 	uint32_t buf_size;
@@ -264,6 +811,8 @@ struct ublkml_queue {
 	size_t iods_len;
 	char *bufs;
 	struct tag_state *ts;
+	int n_paths;			/* leg_io entries per tag */
+	struct leg_io *lio;
 	int cmd_inflight;
 	int tgt_inflight;
 	int stopping;
@@ -281,11 +830,22 @@ struct ublkml_queue {
 	uint64_t rec_head;		/* producer: next slot to write */
 	uint64_t rec_tail;		/* consumer: next slot to read */
 	uint64_t rec_dropped;
+	/* faults and mirror */
+	struct qfault qf[UBLKML_MAX_LEGS];
+	uint32_t read_rr;		/* round robin over ACTIVE legs */
+	uint32_t reads_seen;		/* for probes: every Nth read */
+	struct probe probes[PROBE_SLOTS];
+	char *probe_bufs;
 };
 
 static size_t round_up(size_t v, size_t a)
 {
 	return (v + a - 1) / a * a;
+}
+
+static struct leg_io *lio(struct ublkml_queue *q, uint16_t tag, int leg)
+{
+	return &q->lio[(size_t)tag * (size_t)q->n_paths + (size_t)leg];
 }
 
 int ublkml_queue_new(struct ublkml_queue **out, struct ublkml_target *t,
@@ -295,6 +855,7 @@ int ublkml_queue_new(struct ublkml_queue **out, struct ublkml_target *t,
 	struct ublkml_queue *q;
 	struct io_uring_params p;
 	size_t page = (size_t)sysconf(_SC_PAGESIZE);
+	unsigned sq_entries, cq_entries;
 	int ret;
 
 	if (depth == 0 || depth > UBLK_MAX_QUEUE_DEPTH || buf_size == 0)
@@ -312,6 +873,7 @@ int ublkml_queue_new(struct ublkml_queue **out, struct ublkml_target *t,
 				      UBLK_IO_COMMIT_AND_FETCH_REQ;
 	q->iods_len = round_up((size_t)depth * sizeof(struct ublksrv_io_desc), page);
 	q->ring.ring_fd = -1;
+	q->n_paths = t->n_legs > 1 ? t->n_legs : 1;
 
 	if (cdev_fd >= 0) {
 		off_t off = UBLKSRV_CMD_BUF_OFFSET + (off_t)q_id *
@@ -339,25 +901,37 @@ int ublkml_queue_new(struct ublkml_queue **out, struct ublkml_target *t,
 		ret = -ENOMEM;
 		goto fail;
 	}
+	if (t->kind == UBLKML_TGT_MIRROR &&
+	    posix_memalign((void **)&q->probe_bufs, page,
+			   (size_t)PROBE_SLOTS * buf_size)) {
+		q->probe_bufs = NULL;
+		ret = -ENOMEM;
+		goto fail;
+	}
 	q->ts = calloc(depth, sizeof(*q->ts));
+	q->lio = calloc((size_t)depth * (size_t)q->n_paths, sizeof(*q->lio));
 	q->pending = calloc(depth, sizeof(struct ublkml_event));
-	if (!q->ts || !q->pending) {
+	if (!q->ts || !q->lio || !q->pending) {
 		ret = -ENOMEM;
 		goto fail;
 	}
 
-	/* Room for one ublk command and one target I/O per tag. */
+	/* Room for one ublk command per tag, plus one I/O and one delay timer
+	 * per leg per tag, plus probes.  CLAMP: deep mirrors may ask for more
+	 * than the kernel's maximum; a full SQ is drained, see get_sqe(). */
+	sq_entries = (unsigned)depth * (1u + (unsigned)q->n_paths);
+	cq_entries = 2u * sq_entries + 2u * PROBE_SLOTS;
 	memset(&p, 0, sizeof(p));
-	p.flags = IORING_SETUP_CQSIZE | ring_flags;
-	p.cq_entries = 4u * depth;
-	ret = io_uring_queue_init_params(2u * depth, &q->ring, &p);
+	p.flags = IORING_SETUP_CQSIZE | IORING_SETUP_CLAMP | ring_flags;
+	p.cq_entries = cq_entries;
+	ret = io_uring_queue_init_params(sq_entries, &q->ring, &p);
 	if (ret == -EINVAL && (ring_flags & (IORING_SETUP_DEFER_TASKRUN |
 					     IORING_SETUP_SINGLE_ISSUER))) {
 		/* Kernels before 6.1 lack these: fall back to a plain ring. */
 		memset(&p, 0, sizeof(p));
-		p.flags = IORING_SETUP_CQSIZE;
-		p.cq_entries = 4u * depth;
-		ret = io_uring_queue_init_params(2u * depth, &q->ring, &p);
+		p.flags = IORING_SETUP_CQSIZE | IORING_SETUP_CLAMP;
+		p.cq_entries = cq_entries;
+		ret = io_uring_queue_init_params(sq_entries, &q->ring, &p);
 	}
 	if (ret < 0) {
 		q->ring.ring_fd = -1;
@@ -367,16 +941,16 @@ int ublkml_queue_new(struct ublkml_queue **out, struct ublkml_target *t,
 	 * io_uring_enter: atomic operations that are costly on the hot path.
 	 * Both are optional; plain fds work where registration fails. */
 	{
-		int fds[2], n = 0;
+		int fds[1 + UBLKML_MAX_LEGS], n = 0;
 
 		q->fixed_cdev = q->fixed_backing = -1;
 		if (cdev_fd >= 0)
 			fds[n++] = cdev_fd;
-		if (t->kind == UBLKML_TGT_LOOP)
-			fds[n++] = t->fd;
-		if (n && io_uring_register_files(&q->ring, fds, n) == 0) {
+		for (int i = 0; i < t->n_legs; i++)
+			fds[n++] = t->legs[i].fd;
+		if (n && io_uring_register_files(&q->ring, fds, (unsigned)n) == 0) {
 			q->fixed_cdev = cdev_fd >= 0 ? 0 : -1;
-			q->fixed_backing = t->kind == UBLKML_TGT_LOOP ? n - 1 : -1;
+			q->fixed_backing = t->n_legs ? (cdev_fd >= 0 ? 1 : 0) : -1;
 		}
 		io_uring_register_ring_fd(&q->ring);
 	}
@@ -400,13 +974,14 @@ void ublkml_queue_free(struct ublkml_queue *q)
 			free(q->iods);
 	}
 	free(q->bufs);
+	free(q->probe_bufs);
 	free(q->ts);
+	free(q->lio);
 	free(q->pending);
 	free(q->harvest);
 	free(q->rec);
 	free(q);
 }
-
 void ublkml_queue_set_spin(struct ublkml_queue *q, uint32_t spin_usec)
 {
 	q->spin_ns = (uint64_t)spin_usec * 1000u;
@@ -488,9 +1063,12 @@ int ublkml_queue_submit_fetches(struct ublkml_queue *q)
 	return ret < 0 ? ret : 0;
 }
 
-static void record_completion(struct ublkml_queue *q, uint16_t tag, int32_t res)
+/* One completion record: a request (path 0) or, for the mirror, a leg I/O
+ * or a health probe (path = leg). */
+static void record(struct ublkml_queue *q, uint16_t tag, uint8_t path,
+		   uint8_t op, uint64_t off, uint32_t len, int32_t res,
+		   uint64_t t_start)
 {
-	const struct ublksrv_io_desc *iod = &q->iods[tag];
 	uint64_t tail = __atomic_load_n(&q->rec_tail, __ATOMIC_ACQUIRE);
 	struct ublkml_completion *c;
 	uint64_t now, lat;
@@ -500,17 +1078,17 @@ static void record_completion(struct ublkml_queue *q, uint16_t tag, int32_t res)
 		return;
 	}
 	now = now_ns();
-	lat = now - q->ts[tag].t_start;
+	lat = t_start && now > t_start ? now - t_start : 0;
 	c = &q->rec[q->rec_head & q->rec_mask];
 	c->t_ns = now;
-	c->offset = iod->start_sector << SECTOR_SHIFT;
-	c->length = iod->nr_sectors << SECTOR_SHIFT;
+	c->offset = off;
+	c->length = len;
 	c->lat_ns = lat > UINT32_MAX ? UINT32_MAX : (uint32_t)lat;
 	c->result = res;
 	c->q_id = q->q_id;
 	c->tag = tag;
-	c->op = iod->op_flags & 0xff;
-	c->path = q->ts[tag].path;
+	c->op = op;
+	c->path = path;
 	__atomic_store_n(&q->rec_head, q->rec_head + 1, __ATOMIC_RELEASE);
 }
 
@@ -551,8 +1129,13 @@ static void complete_io(struct ublkml_queue *q, uint16_t tag, int32_t res)
 {
 	if (res < 0)
 		q->st.errors++;
-	if (q->rec)
-		record_completion(q, tag, res);
+	if (q->rec && q->t->kind != UBLKML_TGT_MIRROR) {
+		const struct ublksrv_io_desc *iod = &q->iods[tag];
+
+		record(q, tag, 0, iod->op_flags & 0xff,
+		       iod->start_sector << SECTOR_SHIFT,
+		       iod->nr_sectors << SECTOR_SHIFT, res, q->ts[tag].t_start);
+	}
 	if (q->cdev_fd < 0) {
 		struct ublkml_event *e = &q->harvest[q->n_harvest++];
 
@@ -564,22 +1147,186 @@ static void complete_io(struct ublkml_queue *q, uint16_t tag, int32_t res)
 		q->st.errors++;
 }
 
-static void tgt_prep_done(struct ublkml_queue *q, struct io_uring_sqe *sqe,
-			  uint16_t tag)
+/* ---- faults: the queue side ------------------------------------------------
+ *
+ * Cost when no fault is set: one acquire load of the path's sequence number
+ * per leg I/O (a shared, read-mostly cache line).  Delays never sleep the
+ * queue thread: the leg I/O's result is held and an IORING_OP_TIMEOUT is
+ * armed on the ring; its CQE finishes the leg I/O. */
+
+static uint64_t splitmix64(uint64_t *x)
 {
-	if (q->fixed_backing >= 0) {
-		sqe->fd = q->fixed_backing;
-		sqe->flags |= IOSQE_FIXED_FILE;
-	}
-	io_uring_sqe_set_data64(sqe, TGT_IO_BIT | tag);
+	uint64_t z = (*x += 0x9e3779b97f4a7c15ull);
+
+	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+	z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+	return z ^ (z >> 31);
 }
 
-/* Queue (the rest of) one loop-target request as target I/O. */
-static int loop_submit(struct ublkml_queue *q, uint16_t tag)
+static uint64_t xorshift64s(uint64_t *s)
+{
+	uint64_t x = *s;
+
+	x ^= x >> 12;
+	x ^= x << 25;
+	x ^= x >> 27;
+	*s = x;
+	return x * 0x2545f4914f6cdd1dull;
+}
+
+static struct qfault *fault_get(struct ublkml_queue *q, int path)
+{
+	const struct fault_slot *s = &q->t->faults[path];
+	struct qfault *c = &q->qf[path];
+
+	if (__atomic_load_n(&s->seq, __ATOMIC_ACQUIRE) != c->seq) {
+		struct fault_data d;
+		uint64_t x;
+
+		if (fault_try_read(s, &d, &c->seq))
+			return c->on ? c : NULL;	/* the old copy, this once */
+		c->on = (int)d.on;
+		c->f = d.f;
+		c->t0 = d.t0;
+		/* Re-seeded at every set: the error sequence of a queue
+		 * depends only on the seed and that queue's I/O sequence. */
+		x = d.f.seed ^ (0x9e3779b97f4a7c15ull * (q->q_id + 1ull));
+		c->rng = splitmix64(&x) | 1;
+	}
+	return c->on ? c : NULL;
+}
+
+/* The schedule's intensity now, 0..1. */
+static double fault_level(const struct qfault *c, uint64_t now)
+{
+	uint64_t el = now > c->t0 ? now - c->t0 : 0;
+
+	switch (c->f.mode) {
+	case UBLKML_FAULT_BURST: {
+		uint64_t per = (uint64_t)c->f.burst_period_ms * 1000000ull;
+		uint64_t on = (uint64_t)c->f.burst_on_ms * 1000000ull;
+
+		return per && el % per >= on ? 0.0 : 1.0;
+	}
+	case UBLKML_FAULT_RAMP: {
+		uint64_t ramp = (uint64_t)c->f.ramp_ms * 1000000ull;
+
+		return !ramp || el >= ramp ? 1.0 : (double)el / (double)ramp;
+	}
+	default:
+		return 1.0;
+	}
+}
+
+/* 0, or the -errno this leg I/O must fail with instead of being issued. */
+static int fault_error(struct ublkml_queue *q, int path, uint8_t op)
+{
+	struct qfault *c = fault_get(q, path);
+	uint64_t draw;
+
+	if (!c || !c->f.err_ppm)
+		return 0;
+	if (c->f.err_ops && (op >= 32 || !(c->f.err_ops & (1u << op))))
+		return 0;
+	/* Drawn for every eligible I/O, whatever the intensity, so that the
+	 * sequence does not depend on timing. */
+	draw = xorshift64s(&c->rng) % 1000000u;
+	if ((double)draw < (double)c->f.err_ppm * fault_level(c, now_ns()))
+		return -c->f.err_errno;
+	return 0;
+}
+
+/* ns to add to an I/O of the path that took service_ns. */
+static uint64_t fault_extra_ns(struct ublkml_queue *q, int path,
+			       uint64_t service_ns, uint64_t now)
+{
+	struct qfault *c = fault_get(q, path);
+	double lvl, extra;
+
+	if (!c)
+		return 0;
+	lvl = fault_level(c, now);
+	extra = lvl * ((double)c->f.delay_us * 1000.0 +
+		       (double)(c->f.slow_x1000 - 1000) / 1000.0 *
+		       (double)service_ns);
+	return extra > 0 ? (uint64_t)extra : 0;
+}
+
+static int arm_delay(struct ublkml_queue *q, struct __kernel_timespec *ts,
+		     uint64_t ns, uint64_t ud)
+{
+	struct io_uring_sqe *sqe = get_sqe(q);
+
+	if (!sqe)
+		return -EBUSY;
+	ts->tv_sec = (long long)(ns / 1000000000ull);
+	ts->tv_nsec = (long long)(ns % 1000000000ull);
+	io_uring_prep_timeout(sqe, ts, 0, 0);
+	io_uring_sqe_set_data64(sqe, ud);
+	q->tgt_inflight++;
+	return 0;
+}
+
+/* ---- leg I/O: the loop target's logic, per leg -----------------------------
+ *
+ * A request of the loop target is one leg I/O on leg 0; a mirror request is
+ * one (read) or several (write, flush, discard, write-zeroes) leg I/Os; null
+ * and mem answer at once but pass through leg_io_done() when a fault is set
+ * so that delays apply to them too.  Every leg I/O ends in leg_finish(). */
+
+static void mirror_leg_finish(struct ublkml_queue *q, uint16_t tag, int leg,
+			      int res);
+
+static void leg_finish(struct ublkml_queue *q, uint16_t tag, int leg, int res)
+{
+	if (q->t->kind == UBLKML_TGT_MIRROR)
+		mirror_leg_finish(q, tag, leg, res);
+	else
+		complete_io(q, tag, res);
+}
+
+/* The leg I/O's final result is known: add the path's injected delay. */
+static void leg_io_done(struct ublkml_queue *q, uint16_t tag, int leg, int res)
+{
+	struct leg_io *l = lio(q, tag, leg);
+
+	if (fault_get(q, leg)) {
+		uint64_t now = now_ns();
+		uint64_t extra = fault_extra_ns(q, leg, l->t_start && now > l->t_start ?
+						now - l->t_start : 0, now);
+
+		l->res = res;
+		if (extra >= 1000 &&
+		    arm_delay(q, &l->ts, extra, tgt_ud(KIND_DELAY, (uint32_t)leg, tag)) == 0)
+			return;
+	}
+	leg_finish(q, tag, leg, res);
+}
+
+static int leg_fd(struct ublkml_queue *q, int leg)
+{
+	return q->fixed_backing >= 0 ? q->fixed_backing + leg : q->t->legs[leg].fd;
+}
+
+static void tgt_prep_done(struct ublkml_queue *q, struct io_uring_sqe *sqe,
+			  uint64_t ud)
+{
+	if (q->fixed_backing >= 0)
+		sqe->flags |= IOSQE_FIXED_FILE;
+	io_uring_sqe_set_data64(sqe, ud);
+	q->tgt_inflight++;
+}
+
+/* Queue (the rest of) one leg I/O.  0: queued; 1: done synchronously with
+ * *sync_res (block-device discard/zeroout); < 0: could not queue. */
+static int leg_submit(struct ublkml_queue *q, uint16_t tag, int leg,
+		      int *sync_res)
 {
 	struct tag_state *s = &q->ts[tag];
-	struct ublkml_target *t = q->t;
+	struct leg_io *l = lio(q, tag, leg);
+	const struct leg *lg = &q->t->legs[leg];
 	char *buf = ublkml_queue_buf(q, tag);
+	int fd = leg_fd(q, leg);
 	struct io_uring_sqe *sqe;
 
 	switch (s->op) {
@@ -589,11 +1336,12 @@ static int loop_submit(struct ublkml_queue *q, uint16_t tag)
 		if (!sqe)
 			return -EBUSY;
 		if (s->op == UBLK_IO_OP_READ) {
-			io_uring_prep_read(sqe, t->fd, buf + s->done,
-					   s->len - s->done, s->off + s->done);
+			io_uring_prep_read(sqe, fd, buf + l->done,
+					   s->len - l->done, s->off + l->done);
 		} else {
-			io_uring_prep_write(sqe, t->fd, buf + s->done,
-					    s->len - s->done, s->off + s->done);
+			/* Legs of a mirror write the same buffer: read-only. */
+			io_uring_prep_write(sqe, fd, buf + l->done,
+					    s->len - l->done, s->off + l->done);
 			if (s->fua)
 				sqe->rw_flags = RWF_DSYNC;
 		}
@@ -602,24 +1350,25 @@ static int loop_submit(struct ublkml_queue *q, uint16_t tag)
 		sqe = get_sqe(q);
 		if (!sqe)
 			return -EBUSY;
-		io_uring_prep_fsync(sqe, t->fd, IORING_FSYNC_DATASYNC);
+		io_uring_prep_fsync(sqe, fd, IORING_FSYNC_DATASYNC);
 		break;
 	case UBLK_IO_OP_DISCARD:
 	case UBLK_IO_OP_WRITE_ZEROES:
-		if (t->is_bdev) {
+		if (lg->is_bdev) {
 			/* Rare operations: a synchronous ioctl keeps this simple.
 			 * A device's discard need not read back as zeros; the
 			 * target says so in its capabilities. */
 			uint64_t range[2] = { s->off, s->len };
-			int rc = ioctl(t->fd, s->op == UBLK_IO_OP_DISCARD ?
+			int rc = ioctl(lg->fd, s->op == UBLK_IO_OP_DISCARD ?
 				       BLKDISCARD : BLKZEROOUT, range);
 
-			complete_io(q, tag, rc < 0 ? -errno : 0);
-			return 0;
+			*sync_res = rc < 0 ? -errno : 0;
+			return 1;
 		}
-		if (s->zero_fallback == 2) {
-			/* Last resort: write zeros from this tag's buffer. */
-			uint32_t chunk = s->len - s->done;
+		if (l->zero_fallback == 2) {
+			/* Last resort: write zeros from this tag's buffer (all
+			 * legs of the request write the same zeros). */
+			uint32_t chunk = s->len - l->done;
 
 			if (chunk > q->buf_size)
 				chunk = q->buf_size;
@@ -627,32 +1376,53 @@ static int loop_submit(struct ublkml_queue *q, uint16_t tag)
 			sqe = get_sqe(q);
 			if (!sqe)
 				return -EBUSY;
-			io_uring_prep_write(sqe, t->fd, buf, chunk, s->off + s->done);
+			io_uring_prep_write(sqe, fd, buf, chunk, s->off + l->done);
 			break;
 		}
 		sqe = get_sqe(q);
 		if (!sqe)
 			return -EBUSY;
-		io_uring_prep_fallocate(sqe, t->fd,
-			(s->op == UBLK_IO_OP_WRITE_ZEROES && s->zero_fallback == 0 ?
+		io_uring_prep_fallocate(sqe, fd,
+			(s->op == UBLK_IO_OP_WRITE_ZEROES && l->zero_fallback == 0 ?
 			 FALLOC_FL_ZERO_RANGE : FALLOC_FL_PUNCH_HOLE) |
 			FALLOC_FL_KEEP_SIZE, s->off, s->len);
 		break;
 	default:
 		return -EOPNOTSUPP;
 	}
-	tgt_prep_done(q, sqe, tag);
-	q->tgt_inflight++;
+	tgt_prep_done(q, sqe, tgt_ud(KIND_IO, (uint32_t)leg, tag));
 	return 0;
 }
 
-/* A piece of a transfer moved res bytes: queue the rest (returns 1), or
- * leave the request's final result in *final (done_res once complete). */
-static int continue_transfer(struct ublkml_queue *q, uint16_t tag, int res,
-			     int done_res, int *final)
+/* Start one leg I/O of the request in tag (it ends in leg_finish, maybe
+ * before this returns). */
+static void leg_start(struct ublkml_queue *q, uint16_t tag, int leg)
 {
-	struct tag_state *s = &q->ts[tag];
-	int ret;
+	struct leg_io *l = lio(q, tag, leg);
+	int ret, sync_res = 0;
+
+	l->done = 0;
+	l->zero_fallback = 0;
+	l->t_start = q->rec || fault_get(q, leg) ? now_ns() : 0;
+	ret = fault_error(q, leg, q->ts[tag].op);
+	if (ret) {
+		leg_io_done(q, tag, leg, ret);	/* injected: never issued */
+		return;
+	}
+	ret = leg_submit(q, tag, leg, &sync_res);
+	if (ret == 1)
+		leg_io_done(q, tag, leg, sync_res);
+	else if (ret < 0)
+		leg_io_done(q, tag, leg, ret);
+}
+
+/* A piece of a transfer moved res bytes: queue the rest (returns 1), or
+ * leave the leg I/O's final result in *final (done_res once complete). */
+static int continue_transfer(struct ublkml_queue *q, uint16_t tag, int leg,
+			     int res, int done_res, int *final)
+{
+	struct leg_io *l = lio(q, tag, leg);
+	int ret, unused;
 
 	if (res == 0)
 		res = -EIO;	/* EOF inside the device: backing shrank */
@@ -660,9 +1430,9 @@ static int continue_transfer(struct ublkml_queue *q, uint16_t tag, int res,
 		*final = res;
 		return 0;
 	}
-	s->done += (uint32_t)res;
-	if (s->done < s->len) {
-		ret = loop_submit(q, tag);
+	l->done += (uint32_t)res;
+	if (l->done < q->ts[tag].len) {
+		ret = leg_submit(q, tag, leg, &unused);
 		if (ret == 0)
 			return 1;
 		*final = ret;
@@ -672,32 +1442,35 @@ static int continue_transfer(struct ublkml_queue *q, uint16_t tag, int res,
 	return 0;
 }
 
-static void loop_tgt_done(struct ublkml_queue *q, uint16_t tag, int res)
+/* The CQE of a leg I/O's backing operation. */
+static void leg_cqe(struct ublkml_queue *q, uint16_t tag, int leg, int res)
 {
 	struct tag_state *s = &q->ts[tag];
-	int ret;
+	struct leg_io *l = lio(q, tag, leg);
+	int ret, unused;
 
 	q->tgt_inflight--;
 	switch (s->op) {
 	case UBLK_IO_OP_READ:
 	case UBLK_IO_OP_WRITE:
-		if (continue_transfer(q, tag, res, (int)s->len, &res))
+		if (continue_transfer(q, tag, leg, res, (int)s->len, &res))
 			return;
 		break;
 	case UBLK_IO_OP_DISCARD:
 	case UBLK_IO_OP_WRITE_ZEROES:
-		if (s->zero_fallback == 2) {
-			if (continue_transfer(q, tag, res, 0, &res))
+		if (l->zero_fallback == 2) {
+			if (continue_transfer(q, tag, leg, res, 0, &res))
 				return;
 			break;
 		}
 		if (res == -EOPNOTSUPP || res == -EINVAL) {
 			/* Not every file system zeroes ranges (tmpfs) or punches
 			 * holes: step down until something works. */
-			s->zero_fallback++;
-			if (s->op == UBLK_IO_OP_DISCARD && s->zero_fallback == 1)
-				s->zero_fallback = 2;
-			ret = loop_submit(q, tag);
+			l->zero_fallback++;
+			if (s->op == UBLK_IO_OP_DISCARD && l->zero_fallback == 1)
+				l->zero_fallback = 2;
+			l->done = 0;
+			ret = leg_submit(q, tag, leg, &unused);
 			if (ret == 0)
 				return;
 			res = ret;
@@ -706,28 +1479,275 @@ static void loop_tgt_done(struct ublkml_queue *q, uint16_t tag, int res)
 	default:
 		break;
 	}
-	complete_io(q, tag, res);
+	leg_io_done(q, tag, leg, res);
 }
+
+/* null and mem: the answer is known now; a fault may still delay it. */
+static void answer_now(struct ublkml_queue *q, uint16_t tag, int res)
+{
+	if (!fault_get(q, 0)) {
+		complete_io(q, tag, res);
+		return;
+	}
+	lio(q, tag, 0)->t_start = now_ns();
+	leg_io_done(q, tag, 0, res);
+}
+
+/* ---- mirror: the data path ---------------------------------------------------
+ *
+ * Reads go to one ACTIVE leg, round robin per queue; a failed leg read is
+ * retried on another ACTIVE leg and the failing leg becomes FAILED, so the
+ * user sees an error only when no good leg is left.  Writes, flushes,
+ * discards and write-zeroes go to every ACTIVE and DEMOTED leg; the request
+ * succeeds when an ACTIVE leg did and no failing leg had to stay ACTIVE.
+ * A failing leg becomes FAILED and its regions dirty; FAILED legs get no
+ * I/O, only dirty bits.  Each leg I/O (and each probe) makes one completion
+ * record with path = leg, so the scorer sees every leg, writes included. */
+
+static int pick_leg(uint32_t mask, uint32_t n)
+{
+	n %= (uint32_t)__builtin_popcount(mask);
+	while (n--)
+		mask &= mask - 1;
+	return __builtin_ctz(mask);
+}
+
+static void probe_finish(struct ublkml_queue *q, int slot, int res)
+{
+	struct probe *p = &q->probes[slot];
+	struct leg *lg = &q->t->legs[p->leg];
+
+	__atomic_fetch_add(&lg->probes, 1, __ATOMIC_RELAXED);
+	if (res < 0)
+		__atomic_fetch_add(&lg->errors, 1, __ATOMIC_RELAXED);
+	if (q->rec)
+		record(q, UBLKML_PROBE_TAG, p->leg, UBLK_IO_OP_READ, p->off,
+		       p->len, res, p->t_start);
+	p->busy = 0;
+}
+
+static void probe_done(struct ublkml_queue *q, int slot, int res)
+{
+	struct probe *p = &q->probes[slot];
+
+	if (fault_get(q, p->leg)) {
+		uint64_t now = now_ns();
+		uint64_t extra = fault_extra_ns(q, p->leg, now - p->t_start, now);
+
+		p->res = res;
+		if (extra >= 1000 &&
+		    arm_delay(q, &p->ts, extra,
+			      tgt_ud(KIND_PROBE_DELAY, p->leg, (uint32_t)slot)) == 0)
+			return;
+	}
+	probe_finish(q, slot, res);
+}
+
+/* Every Nth user read also goes to a DEMOTED leg; nobody waits for it. */
+static void maybe_probe(struct ublkml_queue *q, uint32_t demoted, uint64_t off,
+			uint32_t len)
+{
+	struct ublkml_target *t = q->t;
+	uint32_t every = __atomic_load_n(&t->probe_every, __ATOMIC_RELAXED);
+	struct io_uring_sqe *sqe;
+	struct probe *p = NULL;
+	int slot, leg, err;
+
+	if (!demoted || !every || ++q->reads_seen % every)
+		return;
+	for (slot = 0; slot < PROBE_SLOTS; slot++) {
+		if (!q->probes[slot].busy) {
+			p = &q->probes[slot];
+			break;
+		}
+	}
+	if (!p)
+		return;		/* all busy: a slow leg is not probed harder */
+	leg = pick_leg(demoted, q->reads_seen / every);
+	p->busy = 1;
+	p->leg = (uint8_t)leg;
+	p->off = off;
+	p->len = len < q->buf_size ? len : q->buf_size;
+	p->t_start = now_ns();
+	err = fault_error(q, leg, UBLK_IO_OP_READ);
+	if (err) {
+		probe_done(q, slot, err);
+		return;
+	}
+	sqe = get_sqe(q);
+	if (!sqe) {
+		p->busy = 0;
+		return;
+	}
+	io_uring_prep_read(sqe, leg_fd(q, leg),
+			   q->probe_bufs + (size_t)slot * q->buf_size, p->len, off);
+	tgt_prep_done(q, sqe, tgt_ud(KIND_PROBE, (uint32_t)leg, (uint32_t)slot));
+}
+
+static void regions_begin(struct ublkml_target *t, struct tag_state *s)
+{
+	uint64_t last = (s->off + s->len - 1) >> t->region_shift;
+
+	for (uint64_t r = s->off >> t->region_shift; r <= last; r++) {
+		__atomic_fetch_add(&t->r_inflight[r], 1, __ATOMIC_SEQ_CST);
+		__atomic_fetch_add(&t->r_gen[r], 1, __ATOMIC_SEQ_CST);
+	}
+}
+
+static void regions_end(struct ublkml_target *t, struct tag_state *s)
+{
+	uint64_t last = (s->off + s->len - 1) >> t->region_shift;
+
+	for (uint64_t r = s->off >> t->region_shift; r <= last; r++)
+		__atomic_fetch_sub(&t->r_inflight[r], 1, __ATOMIC_SEQ_CST);
+}
+
+static int modifies(uint8_t op)
+{
+	return op == UBLK_IO_OP_WRITE || op == UBLK_IO_OP_DISCARD ||
+	       op == UBLK_IO_OP_WRITE_ZEROES;
+}
+
+static void mirror_request(struct ublkml_queue *q, uint16_t tag)
+{
+	struct ublkml_target *t = q->t;
+	struct tag_state *s = &q->ts[tag];
+	uint32_t states, active, writes;
+
+	switch (s->op) {
+	case UBLK_IO_OP_READ:
+		states = states_load(t);
+		active = legs_in(t, states, UBLKML_LEG_ACTIVE);
+		s->tried = 0;
+		s->pending = 1;
+		if (!active) {	/* cannot happen: the last ACTIVE leg stays */
+			complete_io(q, tag, -EIO);
+			return;
+		}
+		maybe_probe(q, legs_in(t, states, UBLKML_LEG_DEMOTED), s->off, s->len);
+		leg_start(q, tag, pick_leg(active, q->read_rr++));
+		return;
+	case UBLK_IO_OP_WRITE:
+	case UBLK_IO_OP_FLUSH:
+	case UBLK_IO_OP_DISCARD:
+	case UBLK_IO_OP_WRITE_ZEROES:
+		break;
+	default:
+		complete_io(q, tag, -EOPNOTSUPP);
+		return;
+	}
+	if (modifies(s->op)) {
+		/* Order matters (see write_barrier and the resync protocol):
+		 * announce the write to its regions and join the epoch, then
+		 * read the leg states, then mark the FAILED legs dirty. */
+		regions_begin(t, s);
+		s->epoch = __atomic_load_n(&t->w_epoch, __ATOMIC_SEQ_CST) & 1;
+		__atomic_fetch_add(&t->w_active[s->epoch], 1, __ATOMIC_SEQ_CST);
+	}
+	states = states_load(t);
+	active = legs_in(t, states, UBLKML_LEG_ACTIVE);
+	writes = active | legs_in(t, states, UBLKML_LEG_DEMOTED);
+	if (modifies(s->op))
+		for (int i = 0; i < t->n_legs; i++)
+			if (!(writes & (1u << i)))
+				dirty_range(t, i, s->off, s->len);
+	s->active = (uint8_t)active;
+	s->ok_active = 0;
+	s->must_fail = 0;
+	s->err = 0;
+	/* Set before the first leg starts: a leg may finish synchronously. */
+	s->pending = (uint8_t)__builtin_popcount(writes);
+	while (writes) {
+		int leg = __builtin_ctz(writes);
+
+		writes &= writes - 1;
+		leg_start(q, tag, leg);
+	}
+}
+
+static void mirror_leg_finish(struct ublkml_queue *q, uint16_t tag, int leg,
+			      int res)
+{
+	struct ublkml_target *t = q->t;
+	struct tag_state *s = &q->ts[tag];
+	struct leg *lg = &t->legs[leg];
+	int want = s->op == UBLK_IO_OP_READ || s->op == UBLK_IO_OP_WRITE ?
+		   (int)s->len : 0;
+	uint32_t was;
+
+	if (q->rec)
+		record(q, tag, (uint8_t)leg, s->op, s->off, s->len, res,
+		       lio(q, tag, leg)->t_start);
+	if (s->op == UBLK_IO_OP_READ) {
+		uint32_t others;
+
+		__atomic_fetch_add(&lg->reads, 1, __ATOMIC_RELAXED);
+		if (res == want) {
+			complete_io(q, tag, res);
+			return;
+		}
+		__atomic_fetch_add(&lg->errors, 1, __ATOMIC_RELAXED);
+		s->tried |= (uint8_t)(1u << leg);
+		/* Like md's read-error repair: the region is rewritten from a
+		 * good leg by the next resync. */
+		if (leg_cas(t, leg, ANY_LEG_STATE, UBLKML_LEG_FAILED, &was) == 0 &&
+		    was != UBLKML_LEG_FAILED)
+			dirty_range(t, leg, s->off, s->len);
+		others = legs_in(t, states_load(t), UBLKML_LEG_ACTIVE) & ~s->tried;
+		if (others) {
+			leg_start(q, tag, pick_leg(others, q->read_rr++));
+			return;
+		}
+		complete_io(q, tag, res < 0 ? res : -EIO);
+		return;
+	}
+
+	__atomic_fetch_add(&lg->writes, 1, __ATOMIC_RELAXED);
+	if (res != want) {
+		__atomic_fetch_add(&lg->errors, 1, __ATOMIC_RELAXED);
+		/* Dirty first, FAILED second: a promotion that checks the
+		 * dirty count in between still sees the leg end FAILED. */
+		if (modifies(s->op))
+			dirty_range(t, leg, s->off, s->len);
+		else	/* a failed flush may have lost any earlier write */
+			dirty_range(t, leg, 0, t->size);
+		if (leg_cas(t, leg, ANY_LEG_STATE, UBLKML_LEG_FAILED, NULL) < 0)
+			s->must_fail = 1;	/* the last ACTIVE leg failed it */
+		if (!s->err)
+			s->err = res < 0 ? res : -EIO;
+	} else if (s->active & (1u << leg)) {
+		s->ok_active++;
+	}
+	if (--s->pending)
+		return;
+	if (modifies(s->op)) {
+		regions_end(t, s);
+		__atomic_fetch_sub(&t->w_active[s->epoch], 1, __ATOMIC_SEQ_CST);
+	}
+	complete_io(q, tag, s->ok_active && !s->must_fail ? want :
+			    (s->err ? s->err : -EIO));
+}
+
+/* ---- requests ------------------------------------------------------------ */
 
 /* One request arrived in tag's descriptor: hand it to the target. */
 static void handle_request(struct ublkml_queue *q, uint16_t tag)
 {
 	const struct ublksrv_io_desc *iod = &q->iods[tag];
 	struct ublkml_target *t = q->t;
+	struct tag_state *s = &q->ts[tag];
 	uint8_t op = iod->op_flags & 0xff;
 	uint64_t off = iod->start_sector << SECTOR_SHIFT;
 	uint32_t len = iod->nr_sectors << SECTOR_SHIFT;
 	char *buf = ublkml_queue_buf(q, tag);
-	int ret;
+	int err;
 
 	if (op < 8) {
 		q->st.ops[op]++;
 		q->st.bytes[op] += len;
 	}
-	if (q->rec) {
-		q->ts[tag].t_start = now_ns();
-		q->ts[tag].path = 0;
-	}
+	if (q->rec)
+		s->t_start = now_ns();
 	if ((op == UBLK_IO_OP_READ || op == UBLK_IO_OP_WRITE) && len > q->buf_size) {
 		complete_io(q, tag, -EINVAL);
 		return;
@@ -736,55 +1756,49 @@ static void handle_request(struct ublkml_queue *q, uint16_t tag)
 		complete_io(q, tag, -EIO);
 		return;
 	}
+	if (op == UBLK_IO_OP_FLUSH)
+		off = len = 0;
+	s->off = off;
+	s->len = len;
+	s->op = op;
+	s->fua = !!(iod->op_flags & UBLK_IO_F_FUA);
 
 	switch (t->kind) {
 	case UBLKML_TGT_NULL:
-		switch (op) {
-		case UBLK_IO_OP_READ:
-		case UBLK_IO_OP_WRITE:
-			complete_io(q, tag, (int32_t)len);
-			return;
-		case UBLK_IO_OP_FLUSH:
-		case UBLK_IO_OP_DISCARD:
-		case UBLK_IO_OP_WRITE_ZEROES:
-			complete_io(q, tag, 0);
-			return;
-		}
-		break;
 	case UBLKML_TGT_MEM:
+		err = fault_error(q, 0, op);
+		if (err) {
+			answer_now(q, tag, err);	/* injected: nothing done */
+			return;
+		}
 		switch (op) {
 		case UBLK_IO_OP_READ:
-			memcpy(buf, t->mem + off, len);
-			complete_io(q, tag, (int32_t)len);
+			if (t->mem)
+				memcpy(buf, t->mem + off, len);
+			answer_now(q, tag, (int32_t)len);
 			return;
 		case UBLK_IO_OP_WRITE:
-			memcpy(t->mem + off, buf, len);
-			complete_io(q, tag, (int32_t)len);
+			if (t->mem)
+				memcpy(t->mem + off, buf, len);
+			answer_now(q, tag, (int32_t)len);
 			return;
 		case UBLK_IO_OP_FLUSH:
-			complete_io(q, tag, 0);
+			answer_now(q, tag, 0);
 			return;
 		case UBLK_IO_OP_DISCARD:
 		case UBLK_IO_OP_WRITE_ZEROES:
-			memset(t->mem + off, 0, len);
-			complete_io(q, tag, 0);
+			if (t->mem)
+				memset(t->mem + off, 0, len);
+			answer_now(q, tag, 0);
 			return;
 		}
 		break;
-	case UBLKML_TGT_LOOP: {
-		struct tag_state *s = &q->ts[tag];
-
-		s->off = off;
-		s->len = len;
-		s->done = 0;
-		s->op = op;
-		s->zero_fallback = 0;
-		s->fua = !!(iod->op_flags & UBLK_IO_F_FUA);
-		ret = loop_submit(q, tag);
-		if (ret)
-			complete_io(q, tag, ret);
+	case UBLKML_TGT_LOOP:
+		leg_start(q, tag, 0);
 		return;
-	}
+	case UBLKML_TGT_MIRROR:
+		mirror_request(q, tag);
+		return;
 	case UBLKML_TGT_EVENTS: {
 		struct ublkml_event *e = &q->pending[q->n_pending++];
 
@@ -802,10 +1816,29 @@ static void handle_request(struct ublkml_queue *q, uint16_t tag)
 
 static void handle_cqe(struct ublkml_queue *q, const struct io_uring_cqe *cqe)
 {
-	uint16_t tag = (uint16_t)(cqe->user_data & 0xffff);
+	uint64_t ud = cqe->user_data;
+	uint16_t tag = (uint16_t)(ud & 0xffff);
 
-	if (cqe->user_data & TGT_IO_BIT) {
-		loop_tgt_done(q, tag, cqe->res);
+	if (ud & TGT_IO_BIT) {
+		int leg = (int)((ud >> UD_LEG_SHIFT) & 0xff);
+
+		switch ((ud >> UD_KIND_SHIFT) & 0xff) {
+		case KIND_IO:
+			leg_cqe(q, tag, leg, cqe->res);
+			break;
+		case KIND_DELAY:	/* res is -ETIME: the timer ran out */
+			q->tgt_inflight--;
+			leg_finish(q, tag, leg, lio(q, tag, leg)->res);
+			break;
+		case KIND_PROBE:
+			q->tgt_inflight--;
+			probe_done(q, tag, cqe->res);
+			break;
+		case KIND_PROBE_DELAY:
+			q->tgt_inflight--;
+			probe_finish(q, tag, q->probes[tag].res);
+			break;
+		}
 		return;
 	}
 	q->cmd_inflight--;
@@ -817,7 +1850,6 @@ static void handle_cqe(struct ublkml_queue *q, const struct io_uring_cqe *cqe)
 	 * tag is finished; the queue stops once every tag is. */
 	q->stopping = 1;
 }
-
 static int queue_done(const struct ublkml_queue *q)
 {
 	return q->stopping && q->cmd_inflight == 0 && q->tgt_inflight == 0;

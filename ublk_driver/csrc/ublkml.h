@@ -30,7 +30,12 @@ enum {
 	UBLKML_TGT_MEM = 1,
 	UBLKML_TGT_LOOP = 2,
 	UBLKML_TGT_EVENTS = 3,	/* I/O handed to the caller (Python plug-ins) */
+	UBLKML_TGT_MIRROR = 4,	/* RAID1 over 2..UBLKML_MAX_LEGS files/devices */
 };
+
+#define UBLKML_MAX_LEGS		8
+/* Completion records of health probes carry this tag (they have none). */
+#define UBLKML_PROBE_TAG	0xffff
 
 struct ublkml_target;
 
@@ -40,8 +45,84 @@ int ublkml_target_new_mem(struct ublkml_target **out, uint64_t size);
 int ublkml_target_new_loop(struct ublkml_target **out, int fd, int is_bdev,
 			   uint64_t size);
 int ublkml_target_new_events(struct ublkml_target **out, uint64_t size);
+/* Mirror (RAID1): fds stay owned by the caller, opened like loop's.  The
+ * dirty-region size is 1 << region_shift bytes (12..30). */
+int ublkml_target_new_mirror(struct ublkml_target **out, const int *fds,
+			     const int *is_bdev, int n_legs, uint64_t size,
+			     uint32_t region_shift);
 void ublkml_target_free(struct ublkml_target *t);
 int ublkml_target_kind(const struct ublkml_target *t);
+/* Completion paths of a target: mirror legs, 1 for null/mem/loop, 0 for
+ * event targets (faults need a path). */
+int ublkml_target_n_paths(const struct ublkml_target *t);
+
+/* ---- fault injection (per completion path) ----------------------------- */
+
+enum {
+	UBLKML_FAULT_CONST = 0,	/* always on */
+	UBLKML_FAULT_BURST = 1,	/* on for burst_on_ms of every burst_period_ms */
+	UBLKML_FAULT_RAMP = 2,	/* intensity grows linearly 0 -> 1 over ramp_ms */
+};
+
+/* The schedule's clock starts when the fault is set.  Its intensity d
+ * (0..1: CONST 1, BURST 0 or 1, RAMP elapsed/ramp_ms) scales all three
+ * effects: delay d*delay_us, slowdown 1 + d*(slow-1), error rate d*err_ppm. */
+struct ublkml_fault {
+	uint32_t delay_us;	/* fixed delay added to every I/O of the path */
+	uint32_t slow_x1000;	/* slowdown x1000 (10000 = 10x the measured
+				 * service time); 0 or 1000 = none */
+	uint8_t mode;		/* UBLKML_FAULT_* */
+	uint8_t pad0[3];
+	uint32_t burst_period_ms;
+	uint32_t burst_on_ms;
+	uint32_t ramp_ms;
+	uint32_t err_ppm;	/* error probability per I/O, parts per million */
+	uint32_t err_ops;	/* 1 << UBLK_IO_OP_* of the ops that may fail;
+				 * 0 = every op */
+	int32_t err_errno;	/* positive errno of injected errors; 0 = EIO */
+	uint32_t pad1;
+	uint64_t seed;		/* of the per-queue PRNG that picks errors */
+};
+
+/* Safe from any thread while queues serve (a seqlock: queue threads never
+ * wait).  f == NULL clears the path's fault. */
+int ublkml_target_set_fault(struct ublkml_target *t, uint32_t path,
+			    const struct ublkml_fault *f);
+/* 1 and *out filled when a fault is set, 0 when none. */
+int ublkml_target_get_fault(struct ublkml_target *t, uint32_t path,
+			    struct ublkml_fault *out);
+
+/* ---- mirror legs ------------------------------------------------------- */
+
+enum {
+	UBLKML_LEG_ACTIVE = 0,	/* read and written */
+	UBLKML_LEG_DEMOTED = 1,	/* written, not read (also: being resynced) */
+	UBLKML_LEG_FAILED = 2,	/* neither; writes mark its dirty regions */
+};
+
+struct ublkml_leg_info {
+	uint32_t state;		/* UBLKML_LEG_* */
+	uint32_t pad0;
+	uint64_t dirty_regions;
+	uint64_t total_regions;
+	uint64_t reads;		/* leg reads (retries included, probes not) */
+	uint64_t writes;	/* leg writes, flushes, discards, zeroings */
+	uint64_t errors;	/* failed leg I/O, probes included */
+	uint64_t probes;	/* health-probe reads while demoted */
+};
+
+/* -EBUSY: would leave no ACTIVE leg.  -EAGAIN: -> ACTIVE while the leg has
+ * dirty regions (resync first).  Safe from any thread while queues serve. */
+int ublkml_mirror_set_leg_state(struct ublkml_target *t, int leg, int state);
+int ublkml_mirror_leg_info(struct ublkml_target *t, int leg,
+			   struct ublkml_leg_info *out);
+/* Every Nth user read is also sent to each DEMOTED leg (0: no probes). */
+int ublkml_mirror_set_probe_every(struct ublkml_target *t, uint32_t n);
+/* Copies up to max_regions dirty regions of leg from an ACTIVE leg (a
+ * FAILED leg first becomes DEMOTED, so that it is written from now on).
+ * Blocking (pread/pwrite): call it from a control thread.  Returns the
+ * dirty regions left, or a negative errno. */
+int ublkml_mirror_resync(struct ublkml_target *t, int leg, int max_regions);
 
 /* O_DIRECT alignment the file or device needs (STATX_DIOALIGN, BLKSSZGET),
  * or 512 when the kernel does not say. */
