@@ -485,14 +485,17 @@ class ControlServer:
         return out
 
     def _current_faults(self) -> dict[str, Any]:
-        # A server that knows its faults (including `ublkml add --fault` ones)
-        # is asked; otherwise the faults set through this channel are shown.
-        getter = getattr(self.server, "faults", None)
-        if callable(getter):
+        # The server (or its target) knows every fault, `ublkml add --fault`
+        # ones included; without either, those set through this channel.
+        for getter in self._fault_getters():
             with contextlib.suppress(Exception):
-                return {str(p): spec.to_dict() for p, spec in dict(getter()).items()}
+                return {str(p): spec.to_dict() for p, spec in sorted(dict(getter()).items())}
         with self._lock:
             return {str(p): d for p, d in sorted(self._faults.items())}
+
+    def _fault_getters(self) -> list[Callable[[], Any]]:
+        owners = (self.server, getattr(self.server, "backend", None))
+        return [g for g in (getattr(o, "faults", None) for o in owners) if callable(g)]
 
     def _op_fault_set(self, spec: dict[str, Any], path: int = 0) -> dict[str, Any]:
         from ublk_driver.faults import FaultSpec
@@ -512,8 +515,7 @@ class ControlServer:
         else:
             with self._lock:
                 known = set(self._faults)
-            getter = getattr(self.server, "faults", None)
-            if callable(getter):
+            for getter in self._fault_getters():
                 with contextlib.suppress(Exception):
                     known |= set(dict(getter()))
             legs: list[dict[str, Any]] = []

@@ -37,6 +37,7 @@ from ublk_driver.ctl import (
     ServerUnreachableError,
     socket_path,
 )
+from ublk_driver.faults import FaultSpec
 from ublk_driver.uapi import DevInfo
 
 
@@ -65,7 +66,6 @@ class FakeServer:
                                                                  queue_depth=64, dev_id=7))
     backend: _Backend = field(default_factory=_Backend)
     legs: list[FakeLeg] = field(default_factory=lambda: [FakeLeg(0), FakeLeg(1)])
-    faults: dict[int, Any] = field(default_factory=dict)
     calls: list[tuple[str, object, object]] = field(default_factory=list)
     promote_gate: threading.Event = field(default_factory=threading.Event)
     promote_error: str | None = None
@@ -247,6 +247,67 @@ def test_a_failing_server_method_is_an_error_answer(served: Served) -> None:
     with pytest.raises(RequestFailedError, match="no job 99"):
         c.call("job", id=99)
     assert c.call("status")["dev_id"] == 7      # still serving
+
+
+def test_fault_set_and_clear(served: Served) -> None:
+    c = served.client()
+    spec = FaultSpec.parse("delay=2ms,slow=10,burst=1s/200ms,errors=1%,ops=read")
+    out = c.call("fault_set", path=1, spec=spec.to_dict())
+    assert out == {"path": 1, "spec": spec.to_dict()}
+    assert served.fake.calls == [("set_fault", 1, spec)]
+    assert c.call("status")["faults"] == {"1": spec.to_dict()}
+    assert c.call("fault_set", spec={"delay_us": 5})["path"] == 0   # path defaults to 0
+    assert c.call("fault_clear", path=1) == {"cleared": [1]}
+    assert c.call("status")["faults"] == {"0": {**FaultSpec(delay_us=5).to_dict()}}
+    assert c.call("fault_clear") == {"cleared": [0, 1]}             # every leg
+    assert served.fake.calls[-2:] == [("set_fault", 0, None), ("set_fault", 1, None)]
+    assert c.call("status")["faults"] == {}
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ({"slow": 0.5}, "fault_set: bad spec: fault: slow must be a factor from 1 to 1000"),
+    ({"delay": 5}, "fault_set: bad spec: unknown fault field(s) delay"),
+    ({"ops": "read"}, "fault_set: bad spec: fault ops must be a list of names"),
+])
+def test_bad_fault_specs(served: Served, spec: dict[str, Any], message: str) -> None:
+    with pytest.raises(RequestFailedError) as e:
+        served.client().call("fault_set", spec=spec)
+    assert str(e.value).startswith(message) and e.value.code == "bad_request"
+    assert served.fake.calls == []
+
+
+def test_a_server_that_knows_its_faults_is_asked() -> None:
+    fake = FakeServer()
+    known = {0: FaultSpec(delay_us=7)}
+    fake.faults = lambda: known  # type: ignore[attr-defined]   # like Backend.faults()
+    with serve(fake) as s:
+        assert s.client().call("status")["faults"] == {"0": known[0].to_dict()}
+
+
+fault_specs = st.builds(
+    lambda delay, slow, sched, ppm, ops, err, seed: FaultSpec(
+        delay_us=delay, slow=slow, error_ppm=ppm, ops=tuple(ops), errno=err, seed=seed,
+        **sched),
+    st.integers(0, (1 << 32) - 1), st.floats(1, 1000),
+    st.one_of(st.just({}), st.integers(1, 10_000).flatmap(
+        lambda period: st.integers(1, period).map(
+            lambda on: {"mode": "burst", "burst_period_ms": period, "burst_on_ms": on})),
+        st.integers(1, 1 << 20).map(lambda r: {"mode": "ramp", "ramp_ms": r})),
+    st.integers(0, 1_000_000),
+    st.lists(st.sampled_from(["read", "write", "flush", "discard", "write_zeroes"]),
+             min_size=1, unique=True),
+    st.integers(1, 4095), st.integers(0, (1 << 64) - 1))
+
+
+@settings(max_examples=100, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(fault_specs, st.integers(0, 1))
+def test_fault_specs_cross_the_channel_intact(fuzz_target: Served, spec: FaultSpec,
+                                              path: int) -> None:
+    fuzz_target.fake.legs = [FakeLeg(0), FakeLeg(1)]
+    out = fuzz_target.client().call("fault_set", path=path, spec=spec.to_dict())
+    assert fuzz_target.fake.calls[-1] == ("set_fault", path, spec)
+    assert FaultSpec.from_dict(out["spec"]) == spec
 
 
 # ---- bad requests ---------------------------------------------------------------------------

@@ -76,7 +76,24 @@ def test_failed_promotion_exits_1(served: Served) -> None:
     one_line_error(proc, 1, "ublkml: error: promoting leg 0 failed: leg 0 unreadable")
 
 
+def test_fault_set_and_clear(served: Served) -> None:
+    proc = run(served, "fault", "set", "-n", "7", "--path", "1", "delay=2ms,slow=10")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith('device 7 path 1: fault set {"burst_on_ms": 0, "burst_peri')
+    doc = json.loads(run(served, "status", "-n", "7", "--json").stdout)
+    assert doc["faults"]["1"]["delay_us"] == 2000 and doc["faults"]["1"]["slow"] == 10
+    assert "fault on path 1:" in run(served, "status", "-n", "7").stdout
+    out = json.loads(run(served, "fault", "clear", "-n", "7", "--json").stdout)
+    assert 1 in out["cleared"]
+    proc = run(served, "fault", "clear", "-n", "7", "--path", "0")
+    assert proc.stdout.strip() == "device 7: faults cleared on path(s) 0"
+
+
 @pytest.mark.parametrize(("args", "code", "message"), [
+    (["fault", "set", "-n", "7", "slow=0.5"], 2, "bad fault spec 'slow=0.5': fault: slow must"),
+    (["fault", "set", "-n", "7", "bogus"], 2, "bad fault spec 'bogus': fault spec item"),
+    (["fault", "set", "-n", "7", "--path", "5", "delay=1ms"], 1,
+     "ublkml: error: no leg 5: the mirror has legs 0..1"),
     (["status"], 2, "the following arguments are required: -n/--number"),
     (["status", "-n", "x"], 2, "device id must be an integer, got 'x'"),
     (["status", "-n", "-1"], 2, "device id must be 0..1048575"),
