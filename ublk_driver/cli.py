@@ -17,7 +17,7 @@ import select
 import signal
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ublk_driver.control import Control, bdev_path
 from ublk_driver.errors import ConfigError, DeviceNotFoundError, UblkError
@@ -25,6 +25,9 @@ from ublk_driver.server import STATE_DIR, Server, ServerConfig, read_state
 from ublk_driver.sizes import format_size, parse_size
 from ublk_driver.targets.base import Backend
 from ublk_driver.uapi import DEV_ID_AUTO, DevState, feature_names
+
+if TYPE_CHECKING:
+    from ublk_driver.faults import FaultSpec
 
 PROG = "ublkml"
 
@@ -56,9 +59,36 @@ def _kv_arg(text: str) -> tuple[str, str]:
 
 def make_backend(args: argparse.Namespace) -> Backend:
     """Build (and so validate) the target before any device exists."""
-    from ublk_driver.targets import LoopTarget, MemTarget, NullTarget, load_plugin
+    backend = _make_target(args)
+    for path, spec in args.fault or []:
+        backend.set_fault(path, spec)   # kept, applied when the device starts
+    return backend
+
+
+def _fault_arg(text: str) -> tuple[int, FaultSpec]:
+    """``SPEC`` (path 0) or ``LEG:SPEC``, for ``add --fault``."""
+    from ublk_driver.faults import FaultSpec
+
+    head, sep, rest = text.partition(":")
+    path = 0
+    if sep and head.strip().isdigit():
+        path, text = int(head), rest
+    try:
+        return path, FaultSpec.parse(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _make_target(args: argparse.Namespace) -> Backend:
+    from ublk_driver.targets import LoopTarget, MemTarget, MirrorTarget, NullTarget, load_plugin
 
     t = args.type
+    if t != "mirror" and args.leg:
+        raise CliError("--leg is for -t mirror (use -f FILE for loop)", 2)
+    if t == "mirror":
+        if not args.leg or len(args.leg) < 2:
+            raise CliError("-t mirror needs at least two legs: --leg FILE --leg FILE", 2)
+        return MirrorTarget(args.leg, size=args.size, direct=not args.buffered)
     if t == "null":
         return NullTarget(args.size if args.size is not None else 250 << 30)
     if t == "mem":
@@ -341,13 +371,21 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Create a ublk device served by this process. By default "
                        "the server goes to the background once /dev/ublkbN is live and this "
                        "command prints the device; `ublkml del -n ID` removes it.")
-    a.add_argument("-t", "--type", required=True, choices=["null", "mem", "loop", "python"],
+    a.add_argument("-t", "--type", required=True,
+                   choices=["null", "mem", "loop", "mirror", "python"],
                    help="target: null (discards everything), mem (RAM disk), loop (a file "
-                   "or block device, O_DIRECT), python (a plug-in class)")
+                   "or block device, O_DIRECT), mirror (RAID1 over --leg files or devices), "
+                   "python (a plug-in class)")
     a.add_argument("-f", "--file", help="backing file or block device (loop)")
+    a.add_argument("--leg", action="append", metavar="FILE",
+                   help="mirror: a leg, file or block device (repeat: 2 to 8 legs)")
+    a.add_argument("--fault", action="append", type=_fault_arg, metavar="[LEG:]SPEC",
+                   help="inject a fault from the start, e.g. delay=2ms,slow=10,"
+                   "burst=1s/200ms,errors=0.01,ops=read+write,seed=1 (on path 0, or on "
+                   "mirror leg LEG); repeatable")
     a.add_argument("--size", type=_size_arg,
-                   help="device size, e.g. 64M, 1G (mem: required; loop: defaults to the "
-                   "file's size; null: 250G)")
+                   help="device size, e.g. 64M, 1G (mem: required; loop, mirror: defaults "
+                   "to the (smallest) file's size; null: 250G)")
     a.add_argument("-q", "--queues", type=int, default=1, help="number of queues (default 1)")
     a.add_argument("-d", "--depth", type=int, default=128,
                    help="queue depth (default 128, at most 4096)")
@@ -358,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--plugin-arg", action="append", type=_kv_arg, metavar="KEY=VALUE",
                    help="python: keyword argument for the plug-in class (repeatable)")
     a.add_argument("--buffered", action="store_true",
-                   help="loop: use the page cache instead of O_DIRECT")
+                   help="loop, mirror: use the page cache instead of O_DIRECT")
     a.add_argument("--read-only", action="store_true", help="loop: open the file read-only")
     a.add_argument("--score", nargs="?", const="default", metavar="MODEL",
                    help="score every completion path with an ONNX fail-slow model (the "

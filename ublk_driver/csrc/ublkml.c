@@ -656,7 +656,7 @@ int ublkml_mirror_resync(struct ublkml_target *t, int leg, int max_regions)
 	lg = &t->legs[leg];
 	pthread_mutex_lock(&t->ctl);
 	cur = leg_state_of(states_load(t), leg);
-	if (cur == UBLKML_LEG_FAILED && leg_dirty(t, leg) && max_regions) {
+	if (cur == UBLKML_LEG_FAILED && max_regions) {
 		ret = leg_cas(t, leg, 1u << UBLKML_LEG_FAILED,
 			      UBLKML_LEG_DEMOTED, &cur);
 		if (ret == 0)

@@ -118,8 +118,9 @@ int ublkml_mirror_leg_info(struct ublkml_target *t, int leg,
 			   struct ublkml_leg_info *out);
 /* Every Nth user read is also sent to each DEMOTED leg (0: no probes). */
 int ublkml_mirror_set_probe_every(struct ublkml_target *t, uint32_t n);
-/* Copies up to max_regions dirty regions of leg from an ACTIVE leg (a
- * FAILED leg first becomes DEMOTED, so that it is written from now on).
+/* Copies up to max_regions dirty regions of leg from an ACTIVE leg (with
+ * max_regions > 0, a FAILED leg first becomes DEMOTED, so that it is
+ * written from now on; max_regions = 0 only counts).
  * Blocking (pread/pwrite): call it from a control thread.  Returns the
  * dirty regions left, or a negative errno. */
 int ublkml_mirror_resync(struct ublkml_target *t, int leg, int max_regions);

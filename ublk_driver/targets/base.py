@@ -10,9 +10,15 @@ the interpreter, or Python methods (plug-ins).
 from __future__ import annotations
 
 import abc
+import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ublk_driver import _bindings
+from ublk_driver.errors import ConfigError, UblkError
+
+if TYPE_CHECKING:
+    from ublk_driver.faults import FaultSpec
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,53 @@ class Backend(abc.ABC):
     def describe(self) -> dict[str, object]:
         """A JSON-able description for ``ublkml list``."""
         return {"target": self.name, "size": self.size}
+
+    # ---- fault injection (native targets) -------------------------------------
+
+    #: completion paths that faults can be set on (mirror: one per leg)
+    paths: int = 0
+
+    def __init__(self) -> None:
+        self._ctarget: _bindings.CTarget | None = None
+        self._faults: dict[int, FaultSpec] = {}
+        self._faults_lock = threading.Lock()
+
+    def _attached(self, ct: _bindings.CTarget) -> _bindings.CTarget:
+        """Native targets pass their new C target through here: faults set
+        before the device started are applied, later ones go straight to it."""
+        with self._faults_lock:
+            self._ctarget = ct
+            for path, spec in sorted(self._faults.items()):
+                ct.set_fault(path, spec.to_c())
+        return ct
+
+    def set_fault(self, path: int, spec: FaultSpec | None) -> None:
+        """Inject ``spec`` into completion path ``path`` (None removes it).
+
+        Before the device starts the fault is kept and applied at start (its
+        schedule's clock starts then); afterwards it takes effect at once.
+        """
+        if self.paths == 0:
+            raise ConfigError(f"target {self.name} has no fault injection: faults need a "
+                              "native target (null, mem, loop, mirror)")
+        if not 0 <= path < self.paths:
+            raise ConfigError(f"fault path {path} does not exist: target {self.name} has "
+                              f"{self.paths} path(s), 0..{self.paths - 1}")
+        with self._faults_lock:
+            if self._ctarget is not None:
+                try:
+                    self._ctarget.set_fault(path, None if spec is None else spec.to_c())
+                except ValueError as e:   # the device has stopped
+                    raise UblkError(f"cannot set a fault: {e}") from None
+            if spec is None:
+                self._faults.pop(path, None)
+            else:
+                self._faults[path] = spec
+
+    def faults(self) -> dict[int, FaultSpec]:
+        """The faults in force, by path."""
+        with self._faults_lock:
+            return dict(self._faults)
 
     def close(self) -> None:  # noqa: B027 - optional hook, most targets hold nothing
         """Release resources; flush what must reach stable storage."""

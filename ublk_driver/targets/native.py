@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from dataclasses import dataclass
 
 from ublk_driver import _bindings
 from ublk_driver.errors import ConfigError, TargetError
@@ -25,8 +26,10 @@ class NullTarget(Backend):
     """Completes every I/O at once and stores nothing (reads return junk)."""
 
     name = "null"
+    paths = 1
 
     def __init__(self, size: int = 250 << 30) -> None:
+        super().__init__()
         self._size = _check_size(size, 512)
 
     @property
@@ -38,15 +41,17 @@ class NullTarget(Backend):
         return Capabilities(flush=True, fua=True, discard=True, write_zeroes=True)
 
     def attach(self) -> _bindings.CTarget:
-        return _bindings.CTarget(_bindings.TGT_NULL, self._size)
+        return self._attached(_bindings.CTarget(_bindings.TGT_NULL, self._size))
 
 
 class MemTarget(Backend):
     """A RAM disk: anonymous memory, zero until written, gone when stopped."""
 
     name = "mem"
+    paths = 1
 
     def __init__(self, size: int) -> None:
+        super().__init__()
         self._size = _check_size(size, 512)
 
     @property
@@ -60,11 +65,60 @@ class MemTarget(Backend):
 
     def attach(self) -> _bindings.CTarget:
         try:
-            return _bindings.CTarget(_bindings.TGT_MEM, self._size)
+            return self._attached(_bindings.CTarget(_bindings.TGT_MEM, self._size))
         except OSError as e:
             raise TargetError(e.errno or errno.ENOMEM,
                               f"cannot reserve {self._size} bytes of memory: {e.strerror}"
                               ) from None
+
+
+@dataclass(frozen=True)
+class Backing:
+    """An opened backing file or block device (loop target, mirror leg)."""
+
+    fd: int
+    is_bdev: bool
+    direct: bool        # O_DIRECT (False where the file system refused it)
+    block_size: int     # the O_DIRECT alignment, at least 512
+    size: int           # of the file or device, bytes
+    dev_ino: tuple[int, int]  # to refuse the same backing twice
+
+
+def open_backing(path: str, direct: bool, read_only: bool = False) -> Backing:
+    """Open ``path`` for a native target: O_DIRECT where possible, else buffered."""
+    flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise TargetError(e.errno or errno.ENOENT,
+                          f"backing file {path}: {e.strerror}") from None
+    is_bdev = stat.S_ISBLK(st.st_mode)
+    if not (is_bdev or stat.S_ISREG(st.st_mode)):
+        raise TargetError(errno.EINVAL,
+                          f"backing file {path} is neither a regular file nor a block device")
+    fd = -1
+    if direct:
+        try:
+            fd = os.open(path, flags | os.O_DIRECT)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise TargetError(e.errno or errno.EIO,
+                                  f"backing file {path}: {e.strerror}") from None
+    opened_direct = fd >= 0
+    if fd < 0:
+        try:
+            fd = os.open(path, flags)
+        except OSError as e:
+            raise TargetError(e.errno or errno.EIO,
+                              f"backing file {path}: {e.strerror}") from None
+    try:
+        block = _bindings.dio_alignment(fd, is_bdev) if opened_direct else 512
+        size = os.lseek(fd, 0, os.SEEK_END)
+    except BaseException:
+        os.close(fd)
+        raise
+    return Backing(fd, is_bdev, opened_direct, max(512, block), size,
+                   (st.st_rdev, 0) if is_bdev else (st.st_dev, st.st_ino))
 
 
 class LoopTarget(Backend):
@@ -76,51 +130,27 @@ class LoopTarget(Backend):
     """
 
     name = "loop"
+    paths = 1
 
     def __init__(self, path: str, size: int | None = None, direct: bool = True,
                  read_only: bool = False) -> None:
+        super().__init__()
         self.path = path
         self.read_only = read_only
-        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+        b = open_backing(path, direct, read_only)
+        self._fd = b.fd
+        self.is_bdev = b.is_bdev
+        self.direct = b.direct
+        self._block_size = b.block_size
         try:
-            st = os.stat(path)
-        except OSError as e:
-            raise TargetError(e.errno or errno.ENOENT,
-                              f"backing file {path}: {e.strerror}") from None
-        self.is_bdev = stat.S_ISBLK(st.st_mode)
-        if not (self.is_bdev or stat.S_ISREG(st.st_mode)):
-            raise TargetError(errno.EINVAL,
-                              f"backing file {path} is neither a regular file nor a block device")
-        self.direct = False
-        fd = -1
-        if direct:
-            try:
-                fd = os.open(path, flags | os.O_DIRECT)
-                self.direct = True
-            except OSError as e:
-                if e.errno != errno.EINVAL:
-                    raise TargetError(e.errno or errno.EIO,
-                                      f"backing file {path}: {e.strerror}") from None
-        if fd < 0:
-            try:
-                fd = os.open(path, flags)
-            except OSError as e:
-                raise TargetError(e.errno or errno.EIO,
-                                  f"backing file {path}: {e.strerror}") from None
-        self._fd = fd
-        try:
-            self._block_size = (_bindings.dio_alignment(fd, self.is_bdev)
-                                if self.direct else 512)
-            self._block_size = max(512, self._block_size)
-            backing_size = os.lseek(fd, 0, os.SEEK_END)
             if size is None:
-                size = backing_size - backing_size % self._block_size
-            elif size > backing_size:
+                size = b.size - b.size % self._block_size
+            elif size > b.size:
                 raise ConfigError(f"--size {size} is larger than the backing file {path} "
-                                  f"({backing_size} bytes)")
+                                  f"({b.size} bytes)")
             self._size = _check_size(size, self._block_size)
         except BaseException:
-            os.close(fd)
+            os.close(b.fd)
             raise
 
     @property
@@ -138,8 +168,8 @@ class LoopTarget(Backend):
                             discard_zeroes=not self.is_bdev)
 
     def attach(self) -> _bindings.CTarget:
-        return _bindings.CTarget(_bindings.TGT_LOOP, self._size, fd=self._fd,
-                                 is_bdev=self.is_bdev)
+        return self._attached(_bindings.CTarget(_bindings.TGT_LOOP, self._size, fd=self._fd,
+                                                is_bdev=self.is_bdev))
 
     def describe(self) -> dict[str, object]:
         return {"target": self.name, "size": self.size, "backing": self.path,

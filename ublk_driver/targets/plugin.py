@@ -37,6 +37,7 @@ class PluginBackend(Backend):
     def __init__(self, plugin: Target, spec: str = "") -> None:
         if not isinstance(plugin, Target):
             raise PluginError(f"{type(plugin).__name__} is not a ublk_driver.Target subclass")
+        super().__init__()
         if not (_overrides(plugin, "read") or _overrides(plugin, "read_into")):
             raise PluginError(f"plug-in {type(plugin).__name__} defines neither read() "
                               "nor read_into()")
