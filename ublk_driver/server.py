@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -41,6 +41,10 @@ from ublk_driver.uapi import (
     Params,
     ParamType,
 )
+
+if TYPE_CHECKING:
+    from ublk_driver.faults import FaultSpec
+    from ublk_driver.targets.mirror import LegInfo, MirrorTarget
 
 STATE_DIR = os.environ.get("UBLKML_STATE_DIR", "/run/ublkml")
 DEFAULT_DEPTH = 128
@@ -307,6 +311,33 @@ class Server:
     def records_dropped(self) -> int:
         with self._queues_lock:
             return sum(w.queue.records_dropped() for w in self._workers if w.queue is not None)
+
+    # ---- faults and mirror legs (thin: the backend does the work) -------------
+
+    def set_fault(self, path: int, spec: FaultSpec | None) -> None:
+        """Inject a fault into completion path ``path`` (None clears it)."""
+        self.backend.set_fault(path, spec)
+
+    def faults(self) -> dict[int, FaultSpec]:
+        return self.backend.faults()
+
+    def _mirror(self) -> MirrorTarget:
+        from ublk_driver.targets.mirror import MirrorTarget
+
+        if not isinstance(self.backend, MirrorTarget):
+            raise ConfigError(f"target {self.backend.name} has no legs: leg commands need a "
+                              "mirror (ublkml add -t mirror --leg FILE --leg FILE)")
+        return self.backend
+
+    def set_leg_state(self, leg: int, state: str) -> None:
+        self._mirror().set_leg_state(leg, state)
+
+    def leg_info(self) -> list[LegInfo]:
+        return self._mirror().leg_info()
+
+    def promote_leg(self, leg: int) -> None:
+        """Resync ``leg`` and make it active (blocking: call it from a thread)."""
+        self._mirror().promote(leg)
 
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {"queues": []}
