@@ -500,6 +500,18 @@ static void dirty_range(struct ublkml_target *t, int leg, uint64_t off,
 		dirty_set(&t->legs[leg], r);
 }
 
+static void dirty_clear_range(struct ublkml_target *t, int leg, uint64_t off,
+			      uint64_t len)
+{
+	uint64_t r, last;
+
+	if (!len)
+		return;
+	last = (off + len - 1) >> t->region_shift;
+	for (r = off >> t->region_shift; r <= last && r < t->n_regions; r++)
+		dirty_clear(&t->legs[leg], r);
+}
+
 /* Wait until every write that may have read the leg states before this
  * call has completed (the caller changed a state first).  A writer joins
  * the current epoch before it reads the states; flipping the epoch twice
@@ -665,7 +677,9 @@ int ublkml_mirror_resync(struct ublkml_target *t, int leg, int max_regions)
 	pthread_mutex_unlock(&t->ctl);
 	if (ret)
 		return ret;
-	if (cur == UBLKML_LEG_ACTIVE || !max_regions || !leg_dirty(t, leg))
+	if (cur == UBLKML_LEG_ACTIVE)
+		return 0;	/* in sync by definition: it serves reads */
+	if (!max_regions || !leg_dirty(t, leg))
 		return (int)leg_dirty(t, leg);
 
 	rsize = 1ull << t->region_shift;
@@ -1711,8 +1725,14 @@ static void mirror_leg_finish(struct ublkml_queue *q, uint16_t tag, int leg,
 			dirty_range(t, leg, s->off, s->len);
 		else	/* a failed flush may have lost any earlier write */
 			dirty_range(t, leg, 0, t->size);
-		if (leg_cas(t, leg, ANY_LEG_STATE, UBLKML_LEG_FAILED, NULL) < 0)
-			s->must_fail = 1;	/* the last ACTIVE leg failed it */
+		if (leg_cas(t, leg, ANY_LEG_STATE, UBLKML_LEG_FAILED, NULL) < 0) {
+			/* The last ACTIVE leg failed it: the request fails, so
+			 * the range is undefined anyway, and dirty bits on a
+			 * leg that stays ACTIVE would only block promotions. */
+			s->must_fail = 1;
+			dirty_clear_range(t, leg, s->op == UBLK_IO_OP_FLUSH ? 0 : s->off,
+					  s->op == UBLK_IO_OP_FLUSH ? t->size : s->len);
+		}
 		if (!s->err)
 			s->err = res < 0 ? res : -EIO;
 	} else if (s->active & (1u << leg)) {

@@ -217,6 +217,8 @@ class MirrorTarget(Backend):
         UblkError after ``timeout`` seconds.
         """
         self._check_leg(leg)
+        if self._ct().leg_info(leg).state == _bindings.LEG_ACTIVE:
+            return
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             left = self.resync(leg, batch)
