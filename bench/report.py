@@ -360,7 +360,25 @@ def _overhead_table(doc: dict[str, Any]) -> list[str]:
         lines += ["", f"The accounting ({', '.join(attach)}) counted "
                   f"{', '.join(f'{c:,}' for c in counted)} I/Os in its rounds "
                   "(ramp included)."]
+    lines += _bpf_cost_lines(doc.get("meta", {}).get("bpf_cost"))
     return [*lines, ""]
+
+
+def _bpf_cost_lines(cost: Any) -> list[str]:
+    """The kernel's own timing of the accounting programs (bpf_stats), if measured."""
+    if not isinstance(cost, dict):
+        return []
+    if "error" in cost:
+        return ["", f"Cost per I/O by bpf_stats: not measured ({cost['error']})."]
+    progs = ", ".join(f"{name} {p['run_time_ns'] / max(p['run_cnt'], 1):,.0f} ns x "
+                      f"{p['run_cnt']:,}" for name, p in sorted(cost["programs"].items())
+                      if p["run_cnt"])
+    return ["", f"Cost per I/O by the kernel's own count (`kernel.bpf_stats_enabled`, a "
+            f"separate measurement of the same device): {cost['ns_per_io']:,.0f} ns of eBPF "
+            f"per I/O ({progs}; {cost['ios']:,} I/Os), {cost['cpu_share']:.2%} of one CPU "
+            f"at {cost['iops']:,.0f} IOPS. If the programs ran on the bottleneck thread "
+            f"only, they would cost at most that share of its throughput: an implied "
+            f"ratio of at least {1 / (1 + cost['cpu_share']):.3f}."]
 
 
 def _trio(idx: dict[Key, dict[str, Any]], key: Key) -> str:

@@ -633,6 +633,59 @@ def accounting_attached(path: str) -> Iterator[dict[str, Any]]:
         raise BenchError(f"eBPF accounting counted no I/O on {bd.name} ({bd.majmin})")
 
 
+BPF_STATS_SYSCTL = "/proc/sys/kernel/bpf_stats_enabled"
+
+
+def _bpf_prog_stats(prefix: str = "ka_") -> dict[str, tuple[int, int]]:
+    """name -> (run_time_ns, run_cnt) of the loaded programs whose names start with prefix."""
+    proc = _sh([_which("bpftool"), "-j", "prog", "show"], what="bpftool prog show")
+    out: dict[str, tuple[int, int]] = {}
+    for prog in json.loads(proc.stdout or "[]"):
+        name = str(prog.get("name", ""))
+        if name.startswith(prefix) and "run_cnt" in prog:
+            t, n = out.get(name, (0, 0))
+            out[name] = (t + int(prog["run_time_ns"]), n + int(prog["run_cnt"]))
+    return out
+
+
+def bpf_cost(case: Case, handle: Handle, ctx: Context, *, runtime: float,
+             ramp: float) -> dict[str, Any]:
+    """What the accounting programs cost per I/O, by the kernel's own count.
+
+    IOPS ratios under TCG swing by +-10 % between rounds, more than the
+    effect they are meant to show; ``kernel.bpf_stats_enabled`` makes the
+    kernel time every program run, which is a direct measurement.  It is a
+    separate measurement because the timing itself (two clock reads per
+    run) would weigh on an "on" round.
+    """
+    try:
+        old = Path(BPF_STATS_SYSCTL).read_text().strip()
+        Path(BPF_STATS_SYSCTL).write_text("1")
+    except OSError as e:
+        raise BenchError(f"cannot enable {BPF_STATS_SYSCTL}: {e.strerror}") from None
+    try:
+        with accounting_attached(handle.path) as acct:
+            before = _bpf_prog_stats()
+            figures = measure_case(case, handle, ctx, runtime=runtime, ramp=ramp,
+                                   profile=False)
+            after = _bpf_prog_stats()
+    finally:
+        with contextlib.suppress(OSError):
+            Path(BPF_STATS_SYSCTL).write_text(old)
+    progs = {name: {"run_time_ns": t - before.get(name, (0, 0))[0],
+                    "run_cnt": n - before.get(name, (0, 0))[1]}
+             for name, (t, n) in after.items()}
+    total_ns = sum(p["run_time_ns"] for p in progs.values())
+    ios = int(acct.get("ios_counted", 0))
+    if not ios or not total_ns:
+        raise BenchError("bpf_stats: the accounting programs did not run")
+    ns_per_io = total_ns / ios
+    iops = float(figures["iops"])
+    return {"programs": progs, "ios": ios, "ns_per_io": ns_per_io, "iops": iops,
+            # share of one CPU's time the programs take at this rate
+            "cpu_share": ns_per_io * iops / 1e9}
+
+
 # ---------------------------------------------------------------------------
 # One measurement
 # ---------------------------------------------------------------------------
@@ -966,8 +1019,25 @@ class _Run:
                     else:
                         name = case.device.name
                         self.one(case, handles.get(name), ctx, errors.get(name))
+                if plain.name in handles:
+                    self._bpf_cost(next(c for c in cases if c.device.name == plain.name),
+                                   handles[plain.name], ctx)
         except Exception as e:  # a failed tear-down must not stop the run
             _say(f"warning: tearing down the overhead devices failed: {e}")
+
+    def _bpf_cost(self, case: Case, handle: Handle, ctx: Context) -> None:
+        print("bpf_stats: cost of the accounting programs per I/O ... ", end="",
+              file=sys.stderr, flush=True)
+        try:
+            cost = bpf_cost(case, handle, ctx, runtime=self.runtime, ramp=self.ramp)
+        except (BenchError, FioError, OSError) as e:
+            self.meta["bpf_cost"] = {"error": str(e)}
+            print(f"ERROR: {e}", file=sys.stderr, flush=True)
+            return
+        self.meta["bpf_cost"] = cost
+        print(f"{cost['ns_per_io']:,.0f} ns per I/O ({cost['cpu_share']:.1%} of a CPU at "
+              f"{cost['iops']:,.0f} IOPS)", file=sys.stderr, flush=True)
+        self.save()
 
     def one(self, case: Case, handle: Handle | None, ctx: Context, error: str | None,
             *, accounting: bool = False) -> None:

@@ -355,3 +355,17 @@ def test_markdown_overhead_errors_name_the_round() -> None:
     md = render_markdown(doc)
     assert "- ublkml-null-acct 4k randread QD32 q1 round 2: fio failed (exit 1): boom" in md
     assert "| 2 | 100,000 | error | - | 96,000 | 0.96 |" in md
+
+
+def test_markdown_bpf_cost_line() -> None:
+    doc = make_doc()
+    doc["meta"]["bpf_cost"] = {
+        "programs": {"ka_btf_issue": {"run_time_ns": 20_000, "run_cnt": 100},
+                     "ka_btf_complete": {"run_time_ns": 30_000, "run_cnt": 100}},
+        "ios": 100, "ns_per_io": 500.0, "iops": 40_000.0, "cpu_share": 0.02}
+    md = render_markdown(doc)
+    assert "500 ns of eBPF per I/O (ka_btf_complete 300 ns x 100, ka_btf_issue 200 ns x 100; " \
+           "100 I/Os), 2.00% of one CPU at 40,000 IOPS" in md
+    assert "implied ratio of at least 0.980" in md
+    doc["meta"]["bpf_cost"] = {"error": "cannot enable it"}
+    assert "Cost per I/O by bpf_stats: not measured (cannot enable it)." in render_markdown(doc)

@@ -196,6 +196,22 @@ def _fake_env(monkeypatch: pytest.MonkeyPatch, lab: FakeLab) -> None:
 
     monkeypatch.setattr(runner, "accounting_attached", accounting)
 
+    def bpf_cost(case: Any, handle: Any, ctx: Any, **kw: Any) -> dict[str, Any]:
+        # bpf_stats needs the real programs (measured by test_vm.py's quick run).
+        assert case.device.name == "ublkml-null-off"
+        return {"programs": {"ka_btf_complete": {"run_time_ns": 500, "run_cnt": 10}},
+                "ios": 10, "ns_per_io": 50.0, "iops": 2000.0, "cpu_share": 1e-4}
+
+    monkeypatch.setattr(runner, "bpf_cost", bpf_cost)
+
+    @contextlib.contextmanager
+    def no_brd(mountpoint: Path) -> Iterator[dict[str, Any]]:
+        # Never load brd or run mkfs on the machine running the unit tests.
+        raise runner.BenchError("brd not loaded in unit tests")
+        yield {}
+
+    monkeypatch.setattr(runner, "ram_ext4", no_brd)
+
 
 def test_measure_records_failures_and_tears_everything_down(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -234,6 +250,8 @@ def test_measure_records_failures_and_tears_everything_down(
     assert lab.log.count("up ublkml-null-off/q1") == 1
     assert "up ublkml-null-acct/q1" not in lab.log
     assert doc["meta"]["overhead_rounds"] == 3
+    assert doc["meta"]["bpf_cost"]["ns_per_io"] == 50.0
+    assert doc["meta"]["loop_backing"]["fallback"] == "brd not loaded in unit tests"
     assert "ERROR: RuntimeError: something unexpected" in err
 
 

@@ -39,6 +39,10 @@ def test_quick_benchmark_end_to_end(tmp_path: Path) -> None:
         assert r["kernel"].startswith("6.")
     acct = [r for r in results if r["device"] == "ublkml-null-acct"]
     assert len(acct) >= 3 and all(r["accounting"]["ios_counted"] > 0 for r in acct)
+    cost = doc["meta"]["bpf_cost"]
+    assert "error" not in cost, cost
+    assert cost["ios"] > 0 and 0 < cost["ns_per_io"] < 1e6, cost
+    assert doc["meta"]["loop_backing"]["filesystem"] == "ext4", doc["meta"]["loop_backing"]
     ublk_queues = {(r["device"], r["queues"]): r["device_attrs"]["hw_queues"]
                    for r in results}
     assert ublk_queues[("ublkml-null", 2)] == 2
