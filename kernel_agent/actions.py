@@ -199,9 +199,11 @@ def ublk_channel_for(bd: BlockDevice, state_dir: str | None = None) -> ControlCh
     m = re.fullmatch(r"ublkb(\d+)", bd.name)
     if m is None:
         return None
+    from ublk_driver.ctl import fallback_path, socket_path
+
     dev_id = int(m.group(1))
-    base = state_dir or os.environ.get("UBLKML_STATE_DIR", "/run/ublkml")
-    if not os.path.exists(os.path.join(base, f"{dev_id}.sock")):
+    path = socket_path(dev_id, state_dir)
+    if not (os.path.exists(path) or os.path.exists(fallback_path(path))):
         return None
     return UblkControlChannel(dev_id, state_dir=state_dir)
 

@@ -73,6 +73,16 @@ def socket_path(dev_id: int, state_dir: str | None = None) -> str:
     return os.path.join(state_dir or default_state_dir(), f"{dev_id}.sock")
 
 
+def fallback_path(path: str) -> str:
+    """Where the socket goes when its directory cannot hold sockets: ``<dir>-ctl/``.
+
+    Some file systems refuse them (the test bed's state dir is a 9p share:
+    bind fails with ENXIO); server and client both know this second place.
+    """
+    directory, name = os.path.split(path)
+    return os.path.join(directory.rstrip("/") + "-ctl", name)
+
+
 # ---- errors (client side) -------------------------------------------------------
 
 
@@ -287,9 +297,24 @@ class ControlServer:
     # -- lifecycle --
 
     def start(self) -> ControlServer:
-        directory = os.path.dirname(self.path) or "."
+        try:
+            sock = self._bind(self.path)
+        except OSError as first:
+            try:
+                sock = self._bind(fallback_path(self.path))
+            except OSError:
+                raise first from None
+            self.path = fallback_path(self.path)
+        self._listener = sock
+        self._thread = threading.Thread(target=self._accept_loop, name="ublkml-ctl",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def _bind(self, path: str) -> socket.socket:
+        directory = os.path.dirname(path) or "."
         os.makedirs(directory, exist_ok=True)
-        tmp = f"{self.path}.{os.getpid()}.tmp"
+        tmp = f"{path}.{os.getpid()}.tmp"
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -299,18 +324,14 @@ class ControlServer:
             # peer check below guards the temporary name too).
             os.chmod(tmp, 0o600)
             sock.listen(16)
-            os.replace(tmp, self.path)   # replaces a stale socket of a dead server
-            self._ino = os.stat(self.path).st_ino
+            os.replace(tmp, path)   # replaces a stale socket of a dead server
+            self._ino = os.stat(path).st_ino
         except BaseException:
             sock.close()
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-        self._listener = sock
-        self._thread = threading.Thread(target=self._accept_loop, name="ublkml-ctl",
-                                        daemon=True)
-        self._thread.start()
-        return self
+        return sock
 
     def close(self) -> None:
         """Stop accepting, remove the socket file (if still ours); idempotent."""
@@ -470,7 +491,7 @@ class ControlServer:
         s = self.server
         info = s.info
         out: dict[str, Any] = {"dev_id": s.dev_id, "bdev": f"/dev/ublkb{s.dev_id}",
-                               "pid": os.getpid(),
+                               "pid": os.getpid(), "socket": self.path,
                                "queues": info.nr_hw_queues if info else None,
                                "depth": info.queue_depth if info else None,
                                "target": s.backend.describe(), "stats": s.stats()}
@@ -640,8 +661,11 @@ class ControlClient:
 
     def _connect(self, s: socket.socket) -> None:
         try:
-            s.connect(self.path)
-        except (FileNotFoundError, ConnectionRefusedError):
+            try:
+                s.connect(self.path)
+            except (FileNotFoundError, NotADirectoryError, ConnectionRefusedError):
+                s.connect(fallback_path(self.path))
+        except (FileNotFoundError, NotADirectoryError, ConnectionRefusedError):
             raise ServerUnreachableError(
                 f"no control channel for ublk device {self.dev_id} ({self.path}): is the "
                 "server running? see `ublkml list`") from None

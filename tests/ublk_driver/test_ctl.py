@@ -182,12 +182,30 @@ def test_stale_socket_is_replaced_and_close_leaves_a_successor_alone() -> None:
         shutil.rmtree(d, ignore_errors=True)
 
 
+def test_a_state_dir_that_cannot_hold_sockets_falls_back_to_dir_ctl() -> None:
+    d = tempfile.mkdtemp(prefix="ctl", dir="/tmp")
+    try:
+        blocked = os.path.join(d, "state")
+        open(blocked, "w").close()          # bind there fails (as on the test bed's 9p share)
+        ctl = ControlServer(FakeServer(), socket_path(7, blocked), log=lambda _: None).start()
+        try:
+            assert ctl.path == os.path.join(d, "state-ctl", "7.sock")
+            assert stat.S_IMODE(os.stat(ctl.path).st_mode) == 0o600
+            assert ControlClient(7, 5, blocked).call("status")["socket"] == ctl.path
+        finally:
+            ctl.close()
+        assert not os.path.exists(ctl.path)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 # ---- ops -----------------------------------------------------------------------------
 
 
 def test_status(served: Served) -> None:
     st_ = served.client().call("status")
     assert st_["dev_id"] == 7 and st_["bdev"] == "/dev/ublkb7" and st_["pid"] == os.getpid()
+    assert st_["socket"] == served.path
     assert st_["queues"] == 2 and st_["depth"] == 64
     assert st_["target"] == {"target": "mirror", "size": 64 << 20}
     assert st_["stats"]["queues"][0]["ops"] == [3, 4, 0, 0, 0]
