@@ -1,0 +1,617 @@
+"""The closed loop of a mirror: fail-slow verdicts in, leg demotions and promotions out.
+
+Three layers, each testable alone:
+
+* :class:`LegPolicy` -- pure logic, clock injected (every method takes
+  ``now``).  A leg flagged by the scorer for ``demote_after`` consecutive
+  ticks is demoted, unless it is the last active one; a demoted leg is
+  promoted again only after its health probes looked healthy for
+  ``readmit_hold_s`` *and* it stayed demoted for its dwell time.  The dwell
+  time doubles when a leg is demoted again soon after a promotion, so a leg
+  that keeps relapsing is tried ever more rarely (hysteresis: no flapping).
+  The policy only *asks*; a leg changes state in the policy's books when the
+  answer (or the server) says it did.
+* :class:`AgentSink` -- the road to the driver, through the kernel agent: the
+  process registers as an ``ml-extension``, writes recommendations
+  (``demote_leg`` / ``promote_leg``, value = the leg, confidence, model, ttl)
+  to its submission ring and reads the agent's decisions from the
+  completion ring.  The agent validates them in the device's mode (observe,
+  recommend, enforce) and applies them through the server's control socket.
+  Without a running agent nothing is sent; that is said once, and scoring
+  goes on.
+* :class:`LegController` -- the glue run by the scorer's hooks
+  (``on_records``, ``on_verdict``, ``on_tick``): it feeds verdicts to the
+  policy, judges the demoted legs' health probes with the same model, syncs
+  the policy with the server's real leg states, and logs every step as JSON
+  lines in ``$UBLKML_STATE_DIR/<dev>.legs.jsonl`` (the demonstration reads
+  its detection and demotion times from there).
+
+Why probes, and why the model judges them: a demoted leg serves no user
+reads, so its only read latencies are the health probes (every Nth user read
+copied to it, ``tag == PROBE_TAG``).  Reads-only windows (user reads of the
+active legs, probes of the demoted ones) go through the same features and
+model as detection: "healthy" is "the model no longer flags it next to its
+peers", not a second, hand-tuned rule.  One feature is neutralised for probes:
+the throughput ratio (probes come at the rate we chose, so a demoted leg's low
+throughput says nothing about its health).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import json
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from ublk_driver.errors import UblkError
+
+log = logging.getLogger("ublkml.ml.legpolicy")
+
+#: ``tag`` of a health-probe completion record (``UBLKML_PROBE_TAG`` in the engine).
+PROBE_TAG = 0xFFFF
+_OP_READ = 0
+
+
+class LegPolicyError(UblkError, ValueError):
+    """A leg policy cannot be built as asked (the message says what to change)."""
+
+
+class LegState(enum.Enum):
+    ACTIVE = "active"
+    DEMOTING = "demoting"      # demotion asked, no answer yet
+    DEMOTED = "demoted"
+    PROMOTING = "promoting"    # promotion asked (or applied: resync running)
+    FAILED = "failed"          # failed by the driver or an operator: not ours to change
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """The knobs; defaults for a scorer ticking every 100 ms over a 1 s window."""
+
+    demote_after: int = 3          # consecutive flagged ticks before asking for a demotion
+    min_active: int = 1            # never fewer active legs than this
+    readmit_hold_s: float = 5.0    # probes healthy this long before a promotion
+    min_health_samples: int = 5    # ... in at least this many ticks
+    min_dwell_s: float = 10.0      # demoted at least this long
+    dwell_backoff: float = 2.0     # dwell x this when demoted again within flap_window_s
+    max_dwell_s: float = 600.0
+    flap_window_s: float = 120.0   # a demotion this soon after a promotion is a relapse
+    answer_timeout_s: float = 5.0  # no answer to a request: it is forgotten
+    resync_timeout_s: float = 900.0  # applied promotion: the server resyncs, then activates
+    retry_after_s: float = 5.0     # a refused request is not repeated sooner
+
+    def __post_init__(self) -> None:
+        if self.demote_after < 1:
+            raise LegPolicyError(f"demote_after must be >= 1 tick, got {self.demote_after}")
+        if self.min_active < 1:
+            raise LegPolicyError(f"min_active must be >= 1 leg, got {self.min_active}")
+        for name in ("readmit_hold_s", "min_dwell_s", "answer_timeout_s", "retry_after_s",
+                     "resync_timeout_s", "flap_window_s"):
+            if not getattr(self, name) >= 0:
+                raise LegPolicyError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.dwell_backoff < 1 or self.max_dwell_s < self.min_dwell_s:
+            raise LegPolicyError("dwell_backoff must be >= 1 and max_dwell_s >= min_dwell_s")
+
+
+@dataclass(frozen=True)
+class Request:
+    """What the policy asks for: ``action`` is ``demote_leg`` or ``promote_leg``."""
+
+    action: str
+    leg: int
+    confidence: float
+    reason: str
+
+
+@dataclass
+class _Leg:
+    state: LegState = LegState.ACTIVE
+    streak: int = 0                      # consecutive flagged ticks (ACTIVE)
+    streak_scores: list[float] = field(default_factory=list)
+    since: float = 0.0                   # when the current state began
+    asked: float = 0.0                   # when the pending request was made
+    applied: bool = False                # PROMOTING: the agent applied it (resync running)
+    retry_at: float = float("-inf")
+    healthy_since: float | None = None
+    healthy_ticks: int = 0
+    hold_scores: list[float] = field(default_factory=list)
+    dwell_s: float = 0.0
+    promoted_at: float | None = None
+
+
+class LegPolicy:
+    """Demotion and re-admission decisions for the legs of one mirror."""
+
+    def __init__(self, legs: int, config: PolicyConfig | None = None, now: float = 0.0,
+                 states: Iterable[str] | None = None) -> None:
+        if legs < 2:
+            raise LegPolicyError(f"a leg policy needs a mirror of 2 or more legs, got {legs}")
+        self.config = config or PolicyConfig()
+        self._legs = [_Leg(since=now, dwell_s=self.config.min_dwell_s) for _ in range(legs)]
+        if states is not None:
+            self.observe_states(list(states), now)
+
+    # ---- queries ----------------------------------------------------------------
+
+    @property
+    def legs(self) -> int:
+        return len(self._legs)
+
+    def state(self, leg: int) -> LegState:
+        return self._legs[leg].state
+
+    def states(self) -> list[LegState]:
+        return [lg.state for lg in self._legs]
+
+    def dwell_s(self, leg: int) -> float:
+        return self._legs[leg].dwell_s
+
+    def _active(self) -> int:
+        return sum(1 for lg in self._legs if lg.state is LegState.ACTIVE)
+
+    # ---- inputs -----------------------------------------------------------------
+
+    def verdict(self, leg: int, score: float, flagged: bool, now: float) -> Request | None:
+        """One scoring tick's verdict on ``leg``; maybe a demotion request."""
+        if not 0 <= leg < len(self._legs):
+            return None  # a path the mirror does not have (path 0 of something else)
+        lg = self._legs[leg]
+        if lg.state is not LegState.ACTIVE:
+            return None  # demoted legs are judged by their probes, not by these verdicts
+        if not flagged:
+            lg.streak, lg.streak_scores = 0, []
+            return None
+        lg.streak += 1
+        lg.streak_scores = [*lg.streak_scores[-(self.config.demote_after - 1):], score] \
+            if self.config.demote_after > 1 else [score]
+        if lg.streak < self.config.demote_after or now < lg.retry_at:
+            return None
+        if self._active() - 1 < self.config.min_active:
+            return None  # the last active leg(s): slow beats gone
+        lg.state, lg.asked, lg.streak = LegState.DEMOTING, now, 0
+        conf = min(lg.streak_scores)
+        return Request("demote_leg", leg, conf,
+                       f"flagged {self.config.demote_after} ticks in a row "
+                       f"(scores >= {conf:.3f})")
+
+    def health(self, leg: int, healthy: bool, score: float, now: float) -> Request | None:
+        """One tick's judgement of a demoted leg's probes; maybe a promotion request."""
+        if not 0 <= leg < len(self._legs):
+            return None
+        lg = self._legs[leg]
+        if lg.state is not LegState.DEMOTED:
+            return None
+        if not healthy:
+            lg.healthy_since, lg.healthy_ticks, lg.hold_scores = None, 0, []
+            return None
+        if lg.healthy_since is None:
+            lg.healthy_since = now
+        lg.healthy_ticks += 1
+        lg.hold_scores.append(score)
+        if (now - lg.healthy_since < self.config.readmit_hold_s
+                or lg.healthy_ticks < self.config.min_health_samples
+                or now - lg.since < lg.dwell_s or now < lg.retry_at):
+            return None
+        lg.state, lg.asked, lg.applied = LegState.PROMOTING, now, False
+        conf = 1.0 - max(lg.hold_scores)
+        held = now - lg.healthy_since
+        lg.healthy_since, lg.healthy_ticks, lg.hold_scores = None, 0, []
+        return Request("promote_leg", leg, conf,
+                       f"probes healthy for {held:.1f} s (scores <= {1 - conf:.3f})")
+
+    def answer(self, leg: int, action: str, applied: bool, now: float) -> None:
+        """The agent's decision on a request: applied, or not (any other status)."""
+        if not 0 <= leg < len(self._legs):
+            return
+        lg = self._legs[leg]
+        if action == "demote_leg" and lg.state is LegState.DEMOTING:
+            if applied:
+                self._demoted(lg, now)
+            else:
+                self._back(lg, LegState.ACTIVE, now)
+        elif action == "promote_leg" and lg.state is LegState.PROMOTING:
+            if applied:
+                lg.applied, lg.asked = True, now  # resync runs; the server says when active
+            else:
+                self._back(lg, LegState.DEMOTED, now)
+
+    def observe_states(self, actual: list[str], now: float) -> None:
+        """The server's leg states (``leg_info``): the truth the books follow."""
+        for leg, text in enumerate(actual[:len(self._legs)]):
+            lg = self._legs[leg]
+            try:
+                real = LegState(text)
+            except ValueError:
+                continue
+            if lg.state is LegState.DEMOTING:
+                if real is LegState.DEMOTED:
+                    self._demoted(lg, now)
+                elif real is LegState.FAILED:
+                    self._set(lg, LegState.FAILED, now)
+            elif lg.state is LegState.PROMOTING:
+                if real is LegState.ACTIVE:
+                    self._set(lg, LegState.ACTIVE, now)
+                    lg.promoted_at = now
+                elif real is LegState.FAILED:
+                    self._set(lg, LegState.FAILED, now)
+            elif real is not lg.state:
+                # Changed behind our back (an operator, a failing write): adopt it.
+                if real is LegState.DEMOTED:
+                    self._demoted(lg, now)
+                else:
+                    self._set(lg, real, now)
+
+    def tick(self, now: float) -> None:
+        """Forget requests nobody answered (the agent stopped, the ring was full)."""
+        for lg in self._legs:
+            if lg.state is LegState.DEMOTING and now - lg.asked > self.config.answer_timeout_s:
+                self._back(lg, LegState.ACTIVE, now)
+            elif lg.state is LegState.PROMOTING:
+                limit = self.config.resync_timeout_s if lg.applied else \
+                    self.config.answer_timeout_s
+                if now - lg.asked > limit:
+                    self._back(lg, LegState.DEMOTED, now)
+
+    # ---- transitions ------------------------------------------------------------
+
+    def _set(self, lg: _Leg, state: LegState, now: float) -> None:
+        lg.state, lg.since, lg.applied = state, now, False
+        lg.streak, lg.streak_scores = 0, []
+        lg.healthy_since, lg.healthy_ticks, lg.hold_scores = None, 0, []
+
+    def _demoted(self, lg: _Leg, now: float) -> None:
+        c = self.config
+        relapse = lg.promoted_at is not None and now - lg.promoted_at <= c.flap_window_s
+        lg.dwell_s = min(lg.dwell_s * c.dwell_backoff, c.max_dwell_s) if relapse \
+            else c.min_dwell_s
+        self._set(lg, LegState.DEMOTED, now)
+
+    def _back(self, lg: _Leg, state: LegState, now: float) -> None:
+        """A request that did not happen: the old state, and a pause before asking again."""
+        since = lg.since
+        self._set(lg, state, now)
+        lg.since = since  # the dwell counts from the real demotion, not from the refusal
+        lg.retry_at = now + self.config.retry_after_s
+
+
+# ---- the road through the kernel agent ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The agent's decision on one request."""
+
+    leg: int
+    action: str
+    status: str        # applied, recommended, observed, rejected, failed, ...
+    reason: str
+
+    @property
+    def applied(self) -> bool:
+        return self.status == "applied"
+
+
+class Sink(Protocol):
+    """Where requests go and answers come from."""
+
+    def submit(self, req: Request, model: str) -> str | None:
+        """Send it; None if sent, else why not (one line)."""
+
+    def answers(self) -> list[Answer]: ...
+
+    def close(self) -> None: ...
+
+
+class AgentSink:
+    """Recommendations through the kernel agent's ring (an ``ml-extension``).
+
+    Registration is lazy and retried: the agent may start after the device.
+    Without an agent, :meth:`submit` says so (the caller logs it once).
+    """
+
+    def __init__(self, device: str, agent_dir: str | None = None, ttl_ms: int = 2000,
+                 retry_s: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.device = device
+        self.agent_dir = agent_dir
+        self.ttl_ms = ttl_ms
+        self.retry_s = retry_s
+        self.clock = clock
+        self.ext_id: int | None = None
+        self._channel: Any = None
+        self._tried = float("-inf")
+        self._why = "not registered with the kernel agent yet"
+        self._pending: dict[int, Request] = {}
+
+    def _connect(self) -> str | None:
+        if self._channel is not None:
+            return None
+        now = self.clock()
+        if now - self._tried < self.retry_s:
+            return self._why
+        self._tried = now
+        # Imported here: the kernel agent's package is not needed to score.
+        from kernel_agent.agent import read_agent_state
+        from kernel_agent.errors import AgentError
+        from kernel_agent.registry import Registry
+        from kernel_agent.ring import Channel
+
+        reg = Registry(self.agent_dir)
+        if read_agent_state(reg.root) is None:
+            self._why = (f"no kernel agent is running (state dir {reg.root}): leg "
+                         "recommendations are not sent; start one with `ublkml agent start`")
+            return self._why
+        try:
+            ext = reg.add("ml-extension", {"pid": str(os.getpid()), "model": "fail-slow"})
+            self._channel = Channel.open(ext.ring)
+        except (AgentError, OSError) as e:
+            self._why = f"cannot register with the kernel agent: {e}"
+            return self._why
+        self.ext_id = ext.id
+        log.warning("legpolicy: registered with the kernel agent as extension %d", ext.id)
+        return None
+
+    def submit(self, req: Request, model: str) -> str | None:
+        from kernel_agent.ring import Recommendation
+
+        why = self._connect()
+        if why is not None:
+            return why
+        rec = self._channel.submit(Recommendation(
+            device=self.device, action=req.action, value=str(req.leg),
+            confidence=max(0.0, min(1.0, req.confidence)), model=model,
+            ttl_ms=self.ttl_ms, ext_id=0))
+        if rec is None:
+            return "the agent's submission ring is full (is the agent stuck?)"
+        self._pending[int(rec.seq)] = req
+        return None
+
+    def answers(self) -> list[Answer]:
+        if self._channel is None:
+            return []
+        out = []
+        for c in self._channel.completions():
+            req = self._pending.pop(c.seq, None)
+            if req is None:
+                continue  # follow-ups (KEPT) of requests already answered, or not ours
+            out.append(Answer(req.leg, req.action, c.status.name.lower(), c.reason))
+        return out
+
+    def close(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+        if self.ext_id is not None:
+            from kernel_agent.errors import AgentError
+            from kernel_agent.registry import Registry
+
+            with contextlib.suppress(AgentError, OSError):
+                Registry(self.agent_dir).remove(self.ext_id)
+            self.ext_id = None
+
+
+# ---- the glue on the scorer's hooks ------------------------------------------------
+
+
+class LegSource(Protocol):
+    """The server (in process): the legs' real states."""
+
+    def leg_info(self) -> Any: ...
+
+
+class ModelLike(Protocol):
+    features: tuple[str, ...]
+
+    def predict(self, x: npt.NDArray[np.float32]) -> tuple[Any, Any]: ...
+
+
+def legs_log_file(dev_id: int, directory: str | None = None) -> str:
+    from ml.scorer import state_dir
+
+    return os.path.join(directory or state_dir(), f"{dev_id}.legs.jsonl")
+
+
+class LegController:
+    """Runs a :class:`LegPolicy` on a live mirror from the scorer's hooks.
+
+    ``attach(scorer)`` sets ``on_records``, ``on_verdict`` and ``on_tick``.
+    All calls come from the scorer's one thread.
+    """
+
+    def __init__(self, legs: int, sink: Sink, *, server: LegSource | None = None,
+                 model: Callable[[], ModelLike] | None = None,
+                 config: PolicyConfig | None = None, log_path: str | None = None,
+                 window_ticks: int = 10, min_probe_reads: int = 8,
+                 clock: Callable[[], float] = time.monotonic,
+                 model_name: Callable[[], str] | None = None) -> None:
+        self.clock = clock
+        self.policy = LegPolicy(legs, config, clock())
+        self.sink = sink
+        self.server = server
+        self._model = model
+        self._model_name = model_name or (lambda: "fail_slow")
+        self.log_path = log_path
+        self.window_ticks = window_ticks
+        self.min_probe_reads = min_probe_reads
+        self._reads: deque[npt.NDArray[Any]] = deque(maxlen=window_ticks)
+        self._tick_reads: list[npt.NDArray[Any]] = []
+        self._said: set[str] = set()
+        self.events: list[dict[str, Any]] = []
+        self.counters = {"requests": 0, "applied": 0, "refused": 0, "unsent": 0}
+        self._sync_states()
+
+    def attach(self, scorer: Any) -> LegController:
+        scorer.on_records = self.on_records
+        scorer.on_verdict = self.on_verdict
+        scorer.on_tick = self.on_tick
+        if self._model is None:
+            self._model = lambda: scorer.model
+            self._model_name = lambda: f"{scorer.model.info.kind}-{scorer.model.info.version}"
+        return self
+
+    # ---- log --------------------------------------------------------------------
+
+    def _event(self, what: str, **fields: Any) -> None:
+        rec = {"t": round(time.time(), 6), "mono": round(self.clock(), 6), "event": what,
+               **fields}
+        self.events.append(rec)
+        del self.events[:-1000]
+        if self.log_path is not None:
+            try:
+                with open(self.log_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            except OSError as e:
+                self._once(f"cannot write {self.log_path}: {e.strerror}")
+
+    def _once(self, msg: str) -> None:
+        if msg not in self._said:
+            self._said.add(msg)
+            log.warning("legpolicy: %s", msg)
+
+    # ---- hooks ------------------------------------------------------------------
+
+    def on_records(self, recs: npt.NDArray[Any]) -> None:
+        """Keep this tick's successful reads (user reads and probes) for the health check."""
+        reads = recs[(recs["op"] == _OP_READ) & (recs["result"] > 0)]
+        if reads.shape[0]:
+            self._tick_reads.append(reads.copy())
+
+    def on_verdict(self, path: int, score: float, flagged: bool) -> None:
+        req = self.policy.verdict(path, score, flagged, self.clock())
+        if req is not None:
+            self._send(req, score=score)
+
+    def on_tick(self, _verdicts: object = None) -> None:
+        now = self.clock()
+        for a in self.sink.answers():
+            self.counters["applied" if a.applied else "refused"] += 1
+            self.policy.answer(a.leg, a.action, a.applied, now)
+            self._event("answer", leg=a.leg, action=a.action, status=a.status,
+                        reason=a.reason, state=self.policy.state(a.leg).value)
+            (log.warning if a.applied else log.info)(
+                "legpolicy: %s %d: %s (%s)", a.action, a.leg, a.status, a.reason)
+        self._sync_states()
+        self.policy.tick(now)
+        self._reads.append(np.concatenate(self._tick_reads) if self._tick_reads
+                           else np.empty(0, dtype=self._reads[-1].dtype if self._reads
+                                         else _empty_dtype()))
+        self._tick_reads = []
+        if any(s is LegState.DEMOTED for s in self.policy.states()):
+            self._judge_probes(now)
+
+    # ---- internals --------------------------------------------------------------
+
+    def _send(self, req: Request, **extra: Any) -> None:
+        self.counters["requests"] += 1
+        why = self.sink.submit(req, self._model_name())
+        self._event("request", leg=req.leg, action=req.action,
+                    confidence=round(req.confidence, 4), reason=req.reason,
+                    sent=why is None, why=why, **extra)
+        if why is not None:
+            self.counters["unsent"] += 1
+            self._once(why)
+            # Not sent: no answer will come; the policy's timeout would get
+            # there too, but the books should say so now.
+            self.policy.answer(req.leg, req.action, False, self.clock())
+        else:
+            log.warning("legpolicy: asked the agent to %s %d: %s", req.action, req.leg,
+                        req.reason)
+
+    def _sync_states(self) -> None:
+        if self.server is None:
+            return
+        try:
+            infos = self.server.leg_info()
+        except Exception as e:  # the device is going away: the scorer carries on
+            self._once(f"cannot read the legs' states: {e}")
+            return
+        before = self.policy.states()
+        self.policy.observe_states([str(i.state) for i in infos], self.clock())
+        after = self.policy.states()
+        for leg, (b, a) in enumerate(zip(before, after, strict=True)):
+            if a is not b:
+                self._event("state", leg=leg, old=b.value, new=a.value)
+
+    def _judge_probes(self, now: float) -> None:
+        """Score reads-only windows: probes of the demoted legs next to the active legs' reads."""
+        from ml.features import FEATURE_INDEX, select, summarize, summary_features
+
+        if self._model is None or not self._reads:
+            return
+        recs = np.concatenate(list(self._reads))
+        if recs.shape[0] == 0:
+            return
+        span = max(float(recs["t_ns"].max() - recs["t_ns"].min()) / 1e9, 1e-3)
+        states = self.policy.states()
+        # A demoted leg's reads are its probes; an active leg's, its user reads.
+        mine = np.zeros(recs.shape[0], dtype=bool)
+        for leg, s in enumerate(states):
+            on_leg = recs["path"] == leg
+            if s is LegState.DEMOTED:
+                mine |= on_leg & (recs["tag"] == PROBE_TAG)
+            elif s is LegState.ACTIVE:
+                mine |= on_leg & (recs["tag"] != PROBE_TAG)
+        paths, x = summary_features(summarize(recs[mine]), span, self.min_probe_reads)
+        if paths.size < 2:
+            return  # a probe needs a peer to be judged against
+        # A demoted leg's probe rate is ours (every Nth read), not a symptom: a
+        # low throughput ratio would read as "slow drive serves less" to the model.
+        x[:, FEATURE_INDEX["peer_tput_ratio"]] = 1.0
+        model = self._model()
+        scores, flags = model.predict(select(x, model.features))
+        for i, p in enumerate(paths):
+            leg = int(p)
+            if leg < len(states) and states[leg] is LegState.DEMOTED:
+                req = self.policy.health(leg, not bool(flags[i]), float(scores[i]), now)
+                if req is not None:
+                    self._send(req, score=float(scores[i]))
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.sink.close()
+
+
+def _empty_dtype() -> np.dtype[Any]:
+    from ublk_driver.records import COMPLETION_DTYPE
+
+    return COMPLETION_DTYPE
+
+
+def controller_for(server: Any, scorer: Any, *, agent_dir: str | None = None,
+                   config: PolicyConfig | None = None,
+                   directory: str | None = None) -> LegController:
+    """The leg controller of a live mirror device, attached to its scorer."""
+    legs = len(server.leg_info())
+    sink = AgentSink(f"ublkb{server.dev_id}", agent_dir)
+    ctl = LegController(legs, sink, server=server, config=config,
+                        log_path=legs_log_file(server.dev_id, directory),
+                        window_ticks=scorer.window_ticks)
+    return ctl.attach(scorer)
+
+
+def read_events(path: str) -> list[dict[str, Any]]:
+    """The JSON lines of a ``<dev>.legs.jsonl`` file (missing file: none)."""
+    out: list[dict[str, Any]] = []
+    with contextlib.suppress(FileNotFoundError), open(path) as f:
+        for line in f:
+            with contextlib.suppress(ValueError):
+                out.append(json.loads(line))
+    return out
+
+
+def summary(events: Iterable[Mapping[str, Any]]) -> dict[str, int]:
+    """Counts of applied demotions and promotions in a legs log."""
+    out = {"demotions": 0, "promotions": 0}
+    for e in events:
+        if e.get("event") == "answer" and e.get("status") == "applied":
+            key = "demotions" if e.get("action") == "demote_leg" else "promotions"
+            out[key] += 1
+    return out
