@@ -15,9 +15,11 @@ thread also watches ``$UBLKML_STATE_DIR/<dev_id>.model`` (written by
 ``ublkml model use``) and swaps when its mtime changes.  The latest verdicts
 are in :meth:`Scorer.verdicts` and in ``$UBLKML_STATE_DIR/<dev_id>.verdicts.json``.
 
-Hooks for later work: ``on_verdict(path, score, flagged)`` after each scoring
+Hooks: ``on_verdict(path, score, flagged)`` after each scoring
 (recommendations), ``on_records(records)`` with each drained batch (recording
-labelled runs: the records can only be drained once, so a recorder taps here).
+labelled runs: the records can only be drained once, so a recorder taps here),
+``on_tick(verdicts)`` at the end of every tick, even one without records (the
+leg policy's chores: :mod:`ml.legpolicy`).
 """
 
 from __future__ import annotations
@@ -88,6 +90,7 @@ class Scorer:
                  dev_id: int | None = None, directory: str | None = None,
                  on_verdict: Callable[[int, float, bool], None] | None = None,
                  on_records: Callable[[npt.NDArray[Any]], None] | None = None,
+                 on_tick: Callable[[list[PathVerdict]], None] | None = None,
                  state_interval_s: float = 1.0) -> None:
         if interval_s <= 0 or window_ticks < 1:
             raise ValueError("interval_s must be > 0 and window_ticks >= 1")
@@ -107,6 +110,7 @@ class Scorer:
         self.directory = directory
         self.on_verdict = on_verdict
         self.on_records = on_records
+        self.on_tick = on_tick
         self.state_interval_s = state_interval_s
         self._ring: collections.deque[tuple[Summary, float]] = collections.deque()
         self._window = Summary.empty()
@@ -233,6 +237,11 @@ class Scorer:
                     self.on_verdict(v.path, v.score, v.flagged)
                 except Exception as e:
                     self._error("on_verdict hook failed", e)
+        if self.on_tick is not None:
+            try:
+                self.on_tick(verdicts)
+            except Exception as e:
+                self._error("on_tick hook failed", e)
         return verdicts
 
     # ---- results ------------------------------------------------------------------
