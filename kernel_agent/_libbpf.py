@@ -92,6 +92,7 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "bpf_program__attach": (_P, [_P]),
     "bpf_link__destroy": (ctypes.c_int, [_P]),
     "bpf_map__fd": (ctypes.c_int, [_P]),
+    "bpf_program__fd": (ctypes.c_int, [_P]),
     "bpf_map__pin": (ctypes.c_int, [_P, ctypes.c_char_p]),
     "bpf_map__unpin": (ctypes.c_int, [_P, ctypes.c_char_p]),
     "bpf_map__value_size": (ctypes.c_uint32, [_P]),
@@ -244,6 +245,17 @@ class BpfProgram:
     def attach(self) -> BpfLink:
         return BpfLink(_check_ptr(_libbpf().bpf_program__attach(self._ptr),
                                   f"bpf_program__attach({self.name})"))
+
+    def fdinfo(self) -> dict[str, str]:
+        """The kernel's /proc fdinfo of the loaded program (run_cnt, recursion_misses, ...)."""
+        fd = _check_int(_libbpf().bpf_program__fd(self._ptr), f"bpf_program__fd({self.name})")
+        out: dict[str, str] = {}
+        with open(f"/proc/self/fdinfo/{fd}") as f:
+            for line in f:
+                key, sep, value = line.partition(":")
+                if sep:
+                    out[key.strip()] = value.strip()
+        return out
 
 
 class BpfMap:

@@ -40,7 +40,10 @@ NR_OPS = len(OPS)
 NR_SLOTS = 32
 EV_SLOW = 1
 EV_ERROR = 2
-MAPS = ("ka_devices", "ka_stats", "ka_events")
+MAPS = ("ka_slots", "ka_devices", "ka_stats", "ka_events")
+#: Watched devices per agent instance (KA_MAX_DEVS): the programs find a
+#: device by comparing its dev_t with this many slots.
+MAX_DEVS = 16
 
 # Mirrors of blkacct.bpf.c's structures (tests compare sizes with its BTF).
 CFG = struct.Struct("<QQQQ")                                 # struct ka_dev_cfg
@@ -48,6 +51,7 @@ F_PRECISE = 1
 STATS = struct.Struct(f"<{NR_OPS}Q{NR_OPS}QQqQQQ{NR_SLOTS}Q")  # struct ka_dev_stats
 EVENT = struct.Struct("<QQQIIIiII")                          # struct ka_event
 KEY = struct.Struct("<I")
+SLOTS = struct.Struct(f"<{MAX_DEVS}I")                        # struct ka_slots
 
 
 def kdev(major: int, minor: int) -> int:
@@ -156,7 +160,7 @@ def _hist_label(slot: int) -> str:
 
 
 def decode_stats(raw: bytes, ncpus: int) -> tuple[int, ...]:
-    """Sum a PERCPU_HASH value (one ``struct ka_dev_stats`` per possible CPU)."""
+    """Sum a PERCPU_ARRAY value (one ``struct ka_dev_stats`` per possible CPU)."""
     step = (STATS.size + 7) // 8 * 8
     total = [0] * (2 * NR_OPS + 5 + NR_SLOTS)
     for cpu in range(ncpus):
@@ -247,6 +251,7 @@ class BpfAccounting:
         self.instance = instance
         self.pin_dir = pin_dir(instance)
         self._links: list[_libbpf.BpfLink] = []
+        self._attached: list[tuple[str, _libbpf.BpfLink]] = []
         self._pinned: list[tuple[_libbpf.BpfMap, str]] = []
         self._cfg: dict[int, list[int]] = {}
         self.ncpus = _libbpf.num_possible_cpus()
@@ -267,6 +272,7 @@ class BpfAccounting:
         except BaseException:
             self.close()
             raise
+        self.slots_fd = self._obj.map("ka_slots").fd
         self.devices_fd = self._obj.map("ka_devices").fd
         self.stats_fd = self._obj.map("ka_stats").fd
         self.events_fd = self._obj.map("ka_events").fd
@@ -283,11 +289,14 @@ class BpfAccounting:
                 obj.program(name).set_autoload(not btf)
             obj.load()
             for name in btf_progs if btf else tp_progs:
-                self._links.append(obj.program(name).attach())
+                link = obj.program(name).attach()
+                self._links.append(link)
+                self._attached.append((name, link))
         except BaseException:
             for link in self._links:
                 link.destroy()
             self._links.clear()
+            self._attached.clear()
             obj.close()
             raise
         return obj
@@ -316,30 +325,66 @@ class BpfAccounting:
                 precise = (bd.sysfs / "queue" / "iostats").read_text().strip() == "0"
             except OSError:
                 precise = True
-        key = KEY.pack(bd.dev)
-        # Stats first, so that the programs never see a watched device without
-        # its counters.
+        slots = read_slots(self.slots_fd)
+        if bd.dev in slots:
+            slot = slots.index(bd.dev)
+            slots[slot] = 0  # restart from zero: unseen while its counters are reset
+            self._write_slots(slots)
+        elif 0 in slots:
+            slot = slots.index(0)
+        else:
+            raise AgentError(f"cannot watch {bd.name}: the agent watches {MAX_DEVS} devices "
+                             "already (`ublkml agent unwatch` one)")
+        key = KEY.pack(slot)
+        # Counters and config first, the slot last: the programs never see a
+        # watched device without them.
         zero = b"\0" * (((STATS.size + 7) // 8 * 8) * self.ncpus)
         _libbpf.map_update_elem(self.stats_fd, key, zero)
         self._cfg[bd.dev] = [slow_us * 1000, F_PRECISE if precise else 0, time.monotonic_ns()]
         _libbpf.map_update_elem(self.devices_fd, key, CFG.pack(*self._cfg[bd.dev], 0))
+        slots[slot] = bd.dev
+        self._write_slots(slots)
+
+    def _write_slots(self, slots: list[int]) -> None:
+        _libbpf.map_update_elem(self.slots_fd, KEY.pack(0), SLOTS.pack(*slots))
+
+    def _slot(self, bd: BlockDevice) -> int:
+        slots = read_slots(self.slots_fd)
+        if bd.dev not in slots:
+            raise UnknownDeviceError(f"{bd.name} ({bd.majmin}) is not watched by the agent")
+        return slots.index(bd.dev)
 
     def set_slow_threshold(self, bd: BlockDevice, slow_us: int) -> None:
+        slot = self._slot(bd)
         cfg = self._cfg[bd.dev]
         cfg[0] = slow_us * 1000
-        _libbpf.map_update_elem(self.devices_fd, KEY.pack(bd.dev), CFG.pack(*cfg, 0),
-                                _libbpf.BPF_EXIST)
+        _libbpf.map_update_elem(self.devices_fd, KEY.pack(slot), CFG.pack(*cfg, 0))
 
     def unwatch(self, bd: BlockDevice) -> None:
-        key = KEY.pack(bd.dev)
-        _libbpf.map_delete_elem(self.devices_fd, key)
-        _libbpf.map_delete_elem(self.stats_fd, key)
+        slots = read_slots(self.slots_fd)
+        if bd.dev in slots:
+            slots[slots.index(bd.dev)] = 0
+            self._write_slots(slots)
+        self._cfg.pop(bd.dev, None)
 
     def watched(self) -> list[int]:
-        return [KEY.unpack(k)[0] for k in _libbpf.map_keys(self.devices_fd, KEY.size)]
+        return [dev for dev in read_slots(self.slots_fd) if dev]
 
     def stats(self, bd: BlockDevice) -> DeviceStats:
-        return read_stats(self.stats_fd, self.ncpus, bd, self.attach)
+        return read_stats(self.slots_fd, self.stats_fd, self.ncpus, bd, self.attach)
+
+    def missed_runs(self) -> int:
+        """Program runs the kernel skipped (recursion protection), all devices together.
+
+        Classic tracepoint programs share one per-CPU "a BPF program is
+        running" guard: a completion that interrupts the issue program on
+        the same CPU is not seen, and the kernel counts it here.  tp_btf
+        programs guard themselves only, so this stays 0 for them in
+        practice.  Non-zero means the counts fall short by up to this many.
+        """
+        progs = [name for name, _link in self._attached]
+        return sum(int(self._obj.program(name).fdinfo().get("recursion_misses", "0"))
+                   for name in progs)
 
     def ring_buffer(self, callback: Any) -> _libbpf.RingBuffer:
         """A consumer of slow/error events; ``callback(BlockEvent)``."""
@@ -367,9 +412,19 @@ class BpfAccounting:
         self.close()
 
 
-def read_stats(stats_fd: int, ncpus: int, bd: BlockDevice, attach: str) -> DeviceStats:
-    raw = _libbpf.map_lookup_elem(stats_fd, KEY.pack(bd.dev),
-                                  ((STATS.size + 7) // 8 * 8) * ncpus)
+def read_slots(slots_fd: int) -> list[int]:
+    """The dev_t in each slot (0: free)."""
+    raw = _libbpf.map_lookup_elem(slots_fd, KEY.pack(0), SLOTS.size)
+    return list(SLOTS.unpack(raw)) if raw is not None else [0] * MAX_DEVS
+
+
+def read_stats(slots_fd: int, stats_fd: int, ncpus: int, bd: BlockDevice,
+               attach: str) -> DeviceStats:
+    slots = read_slots(slots_fd)
+    raw = None
+    if bd.dev in slots:
+        raw = _libbpf.map_lookup_elem(stats_fd, KEY.pack(slots.index(bd.dev)),
+                                      ((STATS.size + 7) // 8 * 8) * ncpus)
     if raw is None:
         raise UnknownDeviceError(f"{bd.name} ({bd.majmin}) is not watched by the agent")
     return stats_from_values(bd, decode_stats(raw, ncpus), attach)
@@ -382,6 +437,7 @@ class PinnedAccounting:
         self.pin_dir = pin_dir(instance)
         self.instance = instance
         try:
+            self.slots_fd = _libbpf.obj_get(f"{self.pin_dir}/ka_slots")
             self.stats_fd = _libbpf.obj_get(f"{self.pin_dir}/ka_stats")
         except OSError as e:
             raise BpfUnavailableError(f"no running agent's maps in {self.pin_dir}: {e}"
@@ -390,9 +446,10 @@ class PinnedAccounting:
         self.ncpus = _libbpf.num_possible_cpus()
 
     def stats(self, bd: BlockDevice) -> DeviceStats:
-        return read_stats(self.stats_fd, self.ncpus, bd, self.attach)
+        return read_stats(self.slots_fd, self.stats_fd, self.ncpus, bd, self.attach)
 
     def close(self) -> None:
+        os.close(self.slots_fd)
         os.close(self.stats_fd)
 
 

@@ -50,9 +50,18 @@ def test_exact_counts(bpf_ok: None, loopdev: str, instance: str, attach: str,
         writes = fio(f"/dev/{loopdev}", "--ioengine=io_uring", "--iodepth=16",
                      "--rw=randwrite", "--bs=16k", "--number_ios=600", "--size=32M")
         got = acc.stats(bd)
+        missed = acc.missed_runs()
     want = {k: fio_totals(reads)[k] + fio_totals(writes)[k] for k in fio_totals(reads)}
     assert want == {"read_ios": 1000, "read_bytes": 4096000, "write_ios": 600,
                     "write_bytes": 600 * 16384}
+    if attach == "tracepoint" and missed:
+        # Classic tracepoints: the kernel skipped (and counted) program runs
+        # that interrupted another one on the same CPU; the shortfall is
+        # bounded by what it reports, and never an over-count.
+        short = 1600 - got.total_ios
+        assert 0 <= short <= missed, (got.ios, missed)
+        return
+    assert missed == 0
     assert got.ios == {"read": 1000, "write": 600, "flush": 0, "discard": 0, "other": 0}
     assert got.bytes["read"] == 4096000 and got.bytes["write"] == 600 * 16384
     assert got.in_flight == 0 and got.errors == 0 and got.source == "ebpf"
