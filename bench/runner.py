@@ -164,7 +164,8 @@ DEVICES: tuple[DeviceSpec, ...] = (
     DeviceSpec("ublkml-null", "null", "ublkml", "null_blk", 2, (),
                f"ublkml add -t null --size {NULL_GB}G -q 1|2 -d {DEPTH}"),
     DeviceSpec("kernel-loop", "loop", "baseline", None, 1, ("losetup", "modprobe"),
-               f"kernel loop (losetup --direct-io=on) on a {LOOP_BYTES >> 20} MiB tmpfs file",
+               f"kernel loop (losetup --direct-io=on) on a {LOOP_BYTES >> 20} MiB file on ext4 "
+               "over brd (RAM)",
                single_queue_reason="the kernel loop driver has a single hardware queue"),
     DeviceSpec("ublkml-loop", "loop", "ublkml", "kernel-loop", 2, (),
                f"ublkml add -t loop -f FILE -q 1|2 -d {DEPTH} (O_DIRECT), same file"),
