@@ -140,22 +140,36 @@ def _check_model(args: argparse.Namespace) -> None:
 
 
 class _ScoringHooks:
-    """Starts the ML scorer once the device is live, stops it after the server."""
+    """Starts the ML scorer once the device is live, stops it after the server.
+
+    On a mirror, the scorer also drives the leg policy (ml.legpolicy): slow
+    legs are demoted and healthy ones re-admitted through the kernel agent,
+    unless --no-leg-policy.
+    """
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.model = None if args.score in (None, "default") else args.score
         self.enabled = args.score is not None
+        self.leg_policy = not getattr(args, "no_leg_policy", False)
         self.scorer: Any = None
+        self.legs: Any = None
 
     def started(self, server: Server) -> None:
         if self.enabled:
             from ml.scorer import Scorer
 
-            self.scorer = Scorer(server, self.model, dev_id=server.dev_id).start()
+            self.scorer = Scorer(server, self.model, dev_id=server.dev_id)
+            if self.leg_policy and server.backend.name == "mirror":
+                from ml.legpolicy import controller_for
+
+                self.legs = controller_for(server, self.scorer)
+            self.scorer.start()
 
     def stopped(self) -> None:
         if self.scorer is not None:
             self.scorer.stop()
+        if self.legs is not None:
+            self.legs.close()
 
 
 def cmd_add(args: argparse.Namespace) -> int:
@@ -400,7 +414,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--read-only", action="store_true", help="loop: open the file read-only")
     a.add_argument("--score", nargs="?", const="default", metavar="MODEL",
                    help="score every completion path with an ONNX fail-slow model (the "
-                   "packaged one, or MODEL); `ublkml model use` hot-swaps it")
+                   "packaged one, or MODEL); `ublkml model use` hot-swaps it; on a mirror "
+                   "it also runs the leg policy: slow legs demoted and healthy ones "
+                   "re-admitted through the kernel agent (docs/failslow.md)")
+    a.add_argument("--no-leg-policy", action="store_true",
+                   help="mirror with --score: score the legs but never ask for leg changes")
     a.add_argument("--foreground", action="store_true",
                    help="serve from this process until SIGINT/SIGTERM")
     a.add_argument("--json", action="store_true", help="print the device as JSON")
@@ -456,10 +474,10 @@ DELEGATED = {
 }
 
 
-def run_delegated(name: str, argv: list[str]) -> int:
+def run_delegated(name: str, argv: list[str], where: tuple[str, str] | None = None) -> int:
     import importlib
 
-    module, func = DELEGATED[name]
+    module, func = where or DELEGATED[name]
     try:
         entry = getattr(importlib.import_module(module), func)
     except (ImportError, AttributeError) as e:
@@ -469,8 +487,14 @@ def run_delegated(name: str, argv: list[str]) -> int:
     return int(entry(argv))
 
 
+#: Sub-commands of a group that live elsewhere: `ublkml demo failslow`.
+SUB_DELEGATED = {("demo", "failslow"): ("bench.failslow", "main")}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if tuple(argv[:2]) in SUB_DELEGATED:
+        return run_delegated(" ".join(argv[:2]), argv[2:], SUB_DELEGATED[(argv[0], argv[1])])
     if argv and argv[0] in DELEGATED:
         return run_delegated(argv[0], argv[1:])
     parser = build_parser()
