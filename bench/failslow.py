@@ -1,0 +1,717 @@
+"""The fail-slow demonstration: a slow mirror leg found and routed around, end to end.
+
+``python -m bench.failslow`` (or ``ublkml demo failslow``), as root, natively
+where ``/dev/ublk-control`` exists, else in one boot of the qemu test bed:
+
+1. the kernel agent starts (eBPF accounting, or its sysfs fall-back);
+2. a two-leg mirror is created over two files on a RAM file system (ext4 on
+   brd; tmpfs if brd is busy) with ``--score``, so the scorer and the leg
+   policy run in its server; the agent watches it in *enforce* mode;
+3. reference: fio's load on the healthy mirror;
+4. the run, one fio process: random reads (latency logged per I/O) and, in
+   another region, writes verified with crc32c as they go (``verify_backlog``);
+   mid-run ``ublkml fault set --path 1 slow=10`` makes leg 1 ten times slower;
+   the policy flags it, the agent demotes it through the server's control
+   socket; later ``ublkml fault clear`` and the policy re-admits the leg
+   (resync, then active) once its health probes have looked healthy long
+   enough;
+5. after the device is deleted the two legs must be byte-identical.
+
+Results: ``results.json``, ``report.md`` and ``latency.png`` (read latency
+over time, the injection, demotion, clearing and re-admission marked) in
+``--out``.  ``--healthy-minutes N`` runs a bursty mixed load with no fault for
+N minutes instead and reports the demotions (the goal is none).
+
+Exit status: 0 when the run completed and fio verified everything (the goals
+are reported, not enforced: this is a benchmark), 1 when something failed,
+2 for usage errors, 125 when the test bed failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from ublk_driver.errors import UblkError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+LEG_BYTES = 256 << 20
+DEV_ID = 620                 # fixed, far from auto-allocated ids
+AGENT_INSTANCE = "failslow"
+GOAL_DETECT_S = 3.0
+GOAL_P99_RATIO = 1.3
+BIN_S = 0.25                 # latency-over-time bins for the plot
+VM_CPUS, VM_MEMORY_MB = 2, 4096
+
+
+class FailslowError(UblkError):
+    """The demonstration cannot run or failed (one line: what to do)."""
+
+
+def _say(msg: str) -> None:
+    print(f"[failslow] {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Durations (seconds) and load."""
+
+    reference_s: float = 20.0     # the healthy mirror, for the p99 comparison
+    before_s: float = 15.0        # main run: healthy, before the injection
+    fault_s: float = 25.0         # the fault is held this long
+    after_s: float = 30.0         # after clearing: re-admission and steady state
+    read_iops: int = 1500
+    write_iops: int = 100
+    read_depth: int = 16
+    slow: float = 10.0
+    healthy_minutes: float = 0.0  # > 0: the no-fault bursty run instead
+
+    @property
+    def runtime_s(self) -> float:
+        return self.before_s + self.fault_s + self.after_s
+
+    def estimate_s(self) -> float:
+        if self.healthy_minutes:
+            return self.healthy_minutes * 60 + 40
+        return self.reference_s + self.runtime_s + 40
+
+
+QUICK = Plan(reference_s=10, before_s=6, fault_s=8, after_s=14)
+
+
+# ---- commands ---------------------------------------------------------------------
+
+
+def _run(argv: Sequence[str], what: str, env: dict[str, str], check: bool = True,
+         timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(list(argv), capture_output=True, text=True, env=env, timeout=timeout)
+    if check and proc.returncode != 0:
+        last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
+        raise FailslowError(f"{what} failed ({proc.returncode}): {last[0]}")
+    return proc
+
+
+def ublkml(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return _run([sys.executable, "-m", "ublk_driver", *args], f"ublkml {args[0]}", env, check)
+
+
+def agent(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return _run([sys.executable, "-m", "kernel_agent", *args], f"ublkml agent {args[0]}", env,
+                check)
+
+
+@contextlib.contextmanager
+def leg_storage(base: Path) -> Iterator[dict[str, Any]]:
+    """A RAM file system for the legs: ext4 on brd (as the benchmark's loop group), else tmpfs."""
+    from bench.runner import BenchError, ram_ext4
+
+    mnt = base / "legs"
+    try:
+        with ram_ext4(mnt) as facts:
+            yield {**facts, "dir": str(mnt)}
+            return
+    except BenchError as e:
+        _say(f"ext4 on brd unavailable ({e}): legs on tmpfs")
+    d = Path(tempfile.mkdtemp(prefix="failslow-legs", dir="/dev/shm"))
+    try:
+        yield {"filesystem": "tmpfs", "dir": str(d)}
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _make_leg(path: Path, size: int) -> None:
+    chunk = os.urandom(1 << 20)
+    with open(path, "wb") as f:
+        for _ in range(size // len(chunk)):
+            f.write(chunk)
+        os.fsync(f.fileno())
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---- fio ----------------------------------------------------------------------------
+
+
+def fio_job(bdev: str, runtime: float, plan: Plan, lat_prefix: str, bursty: bool) -> str:
+    """Reads (latency-logged) in the first half, verified writes in the second."""
+    common = ("[global]\nioengine=io_uring\ndirect=1\n"
+              f"filename={bdev}\ntime_based=1\nruntime={runtime:g}\nlog_unix_epoch=1\n")
+    if not bursty:
+        reads = ("[reads]\nrw=randread\nbs=4k\n"
+                 f"iodepth={plan.read_depth}\nrate_iops={plan.read_iops}\n"
+                 "offset=0\nsize=50%\n"
+                 f"write_lat_log={lat_prefix}\n")
+    else:
+        # Bursts at full speed separated by pauses, mixed reads and writes,
+        # plus larger sequential reads with their own rhythm.
+        reads = ("[reads]\nrw=randrw\nrwmixread=70\nbs=4k\niodepth=32\n"
+                 "offset=0\nsize=40%\nthinktime=700000\nthinktime_blocks=3000\n"
+                 f"write_lat_log={lat_prefix}\n"
+                 "[seqreads]\nrw=read\nbs=64k\niodepth=4\noffset=40%\nsize=10%\n"
+                 "thinktime=300000\nthinktime_blocks=200\n")
+    writes = ("[writes]\nrw=randwrite\nbs=4k\niodepth=4\n"
+              f"rate_iops={plan.write_iops}\noffset=50%\nsize=50%\n"
+              "verify=crc32c\nverify_backlog=64\nverify_fatal=1\n")
+    return common + reads + writes
+
+
+def read_lat_log(path: Path) -> npt.NDArray[np.float64]:
+    """[n, 2]: Unix time (s) at completion and read completion latency (us)."""
+    rows = []
+    with open(path) as f:
+        for line in f:
+            parts = line.split(",")
+            if len(parts) >= 3 and parts[2].strip() == "0":   # ddir 0: reads
+                rows.append((float(parts[0]) / 1e3, float(parts[1]) / 1e3))
+    return np.array(rows, dtype=np.float64).reshape(-1, 2)
+
+
+def percentiles(lat_us: npt.NDArray[np.float64]) -> dict[str, float | int | None]:
+    if lat_us.size == 0:
+        return {"n": 0, "p50_us": None, "p99_us": None, "p999_us": None}
+    q = np.percentile(lat_us, [50, 99, 99.9])
+    return {"n": int(lat_us.size), "p50_us": round(float(q[0]), 1),
+            "p99_us": round(float(q[1]), 1), "p999_us": round(float(q[2]), 1)}
+
+
+def phase_stats(lat: npt.NDArray[np.float64],
+                bounds: dict[str, tuple[float | None, float | None]]) -> dict[str, Any]:
+    """Percentiles of the reads that completed within each phase's [start, end)."""
+    out: dict[str, Any] = {}
+    for name, (a, b) in bounds.items():
+        if a is None or b is None or b <= a:
+            out[name] = {**percentiles(np.empty(0)), "start": a, "end": b}
+            continue
+        sel = lat[(lat[:, 0] >= a) & (lat[:, 0] < b), 1]
+        out[name] = {**percentiles(sel), "start": a, "end": b}
+    return out
+
+
+def latency_bins(lat: npt.NDArray[np.float64], t0: float,
+                 bin_s: float = BIN_S) -> dict[str, list[float]]:
+    """Per-bin p50, p99 and max read latency (us) against seconds since t0, for the plot."""
+    if lat.size == 0:
+        return {"t": [], "p50": [], "p99": [], "max": []}
+    rel = lat[:, 0] - t0
+    idx = np.floor(rel / bin_s).astype(np.int64)
+    out: dict[str, list[float]] = {"t": [], "p50": [], "p99": [], "max": []}
+    for b in np.unique(idx):
+        v = lat[idx == b, 1]
+        q = np.percentile(v, [50, 99])
+        out["t"].append(round(float(b * bin_s), 3))
+        out["p50"].append(round(float(q[0]), 1))
+        out["p99"].append(round(float(q[1]), 1))
+        out["max"].append(round(float(v.max()), 1))
+    return out
+
+
+def fio_summary(doc: dict[str, Any]) -> dict[str, Any]:
+    jobs = {}
+    for j in doc.get("jobs", []):
+        jobs[j["jobname"]] = {"read_ios": j["read"]["total_ios"],
+                              "write_ios": j["write"]["total_ios"],
+                              "read_iops": round(j["read"]["iops"], 1),
+                              "write_iops": round(j["write"]["iops"], 1),
+                              "error": j["error"]}
+    return jobs
+
+
+def _fio_doc(text: str) -> dict[str, Any]:
+    start = text.find("{")
+    if start < 0:
+        raise FailslowError("fio printed no JSON (see fio.log)")
+    doc: dict[str, Any] = json.loads(text[start:])
+    return doc
+
+
+# ---- timeline -------------------------------------------------------------------------
+
+
+def timeline(events: list[dict[str, Any]], leg: int, onset: float, cleared: float | None
+             ) -> dict[str, float | None]:
+    """Wall times of detection (demotion asked), demotion and re-admission of ``leg``."""
+    def first(pred: Any, after: float | None) -> float | None:
+        if after is None:
+            return None
+        for e in events:
+            if e.get("leg") == leg and e["t"] >= after and pred(e):
+                return float(e["t"])
+        return None
+
+    detected = first(lambda e: e["event"] == "request" and e["action"] == "demote_leg", onset)
+    demoted = first(lambda e: (e["event"] == "answer" and e["action"] == "demote_leg"
+                               and e["status"] == "applied")
+                    or (e["event"] == "state" and e["new"] == "demoted"), onset)
+    readmitted = first(lambda e: e["event"] == "state" and e["new"] == "active", cleared)
+    return {"detected": detected, "demoted": demoted, "readmitted": readmitted}
+
+
+# ---- the run --------------------------------------------------------------------------
+
+
+@dataclass
+class Setup:
+    env: dict[str, str]
+    legs: list[Path]
+    bdev: str = ""
+    dev_id: int = DEV_ID
+    facts: dict[str, Any] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def mirror_with_agent(work: Path, plan: Plan) -> Iterator[Setup]:
+    """Agent running, two-leg mirror with --score watched in enforce mode; all undone after."""
+    env = dict(os.environ)
+    env["UBLKML_AGENT_DIR"] = str(work / "agent")
+    with leg_storage(work) as fs:
+        legs = [Path(fs["dir"]) / f"leg{i}.img" for i in range(2)]
+        _say(f"legs: 2 x {LEG_BYTES >> 20} MiB on {fs['filesystem']}")
+        for leg in legs:
+            _make_leg(leg, LEG_BYTES)
+        # Same content on both legs from the start, as a mirror needs.
+        shutil.copyfile(legs[0], legs[1])
+        st = agent(env, "start", "--instance", AGENT_INSTANCE, "--json")
+        state = json.loads(st.stdout)
+        _say(f"kernel agent pid {state['pid']}: {state['source']} accounting"
+             + (f" ({state['fallback_reason']})" if state.get("fallback_reason") else ""))
+        s = Setup(env, legs, facts={"filesystem": fs["filesystem"],
+                                    "agent_source": state["source"],
+                                    "agent_fallback": state.get("fallback_reason")})
+        try:
+            info = json.loads(ublkml(env, "add", "-t", "mirror", "--leg", str(legs[0]),
+                                     "--leg", str(legs[1]), "-n", str(DEV_ID), "-q", "1",
+                                     "-d", "64", "--score", "--json").stdout)
+            s.bdev = info["bdev"]
+            s.facts["server_log"] = info.get("log")
+            _say(f"{s.bdev}: mirror of 2 legs, scorer and leg policy in its server")
+            try:
+                agent(env, "watch", os.path.basename(s.bdev), "--mode", "enforce")
+                yield s
+            finally:
+                ublkml(env, "del", "-n", str(DEV_ID), check=False)
+        finally:
+            agent(env, "stop", check=False)
+        digests = [_sha256(p) for p in legs]
+        s.facts["legs_identical"] = digests[0] == digests[1]
+
+
+def _fio(job: Path, out: Path, timeout: float) -> subprocess.Popen[str]:
+    return subprocess.Popen(["fio", "--output-format=json", f"--output={out}", str(job)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish_fio(proc: subprocess.Popen[str], out: Path, timeout: float) -> dict[str, Any]:
+    try:
+        text, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise FailslowError(f"fio did not finish within {timeout:.0f} s") from None
+    doc = _fio_doc(out.read_text()) if out.exists() else {}
+    if proc.returncode != 0:
+        (out.parent / "fio.log").write_text(text or "")
+        raise FailslowError(f"fio failed ({proc.returncode}), verify errors included: see "
+                            f"{out.parent / 'fio.log'}")
+    return doc
+
+
+def _lat_file(prefix: Path) -> Path:
+    for name in (f"{prefix}_clat.1.log", f"{prefix}_lat.1.log"):
+        if Path(name).exists():
+            return Path(name)
+    raise FailslowError(f"fio wrote no latency log {prefix}_clat.1.log")
+
+
+def _reference(s: Setup, plan: Plan, out: Path) -> dict[str, Any]:
+    _say(f"reference: {plan.reference_s:g} s of the load on the healthy mirror")
+    job = out / "reference.fio"
+    job.write_text(fio_job(s.bdev, plan.reference_s, plan, str(out / "reference"), False))
+    doc = _finish_fio(_fio(job, out / "reference.json", 0), out / "reference.json",
+                      plan.reference_s + 120)
+    lat = read_lat_log(_lat_file(out / "reference"))
+    t0 = float(lat[0, 0]) if lat.size else 0.0
+    stats = percentiles(lat[lat[:, 0] >= t0 + 2.0, 1])   # 2 s of warm-up left out
+    _say(f"reference: p50 {stats['p50_us']} us, p99 {stats['p99_us']} us over {stats['n']} "
+         "reads")
+    return {"reads": stats, "fio": fio_summary(doc)}
+
+
+def _events(s: Setup) -> list[dict[str, Any]]:
+    from ml.legpolicy import legs_log_file, read_events
+
+    return read_events(legs_log_file(s.dev_id, s.env.get("UBLKML_STATE_DIR")))
+
+
+def _wait_until(t: float, s: Setup, seen: set[str]) -> None:
+    """Sleep until wall time t, reporting the leg policy's steps as they happen."""
+    while True:
+        for e in _events(s):
+            key = json.dumps(e, sort_keys=True)
+            if key not in seen:
+                seen.add(key)
+                if e["event"] == "request":
+                    _say(f"  policy: asks to {e['action']} {e['leg']} ({e['reason']})")
+                elif e["event"] == "answer":
+                    _say(f"  agent: {e['action']} {e['leg']} {e['status']} ({e['reason']})")
+                elif e["event"] == "state":
+                    _say(f"  leg {e['leg']}: {e['old']} -> {e['new']}")
+        left = t - time.time()
+        if left <= 0:
+            return
+        time.sleep(min(0.25, left))
+
+
+def run_failslow(out: Path, plan: Plan) -> dict[str, Any]:
+    """The demonstration; returns the results document (also written to out/results.json)."""
+    if os.geteuid() != 0:
+        raise FailslowError("the demonstration creates block devices: run it as root")
+    if shutil.which("fio") is None:
+        raise FailslowError("fio is missing (run `make setup`)")
+    out.mkdir(parents=True, exist_ok=True)
+    doc: dict[str, Any] = {"meta": {"started": datetime.datetime.now().isoformat(
+        timespec="seconds"), "kernel": os.uname().release, "plan": asdict(plan),
+        "in_vm": _in_vm()}}
+    with tempfile.TemporaryDirectory(prefix="failslow") as tmp, \
+            mirror_with_agent(Path(tmp), plan) as s:
+        if plan.healthy_minutes:
+            doc["healthy"] = _healthy_run(s, plan, out)
+        else:
+            doc["reference"] = _reference(s, plan, out)
+            doc["run"] = _main_run(s, plan, out)
+        doc["events"] = _events(s)
+    doc["meta"].update(s.facts)
+    doc["goals"] = goals(doc)
+    _write_json(out / "results.json", doc)
+    return doc
+
+
+def _main_run(s: Setup, plan: Plan, out: Path) -> dict[str, Any]:
+    job = out / "run.fio"
+    job.write_text(fio_job(s.bdev, plan.runtime_s, plan, str(out / "run"), False))
+    _say(f"run: {plan.runtime_s:g} s of fio; leg 1 {plan.slow:g}x slower from "
+         f"{plan.before_s:g} s to {plan.before_s + plan.fault_s:g} s")
+    start = time.time()
+    proc = _fio(job, out / "run.json", 0)
+    seen: set[str] = set()
+    try:
+        _wait_until(start + plan.before_s, s, seen)
+        t_ask = time.time()
+        ublkml(s.env, "fault", "set", "-n", str(s.dev_id), "--path", "1", f"slow={plan.slow:g}")
+        onset = time.time()
+        _say(f"  injected slow={plan.slow:g} on leg 1 ({onset - t_ask:.2f} s for the command)")
+        _wait_until(onset + plan.fault_s, s, seen)
+        ublkml(s.env, "fault", "clear", "-n", str(s.dev_id), "--path", "1")
+        cleared = time.time()
+        _say("  fault cleared on leg 1")
+        _wait_until(start + plan.runtime_s, s, seen)
+    except BaseException:
+        proc.kill()
+        raise
+    fio_doc = _finish_fio(proc, out / "run.json", plan.runtime_s + 120)
+    _wait_until(time.time() + 0.5, s, seen)
+    legs = json.loads(ublkml(s.env, "leg", "-n", str(s.dev_id), "list", "--json").stdout)
+    lat = read_lat_log(_lat_file(out / "run"))
+    t0 = float(lat[0, 0]) if lat.size else start
+    tl = timeline(_events(s), 1, onset, cleared)
+    settle = 0.5  # requests queued on the slow leg before the demotion drain
+    bounds: dict[str, tuple[float | None, float | None]] = {
+        "before": (t0 + 2.0, onset),
+        "during": (onset, tl["demoted"]),
+        "after_demotion": (tl["demoted"] + settle if tl["demoted"] else None, cleared),
+        "after_readmission": (tl["readmitted"] + settle if tl["readmitted"] else None,
+                              start + plan.runtime_s + 5),
+    }
+    rel = {k: (round(v - onset, 3) if v is not None else None) for k, v in tl.items()}
+    run = {"t0": t0, "onset": onset, "onset_command_s": round(onset - t_ask, 3),
+           "cleared": cleared, **tl,
+           "detect_s": rel["detected"], "demote_s": rel["demoted"],
+           "readmit_after_clear_s": round(tl["readmitted"] - cleared, 3)
+           if tl["readmitted"] else None,
+           "phases": phase_stats(lat, bounds), "bins": latency_bins(lat, t0),
+           "fio": fio_summary(fio_doc), "legs_after": legs}
+    _say(f"detected {rel['detected']} s and demoted {rel['demoted']} s after the onset; "
+         f"re-admitted {run['readmit_after_clear_s']} s after the clear")
+    return run
+
+
+def _healthy_run(s: Setup, plan: Plan, out: Path) -> dict[str, Any]:
+    runtime = plan.healthy_minutes * 60
+    job = out / "healthy.fio"
+    job.write_text(fio_job(s.bdev, runtime, plan, str(out / "healthy"), True))
+    _say(f"healthy: {plan.healthy_minutes:g} min of bursty mixed load, no fault")
+    start = time.time()
+    proc = _fio(job, out / "healthy.json", 0)
+    seen: set[str] = set()
+    try:
+        t = start
+        while t < start + runtime:
+            t = min(t + 60, start + runtime)
+            _wait_until(t, s, seen)
+            from ml.legpolicy import summary
+
+            _say(f"  {(t - start) / 60:.0f} of {plan.healthy_minutes:g} min: "
+                 f"{summary(_events(s))['demotions']} demotion(s)")
+    except BaseException:
+        proc.kill()
+        raise
+    fio_doc = _finish_fio(proc, out / "healthy.json", runtime + 120)
+    from ml.legpolicy import summary
+
+    ev = _events(s)
+    lat = read_lat_log(_lat_file(out / "healthy"))
+    return {"minutes": plan.healthy_minutes, **summary(ev),
+            "requests": sum(1 for e in ev if e["event"] == "request"),
+            "reads": percentiles(lat[:, 1]) if lat.size else percentiles(np.empty(0)),
+            "bins": latency_bins(lat, float(lat[0, 0]) if lat.size else start),
+            "fio": fio_summary(fio_doc)}
+
+
+def goals(doc: dict[str, Any]) -> dict[str, Any]:
+    """The issue's goals, each with the measured value and whether it is met."""
+    g: dict[str, Any] = {}
+    if "healthy" in doc:
+        h = doc["healthy"]
+        g["no_demotion_healthy"] = {"value": h["demotions"], "goal": 0,
+                                    "met": h["demotions"] == 0}
+    if "run" in doc:
+        r = doc["run"]
+        d = r["demote_s"]
+        g["detect_and_demote_within_3s"] = {"value": d, "goal": GOAL_DETECT_S,
+                                            "met": d is not None and d <= GOAL_DETECT_S}
+        ref = doc["reference"]["reads"]["p99_us"]
+        after = r["phases"]["after_demotion"]["p99_us"]
+        ratio = round(after / ref, 3) if after and ref else None
+        g["p99_after_demotion_vs_healthy"] = {"value": ratio, "goal": GOAL_P99_RATIO,
+                                              "met": ratio is not None
+                                              and ratio <= GOAL_P99_RATIO}
+        g["readmitted"] = {"value": r["readmitted"] is not None, "goal": True,
+                           "met": r["readmitted"] is not None}
+    g["legs_identical_after"] = {"value": doc["meta"].get("legs_identical"), "goal": True,
+                                 "met": bool(doc["meta"].get("legs_identical"))}
+    return g
+
+
+def _write_json(path: Path, doc: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def _in_vm() -> bool:
+    from ublk_driver.testbed import in_vm
+
+    return bool(in_vm())
+
+
+# ---- report -----------------------------------------------------------------------------
+
+
+def _us(v: Any) -> str:
+    return "-" if v is None else f"{v:,.0f}"
+
+
+def write_report(doc: dict[str, Any], out: Path) -> Path:
+    """report.md and latency.png next to results.json."""
+    lines = ["# Fail-slow demonstration", ""]
+    m = doc["meta"]
+    lines.append(f"Kernel {m.get('kernel')}{' (qemu test bed, TCG)' if m.get('in_vm') else ''}; "
+                 f"legs on {m.get('filesystem')}; agent accounting: {m.get('agent_source')}; "
+                 f"started {m.get('started')}.")
+    lines.append("")
+    if "run" in doc:
+        r, ref = doc["run"], doc["reference"]["reads"]
+        p = m["plan"]
+        lines += [f"Load: 4 KiB random reads at {p['read_iops']} IOPS (QD {p['read_depth']}) "
+                  f"plus 4 KiB writes at {p['write_iops']} IOPS verified with crc32c; leg 1 "
+                  f"made {p['slow']:g}x slower for {p['fault_s']:g} s.", "",
+                  f"* detected (demotion asked) **{r['detect_s']} s** and demoted "
+                  f"**{r['demote_s']} s** after the onset (goal: {GOAL_DETECT_S:g} s)",
+                  f"* re-admitted {r['readmit_after_clear_s']} s after the fault was cleared",
+                  "", "| phase | reads | p50 (us) | p99 (us) | p99.9 (us) |",
+                  "| --- | ---: | ---: | ---: | ---: |",
+                  f"| healthy mirror (reference run) | {ref['n']} | {_us(ref['p50_us'])} | "
+                  f"{_us(ref['p99_us'])} | {_us(ref['p999_us'])} |"]
+        names = {"before": "before the fault", "during": "fault, before demotion",
+                 "after_demotion": "fault, leg demoted",
+                 "after_readmission": "fault cleared, leg re-admitted"}
+        for k, title in names.items():
+            ph = r["phases"][k]
+            lines.append(f"| {title} | {ph['n']} | {_us(ph['p50_us'])} | {_us(ph['p99_us'])} | "
+                         f"{_us(ph['p999_us'])} |")
+        lines.append("")
+    if "healthy" in doc:
+        h = doc["healthy"]
+        lines += [f"Healthy run: {h['minutes']:g} min of bursty mixed load, no fault: "
+                  f"**{h['demotions']} demotion(s)**, {h['requests']} request(s) to the agent; "
+                  f"reads p50 {_us(h['reads']['p50_us'])} us, p99 {_us(h['reads']['p99_us'])} us.",
+                  ""]
+    lines += ["| goal | measured | target | met |", "| --- | --- | --- | --- |"]
+    for k, v in doc["goals"].items():
+        lines.append(f"| {k} | {v['value']} | {v['goal']} | {'yes' if v['met'] else 'NO'} |")
+    lines += ["", "![read latency over time](latency.png)", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    plot(doc, out / "latency.png")
+    return path
+
+
+def plot(doc: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    part = doc.get("run") or doc.get("healthy") or {}
+    bins = part.get("bins", {"t": []})
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    if bins["t"]:
+        ax.plot(bins["t"], bins["p99"], label="p99 per 0.25 s", color="tab:red", lw=1)
+        ax.plot(bins["t"], bins["p50"], label="p50 per 0.25 s", color="tab:blue", lw=1)
+    if "run" in doc:
+        r = doc["run"]
+        t0 = r["t0"]
+        for key, label, color in (("onset", "10x slowdown injected", "black"),
+                                  ("demoted", "leg demoted", "tab:green"),
+                                  ("cleared", "fault cleared", "gray"),
+                                  ("readmitted", "leg re-admitted", "tab:purple")):
+            if r.get(key):
+                ax.axvline(r[key] - t0, color=color, ls="--", lw=1, label=label)
+        ref = doc["reference"]["reads"]["p99_us"]
+        if ref:
+            ax.axhline(ref, color="tab:orange", ls=":", lw=1, label="healthy mirror p99")
+    ax.set_yscale("log")
+    ax.set_xlabel("seconds since fio started")
+    ax.set_ylabel("read completion latency (us)")
+    ax.set_title("Two-leg ublkml mirror: read latency over time")
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---- test bed -----------------------------------------------------------------------
+
+
+def run_in_vm(argv: list[str], out: Path, plan: Plan, timeout: float | None) -> int:
+    from ublk_driver import testbed
+
+    limit = timeout or max(900.0, 3 * plan.estimate_s() + 300)
+    _say(f"no /dev/ublk-control here: running in the qemu test bed (one boot, about "
+         f"{plan.estimate_s() / 60 + 1:.0f} min; timeout {limit / 60:.0f} min)")
+    try:
+        vm = testbed.run([sys.executable, "-m", "bench.failslow", "--in-vm", "--out", str(out),
+                          *argv], cwd=str(REPO_ROOT), share=str(out), timeout=limit,
+                         stream=sys.stderr, memory_mb=VM_MEMORY_MB, cpus=VM_CPUS)
+    except testbed.TestbedError as e:
+        _say(f"error: the test bed failed: {e}")
+        if e.output:
+            (out / "vm-console.log").write_text(e.output)
+        return 125
+    (out / "vm-console.log").write_text(vm.output)
+    return int(vm.returncode)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.failslow",
+        description="The fail-slow demonstration: a two-leg ublkml mirror under fio load, "
+                    "one leg made 10x slower mid-run; the scorer flags it, the kernel agent "
+                    "demotes it, and re-admits it once the fault is cleared. Reports detection "
+                    "time and read latency percentiles per phase (results.json, report.md, "
+                    "latency.png). Natively where /dev/ublk-control exists (root), else in one "
+                    "boot of the qemu test bed.",
+        epilog="Also `ublkml demo failslow`. See docs/failslow.md.")
+    p.add_argument("--out", metavar="DIR",
+                   help="output directory (default: results/failslow-<timestamp>)")
+    p.add_argument("--json", action="store_true", help="print results.json on stdout")
+    p.add_argument("--quick", action="store_true",
+                   help=f"short phases ({QUICK.reference_s:g} s reference, "
+                        f"{QUICK.runtime_s:g} s run): a smoke test")
+    p.add_argument("--healthy-minutes", type=float, default=0.0, metavar="N",
+                   help="instead: N minutes of bursty mixed load with no fault; reports the "
+                        "demotions (goal: none)")
+    p.add_argument("--slow", type=float, default=10.0, help="slowdown factor (default 10)")
+    p.add_argument("--read-iops", type=int, default=Plan.read_iops,
+                   help=f"read rate (default {Plan.read_iops})")
+    p.add_argument("--vm-timeout", type=float, metavar="S",
+                   help="kill the test bed after S seconds (default: from the estimate)")
+    p.add_argument("--no-report", action="store_true", help="results.json only")
+    p.add_argument("--in-vm", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def plan_from(args: argparse.Namespace) -> Plan:
+    base = QUICK if args.quick else Plan()
+    return Plan(**{**asdict(base), "slow": args.slow, "read_iops": args.read_iops,
+                   "healthy_minutes": args.healthy_minutes})
+
+
+def _forwarded(args: argparse.Namespace) -> list[str]:
+    out = ["--slow", f"{args.slow:g}", "--read-iops", str(args.read_iops),
+           "--healthy-minutes", f"{args.healthy_minutes:g}"]
+    return out + (["--quick"] if args.quick else [])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.healthy_minutes < 0 or args.slow < 1 or args.read_iops < 1:
+        _say("error: --healthy-minutes must be >= 0, --slow >= 1, --read-iops >= 1")
+        return 2
+    plan = plan_from(args)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = Path(args.out or REPO_ROOT / "results" / f"failslow-{stamp}").resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    from ublk_driver.testbed import in_vm, native_ublk_available
+
+    code = 0
+    if args.in_vm or native_ublk_available():
+        try:
+            run_failslow(out, plan)
+        except (FailslowError, UblkError, OSError, subprocess.SubprocessError) as e:
+            _say(f"error: {e}")
+            return 1
+    elif in_vm():
+        _say("error: inside the test bed but /dev/ublk-control is missing (modprobe ublk_drv)")
+        return 2
+    else:
+        code = run_in_vm(_forwarded(args), out, plan, args.vm_timeout)
+    results = out / "results.json"
+    if args.in_vm:
+        return code
+    if not results.exists():
+        _say(f"no {results}: the run failed (exit status {code})")
+        return code or 1
+    doc = json.loads(results.read_text())
+    if not args.no_report:
+        _say(f"report: {write_report(doc, out)}")
+    _say(f"results: {results}")
+    for k, v in doc["goals"].items():
+        _say(f"  {k}: {v['value']} (goal {v['goal']}): {'met' if v['met'] else 'NOT met'}")
+    if args.json:
+        print(json.dumps(doc, indent=1))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
