@@ -36,11 +36,12 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,8 @@ AGENT_INSTANCE = "failslow"
 GOAL_DETECT_S = 3.0
 GOAL_P99_RATIO = 1.3
 BIN_S = 0.25                 # latency-over-time bins for the plot
+TICK_S = 0.1                 # the scorer's tick: the resolution of the fault's onset
+READMIT_BUDGET_S = 60.0      # after clearing, wait this long at most for the re-admission
 VM_CPUS, VM_MEMORY_MB = 2, 4096
 
 
@@ -74,25 +77,26 @@ class Plan:
 
     reference_s: float = 20.0     # the healthy mirror, for the p99 comparison
     before_s: float = 15.0        # main run: healthy, before the injection
-    fault_s: float = 25.0         # the fault is held this long
-    after_s: float = 30.0         # after clearing: re-admission and steady state
-    read_iops: int = 1500
-    write_iops: int = 100
-    read_depth: int = 16
+    fault_s: float = 20.0         # the fault is held this long
+    after_s: float = 20.0         # after the re-admission
+    read_iops: int = 500
+    write_iops: int = 50
+    read_depth: int = 8
     slow: float = 10.0
     healthy_minutes: float = 0.0  # > 0: the no-fault bursty run instead
 
     @property
     def runtime_s(self) -> float:
-        return self.before_s + self.fault_s + self.after_s
+        """Expected: the re-admission comes about 15 s after the clear (dwell, hold)."""
+        return self.before_s + self.fault_s + 15 + self.after_s
 
     def estimate_s(self) -> float:
         if self.healthy_minutes:
-            return self.healthy_minutes * 60 + 40
-        return self.reference_s + self.runtime_s + 40
+            return self.healthy_minutes * 60 + 90
+        return self.reference_s + self.runtime_s + 90
 
 
-QUICK = Plan(reference_s=10, before_s=6, fault_s=8, after_s=14)
+QUICK = Plan(reference_s=10, before_s=6, fault_s=6, after_s=6)
 
 
 # ---- commands ---------------------------------------------------------------------
@@ -317,22 +321,33 @@ def mirror_with_agent(work: Path, plan: Plan) -> Iterator[Setup]:
         s.facts["legs_identical"] = digests[0] == digests[1]
 
 
-def _fio(job: Path, out: Path, timeout: float) -> subprocess.Popen[str]:
+def _fio(job: Path) -> subprocess.Popen[str]:
+    out = job.with_suffix(".json")
     return subprocess.Popen(["fio", "--output-format=json", f"--output={out}", str(job)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def _finish_fio(proc: subprocess.Popen[str], out: Path, timeout: float) -> dict[str, Any]:
+    """fio's JSON; an error in any job (a verify mismatch included) fails the run.
+
+    fio stopped with SIGINT exits non-zero but still reports: its jobs' own
+    error fields decide.
+    """
     try:
         text, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         raise FailslowError(f"fio did not finish within {timeout:.0f} s") from None
-    doc = _fio_doc(out.read_text()) if out.exists() else {}
-    if proc.returncode != 0:
-        (out.parent / "fio.log").write_text(text or "")
-        raise FailslowError(f"fio failed ({proc.returncode}), verify errors included: see "
-                            f"{out.parent / 'fio.log'}")
+    (out.parent / f"{out.stem}-fio.log").write_text(text or "")
+    try:
+        doc = _fio_doc(out.read_text())
+    except (OSError, ValueError):
+        raise FailslowError(f"fio failed ({proc.returncode}) without a report: see "
+                            f"{out.parent / (out.stem + '-fio.log')}") from None
+    bad = {j["jobname"]: j["error"] for j in doc.get("jobs", []) if j["error"]}
+    if bad or not doc.get("jobs"):
+        raise FailslowError(f"fio reported errors {bad} (a verify mismatch is EILSEQ, 84): "
+                            f"see {out.parent / (out.stem + '-fio.log')}")
     return doc
 
 
@@ -347,7 +362,7 @@ def _reference(s: Setup, plan: Plan, out: Path) -> dict[str, Any]:
     _say(f"reference: {plan.reference_s:g} s of the load on the healthy mirror")
     job = out / "reference.fio"
     job.write_text(fio_job(s.bdev, plan.reference_s, plan, str(out / "reference"), False))
-    doc = _finish_fio(_fio(job, out / "reference.json", 0), out / "reference.json",
+    doc = _finish_fio(_fio(job), out / "reference.json",
                       plan.reference_s + 120)
     lat = read_lat_log(_lat_file(out / "reference"))
     t0 = float(lat[0, 0]) if lat.size else 0.0
@@ -363,8 +378,8 @@ def _events(s: Setup) -> list[dict[str, Any]]:
     return read_events(legs_log_file(s.dev_id, s.env.get("UBLKML_STATE_DIR")))
 
 
-def _wait_until(t: float, s: Setup, seen: set[str]) -> None:
-    """Sleep until wall time t, reporting the leg policy's steps as they happen."""
+def _wait(s: Setup, seen: set[str], t: float, stop: Callable[[], bool] | None = None) -> None:
+    """Sleep until wall time t (or ``stop()``), reporting the leg policy's steps."""
     while True:
         for e in _events(s):
             key = json.dumps(e, sort_keys=True)
@@ -377,7 +392,7 @@ def _wait_until(t: float, s: Setup, seen: set[str]) -> None:
                 elif e["event"] == "state":
                     _say(f"  leg {e['leg']}: {e['old']} -> {e['new']}")
         left = t - time.time()
-        if left <= 0:
+        if left <= 0 or (stop is not None and stop()):
             return
         time.sleep(min(0.25, left))
 
@@ -406,31 +421,62 @@ def run_failslow(out: Path, plan: Plan) -> dict[str, Any]:
     return doc
 
 
+def _fault_seen(s: Setup, leg: int, after: float, present: bool) -> float | None:
+    """When the server's scorer tick first saw ``leg``'s fault set (or cleared)."""
+    for e in _events(s):
+        if e["event"] == "fault" and e["leg"] == leg and e["t"] >= after \
+                and (e["spec"] is not None) == present:
+            return float(e["t"])
+    return None
+
+
+def _onset(s: Setup, asked: float, done: float, present: bool) -> float:
+    """The fault's onset (or end): the tick that saw it, minus one tick, not before
+    the command started; if no tick saw it, when the command returned."""
+    seen = _fault_seen(s, 1, asked, present)
+    return max(asked, seen - TICK_S) if seen is not None else done
+
+
 def _main_run(s: Setup, plan: Plan, out: Path) -> dict[str, Any]:
+    # fio runs until stopped: the phases follow events (demotion, re-admission),
+    # and commands take seconds on a loaded test bed.
+    budget = plan.before_s + plan.fault_s + READMIT_BUDGET_S + plan.after_s + 60
     job = out / "run.fio"
-    job.write_text(fio_job(s.bdev, plan.runtime_s, plan, str(out / "run"), False))
-    _say(f"run: {plan.runtime_s:g} s of fio; leg 1 {plan.slow:g}x slower from "
-         f"{plan.before_s:g} s to {plan.before_s + plan.fault_s:g} s")
+    job.write_text(fio_job(s.bdev, budget, plan, str(out / "run"), False))
+    _say(f"run: fio; leg 1 {plan.slow:g}x slower after {plan.before_s:g} s, for "
+         f"{plan.fault_s:g} s; then {plan.after_s:g} s after the re-admission")
     start = time.time()
-    proc = _fio(job, out / "run.json", 0)
+    proc = _fio(job)
     seen: set[str] = set()
     try:
-        _wait_until(start + plan.before_s, s, seen)
+        _wait(s, seen, start + plan.before_s)
         t_ask = time.time()
         ublkml(s.env, "fault", "set", "-n", str(s.dev_id), "--path", "1", f"slow={plan.slow:g}")
-        onset = time.time()
-        _say(f"  injected slow={plan.slow:g} on leg 1 ({onset - t_ask:.2f} s for the command)")
-        _wait_until(onset + plan.fault_s, s, seen)
+        t_done = time.time()
+        _wait(s, seen, t_done + 2 * TICK_S)
+        onset = _onset(s, t_ask, t_done, True)
+        _say(f"  injected slow={plan.slow:g} on leg 1 (the command took {t_done - t_ask:.2f} s;"
+             f" onset {onset - t_ask:.2f} s after it started)")
+        _wait(s, seen, onset + plan.fault_s)
+        c_ask = time.time()
         ublkml(s.env, "fault", "clear", "-n", str(s.dev_id), "--path", "1")
-        cleared = time.time()
+        c_done = time.time()
+        _wait(s, seen, c_done + 2 * TICK_S)
+        cleared = _onset(s, c_ask, c_done, False)
         _say("  fault cleared on leg 1")
-        _wait_until(start + plan.runtime_s, s, seen)
-    except BaseException:
-        proc.kill()
-        raise
-    fio_doc = _finish_fio(proc, out / "run.json", plan.runtime_s + 120)
-    _wait_until(time.time() + 0.5, s, seen)
+
+        def readmitted() -> bool:
+            return timeline(_events(s), 1, onset, cleared)["readmitted"] is not None
+
+        _wait(s, seen, cleared + READMIT_BUDGET_S, readmitted)
+        back = timeline(_events(s), 1, onset, cleared)["readmitted"]
+        _wait(s, seen, (back or time.time()) + plan.after_s)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)   # fio stops its jobs and still reports
+    fio_doc = _finish_fio(proc, out / "run.json", 120)
     legs = json.loads(ublkml(s.env, "leg", "-n", str(s.dev_id), "list", "--json").stdout)
+    end = time.time()
     lat = read_lat_log(_lat_file(out / "run"))
     t0 = float(lat[0, 0]) if lat.size else start
     tl = timeline(_events(s), 1, onset, cleared)
@@ -439,11 +485,10 @@ def _main_run(s: Setup, plan: Plan, out: Path) -> dict[str, Any]:
         "before": (t0 + 2.0, onset),
         "during": (onset, tl["demoted"]),
         "after_demotion": (tl["demoted"] + settle if tl["demoted"] else None, cleared),
-        "after_readmission": (tl["readmitted"] + settle if tl["readmitted"] else None,
-                              start + plan.runtime_s + 5),
+        "after_readmission": (tl["readmitted"] + settle if tl["readmitted"] else None, end),
     }
     rel = {k: (round(v - onset, 3) if v is not None else None) for k, v in tl.items()}
-    run = {"t0": t0, "onset": onset, "onset_command_s": round(onset - t_ask, 3),
+    run = {"t0": t0, "onset": onset, "fault_command_s": round(t_done - t_ask, 3),
            "cleared": cleared, **tl,
            "detect_s": rel["detected"], "demote_s": rel["demoted"],
            "readmit_after_clear_s": round(tl["readmitted"] - cleared, 3)
@@ -461,13 +506,13 @@ def _healthy_run(s: Setup, plan: Plan, out: Path) -> dict[str, Any]:
     job.write_text(fio_job(s.bdev, runtime, plan, str(out / "healthy"), True))
     _say(f"healthy: {plan.healthy_minutes:g} min of bursty mixed load, no fault")
     start = time.time()
-    proc = _fio(job, out / "healthy.json", 0)
+    proc = _fio(job)
     seen: set[str] = set()
     try:
         t = start
         while t < start + runtime:
             t = min(t + 60, start + runtime)
-            _wait_until(t, s, seen)
+            _wait(s, seen, t)
             from ml.legpolicy import summary
 
             _say(f"  {(t - start) / 60:.0f} of {plan.healthy_minutes:g} min: "

@@ -78,6 +78,10 @@ class PolicyConfig:
     """The knobs; defaults for a scorer ticking every 100 ms over a 1 s window."""
 
     demote_after: int = 3          # consecutive flagged ticks before asking for a demotion
+    #: the agent's confidence floor (validator.Policy): a flagged leg whose
+    #: latest score is lower keeps being watched rather than asked about and
+    #: refused (a refusal costs a retry pause)
+    min_confidence: float = 0.5
     min_active: int = 1            # never fewer active legs than this
     readmit_hold_s: float = 5.0    # probes healthy this long before a promotion
     min_health_samples: int = 5    # ... in at least this many ticks
@@ -173,15 +177,15 @@ class LegPolicy:
         lg.streak += 1
         lg.streak_scores = [*lg.streak_scores[-(self.config.demote_after - 1):], score] \
             if self.config.demote_after > 1 else [score]
-        if lg.streak < self.config.demote_after or now < lg.retry_at:
+        if lg.streak < self.config.demote_after or now < lg.retry_at \
+                or score < self.config.min_confidence:
             return None
         if self._active() - 1 < self.config.min_active:
             return None  # the last active leg(s): slow beats gone
+        ticks = lg.streak
         lg.state, lg.asked, lg.streak = LegState.DEMOTING, now, 0
-        conf = min(lg.streak_scores)
-        return Request("demote_leg", leg, conf,
-                       f"flagged {self.config.demote_after} ticks in a row "
-                       f"(scores >= {conf:.3f})")
+        return Request("demote_leg", leg, score,
+                       f"flagged {ticks} ticks in a row (score {score:.3f})")
 
     def health(self, leg: int, healthy: bool, score: float, now: float) -> Request | None:
         """One tick's judgement of a demoted leg's probes; maybe a promotion request."""
@@ -446,6 +450,7 @@ class LegController:
         self._said: set[str] = set()
         self.events: list[dict[str, Any]] = []
         self.counters = {"requests": 0, "applied": 0, "refused": 0, "unsent": 0}
+        self._faults: dict[int, str] = {}
         self._sync_states()
 
     def attach(self, scorer: Any) -> LegController:
@@ -533,12 +538,33 @@ class LegController:
         except Exception as e:  # the device is going away: the scorer carries on
             self._once(f"cannot read the legs' states: {e}")
             return
+        self._log_faults()
         before = self.policy.states()
         self.policy.observe_states([str(i.state) for i in infos], self.clock())
         after = self.policy.states()
         for leg, (b, a) in enumerate(zip(before, after, strict=True)):
             if a is not b:
                 self._event("state", leg=leg, old=b.value, new=a.value)
+
+    def _log_faults(self) -> None:
+        """Log injected faults as the server sees them: for the record, never for decisions.
+
+        The demonstration measures detection from here (the onset as the
+        server saw it, within one tick) rather than from when `ublkml fault
+        set` returned, which can take seconds on a loaded test bed.
+        """
+        fn = getattr(self.server, "faults", None)
+        if fn is None:
+            return
+        try:
+            now = {int(k): str(v) for k, v in fn().items()}
+        except Exception:
+            return
+        if now != self._faults:
+            for leg in sorted(set(now) | set(self._faults)):
+                if now.get(leg) != self._faults.get(leg):
+                    self._event("fault", leg=leg, spec=now.get(leg))
+            self._faults = now
 
     def _judge_probes(self, now: float) -> None:
         """Score reads-only windows: probes of the demoted legs next to the active legs' reads."""

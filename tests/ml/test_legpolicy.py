@@ -71,6 +71,16 @@ def test_demotes_after_k_consecutive_flags_and_only_then() -> None:
     assert p.state(1) is LegState.DEMOTED
 
 
+def test_an_unconfident_flag_is_watched_not_sent() -> None:
+    p = LegPolicy(2, CFG)
+    t = 0.0
+    for score in (0.45, 0.47, 0.48, 0.49):    # flagged (threshold 0.39), below the floor
+        t += TICK
+        assert p.verdict(1, score, True, t) is None
+    r = p.verdict(1, 0.93, True, t + TICK)
+    assert r is not None and r.confidence == 0.93 and "5 ticks in a row" in r.reason
+
+
 def test_never_demotes_the_last_active_leg() -> None:
     p = LegPolicy(2, CFG)
     reqs, t = flag(p, 0, 3, 0.0)
