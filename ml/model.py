@@ -34,6 +34,7 @@ import hashlib
 import math
 import os
 import re
+import stat
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +48,8 @@ KINDS = ("fail_slow", "failure")
 META_KEYS = ("ublkml.kind", "ublkml.features", "ublkml.output", "ublkml.threshold",
              "ublkml.version")
 MAX_MODEL_BYTES = 64 << 20
+#: the largest tensor a model may declare or build from constant shapes (256 MiB of float32)
+MAX_TENSOR_ELEMENTS = 1 << 26
 MODELS_DIR = os.path.join(os.path.dirname(__file__), "models")
 #: the models shipped in the package, by kind (made by ``python -m ml.train reference``)
 REFERENCE_MODELS = {"fail_slow": os.path.join(MODELS_DIR, "fail_slow.onnx"),
@@ -136,7 +139,45 @@ def _onnx_check(data: bytes, where: str) -> None:
         onnx.checker.check_model(proto)
     except Exception as e:
         raise ModelError(f"{where}: the ONNX checker refuses it: "
-                         f"{str(e).strip().splitlines()[0]}") from None
+                         f"{_first_line(e)}") from None
+    _check_sizes(proto, where)
+
+
+def _check_sizes(proto: Any, where: str) -> None:
+    """Refuse tensors declared (or built from constant shapes) beyond MAX_TENSOR_ELEMENTS.
+
+    onnxruntime allocates what a graph asks for: a ConstantOfShape of 2^33
+    floats is 32 GiB taken from the machine the device runs on, at the trial
+    run or at the first scoring tick.  Shapes computed at run time from the
+    input cannot be seen here; those built from initializers can.
+    """
+    from onnx import numpy_helper
+
+    graph = proto.graph
+    consts = {t.name: t for t in graph.initializer}
+
+    def check(count: int, what: str) -> None:
+        if count > MAX_TENSOR_ELEMENTS:
+            raise ModelError(f"{where}: {what} has {count} elements, more than the "
+                             f"{MAX_TENSOR_ELEMENTS} a scoring model may use")
+
+    for t in graph.initializer:
+        check(math.prod(t.dims), f"initializer {t.name!r}")
+    for vi in [*graph.input, *graph.output, *graph.value_info]:
+        dims = [d.dim_value for d in vi.type.tensor_type.shape.dim if d.HasField("dim_value")]
+        check(math.prod(dims), f"tensor {vi.name!r}")
+    for node in graph.node:
+        shape_input = {"ConstantOfShape": 0, "Expand": 1, "Tile": 1}.get(node.op_type)
+        if shape_input is None or len(node.input) <= shape_input:
+            continue
+        t = consts.get(node.input[shape_input])
+        if t is None or math.prod(t.dims) > 16:
+            continue
+        try:
+            count = math.prod(abs(int(v)) for v in numpy_helper.to_array(t).reshape(-1))
+        except (ValueError, TypeError):
+            continue  # the checker or onnxruntime will refuse it
+        check(count, f"{node.op_type} node {node.name or node.output[0]!r}")
 
 
 def _first_line(e: BaseException) -> str:
@@ -180,8 +221,15 @@ class Model:
         except Exception as e:
             raise ModelError(f"{self.info.path}: scoring failed: {_first_line(e)}") from None
         s = np.asarray(out, dtype=np.float32)
-        s = s.reshape(x.shape[0], -1)
-        s = s[:, self.info.score_column] if self.info.score_column >= 0 else s[:, 0]
+        # The declared output shape is a promise the graph need not keep (a
+        # constant [1], an empty tensor): check what came back, not what was said.
+        n = x.shape[0]
+        want = ((n, 2),) if self.info.score_column >= 0 else ((n,), (n, 1))
+        if s.shape not in want:
+            raise ModelError(f"{self.info.path}: output {self.info.score_output!r} has shape "
+                             f"{list(s.shape)} for a batch of {n}; expected "
+                             f"{' or '.join(str(list(w)) for w in want)}")
+        s = s[:, self.info.score_column] if self.info.score_column >= 0 else s.reshape(n)
         if not np.all((s >= 0) & (s <= 1)):  # also catches NaN
             raise ModelError(f"{self.info.path}: scores outside [0, 1] "
                              f"(min {np.nanmin(s) if s.size else 0}); "
@@ -198,13 +246,13 @@ class Model:
 def _session(data: bytes, where: str) -> Any:
     import onnxruntime as ort  # type: ignore[import-untyped,unused-ignore]
 
-    ort.set_default_logger_severity(3)  # shape-merge warnings would go to stderr
+    ort.set_default_logger_severity(4)  # errors too: ModelError says it in one line
     opts = ort.SessionOptions()
     # One thread, no spinning: the scorer shares the machine with queue threads.
     opts.intra_op_num_threads = 1
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(data, sess_options=opts, providers=["CPUExecutionProvider"])
@@ -269,14 +317,22 @@ def load_model(path: str | os.PathLike[str], expect_kind: str | None = None) -> 
     """Load and validate a model file; :class:`ModelError` says what is wrong."""
     where = os.fspath(path)
     try:
-        size = os.path.getsize(where)
-        if size > MAX_MODEL_BYTES:
-            raise ModelError(f"{where}: {size} bytes, larger than the {MAX_MODEL_BYTES >> 20} "
-                             "MiB a scoring model may have")
-        with open(where, "rb") as f:
-            data = f.read()
+        # O_NONBLOCK: a FIFO must not hang `model validate`; it is refused below.
+        fd = os.open(where, os.O_RDONLY | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                # /dev/zero has size 0 and never ends: read() would eat all memory.
+                raise ModelError(f"{where}: not a regular file; give the path of an .onnx file")
+            if st.st_size > MAX_MODEL_BYTES:
+                raise ModelError(f"{where}: {st.st_size} bytes, larger than the "
+                                 f"{MAX_MODEL_BYTES >> 20} MiB a scoring model may have")
+            data = f.read(MAX_MODEL_BYTES + 1)  # bounded even if the file grows meanwhile
     except OSError as e:
         raise ModelError(f"{where}: cannot read it: {e.strerror or e}") from None
+    if len(data) > MAX_MODEL_BYTES:
+        raise ModelError(f"{where}: larger than the {MAX_MODEL_BYTES >> 20} MiB a scoring "
+                         "model may have")
     return load_model_bytes(data, where, expect_kind)
 
 
