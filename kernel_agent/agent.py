@@ -359,7 +359,12 @@ class Agent:
         self.counters["decisions"] += 1
         c = Completion(c.seq, c.ext_id, c.status, c.device, c.action, c.old, c.new,
                        c.reason, time.time_ns())
-        posted = live.channel.complete(c) if live.channel else False
+        posted = False
+        if live.channel:
+            try:
+                posted = live.channel.complete(c)
+            except RingError as e:
+                self._ring_unusable(live, e)
         entry: dict[str, Any] = {"type": "decision", "ext": live.ext.id, "seq": c.seq,
                                  "status": c.status.name.lower(), "device": c.device,
                                  "action": c.action, "old": c.old, "new": c.new,
@@ -371,7 +376,11 @@ class Agent:
     def _serve_ring(self, live: _Live) -> None:
         if live.channel is None:
             return
-        raws, problem = live.channel.take_submissions(PER_TURN)
+        try:
+            raws, problem = live.channel.take_submissions(PER_TURN)
+        except RingError as e:
+            self._ring_unusable(live, e)
+            return
         if problem:
             self._decide(live, Completion(0, live.ext.id, Status.REJECTED, reason=problem))
         for raw in raws:
@@ -390,6 +399,14 @@ class Agent:
                 self._decide(live, Completion(rec.seq, live.ext.id, Status.FAILED, rec.device,
                                               rec.action, reason=f"internal error: {e!r}"),
                              rec)
+
+    def _ring_unusable(self, live: _Live, e: RingError) -> None:
+        """Stop using an extension's ring (truncated under us); the extension stays."""
+        if live.channel is not None:
+            live.channel.close()
+            live.channel = None
+        self.audit.write({"type": "extension", "what": "ring-unusable", "id": live.ext.id,
+                          "reason": str(e)})
 
     def _handle(self, live: _Live, rec: Recommendation) -> None:
         v: Verdict = self.validator.check(rec, live.ext.id, self.devices)

@@ -74,6 +74,7 @@ HEADER_SIZE = 320
 OFF_SUB_HEAD, OFF_SUB_TAIL, OFF_COMP_HEAD, OFF_COMP_TAIL = 64, 128, 192, 256
 RECORD_SIZE = 256
 DEFAULT_SLOTS = 64
+MAX_INDEX = (1 << 64) - 1
 
 SUB = struct.Struct("<IIQIId32s32s64s64sI28x")
 COMP = struct.Struct("<IIQII32s32s32s32s104s")
@@ -216,9 +217,28 @@ class Channel:
 
     def __init__(self, path: str | os.PathLike[str], fd: int, size: int) -> None:
         self.path = Path(path)
-        self._map = mmap.mmap(fd, size)
-        os.close(fd)
+        # The fd stays open: the size is re-checked before the mapping is touched
+        # (see _check_size), because the other side may truncate the file.
+        self._fd = fd
+        self._size = size
+        try:
+            if size < HEADER_SIZE or size % 8:  # the index view needs whole u64s
+                raise RingError(f"{path}: {size} bytes is not the size of a ring file "
+                                f"(header {HEADER_SIZE} + 256-byte slots); recreate it with "
+                                "`ublkml agent add`")
+            self._map = mmap.mmap(fd, size)
+        except BaseException:
+            os.close(fd)
+            raise
         self._idx = memoryview(self._map).cast("Q")  # aligned 8-byte loads and stores
+        try:
+            self._check_header(path, size)
+        except BaseException:
+            self.close()
+            raise
+        self._seq = self._load(OFF_SUB_TAIL)
+
+    def _check_header(self, path: str | os.PathLike[str], size: int) -> None:
         magic, version, hsize, nsub, sub_rs, ncomp, comp_rs, ext_id = HEADER.unpack_from(
             self._map, 0)
         if magic != MAGIC:
@@ -230,7 +250,22 @@ class Channel:
                 or size != HEADER_SIZE + (nsub + ncomp) * RECORD_SIZE):
             raise RingError(f"{path}: inconsistent ring header")
         self.sub_slots, self.comp_slots, self.ext_id = nsub, ncomp, ext_id
-        self._seq = self._load(OFF_SUB_TAIL)
+
+    def _check_size(self) -> None:
+        """Refuse to touch the mapping of a file that shrank since it was mapped.
+
+        A page of a MAP_SHARED mapping beyond the end of the file raises SIGBUS,
+        which kills the process: an extension that truncates its ring file must
+        not take the agent down.  (The check narrows the window to the few
+        microseconds between fstat and the access; it cannot close it.)
+        """
+        try:
+            size = os.fstat(self._fd).st_size
+        except OSError as e:
+            raise RingError(f"{self.path}: cannot stat the ring: {e.strerror}") from None
+        if size < self._size:
+            raise RingError(f"{self.path}: the ring file was truncated to {size} bytes "
+                            f"(mapped {self._size}); it is no longer used")
 
     @classmethod
     def create(cls, path: str | os.PathLike[str], ext_id: int, slots: int = DEFAULT_SLOTS,
@@ -287,7 +322,7 @@ class Channel:
     def submit_raw(self, record: bytes) -> bool:
         """Queue raw bytes (tests use this to send malformed records)."""
         head, tail = self._load(OFF_SUB_HEAD), self._load(OFF_SUB_TAIL)
-        if tail - head >= self.sub_slots:
+        if tail < head or tail - head >= self.sub_slots or tail >= MAX_INDEX:
             return False
         off = self._slot(HEADER_SIZE, tail, self.sub_slots)
         self._map[off:off + RECORD_SIZE] = record[:RECORD_SIZE].ljust(RECORD_SIZE, b"\0")
@@ -295,10 +330,18 @@ class Channel:
         return True
 
     def completions(self) -> list[Completion]:
-        """Every completion the agent posted since the last call."""
+        """Every completion the agent posted since the last call.
+
+        Corrupt indices (tail behind the head or more than a ring ahead) are
+        resynchronised, as the agent does for submissions, instead of reading
+        the same slots billions of times.
+        """
         out: list[Completion] = []
         comp_base = HEADER_SIZE + self.sub_slots * RECORD_SIZE
         head, tail = self._load(OFF_COMP_HEAD), self._load(OFF_COMP_TAIL)
+        if tail < head or tail - head > self.comp_slots:
+            self._store(OFF_COMP_HEAD, tail)
+            return out
         while head < tail:
             off = self._slot(comp_base, head, self.comp_slots)
             out.append(decode_completion(bytes(self._map[off:off + RECORD_SIZE])))
@@ -315,6 +358,7 @@ class Channel:
         the head or too far ahead is reported, and the ring is resynchronised
         (everything pending dropped) instead of reading garbage.
         """
+        self._check_size()
         head, tail = self._load(OFF_SUB_HEAD), self._load(OFF_SUB_TAIL)
         if tail < head or tail - head > self.sub_slots:
             self._store(OFF_SUB_HEAD, tail)
@@ -331,16 +375,24 @@ class Channel:
         return max(0, self._load(OFF_SUB_TAIL) - self._load(OFF_SUB_HEAD))
 
     def complete(self, c: Completion) -> bool:
-        """Post a completion; False (dropped) when the extension does not read them."""
+        """Post a completion; False (dropped) when the extension does not read them.
+
+        Raises :class:`RingError` when the file shrank under the mapping.
+        """
+        self._check_size()
         comp_base = HEADER_SIZE + self.sub_slots * RECORD_SIZE
         head, tail = self._load(OFF_COMP_HEAD), self._load(OFF_COMP_TAIL)
-        if tail < head or tail - head >= self.comp_slots:
-            return False
+        if tail < head or tail - head >= self.comp_slots or tail >= MAX_INDEX:
+            return False  # corrupt indices (the extension's to fix) or a full ring
         off = self._slot(comp_base, tail, self.comp_slots)
         self._map[off:off + RECORD_SIZE] = encode_completion(c)
         self._store(OFF_COMP_TAIL, tail + 1)
         return True
 
     def close(self) -> None:
+        if self._fd < 0:
+            return
         self._idx.release()
         self._map.close()
+        os.close(self._fd)
+        self._fd = -1
