@@ -40,6 +40,18 @@ class UsageError(AgentError, ValueError):
     pass
 
 
+def _one_line(e: object) -> str:
+    """Control characters escaped: an error may echo an argv word holding a newline."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(e))
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, like every other error here."""
+
+    def error(self, message: str) -> Any:  # argparse's signature says NoReturn
+        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see `{self.prog} --help`)\n")
+
+
 def _params(items: list[str]) -> dict[str, str]:
     out = {}
     for item in items:
@@ -240,9 +252,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="The kernel agent: eBPF accounting of "
-                                "block devices, extension registry, validated "
-                                "recommendations.")
+    p = _Parser(prog=PROG, description="The kernel agent: eBPF accounting of "
+                "block devices, extension registry, validated recommendations.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     a = sub.add_parser("add", help="register an extension instance",
@@ -328,10 +339,10 @@ def agent_main(argv: list[str]) -> int:
     try:
         return int(args.func(args))
     except UsageError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except (AgentError, OSError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -28,7 +28,12 @@ class _Parser(argparse.ArgumentParser):
     """argparse that returns status 2 with a one-line error instead of exiting."""
 
     def error(self, message: str) -> Any:  # argparse's signature says NoReturn
-        raise _UsageError(f"{self.prog}: error: {message}")
+        raise _UsageError(f"{self.prog}: error: {_one_line(message)}")
+
+
+def _one_line(e: object) -> str:
+    """Control characters escaped: an error may echo an argv word holding a newline."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(e))
 
 
 class _UsageError(Exception):
@@ -52,7 +57,7 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str]) -> int:
     try:
         return int(func(args))
     except (UblkError, ValueError, OSError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -40,6 +40,19 @@ class CliError(Exception):
         self.code = code
 
 
+def one_line(text: object) -> str:
+    """``text`` with control characters escaped: an argv word may hold a newline,
+    and an error that echoes it must still be one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (the usage block is `--help`'s job)."""
+
+    def error(self, message: str) -> Any:  # argparse's signature says NoReturn
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see `{self.prog} --help`)\n")
+
+
 def _size_arg(text: str) -> int:
     try:
         return parse_size(text)
@@ -373,7 +386,7 @@ def cmd_features(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog=PROG,
         description="Serve Linux block devices from Python through the kernel's ublk driver.",
         epilog="Run `ublkml COMMAND --help` for a command's options. Needs root and the "
@@ -498,7 +511,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] in DELEGATED:
         return run_delegated(argv[0], argv[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # usage error (2) or --help (0): a status, not an exit
+        return e.code if isinstance(e.code, int) else 2
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -506,16 +522,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except CliError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+        print(f"{PROG}: error: {one_line(e)}", file=sys.stderr)
         return e.code
     except UblkError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+        print(f"{PROG}: error: {one_line(e)}", file=sys.stderr)
         return 1
     except OSError as e:
         if e.errno == errno.EPERM or e.errno == errno.EACCES:
-            print(f"{PROG}: error: {e} (ublk needs root)", file=sys.stderr)
+            print(f"{PROG}: error: {one_line(e)} (ublk needs root)", file=sys.stderr)
         else:
-            print(f"{PROG}: error: {e}", file=sys.stderr)
+            print(f"{PROG}: error: {one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
