@@ -250,6 +250,7 @@ class Channel:
                 or size != HEADER_SIZE + (nsub + ncomp) * RECORD_SIZE):
             raise RingError(f"{path}: inconsistent ring header")
         self.sub_slots, self.comp_slots, self.ext_id = nsub, ncomp, ext_id
+        self.malformed = 0  # completions that failed their checks (extension side)
 
     def _check_size(self) -> None:
         """Refuse to touch the mapping of a file that shrank since it was mapped.
@@ -322,6 +323,12 @@ class Channel:
     def submit_raw(self, record: bytes) -> bool:
         """Queue raw bytes (tests use this to send malformed records)."""
         head, tail = self._load(OFF_SUB_HEAD), self._load(OFF_SUB_TAIL)
+        if tail >= MAX_INDEX and head == tail:
+            # An empty ring at the u64 limit (only garbage puts it there): restart
+            # at 0, tail first, so that the agent sees tail < head and follows.
+            self._store(OFF_SUB_TAIL, 0)
+            self._store(OFF_SUB_HEAD, 0)
+            head = tail = 0
         if tail < head or tail - head >= self.sub_slots or tail >= MAX_INDEX:
             return False
         off = self._slot(HEADER_SIZE, tail, self.sub_slots)
@@ -344,7 +351,11 @@ class Channel:
             return out
         while head < tail:
             off = self._slot(comp_base, head, self.comp_slots)
-            out.append(decode_completion(bytes(self._map[off:off + RECORD_SIZE])))
+            try:
+                out.append(decode_completion(bytes(self._map[off:off + RECORD_SIZE])))
+            except MalformedRecord:
+                self.malformed += 1  # counted, not raised: one bad slot must not
+                # stop the reader (or `agent recommend --wait`) from seeing the rest
             head += 1
         self._store(OFF_COMP_HEAD, head)
         return out
@@ -382,8 +393,15 @@ class Channel:
         self._check_size()
         comp_base = HEADER_SIZE + self.sub_slots * RECORD_SIZE
         head, tail = self._load(OFF_COMP_HEAD), self._load(OFF_COMP_TAIL)
-        if tail < head or tail - head >= self.comp_slots or tail >= MAX_INDEX:
-            return False  # corrupt indices (the extension's to fix) or a full ring
+        if tail < head or tail - head > self.comp_slots or tail >= MAX_INDEX:
+            # Corrupt indices (the extension wrote them, or garbage did): restart
+            # the completion ring empty, as take_submissions does for its ring;
+            # otherwise a tail at 2^64 - 1 would silence this ring for good.
+            head = tail = 0
+            self._store(OFF_COMP_HEAD, 0)
+            self._store(OFF_COMP_TAIL, 0)
+        if tail - head >= self.comp_slots:
+            return False  # full: the extension does not read its completions
         off = self._slot(comp_base, tail, self.comp_slots)
         self._map[off:off + RECORD_SIZE] = encode_completion(c)
         self._store(OFF_COMP_TAIL, tail + 1)
