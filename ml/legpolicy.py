@@ -82,6 +82,10 @@ class PolicyConfig:
     #: latest score is lower keeps being watched rather than asked about and
     #: refused (a refusal costs a retry pause)
     min_confidence: float = 0.5
+    #: after any leg changes state, verdicts are ignored this long: the
+    #: scorer's window (1 s) still mixes before and after, and a leg that
+    #: just took over every read would look slow next to its old self
+    settle_s: float = 1.0
     min_active: int = 1            # never fewer active legs than this
     readmit_hold_s: float = 5.0    # probes healthy this long before a promotion
     min_health_samples: int = 5    # ... in at least this many ticks
@@ -98,8 +102,8 @@ class PolicyConfig:
             raise LegPolicyError(f"demote_after must be >= 1 tick, got {self.demote_after}")
         if self.min_active < 1:
             raise LegPolicyError(f"min_active must be >= 1 leg, got {self.min_active}")
-        for name in ("readmit_hold_s", "min_dwell_s", "answer_timeout_s", "retry_after_s",
-                     "resync_timeout_s", "flap_window_s"):
+        for name in ("readmit_hold_s", "min_dwell_s", "settle_s", "answer_timeout_s",
+                     "retry_after_s", "resync_timeout_s", "flap_window_s"):
             if not getattr(self, name) >= 0:
                 raise LegPolicyError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.dwell_backoff < 1 or self.max_dwell_s < self.min_dwell_s:
@@ -141,6 +145,7 @@ class LegPolicy:
             raise LegPolicyError(f"a leg policy needs a mirror of 2 or more legs, got {legs}")
         self.config = config or PolicyConfig()
         self._legs = [_Leg(since=now, dwell_s=self.config.min_dwell_s) for _ in range(legs)]
+        self._settle_until = float("-inf")
         if states is not None:
             self.observe_states(list(states), now)
 
@@ -171,7 +176,10 @@ class LegPolicy:
         lg = self._legs[leg]
         if lg.state is not LegState.ACTIVE:
             return None  # demoted legs are judged by their probes, not by these verdicts
-        if not flagged:
+        # Judged only next to other active legs (the peers in the same role:
+        # a lone active leg serves every read and looks slow next to a demoted
+        # leg's writes and probes), and not while the windows settle.
+        if not flagged or now < self._settle_until or self._active() < 2:
             lg.streak, lg.streak_scores = 0, []
             return None
         lg.streak += 1
@@ -268,6 +276,8 @@ class LegPolicy:
     # ---- transitions ------------------------------------------------------------
 
     def _set(self, lg: _Leg, state: LegState, now: float) -> None:
+        if state is not lg.state:
+            self._settle_until = max(self._settle_until, now + self.config.settle_s)
         lg.state, lg.since, lg.applied = state, now, False
         lg.streak, lg.streak_scores = 0, []
         lg.healthy_since, lg.healthy_ticks, lg.hold_scores = None, 0, []
@@ -617,8 +627,10 @@ def controller_for(server: Any, scorer: Any, *, agent_dir: str | None = None,
     """The leg controller of a live mirror device, attached to its scorer."""
     legs = len(server.leg_info())
     sink = AgentSink(f"ublkb{server.dev_id}", agent_dir)
-    ctl = LegController(legs, sink, server=server, config=config,
-                        log_path=legs_log_file(server.dev_id, directory),
+    log_path = legs_log_file(server.dev_id, directory)
+    with contextlib.suppress(OSError):
+        os.unlink(log_path)   # a new device: a new log (ids are reused)
+    ctl = LegController(legs, sink, server=server, config=config, log_path=log_path,
                         window_ticks=scorer.window_ticks)
     return ctl.attach(scorer)
 

@@ -89,6 +89,20 @@ def test_never_demotes_the_last_active_leg() -> None:
     assert reqs == [] and p.state(1) is LegState.ACTIVE
 
 
+def test_a_lone_active_leg_builds_no_streak_and_windows_settle() -> None:
+    """Flags on the only active leg do not count (it serves every read): when the
+    other leg comes back, it takes K fresh flags after the settle time."""
+    p = LegPolicy(2, CFG)
+    _, t = flag(p, 1, 3, 0.0)
+    p.answer(1, "demote_leg", True, t)
+    reqs, t = flag(p, 0, 30, t)
+    p.observe_states(["active", "active"], t)     # leg 1 back (an operator)
+    reqs, t = flag(p, 0, 9, t)                    # within the settle second
+    assert reqs == []
+    reqs, t = flag(p, 0, 3, t + CFG.settle_s)
+    assert [r.action for r in reqs] == ["demote_leg"]
+
+
 def test_a_refused_demotion_is_retried_only_after_a_pause() -> None:
     p = LegPolicy(2, CFG)
     reqs, t = flag(p, 1, 3, 0.0)
@@ -151,9 +165,11 @@ def test_a_relapse_doubles_the_dwell_up_to_the_cap() -> None:
         r = None
         while r is None:
             t += TICK
+            assert t < 10_000, "never promoted"
             r = p.health(1, True, 0.1, t)
         p.answer(1, "promote_leg", True, t)
         p.observe_states(["active", "active"], t)
+        t += CFG.settle_s     # verdicts are ignored while the scorer's window settles
     assert dwells == [10.0, 20.0, 40.0, 80.0, 80.0, 80.0]
     # A long healthy spell resets it.
     t += CFG.flap_window_s + 1
