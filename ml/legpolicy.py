@@ -461,6 +461,7 @@ class LegController:
         self.events: list[dict[str, Any]] = []
         self.counters = {"requests": 0, "applied": 0, "refused": 0, "unsent": 0}
         self._faults: dict[int, str] = {}
+        self._probe_logged: dict[int, float] = {}
         self._sync_states()
 
     def attach(self, scorer: Any) -> LegController:
@@ -606,6 +607,14 @@ class LegController:
         for i, p in enumerate(paths):
             leg = int(p)
             if leg < len(states) and states[leg] is LegState.DEMOTED:
+                if now - self._probe_logged.get(leg, float("-inf")) >= 1.0:
+                    # Once a second: why a leg is (not) re-admitted, for whoever asks.
+                    self._probe_logged[leg] = now
+                    self._event("probe", leg=leg, score=round(float(scores[i]), 4),
+                                flagged=bool(flags[i]), probes=int(x[i, FEATURE_INDEX["samples"]]),
+                                **{k: round(float(x[i, FEATURE_INDEX[k]]), 3)
+                                   for k in ("peer_lat_ratio", "peer_p90_ratio",
+                                             "peer_p99_ratio")})
                 req = self.policy.health(leg, not bool(flags[i]), float(scores[i]), now)
                 if req is not None:
                     self._send(req, score=float(scores[i]))
