@@ -166,6 +166,17 @@ static __always_inline int slot_of(__u32 dev)
 	return -1;
 }
 
+/* The config of a watched device (and its slot in *slot), or NULL. */
+static __always_inline struct ka_dev_cfg *cfg_of(__u32 dev, __u32 *slot)
+{
+	int i = slot_of(dev);
+
+	if (i < 0)
+		return NULL;
+	*slot = i;
+	return bpf_map_lookup_elem(&ka_devices, slot);
+}
+
 static __always_inline void on_issue(__u32 dev, __u32 slot, struct ka_start_key *key, __u32 op)
 {
 	struct ka_dev_stats *st;
@@ -290,13 +301,9 @@ int BPF_PROG(ka_btf_issue, struct request *rq)
 	__u32 dev = rq_dev(rq);
 	struct ka_dev_stats *st;
 	struct ka_dev_cfg *cfg;
-	int slot = slot_of(dev);
 	__u32 s;
 
-	if (slot < 0)
-		return 0;
-	s = slot;
-	cfg = bpf_map_lookup_elem(&ka_devices, &s);
+	cfg = cfg_of(dev, &s);
 	if (!cfg)
 		return 0;
 	if (cfg->flags & KA_F_PRECISE) {
@@ -316,15 +323,11 @@ int BPF_PROG(ka_btf_requeue, struct request *rq)
 {
 	struct ka_dev_stats *st;
 	struct ka_dev_cfg *cfg;
-	int slot = slot_of(rq_dev(rq));
 	__u32 s;
 
 	/* It will be issued again (and counted in flight again). The precise
 	 * path handles this at issue (BPF_NOEXIST). */
-	if (slot < 0)
-		return 0;
-	s = slot;
-	cfg = bpf_map_lookup_elem(&ka_devices, &s);
+	cfg = cfg_of(rq_dev(rq), &s);
 	if (!cfg || (cfg->flags & KA_F_PRECISE) || rq->start_time_ns < cfg->since_ns)
 		return 0;
 	st = bpf_map_lookup_elem(&ka_stats, &s);
@@ -342,14 +345,10 @@ int BPF_PROG(ka_btf_complete, struct request *rq, blk_status_t error, unsigned i
 	int partial = nr_bytes < rq->__data_len;
 	__u32 dev = rq_dev(rq);
 	struct ka_dev_cfg *cfg;
-	int slot = slot_of(dev);
 	__u64 start;
 	__u32 s;
 
-	if (slot < 0)
-		return 0;
-	s = slot;
-	cfg = bpf_map_lookup_elem(&ka_devices, &s);
+	cfg = cfg_of(dev, &s);
 	if (!cfg)
 		return 0;
 	if (cfg->flags & KA_F_PRECISE) {
@@ -423,14 +422,10 @@ SEC("tracepoint/block/block_rq_complete")
 int ka_tp_complete(struct ka_tp_rq_complete *ctx)
 {
 	struct ka_start_key key = { .a = ctx->dev, .b = ctx->sector };
-	int slot = slot_of(ctx->dev);
 	struct ka_dev_cfg *cfg;
 	__u32 s;
 
-	if (slot < 0)
-		return 0;
-	s = slot;
-	cfg = bpf_map_lookup_elem(&ka_devices, &s);
+	cfg = cfg_of(ctx->dev, &s);
 	/* The trace event has no "bytes remaining": treat every completion as
 	 * whole (partial completions are rare: only on errors and some drivers). */
 	if (cfg)
