@@ -266,11 +266,22 @@ def load_model_bytes(data: bytes, where: str = "<bytes>", expect_kind: str | Non
         raise ModelError(f"{where}: empty file, not an ONNX model")
     _onnx_check(data, where)
     sess = _session(data, where)
+    try:
+        return _bind_contract(sess, data, where, expect_kind)
+    except UnicodeDecodeError as e:
+        # protobuf strings need not be UTF-8 on the wire; onnxruntime passes
+        # them on as they are and pybind11 decodes them on access (names, metadata).
+        raise ModelError(f"{where}: a name or metadata string is not UTF-8 "
+                         f"({e.reason} at byte {e.start}); the file is damaged") from None
+
+
+def _bind_contract(sess: Any, data: bytes, where: str, expect_kind: str | None) -> Model:
     meta = dict(sess.get_modelmeta().custom_metadata_map)
+    inputs = sess.get_inputs()
+    outputs = sess.get_outputs()
     kind, names, output, threshold, version = parse_metadata(meta, where)
     if expect_kind is not None and kind != expect_kind:
         raise ModelError(f"{where}: a {kind} model, {expect_kind} expected")
-    inputs = sess.get_inputs()
     if len(inputs) != 1:
         raise ModelError(f"{where}: needs exactly one input, has {len(inputs)}")
     inp = inputs[0]
@@ -280,7 +291,6 @@ def load_model_bytes(data: bytes, where: str = "<bytes>", expect_kind: str | Non
     if len(dims) != 2 or isinstance(dims[0], int) or dims[1] != len(names):
         raise ModelError(f"{where}: input {inp.name!r} must have shape [N, {len(names)}] "
                          f"with N dynamic (one column per declared feature), has {dims}")
-    outputs = sess.get_outputs()
     for o in outputs:
         if o.type.startswith(("seq(", "map(")):
             raise ModelError(f"{where}: output {o.name!r} is a {o.type}: export the "

@@ -126,6 +126,17 @@ def test_truncated_reference_model(cut: int) -> None:
     assert "\n" not in str(e.value)
 
 
+def test_metadata_not_utf8() -> None:
+    # CI's bit flips found it: a metadata value that is no longer UTF-8 passed
+    # the checker and onnxruntime, then raised UnicodeDecodeError on access.
+    key = b"ublkml.version\x12\x03"
+    assert REF.count(key) == 1
+    data = REF.replace(key + b"1", key + b"\xb1")
+    with pytest.raises(ModelError, match="not UTF-8") as e:
+        load_model_bytes(data, "f.onnx")
+    assert "\n" not in str(e.value)
+
+
 @settings(max_examples=100, deadline=None)
 @given(st.integers(0, len(REF) - 1), st.integers(0, 7))
 def test_bit_flipped_reference_model(pos: int, bit: int) -> None:
