@@ -597,6 +597,8 @@ def make_plots(doc: dict[str, Any], outdir: Path) -> list[str]:
                if any(k[0] == d for k in idx)]
     files: list[str] = []
     for w, label in _workloads(doc):
+        if not any(_iops(idx, (d, w, q)) is not None for d in devices for q in (1, 2)):
+            continue  # nothing measured here (e.g. only the overhead group ran)
         # IOPS, grouped by device, one bar per queue count.
         fig, ax = plt.subplots(figsize=(9, 4.5))
         width = 0.38

@@ -1,8 +1,10 @@
 """The scorer thread of a live device: completion records in, path verdicts out.
 
-Every ``interval_s`` (100 ms) the thread drains the device's completion
-records (``Server.read_completions``), folds them into per-path summaries
-(:func:`ml.features.summarize`), keeps a sliding window of the last
+Every ``interval_s`` (100 ms) the thread takes the tick's per-path
+summaries: from the counts the queue threads keep (``Server.read_summaries``,
+``ServerConfig.summaries``: no per-I/O work in Python, the difference of two
+reads), else by draining the completion records (``Server.read_completions``)
+and folding them (:func:`ml.features.summarize`).  It keeps a sliding window of the last
 ``window_ticks`` ticks as a running sum (add the new tick, subtract the one
 that fell out), and scores every path with enough completions in one
 onnxruntime call: per path per window, never per I/O.
@@ -38,8 +40,16 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from ml.features import FEATURE_NAMES, Summary, select, summarize, summary_features
+from ml.features import (
+    FEATURE_NAMES,
+    Summary,
+    select,
+    summarize,
+    summary_features,
+    summary_from_counts,
+)
 from ml.model import Model, ModelError, load_model, reference_model
+from ublk_driver.records import COMPLETION_DTYPE
 
 log = logging.getLogger("ublkml.ml.scorer")
 
@@ -64,6 +74,10 @@ def verdicts_file(dev_id: int, directory: str | None = None) -> str:
 
 class CompletionSource(Protocol):
     def read_completions(self, max_per_queue: int = ...) -> npt.NDArray[Any]: ...
+
+
+class SummarySource(Protocol):
+    def read_summaries(self) -> npt.NDArray[Any] | None: ...
 
 
 @dataclass(frozen=True)
@@ -114,6 +128,7 @@ class Scorer:
         self.state_interval_s = state_interval_s
         self._ring: collections.deque[tuple[Summary, float]] = collections.deque()
         self._window = Summary.empty()
+        self._counts: npt.NDArray[Any] | None = None  # the engine's, at the last tick
         self._last_tick = time.monotonic()
         self._lock = threading.Lock()
         self._verdicts: dict[int, PathVerdict] = {}
@@ -197,17 +212,34 @@ class Scorer:
         self.ticks += 1
         return out
 
+    def _tick_summary(self) -> tuple[Summary, npt.NDArray[Any]]:
+        """This tick's completions: from the engine's per-path counts when the
+        source keeps them (no per-I/O work here), else from its records."""
+        counts = None
+        reader = getattr(self.source, "read_summaries", None)
+        if reader is not None:
+            counts = reader()
+        if counts is None:
+            recs = self.source.read_completions()
+            return summarize(recs), recs
+        recs = (self.source.read_completions() if self.on_records is not None
+                else np.empty(0, dtype=COMPLETION_DTYPE))
+        prev, self._counts = self._counts, counts.copy()
+        if prev is not None:
+            for name in ("n", "errors", "bytes", "lat_sum", "lat_sumsq", "hist"):
+                counts[name] -= prev[name]
+        return summary_from_counts(counts), recs
+
     def _tick(self, t0: int) -> list[PathVerdict]:
-        recs = self.source.read_completions()
+        s, recs = self._tick_summary()
         now = time.monotonic()
         elapsed, self._last_tick = now - self._last_tick, now
-        s = summarize(recs)
         self._ring.append((s, elapsed))
         self._window.add(s)
         if len(self._ring) > self.window_ticks:
             old, _ = self._ring.popleft()
             self._window.subtract(old)
-        self.consumed += int(recs.shape[0])
+        self.consumed += int(s.n.sum())
         duration = sum(e for _, e in self._ring)
         paths, x = summary_features(self._window, max(duration, 1e-3), self.min_completions)
         model = self._model

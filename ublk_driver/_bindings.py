@@ -342,6 +342,21 @@ class Queue:
     def records_dropped(self) -> int:
         return int(lib.ublkml_queue_records_dropped(self._q)) if self._q is not None else 0
 
+    def enable_summaries(self) -> None:
+        """Keep per-path cumulative summaries (``records.SUMMARY_DTYPE``)."""
+        _check(lib.ublkml_queue_enable_summaries(self._q), "enable summaries")
+
+    def read_summaries(self, out: Any) -> int:
+        """Copy the summaries into ``out`` (``records.SUMMARY_DTYPE``, one row
+        per path, at most MAX_LEGS); returns the rows written."""
+        if self._q is None:
+            return 0
+        if out.dtype["hist"].shape[0] != lib.UBLKML_SUM_BINS:
+            raise ValueError("summary dtype does not match the engine")
+        ptr = ffi.cast("struct ublkml_path_summary *", ffi.from_buffer(out))
+        return _check(lib.ublkml_queue_read_summaries(self._q, ptr, len(out)),
+                      "read summaries")
+
     def stats(self) -> QueueStats:
         st = ffi.new("struct ublkml_queue_stats *")
         lib.ublkml_queue_get_stats(self._q, st)

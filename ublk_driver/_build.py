@@ -196,6 +196,16 @@ struct ublkml_completion {
     uint32_t pad1;
 };
 
+#define UBLKML_SUM_BINS ...
+struct ublkml_path_summary {
+    uint64_t n;
+    uint64_t errors;
+    uint64_t bytes;
+    uint64_t lat_sum;
+    double lat_sumsq;
+    uint64_t hist[512];
+};
+
 struct ublkml_ctrl;
 struct ublkml_target;
 struct ublkml_queue;
@@ -258,6 +268,9 @@ int ublkml_queue_inject(struct ublkml_queue *q, uint16_t tag, uint32_t op_flags,
 int ublkml_queue_enable_records(struct ublkml_queue *q, uint32_t capacity);
 int ublkml_queue_read_records(struct ublkml_queue *q, struct ublkml_completion *out, int max);
 uint64_t ublkml_queue_records_dropped(const struct ublkml_queue *q);
+int ublkml_queue_enable_summaries(struct ublkml_queue *q);
+int ublkml_queue_read_summaries(struct ublkml_queue *q, struct ublkml_path_summary *out,
+                                int max_paths);
 int ublkml_queue_harvest(struct ublkml_queue *q, struct ublkml_event *out, int max);
 """
 

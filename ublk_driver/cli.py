@@ -171,7 +171,14 @@ class _ScoringHooks:
         if self.enabled:
             from ml.scorer import Scorer
 
-            self.scorer = Scorer(server, self.model, dev_id=server.dev_id)
+            # Peers (mirror legs) are what a fail-slow verdict compares; a
+            # device with one path has none, so it is scored once a second
+            # over a 1-s window instead of ten times (each tick's features
+            # and model call cost ~10 ms of CPU in the TCG test bed).
+            peers = server.backend.paths > 1
+            self.scorer = Scorer(server, self.model, dev_id=server.dev_id,
+                                 interval_s=0.1 if peers else 1.0,
+                                 window_ticks=10 if peers else 1)
             if self.leg_policy and server.backend.name == "mirror":
                 from ml.legpolicy import controller_for
 
@@ -186,10 +193,14 @@ class _ScoringHooks:
 
 
 def _config_from(args: argparse.Namespace, dev_id: int) -> ServerConfig:
+    scoring = args.score is not None
+    # The scorer reads per-path summaries that the queue threads count; only
+    # the mirror's leg policy also wants the records themselves (probes).
+    records = scoring and args.type == "mirror" and not args.no_leg_policy
     config = ServerConfig(queues=args.queues, depth=args.depth, dev_id=dev_id,
                           max_io_bytes=args.max_io,
-                          record_capacity=1 << 14 if args.score is not None else 0,
-                          recovery=args.recovery)
+                          record_capacity=1 << 14 if records else 0,
+                          summaries=scoring, recovery=args.recovery)
     config.validate()
     return config
 

@@ -25,3 +25,21 @@ COMPLETION_DTYPE = np.dtype(
         ("pad1", "<u4"),
     ]
 )
+
+
+#: 16 linear bins per octave of latency (ns), as ml.features.latency_bins.
+SUMMARY_BINS = 512
+
+#: ``struct ublkml_path_summary``: per completion path, cumulative counts
+#: that the queue thread keeps (``ServerConfig.summaries``), so that the scorer
+#: does no per-I/O work.
+SUMMARY_DTYPE = np.dtype(
+    [
+        ("n", "<u8"),
+        ("errors", "<u8"),
+        ("bytes", "<u8"),         # moved by successful reads and writes
+        ("lat_sum", "<u8"),       # ns
+        ("lat_sumsq", "<f8"),     # ns^2
+        ("hist", "<u8", (SUMMARY_BINS,)),
+    ]
+)

@@ -28,7 +28,7 @@ from ublk_driver.control import Control, bdev_path, cdev_path
 from ublk_driver.ctl import ControlServer, socket_path
 from ublk_driver.errors import ConfigError, ControlError, DeviceNotFoundError, UblkError
 from ublk_driver.queue import QueueWorker
-from ublk_driver.records import COMPLETION_DTYPE
+from ublk_driver.records import COMPLETION_DTYPE, SUMMARY_DTYPE
 from ublk_driver.targets.base import Backend
 from ublk_driver.uapi import (
     DEV_ID_AUTO,
@@ -75,6 +75,9 @@ class ServerConfig:
     max_io_bytes: int = DEFAULT_MAX_IO
     #: completion records kept per queue for the ML scorer (0: off)
     record_capacity: int = 0
+    #: per-path summaries counted by the queue threads (the scorer's input
+    #: without per-I/O work in Python: Server.read_summaries)
+    summaries: bool = False
     #: what the kernel does when the server dies: "off" (the device is
     #: removed), "reissue" (it waits for `ublkml recover`; I/O that the dead
     #: server had taken is sent again to the new one) or "fail" (it waits;
@@ -213,7 +216,7 @@ class Server:
             cpus = self.control.get_queue_affinity(info.dev_id, q) if pin else None
             w = QueueWorker(self.backend, self._ctarget, self._cdev_fd, q,
                             info.queue_depth, info.max_io_buf_bytes, encode, cpus,
-                            self.config.record_capacity)
+                            self.config.record_capacity, self.config.summaries)
             self._workers.append(w)
             w.start()
         for w in self._workers:
@@ -406,6 +409,22 @@ class Server:
         if not parts:
             return np.empty(0, dtype=COMPLETION_DTYPE)
         return np.concatenate(parts)
+
+    def read_summaries(self) -> np.ndarray | None:
+        """Per-path cumulative summaries of every queue, added up
+        (``records.SUMMARY_DTYPE``, one row per path); None when off."""
+        if not self.config.summaries:
+            return None
+        total = np.zeros(_bindings.MAX_LEGS, dtype=SUMMARY_DTYPE)
+        buf = np.zeros(_bindings.MAX_LEGS, dtype=SUMMARY_DTYPE)
+        with self._queues_lock:
+            for w in self._workers:
+                if w.queue is None:
+                    continue
+                n = w.queue.read_summaries(buf)
+                for name in ("n", "errors", "bytes", "lat_sum", "lat_sumsq", "hist"):
+                    total[name][:n] += buf[name][:n]
+        return total
 
     def records_dropped(self) -> int:
         with self._queues_lock:

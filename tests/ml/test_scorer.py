@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 
 from ml.bench_scoring import measure
+from ml.features import summarize
 from ml.model import REFERENCE_MODELS, ModelError
 from ml.scorer import Scorer, model_file, verdicts_file
 from tests.ml.helpers import GOOD_META, batch, sigmoid_model
-from ublk_driver.records import COMPLETION_DTYPE
+from ublk_driver.records import COMPLETION_DTYPE, SUMMARY_DTYPE
 
 
 class Source:
@@ -44,6 +45,50 @@ def test_slow_leg_is_flagged_and_hooks_run() -> None:
     assert sc.consumed == 9000 and tapped == [3000] * 3
     assert {p for p, _, _ in seen} == {0, 1, 2}
     assert sc.stats()["scoring_ns_per_completion"] > 0
+
+
+class CountingSource(Source):
+    """The engine's per-path counts (``Server.read_summaries``), made here by
+    adding up the same batches in Python: a stand-in for the queue threads
+    (whose counting tests/ublk_driver/test_summaries.py checks)."""
+
+    def __init__(self, *batches: np.ndarray) -> None:
+        super().__init__(*batches)
+        self.total = np.zeros(8, dtype=SUMMARY_DTYPE)
+        self.record_reads = 0
+
+    def read_completions(self, max_per_queue: int = 65536) -> np.ndarray:
+        self.record_reads += 1
+        return np.zeros(0, COMPLETION_DTYPE)
+
+    def read_summaries(self) -> np.ndarray:
+        if self.batches:
+            s = summarize(self.batches.pop(0))
+            k = s.n_paths
+            self.total["n"][:k] += s.n.astype(np.uint64)
+            self.total["errors"][:k] += s.errors.astype(np.uint64)
+            self.total["bytes"][:k] += s.bytes.astype(np.uint64)
+            self.total["lat_sum"][:k] += s.lat_sum.astype(np.uint64)
+            self.total["lat_sumsq"][:k] += s.lat_sumsq
+            self.total["hist"][:k] += s.hist.astype(np.uint64)
+        return self.total.copy()
+
+
+def test_summaries_give_the_same_verdicts_as_records() -> None:
+    batches = [batch(3000, paths=3, slow_path=1, factor=5.0, seed=i) for i in range(3)]
+    by_records = Scorer(Source(*batches))
+    src = CountingSource(*batches)
+    by_counts = Scorer(src)
+    for _ in range(4):
+        by_records.tick()
+        by_counts.tick()
+    a, b = by_records.verdicts(), by_counts.verdicts()
+    assert set(a) == set(b) == {0, 1, 2}
+    for p in a:
+        assert (a[p].flagged, a[p].completions) == (b[p].flagged, b[p].completions)
+        assert a[p].score == pytest.approx(b[p].score, rel=1e-4)
+    assert by_counts.consumed == 9000
+    assert src.record_reads == 0  # no records drained without an on_records hook
 
 
 def test_window_slides() -> None:

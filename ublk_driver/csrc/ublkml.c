@@ -1028,15 +1028,10 @@ struct ublkml_queue {
 	/* completion records (SPSC: the queue thread produces) */
 	struct ublkml_completion *rec;
 	uint32_t rec_mask;
-	/* One clock read per batch when records are on: the time the batch's
-	 * completions arrived.  A record's latency is then batch to batch
-	 * (the work inside one batch, microseconds, is not counted), and the
-	 * queue thread reads the clock once per batch instead of twice per
-	 * I/O: in a VM without a stable TSC every read is a system call. */
-	uint64_t clock;
 	uint64_t rec_head;		/* producer: next slot to write */
 	uint64_t rec_tail;		/* consumer: next slot to read */
 	uint64_t rec_dropped;
+	struct ublkml_path_summary *sums;	/* [UBLKML_MAX_LEGS] or NULL */
 	/* faults and mirror */
 	struct qfault qf[UBLKML_MAX_LEGS];
 	uint32_t read_rr;		/* round robin over ACTIVE legs */
@@ -1187,6 +1182,7 @@ void ublkml_queue_free(struct ublkml_queue *q)
 	free(q->pending);
 	free(q->harvest);
 	free(q->rec);
+	free(q->sums);
 	free(q);
 }
 void ublkml_queue_set_spin(struct ublkml_queue *q, uint32_t spin_usec)
@@ -1270,22 +1266,62 @@ int ublkml_queue_submit_fetches(struct ublkml_queue *q)
 	return ret < 0 ? ret : 0;
 }
 
-/* One completion record: a request (path 0) or, for the mirror, a leg I/O
- * or a health probe (path = leg). */
+/* ml.features.latency_bins in integers: frexp's exponent is the bit length. */
+static unsigned lat_bin(uint32_t lat)
+{
+	int e;
+	uint32_t top;
+
+	if (!lat)
+		return 0;
+	e = 32 - __builtin_clz(lat);
+	top = e >= 5 ? lat >> (e - 5) : lat << (5 - e);	/* 16..31 */
+	return (unsigned)(e - 1) * 16u + top - 16u;
+}
+
+static void sum_add(uint64_t *p, uint64_t v)
+{
+	/* single writer (the queue thread); readers load words atomically */
+	__atomic_store_n(p, *p + v, __ATOMIC_RELAXED);
+}
+
+static void summarize_io(struct ublkml_queue *q, uint8_t path, uint8_t op,
+			 int32_t res, uint64_t lat)
+{
+	struct ublkml_path_summary *s = &q->sums[path % UBLKML_MAX_LEGS];
+	uint32_t l = lat > UINT32_MAX ? UINT32_MAX : (uint32_t)lat;
+	double sq = s->lat_sumsq + (double)l * (double)l;
+
+	sum_add(&s->n, 1);
+	if (res < 0)
+		sum_add(&s->errors, 1);
+	else if (op <= UBLK_IO_OP_WRITE && res > 0)
+		sum_add(&s->bytes, (uint64_t)res);
+	sum_add(&s->lat_sum, l);
+	__atomic_store(&s->lat_sumsq, &sq, __ATOMIC_RELAXED);
+	sum_add(&s->hist[lat_bin(l)], 1);
+}
+
+/* One completion: a request (path 0) or, for the mirror, a leg I/O or a
+ * health probe (path = leg), into the summaries and/or the record ring. */
 static void record(struct ublkml_queue *q, uint16_t tag, uint8_t path,
 		   uint8_t op, uint64_t off, uint32_t len, int32_t res,
 		   uint64_t t_start)
 {
-	uint64_t tail = __atomic_load_n(&q->rec_tail, __ATOMIC_ACQUIRE);
 	struct ublkml_completion *c;
-	uint64_t now, lat;
+	uint64_t tail, now, lat;
 
+	now = now_ns();
+	lat = t_start && now > t_start ? now - t_start : 0;
+	if (q->sums)
+		summarize_io(q, path, op, res, lat);
+	if (!q->rec)
+		return;
+	tail = __atomic_load_n(&q->rec_tail, __ATOMIC_ACQUIRE);
 	if (q->rec_head - tail > q->rec_mask) {
 		q->rec_dropped++;	/* the scorer is behind: never wait for it */
 		return;
 	}
-	now = q->clock ? q->clock : now_ns();
-	lat = t_start && now > t_start ? now - t_start : 0;
 	c = &q->rec[q->rec_head & q->rec_mask];
 	c->t_ns = now;
 	c->offset = off;
@@ -1326,6 +1362,30 @@ int ublkml_queue_read_records(struct ublkml_queue *q,
 	return n;
 }
 
+int ublkml_queue_enable_summaries(struct ublkml_queue *q)
+{
+	if (q->sums)
+		return -EINVAL;
+	q->sums = calloc(UBLKML_MAX_LEGS, sizeof(*q->sums));
+	return q->sums ? 0 : -ENOMEM;
+}
+
+int ublkml_queue_read_summaries(struct ublkml_queue *q,
+				struct ublkml_path_summary *out, int max_paths)
+{
+	int n = max_paths < UBLKML_MAX_LEGS ? max_paths : UBLKML_MAX_LEGS;
+	const uint64_t *src;
+	uint64_t *dst;
+
+	if (!q->sums || n <= 0)
+		return -EINVAL;
+	src = (const uint64_t *)q->sums;
+	dst = (uint64_t *)out;
+	for (size_t i = 0; i < (size_t)n * sizeof(*out) / sizeof(uint64_t); i++)
+		dst[i] = __atomic_load_n(&src[i], __ATOMIC_RELAXED);
+	return n;
+}
+
 uint64_t ublkml_queue_records_dropped(const struct ublkml_queue *q)
 {
 	return __atomic_load_n(&q->rec_dropped, __ATOMIC_RELAXED);
@@ -1336,7 +1396,7 @@ static void complete_io(struct ublkml_queue *q, uint16_t tag, int32_t res)
 {
 	if (res < 0)
 		q->st.errors++;
-	if (q->rec && q->t->kind != UBLKML_TGT_MIRROR) {
+	if ((q->rec || q->sums) && q->t->kind != UBLKML_TGT_MIRROR) {
 		const struct ublksrv_io_desc *iod = &q->iods[tag];
 
 		record(q, tag, 0, iod->op_flags & 0xff,
@@ -1610,8 +1670,7 @@ static void leg_start(struct ublkml_queue *q, uint16_t tag, int leg)
 
 	l->done = 0;
 	l->zero_fallback = 0;
-	/* A fault's schedule needs the exact time; a record, the batch's. */
-	l->t_start = fault_get(q, leg) ? now_ns() : q->clock;
+	l->t_start = q->rec || q->sums || fault_get(q, leg) ? now_ns() : 0;
 	ret = fault_error(q, leg, q->ts[tag].op);
 	if (ret) {
 		leg_io_done(q, tag, leg, ret);	/* injected: never issued */
@@ -1728,7 +1787,7 @@ static void probe_finish(struct ublkml_queue *q, int slot, int res)
 	__atomic_fetch_add(&lg->probes, 1, __ATOMIC_RELAXED);
 	if (res < 0)
 		__atomic_fetch_add(&lg->errors, 1, __ATOMIC_RELAXED);
-	if (q->rec)
+	if (q->rec || q->sums)
 		record(q, UBLKML_PROBE_TAG, p->leg, UBLK_IO_OP_READ, p->off,
 		       p->len, res, p->t_start);
 	p->busy = 0;
@@ -1883,7 +1942,7 @@ static void mirror_leg_finish(struct ublkml_queue *q, uint16_t tag, int leg,
 		   (int)s->len : 0;
 	uint32_t was;
 
-	if (q->rec)
+	if (q->rec || q->sums)
 		record(q, tag, (uint8_t)leg, s->op, s->off, s->len, res,
 		       lio(q, tag, leg)->t_start);
 	if (s->op == UBLK_IO_OP_READ) {
@@ -1960,8 +2019,8 @@ static void handle_request(struct ublkml_queue *q, uint16_t tag)
 		q->st.ops[op]++;
 		q->st.bytes[op] += len;
 	}
-	if (q->rec)
-		s->t_start = q->clock;
+	if (q->rec || q->sums)
+		s->t_start = now_ns();
 	if ((op == UBLK_IO_OP_READ || op == UBLK_IO_OP_WRITE) && len > q->buf_size) {
 		complete_io(q, tag, -EINVAL);
 		return;
@@ -2108,8 +2167,6 @@ static int process_batch(struct ublkml_queue *q)
 		if (ring_error(ret))
 			return ret;
 	}
-	if (q->rec)
-		q->clock = now_ns();
 	io_uring_for_each_cqe(&q->ring, head, cqe) {
 		handle_cqe(q, cqe);
 		n++;
@@ -2154,8 +2211,6 @@ int ublkml_queue_commit_and_wait(struct ublkml_queue *q,
 
 	if (q->t->kind != UBLKML_TGT_EVENTS || q->cdev_fd < 0 || max <= 0)
 		return -EINVAL;
-	if (q->rec && n_done)
-		q->clock = now_ns();	/* the plug-in's answers: now */
 	for (int i = 0; i < n_done; i++)
 		complete_io(q, evs[i].tag, evs[i].result);
 	while (q->n_pending == 0) {
@@ -2183,8 +2238,6 @@ int ublkml_queue_inject(struct ublkml_queue *q, uint16_t tag, uint32_t op_flags,
 	iod->start_sector = start_sector;
 	iod->nr_sectors = nr_sectors;
 	iod->addr = 0;
-	if (q->rec)
-		q->clock = now_ns();	/* as if it came with a batch */
 	handle_request(q, tag);
 	return 0;
 }

@@ -168,6 +168,21 @@ struct ublkml_completion {
 	uint32_t pad1;
 };
 
+/* Per completion path, cumulative since enabled: what the ML scorer's
+ * features need (ml/features.py Summary), counted by the queue thread so
+ * that scoring costs no per-I/O work in Python.  hist: 16 linear bins per
+ * octave of latency in ns (bin = (e-1)*16 + top 5 bits - 16, e = bit length),
+ * the same bins as ml.features.latency_bins. */
+#define UBLKML_SUM_BINS		512
+struct ublkml_path_summary {
+	uint64_t n;
+	uint64_t errors;
+	uint64_t bytes;		/* moved by successful reads and writes */
+	uint64_t lat_sum;	/* ns */
+	double lat_sumsq;	/* ns^2 */
+	uint64_t hist[UBLKML_SUM_BINS];
+};
+
 struct ublkml_queue;
 
 /* cdev_fd < 0 builds a harness queue: no ublk driver, descriptors live in
@@ -197,6 +212,11 @@ void ublkml_queue_get_stats(const struct ublkml_queue *q,
 int ublkml_queue_enable_records(struct ublkml_queue *q, uint32_t capacity);
 int ublkml_queue_read_records(struct ublkml_queue *q,
 			      struct ublkml_completion *out, int max);
+/* Per-path summaries (UBLKML_MAX_LEGS paths); read copies them (any
+ * thread; each word is read atomically, fields may be a few I/Os apart). */
+int ublkml_queue_enable_summaries(struct ublkml_queue *q);
+int ublkml_queue_read_summaries(struct ublkml_queue *q,
+				struct ublkml_path_summary *out, int max_paths);
 uint64_t ublkml_queue_records_dropped(const struct ublkml_queue *q);
 
 /* Harness only. */
