@@ -62,6 +62,8 @@ class QueueWorker(threading.Thread):
         self.fetched = threading.Event()
         self.error: BaseException | None = None
         self.final_stats: _bindings.QueueStats | None = None
+        self.done = threading.Event()
+        self._free_lock = threading.Lock()  # stats readers vs free()
 
     def run(self) -> None:
         try:
@@ -81,6 +83,7 @@ class QueueWorker(threading.Thread):
                 queue.relay_init(plugin.timeout, MAX_STUCK)
             queue.submit_fetches()
             self.fetched.set()
+            ErrorWatch(self).start()
             if plugin is not None and plugin.timeout > 0:
                 self._serve_relayed(queue, plugin)
             elif plugin is not None:
@@ -93,6 +96,7 @@ class QueueWorker(threading.Thread):
             self.fetched.set()
             if self.queue is not None:
                 self.final_stats = self.queue.stats()
+            self.done.set()
 
     def _serve_relayed(self, queue: _bindings.Queue, backend: PluginBackend) -> None:
         pool = RelayPool(queue, backend, self.q_id)
@@ -102,10 +106,11 @@ class QueueWorker(threading.Thread):
 
     def stats(self) -> _bindings.QueueStats | None:
         """The queue's counters: live while it serves, final afterwards."""
-        if self.final_stats is not None:
-            return self.final_stats
-        q = self.queue
-        return q.stats() if q is not None else None
+        with self._free_lock:
+            if self.final_stats is not None:
+                return self.final_stats
+            q = self.queue
+            return q.stats() if q is not None else None
 
     def stats_dict(self) -> dict[str, Any] | None:
         """``stats()`` for ``ublkml status`` (JSON), with the plug-in timeouts."""
@@ -118,8 +123,9 @@ class QueueWorker(threading.Thread):
             errno_name = _errno_name(-st.last_error)
             out["last_error"] = {"errno": errno_name, "op": _op_name(st.last_error_op),
                                  "offset": st.last_error_offset}
-        q = self.queue
-        relay = q.relay_stats() if q is not None else None
+        with self._free_lock:
+            q = self.queue
+            relay = q.relay_stats() if q is not None else None
         if relay is not None:
             out["plugin"] = {"timeouts": relay.timeouts, "late": relay.late,
                              "unserved": relay.unserved, "stuck": relay.stuck}
@@ -127,9 +133,10 @@ class QueueWorker(threading.Thread):
 
     def free(self) -> None:
         """Release the queue (after the thread ended)."""
-        if self.queue is not None:
-            self.queue.free()
-            self.queue = None
+        with self._free_lock:
+            if self.queue is not None:
+                self.queue.free()
+                self.queue = None
 
 
 def _errno_name(value: int) -> str:
@@ -213,3 +220,36 @@ class RelayPool:
                                  daemon=True)
             self._threads = [x for x in self._threads if x.is_alive()] + [t]
         t.start()
+
+
+class ErrorWatch(threading.Thread):
+    """Logs a queue's I/O errors (at most one line per ``interval``) while it serves.
+
+    The engine answers a failed request without any Python; this thread
+    reads its counters, so backing-store errors (a failing disk, a full file
+    system, an injected fault) show up in the server's log, as well as in
+    ``ublkml status``.
+    """
+
+    def __init__(self, worker: QueueWorker, interval: float = 1.0) -> None:
+        super().__init__(name=f"ublk-q{worker.q_id}-err", daemon=True)
+        self.worker = worker
+        self.interval = interval
+
+    def run(self) -> None:
+        seen = 0
+        last = time.monotonic()
+        while True:
+            finished = self.worker.done.wait(self.interval)
+            st = self.worker.stats()
+            now = time.monotonic()
+            if st is not None and st.errors > seen:
+                op = _op_name(st.last_error_op)
+                print(f"ublkml: queue {self.worker.q_id}: {st.errors - seen} I/O error(s) in "
+                      f"the last {now - last:.1f} s ({st.errors} in all); last: "
+                      f"{_errno_name(-st.last_error)} on {op} at offset "
+                      f"{st.last_error_offset}", file=sys.stderr, flush=True)
+                seen = st.errors
+            last = now
+            if finished:
+                return

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import pytest
 
 from ublk_driver import _bindings
-from ublk_driver.queue import RelayPool, default_ring_flags
+from ublk_driver.queue import ErrorWatch, RelayPool, default_ring_flags
 from ublk_driver.targets import PluginBackend
 from ublk_driver.targets.ramdisk import RamDisk
 from ublk_driver.uapi import IoFlag, Op
@@ -188,3 +188,32 @@ def test_queue_freed_while_a_call_is_stuck_is_freed_when_it_returns(
     while any(t.name.startswith("ublk-q0-py") and t.is_alive() for t in threading.enumerate()):
         assert time.monotonic() < deadline, "the late worker did not leave"
         time.sleep(0.01)
+
+
+class _FakeWorker:
+    """What ErrorWatch reads of a QueueWorker."""
+
+    def __init__(self, errors: list[int]) -> None:
+        self.q_id = 2
+        self.done = threading.Event()
+        self._errors = errors
+
+    def stats(self) -> _bindings.QueueStats:
+        n = self._errors.pop(0)
+        if not self._errors:  # the last value: the queue has finished
+            self._errors.append(n)
+            self.done.set()
+        return _bindings.QueueStats((0,) * 8, (0,) * 8, n, 1, -errno.ENOSPC, Op.WRITE, 8192)
+
+
+def test_error_watch_logs_new_errors_once(capsys: pytest.CaptureFixture[str]) -> None:
+    w = _FakeWorker([0, 3, 3, 5])
+    watch = ErrorWatch(w, interval=0.01)  # type: ignore[arg-type]
+    watch.start()
+    watch.join(5)
+    assert not watch.is_alive()
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("ublkml: queue 2: 3 I/O error(s) in the last ")
+    assert lines[0].endswith("(3 in all); last: ENOSPC on WRITE at offset 8192")
+    assert "2 I/O error(s)" in lines[1] and "(5 in all)" in lines[1]
