@@ -66,6 +66,7 @@ class QueueWorker(threading.Thread):
         self._free_lock = threading.Lock()  # stats readers vs free()
 
     def run(self) -> None:
+        watch: ErrorWatch | None = None
         try:
             _bindings.set_thread_name(f"ublk-q{self.q_id}")
             if self.cpus:
@@ -83,7 +84,8 @@ class QueueWorker(threading.Thread):
                 queue.relay_init(plugin.timeout, MAX_STUCK)
             queue.submit_fetches()
             self.fetched.set()
-            ErrorWatch(self).start()
+            watch = ErrorWatch(self)
+            watch.start()
             if plugin is not None and plugin.timeout > 0:
                 self._serve_relayed(queue, plugin)
             elif plugin is not None:
@@ -97,6 +99,8 @@ class QueueWorker(threading.Thread):
             if self.queue is not None:
                 self.final_stats = self.queue.stats()
             self.done.set()
+            if watch is not None:
+                watch.join(5)  # its last line written: this queue leaves no thread
 
     def _serve_relayed(self, queue: _bindings.Queue, backend: PluginBackend) -> None:
         pool = RelayPool(queue, backend, self.q_id)
