@@ -11,7 +11,7 @@ import contextlib
 import errno
 import os
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -44,6 +44,11 @@ class EventHandler(Protocol):
     def __call__(self, tag: int, op: int, op_flags: int, offset: int, length: int,
                  buf: memoryview) -> int: ...
 
+
+#: op of an event a stuck relay worker must skip, and the answer it gives
+OP_CANCELLED: int = lib.UBLKML_OP_CANCELLED
+RELAY_CANCELLED: int = lib.UBLKML_RELAY_CANCELLED
+_RELAY_NOTE: int = lib.UBLKML_RELAY_NOTE
 
 RING_COOP_TASKRUN: int = lib.IORING_SETUP_COOP_TASKRUN
 RING_TASKRUN_FLAG: int = lib.IORING_SETUP_TASKRUN_FLAG
@@ -241,6 +246,39 @@ class QueueStats:
     bytes: tuple[int, ...]
     errors: int
     batches: int
+    #: the last request answered with an error: negative errno (0: none), op, offset
+    last_error: int = 0
+    last_error_op: int = 0
+    last_error_offset: int = 0
+
+
+@dataclass(frozen=True)
+class RelayStats:
+    """Plug-in calls of one relayed queue (``struct ublkml_relay_stats``)."""
+
+    timeouts: int   # I/Os failed because their plug-in call hung
+    late: int       # hung calls that returned later
+    unserved: int   # I/Os failed because no worker took them in time
+    stuck: int      # calls running past the timeout now
+    workers: int
+
+
+@dataclass(frozen=True)
+class RelayNote:
+    """News for a relay worker (``struct ublkml_relay_note``)."""
+
+    stuck: int            # calls running past the timeout now
+    timeouts: int         # I/Os failed by the timeout, ever
+    late: int             # given-up calls that returned later, ever
+    spawn: bool           # start one more worker (a spare)
+    came_back: bool       # this worker's previous call had been given up ...
+    late_s: float         # ... and returned this long after it was handed out
+    new_timeouts: int     # I/Os failed by the timeout since the last such note; the last:
+    op: int
+    op_flags: int
+    offset: int
+    length: int
+    stuck_s: float        # how long that call had run
 
 
 class EventBatch:
@@ -268,6 +306,7 @@ class Queue:
         self.depth = depth
         self.buf_size = buf_size
         self._bufs: list[memoryview] | None = None
+        self._relayed = False
 
     def free(self) -> None:
         if self._q is not None:
@@ -296,7 +335,12 @@ class Queue:
         return _check(ret, f"queue {self.q_id}")
 
     def buffer(self, tag: int) -> memoryview:
-        """The I/O buffer of ``tag`` (``buf_size`` bytes), without copying."""
+        """The I/O buffer of ``tag`` (``buf_size`` bytes), without copying.
+
+        Relayed queues give a tag a fresh buffer when its plug-in call hangs:
+        their buffers are looked up each time."""
+        if self._relayed:
+            return memoryview(ffi.buffer(lib.ublkml_queue_buf(self._q, tag), self.buf_size))
         if self._bufs is None:
             self._bufs = [
                 memoryview(ffi.buffer(lib.ublkml_queue_buf(self._q, t), self.buf_size))
@@ -359,8 +403,44 @@ class Queue:
 
     def stats(self) -> QueueStats:
         st = ffi.new("struct ublkml_queue_stats *")
-        lib.ublkml_queue_get_stats(self._q, st)
-        return QueueStats(tuple(st.ops), tuple(st.bytes), int(st.errors), int(st.batches))
+        if self._q is not None:
+            lib.ublkml_queue_get_stats(self._q, st)
+        return QueueStats(tuple(st.ops), tuple(st.bytes), int(st.errors), int(st.batches),
+                          int(st.last_error), int(st.last_error_op),
+                          int(st.last_error_offset))
+
+    # ---- the relay: plug-in calls off the ring thread, with a timeout ----------
+
+    def relay_init(self, timeout: float, max_stuck: int) -> None:
+        """Make this event queue relayed: a plug-in call that has not returned
+        after ``timeout`` seconds fails its I/O with ETIMEDOUT.  Before serving."""
+        if not 0 < timeout <= 86400:
+            raise ValueError(f"relay timeout must be 0..86400 s, got {timeout}")
+        if not 0 <= max_stuck <= 1024:
+            raise ValueError(f"max_stuck must be 0..1024, got {max_stuck}")
+        _check(lib.ublkml_queue_relay_init(self._q, round(timeout * 1e9), max_stuck),
+               f"queue {self.q_id}: relay")
+        self._bufs = None
+        self._relayed = True
+
+    def relay(self) -> None:
+        """The ring thread of a relayed queue: serve until the driver aborts it
+        (harness: until every injected request is answered); then every
+        worker waiting for work returns."""
+        _check(lib.ublkml_queue_relay(self._q), f"queue {self.q_id}")
+
+    def relay_stats(self) -> RelayStats | None:
+        if self._q is None:
+            return None
+        st = ffi.new("struct ublkml_relay_stats *")
+        if lib.ublkml_queue_relay_stats(self._q, st) < 0:
+            return None
+        return RelayStats(int(st.timeouts), int(st.late), int(st.unserved), int(st.stuck),
+                          int(st.workers))
+
+    def relay_worker(self) -> RelayWorker:
+        """Join a worker (on any thread; serve it on its own thread)."""
+        return RelayWorker(self)
 
     # ---- harness ------------------------------------------------------------
 
@@ -374,3 +454,72 @@ class Queue:
         Waits for target I/O (and injected delays) while nothing is ready."""
         n = _check(lib.ublkml_queue_harvest(self._q, batch.c, batch.size), "harvest")
         return [(int(batch.c[i].tag), int(batch.c[i].result)) for i in range(n)]
+
+
+class RelayWorker:
+    """A thread's seat at a relayed queue: it takes batches and answers them.
+
+    Joined when created (so the queue counts it before it runs); the C side
+    frees it when :meth:`serve` returns, and the queue's memory stays until
+    the last worker has left, even when the queue was freed first (a plug-in
+    call that never returns).
+    """
+
+    def __init__(self, queue: Queue) -> None:
+        if queue._q is None:
+            raise ValueError("the queue is freed")
+        out = ffi.new("struct ublkml_relay_worker **")
+        _check(lib.ublkml_relay_join(queue._q, out), f"queue {queue.q_id}: relay worker")
+        self._w: Any = out[0]
+        self._qptr: Any = queue._q
+        self.q_id = queue.q_id
+        self.depth = queue.depth
+        self.buf_size = queue.buf_size
+
+    def _views(self) -> list[memoryview]:
+        return [memoryview(ffi.buffer(lib.ublkml_queue_buf(self._qptr, t), self.buf_size))
+                for t in range(self.depth)]
+
+    def serve(self, handler: EventHandler, on_note: Callable[[RelayNote], None]) -> None:
+        """Answer batches with ``handler`` until the queue is done.
+
+        ``on_note`` is called (on this thread, before the batch is served)
+        when there is news: a call given up by the timeout, this worker's own
+        stuck call having returned, a spare to start.
+        """
+        if self._w is None:
+            raise ValueError("this worker has left")
+        w = self._w
+        batch = EventBatch(self.depth)
+        evs = batch.c
+        size = batch.size
+        cnote = ffi.new("struct ublkml_relay_note *")
+        nxt = lib.ublkml_relay_next
+        NOTE = _RELAY_NOTE
+        bufs = self._views()
+        n = 0
+        while True:
+            ret = nxt(w, evs, n, size, cnote)
+            if ret < 0:
+                self._w = None
+                if ret == -errno.ENODEV:
+                    return
+                _check(ret, f"queue {self.q_id}: relay worker")
+            n = ret
+            if ret & NOTE:
+                n = ret & (NOTE - 1)
+                bufs = self._views()    # a stuck call's tag got a fresh buffer
+                on_note(_relay_note(cnote))
+            for i in range(n):
+                e = evs[i]
+                tag = e.tag
+                e.result = handler(tag, e.op, e.op_flags, e.start_sector << 9,
+                                   e.nr_sectors << 9, bufs[tag])
+
+
+def _relay_note(c: Any) -> RelayNote:
+    return RelayNote(stuck=int(c.stuck), timeouts=int(c.timeouts), late=int(c.late),
+                     spawn=bool(c.spawn), came_back=bool(c.came_back),
+                     late_s=int(c.late_ns) / 1e9, new_timeouts=int(c.new_timeouts),
+                     op=int(c.op), op_flags=int(c.op_flags), offset=int(c.start_sector) << 9,
+                     length=int(c.nr_sectors) << 9, stuck_s=int(c.stuck_ns) / 1e9)

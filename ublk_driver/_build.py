@@ -225,6 +225,42 @@ struct ublkml_queue_stats {
     uint64_t bytes[8];
     uint64_t errors;
     uint64_t batches;
+    int32_t last_error;
+    uint32_t last_error_op;
+    uint64_t last_error_offset;
+};
+
+#define UBLKML_OP_CANCELLED ...
+#define UBLKML_RELAY_PENDING ...
+#define UBLKML_RELAY_CANCELLED ...
+#define UBLKML_RELAY_NOTE ...
+
+struct ublkml_relay_worker;
+
+struct ublkml_relay_note {
+    uint32_t buf_gen;
+    uint32_t stuck;
+    uint64_t timeouts;
+    uint64_t late;
+    uint32_t spawn;
+    uint32_t came_back;
+    uint64_t late_ns;
+    uint32_t new_timeouts;
+    uint16_t tag;
+    uint8_t op;
+    uint8_t pad0;
+    uint32_t op_flags;
+    uint32_t nr_sectors;
+    uint64_t start_sector;
+    uint64_t stuck_ns;
+};
+
+struct ublkml_relay_stats {
+    uint64_t timeouts;
+    uint64_t late;
+    uint64_t unserved;
+    uint32_t stuck;
+    uint32_t workers;
 };
 
 int ublkml_ctrl_open(struct ublkml_ctrl **out, const char *path);
@@ -272,6 +308,12 @@ int ublkml_queue_enable_summaries(struct ublkml_queue *q);
 int ublkml_queue_read_summaries(struct ublkml_queue *q, struct ublkml_path_summary *out,
                                 int max_paths);
 int ublkml_queue_harvest(struct ublkml_queue *q, struct ublkml_event *out, int max);
+int ublkml_queue_relay_init(struct ublkml_queue *q, uint64_t timeout_ns, int max_stuck);
+int ublkml_queue_relay(struct ublkml_queue *q);
+int ublkml_relay_join(struct ublkml_queue *q, struct ublkml_relay_worker **out);
+int ublkml_relay_next(struct ublkml_relay_worker *w, struct ublkml_event *evs, int n_done,
+                      int max, struct ublkml_relay_note *note);
+int ublkml_queue_relay_stats(struct ublkml_queue *q, struct ublkml_relay_stats *out);
 """
 
 ffibuilder = FFI()

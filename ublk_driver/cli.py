@@ -60,6 +60,20 @@ def _size_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _timeout_arg(text: str) -> float:
+    from ublk_driver.targets.plugin import check_timeout
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of seconds (0: no timeout), got {text!r}") from None
+    try:
+        return check_timeout(value)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _kv_arg(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key.isidentifier():
@@ -98,6 +112,8 @@ def _make_target(args: argparse.Namespace) -> Backend:
     t = args.type
     if t != "mirror" and args.leg:
         raise CliError("--leg is for -t mirror (use -f FILE for loop)", 2)
+    if t != "python" and args.plugin_timeout is not None:
+        raise CliError("--plugin-timeout is for -t python", 2)
     if t == "mirror":
         if not args.leg or len(args.leg) < 2:
             raise CliError("-t mirror needs at least two legs: --leg FILE --leg FILE", 2)
@@ -119,7 +135,9 @@ def _make_target(args: argparse.Namespace) -> Backend:
         plugin_args = dict(args.plugin_arg or [])
         if args.size is not None and "size" not in plugin_args:
             plugin_args["size"] = str(args.size)
-        return load_plugin(args.plugin, plugin_args)
+        if args.plugin_timeout is None:
+            return load_plugin(args.plugin, plugin_args)
+        return load_plugin(args.plugin, plugin_args, timeout=args.plugin_timeout)
     raise CliError(f"unknown target type {t!r}", 2)
 
 
@@ -479,6 +497,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--plugin", help="python: MODULE:CLASS or FILE.py:CLASS")
     a.add_argument("--plugin-arg", action="append", type=_kv_arg, metavar="KEY=VALUE",
                    help="python: keyword argument for the plug-in class (repeatable)")
+    a.add_argument("--plugin-timeout", type=_timeout_arg, metavar="SECONDS",
+                   help="python: a plug-in call that has not returned after SECONDS fails "
+                   "its I/O with ETIMEDOUT and is logged; the device goes on serving "
+                   "(default 30; 0: no timeout, calls run on the queue thread)")
     a.add_argument("--buffered", action="store_true",
                    help="loop, mirror: use the page cache instead of O_DIRECT")
     a.add_argument("--read-only", action="store_true", help="loop: open the file read-only")

@@ -107,8 +107,16 @@ def _status(args: argparse.Namespace) -> int:
     print(f"ublk device {st['dev_id']} ({st['bdev']}): {target.get('target', '?')}{size_text}, "
           f"{st.get('queues')} queue(s) x depth {st.get('depth')}, server pid {st.get('pid')}")
     for q in (st.get("stats") or {}).get("queues", []):
-        print(f"  queue {q['q_id']}: {sum(q['ops'])} I/Os, {q['errors']} errors, "
-              f"{q['batches']} batches")
+        line = (f"  queue {q['q_id']}: {sum(q['ops'])} I/Os, {q['errors']} errors, "
+                f"{q['batches']} batches")
+        last = q.get("last_error")
+        if last:
+            line += f" (last error: {last['errno']} on {last['op']} at {last['offset']})"
+        plugin = q.get("plugin")
+        if plugin:
+            line += (f"; plug-in calls: {plugin['timeouts']} timed out, {plugin['stuck']} "
+                     f"stuck now, {plugin['late']} returned late")
+        print(line)
     if st.get("legs"):
         _print_legs(st["legs"])
     for path, spec in sorted((st.get("faults") or {}).items()):

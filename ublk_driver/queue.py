@@ -5,16 +5,25 @@ lets issue that queue's later commands, so the worker sets up its queue, sends
 the FETCHes and serves, all on its own thread.  The C calls release the GIL:
 native queues run in parallel; plug-in queues take the GIL only for the
 plug-in's own methods.
+
+A plug-in with a timeout (the default) is served through the relay: this
+thread keeps the ring in C and never runs plug-in code; two worker threads
+(one serving, one spare) call the plug-in, and a worker whose call hangs is
+given up after the timeout (see ``targets/plugin.py``).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import threading
+import time
+from typing import Any
 
 from ublk_driver import _bindings
 from ublk_driver.targets.base import Backend
-from ublk_driver.targets.plugin import PluginBackend
+from ublk_driver.targets.plugin import MAX_STUCK, PluginBackend
+from ublk_driver.uapi import Op
 
 
 def default_ring_flags() -> int:
@@ -55,8 +64,11 @@ class QueueWorker(threading.Thread):
         self.fetched = threading.Event()
         self.error: BaseException | None = None
         self.final_stats: _bindings.QueueStats | None = None
+        self.done = threading.Event()
+        self._free_lock = threading.Lock()  # stats readers vs free()
 
     def run(self) -> None:
+        watch: ErrorWatch | None = None
         try:
             _bindings.set_thread_name(f"ublk-q{self.q_id}")
             if self.cpus:
@@ -71,10 +83,17 @@ class QueueWorker(threading.Thread):
                 queue.enable_records(self.record_capacity)
             if self.summaries:
                 queue.enable_summaries()
+            plugin = self.backend if isinstance(self.backend, PluginBackend) else None
+            if plugin is not None and plugin.timeout > 0:
+                queue.relay_init(plugin.timeout, MAX_STUCK)
             queue.submit_fetches()
             self.fetched.set()
-            if isinstance(self.backend, PluginBackend):
-                queue.serve_events(self.backend.handler())
+            watch = ErrorWatch(self)
+            watch.start()
+            if plugin is not None and plugin.timeout > 0:
+                self._serve_relayed(queue, plugin)
+            elif plugin is not None:
+                queue.serve_events(plugin.handler())
             else:
                 queue.run()
         except BaseException as e:  # reported by the server, never lost
@@ -83,9 +102,162 @@ class QueueWorker(threading.Thread):
             self.fetched.set()
             if self.queue is not None:
                 self.final_stats = self.queue.stats()
+            self.done.set()
+            if watch is not None:
+                watch.join(5)  # its last line written: this queue leaves no thread
+
+    def _serve_relayed(self, queue: _bindings.Queue, backend: PluginBackend) -> None:
+        pool = RelayPool(queue, backend, self.q_id)
+        pool.run()
+        if pool.error is not None and self.error is None:
+            self.error = pool.error
+
+    def stats(self) -> _bindings.QueueStats | None:
+        """The queue's counters: live while it serves, final afterwards."""
+        with self._free_lock:
+            if self.final_stats is not None:
+                return self.final_stats
+            q = self.queue
+            return q.stats() if q is not None else None
+
+    def stats_dict(self) -> dict[str, Any] | None:
+        """``stats()`` for ``ublkml status`` (JSON), with the plug-in timeouts."""
+        st = self.stats()
+        if st is None:
+            return None
+        out: dict[str, Any] = {"q_id": self.q_id, "ops": st.ops, "errors": st.errors,
+                               "batches": st.batches}
+        if st.last_error:
+            errno_name = _errno_name(-st.last_error)
+            out["last_error"] = {"errno": errno_name, "op": _op_name(st.last_error_op),
+                                 "offset": st.last_error_offset}
+        with self._free_lock:
+            q = self.queue
+            relay = q.relay_stats() if q is not None else None
+        if relay is not None:
+            out["plugin"] = {"timeouts": relay.timeouts, "late": relay.late,
+                             "unserved": relay.unserved, "stuck": relay.stuck}
+        return out
 
     def free(self) -> None:
         """Release the queue (after the thread ended)."""
-        if self.queue is not None:
-            self.queue.free()
-            self.queue = None
+        with self._free_lock:
+            if self.queue is not None:
+                self.queue.free()
+                self.queue = None
+
+
+def _errno_name(value: int) -> str:
+    import errno
+
+    return errno.errorcode.get(value, str(value))
+
+
+def _op_name(op: int) -> str:
+    try:
+        return Op(op).name
+    except ValueError:
+        return str(op)
+
+
+class RelayPool:
+    """The plug-in workers of one relayed queue (``relay_init`` done).
+
+    :meth:`run` is the queue's ring thread: it starts two workers (one
+    serves, one waits as the spare), serves until the queue is done (the
+    harness: until every injected request is answered), then lets the idle
+    workers go.  A worker whose plug-in call hung is given up by the C side;
+    the note that reports it asks for a new spare, started here.
+    """
+
+    def __init__(self, queue: _bindings.Queue, backend: PluginBackend, q_id: int) -> None:
+        self.queue = queue
+        self.backend = backend
+        self.q_id = q_id
+        self.error: BaseException | None = None
+        self.stuck_at_exit = 0
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self._seq = 0
+
+    def run(self, leave_wait: float = 2.0) -> None:
+        for _ in range(2):
+            self.start_worker()
+        try:
+            self.queue.relay()
+        finally:
+            # Idle workers leave at once; one still inside a hung call stays
+            # (a daemon thread): the queue's memory waits for it.
+            deadline = time.monotonic() + leave_wait
+            with self._lock:
+                threads = list(self._threads)
+            for t in threads:
+                t.join(max(0.0, deadline - time.monotonic()))
+            self.stuck_at_exit = sum(t.is_alive() for t in threads)
+            if self.stuck_at_exit:
+                print(f"ublkml: queue {self.q_id}: {self.stuck_at_exit} plug-in call(s) "
+                      "still stuck at shutdown, left running", file=sys.stderr, flush=True)
+
+    def start_worker(self) -> None:
+        worker = self.queue.relay_worker()  # joined now: counted before it runs
+        handler = self.backend.handler()
+        q_id = self.q_id
+
+        def on_note(note: _bindings.RelayNote) -> None:
+            self.backend.relay_note(q_id, note)
+            if note.spawn:
+                try:
+                    self.start_worker()
+                except (OSError, ValueError, RuntimeError) as e:
+                    print(f"ublkml: queue {q_id}: cannot start a spare plug-in worker: {e}",
+                          file=sys.stderr, flush=True)
+
+        def serve() -> None:
+            try:
+                _bindings.set_thread_name(f"ublk-q{q_id}-py")
+                worker.serve(handler, on_note)
+            except BaseException as e:  # never silent
+                print(f"ublkml: queue {q_id}: plug-in worker failed: {e!r}",
+                      file=sys.stderr, flush=True)
+                if self.error is None:
+                    self.error = e
+
+        with self._lock:
+            self._seq += 1
+            t = threading.Thread(target=serve, name=f"ublk-q{q_id}-py{self._seq}",
+                                 daemon=True)
+            self._threads = [x for x in self._threads if x.is_alive()] + [t]
+        t.start()
+
+
+class ErrorWatch(threading.Thread):
+    """Logs a queue's I/O errors (at most one line per ``interval``) while it serves.
+
+    The engine answers a failed request without any Python; this thread
+    reads its counters, so backing-store errors (a failing disk, a full file
+    system, an injected fault) show up in the server's log, as well as in
+    ``ublkml status``.
+    """
+
+    def __init__(self, worker: QueueWorker, interval: float = 1.0) -> None:
+        super().__init__(name=f"ublk-q{worker.q_id}-err", daemon=True)
+        self.worker = worker
+        self.interval = interval
+
+    def run(self) -> None:
+        seen = 0
+        last = time.monotonic()
+        while True:
+            finished = self.worker.done.wait(self.interval)
+            st = self.worker.stats()
+            now = time.monotonic()
+            if st is not None and st.errors > seen:
+                op = _op_name(st.last_error_op)
+                print(f"ublkml: queue {self.worker.q_id}: {st.errors - seen} I/O error(s) in "
+                      f"the last {now - last:.1f} s ({st.errors} in all); last: "
+                      f"{_errno_name(-st.last_error)} on {op} at offset "
+                      f"{st.last_error_offset}", file=sys.stderr, flush=True)
+                seen = st.errors
+            last = now
+            if finished:
+                return

@@ -458,12 +458,12 @@ class Server:
         self._mirror().promote(leg)
 
     def stats(self) -> dict[str, Any]:
+        """Per queue: ops, errors (and the last one), batches; live while serving."""
         out: dict[str, Any] = {"queues": []}
         for w in self._workers:
-            st = w.final_stats
+            st = w.stats_dict()
             if st is not None:
-                out["queues"].append({"q_id": w.q_id, "ops": st.ops, "errors": st.errors,
-                                      "batches": st.batches})
+                out["queues"].append(st)
         return out
 
     def serve_forever(self, on_ready: Any = None, recover: int | None = None) -> list[str]:

@@ -74,7 +74,12 @@ class FakeServer:
         self.promote_gate.set()
 
     def stats(self) -> dict[str, Any]:
-        return {"queues": [{"q_id": 0, "ops": [3, 4, 0, 0, 0], "errors": 0, "batches": 5}]}
+        return {"queues": [{"q_id": 0, "ops": [3, 4, 0, 0, 0], "errors": 0, "batches": 5},
+                           {"q_id": 1, "ops": [0, 2, 0, 0, 0], "errors": 2, "batches": 1,
+                            "last_error": {"errno": "ETIMEDOUT", "op": "WRITE",
+                                           "offset": 4096},
+                            "plugin": {"timeouts": 1, "late": 0, "unserved": 0,
+                                       "stuck": 1}}]}
 
     def _check_leg(self, leg: int) -> None:
         if leg >= len(self.legs):

@@ -44,7 +44,9 @@ def test_status_text_and_json(served: Served) -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("ublk device 7 (/dev/ublkb7): mirror 64M, 2 queue(s) x depth "
                                   "64, server pid")
-    assert "queue 0: 7 I/Os, 0 errors, 5 batches" in proc.stdout
+    assert "queue 0: 7 I/Os, 0 errors, 5 batches\n" in proc.stdout
+    assert ("queue 1: 2 I/Os, 2 errors, 1 batches (last error: ETIMEDOUT on WRITE at 4096); "
+            "plug-in calls: 1 timed out, 1 stuck now, 0 returned late\n") in proc.stdout
     doc = json.loads(run(served, "status", "-n", "7", "--json").stdout)
     assert doc["dev_id"] == 7 and len(doc["legs"]) == 2
 

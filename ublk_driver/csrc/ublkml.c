@@ -44,6 +44,7 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -939,6 +940,7 @@ enum {
 	KIND_DELAY = 1,		/* the injected delay of a leg I/O ended */
 	KIND_PROBE = 2,		/* a health probe (probe slot) */
 	KIND_PROBE_DELAY = 3,
+	KIND_RELAY = 4,		/* a relay worker handed a batch back */
 };
 
 static uint64_t tgt_ud(uint32_t kind, uint32_t leg, uint32_t idx)
@@ -1038,7 +1040,16 @@ struct ublkml_queue {
 	uint32_t reads_seen;		/* for probes: every Nth read */
 	struct probe probes[PROBE_SLOTS];
 	char *probe_bufs;
+	/* event targets with a plug-in timeout (see "event targets: the
+	 * relay"): the workers' rendezvous, and each tag's buffer (a tag whose
+	 * plug-in call hung gets a fresh one) */
+	struct relay *relay;
+	char **tag_buf;
 };
+
+static void queue_free_rest(struct ublkml_queue *q);
+static int relay_detach(struct ublkml_queue *q);
+static void relay_cqe(struct ublkml_queue *q);
 
 static size_t round_up(size_t v, size_t a)
 {
@@ -1169,22 +1180,21 @@ void ublkml_queue_free(struct ublkml_queue *q)
 		return;
 	if (q->ring.ring_fd >= 0)
 		io_uring_queue_exit(&q->ring);
+	q->ring.ring_fd = -1;
 	if (q->iods) {
 		if (q->cdev_fd >= 0)
 			munmap(q->iods, q->iods_len);
 		else
 			free(q->iods);
+		q->iods = NULL;
 	}
-	free(q->bufs);
-	free(q->probe_bufs);
-	free(q->ts);
-	free(q->lio);
-	free(q->pending);
-	free(q->harvest);
-	free(q->rec);
-	free(q->sums);
-	free(q);
+	/* Relay workers may still run (a plug-in call that never returned):
+	 * the last one to leave frees the rest, buffers included. */
+	if (q->relay && relay_detach(q))
+		return;
+	queue_free_rest(q);
 }
+
 void ublkml_queue_set_spin(struct ublkml_queue *q, uint32_t spin_usec)
 {
 	q->spin_ns = (uint64_t)spin_usec * 1000u;
@@ -1192,6 +1202,8 @@ void ublkml_queue_set_spin(struct ublkml_queue *q, uint32_t spin_usec)
 
 void *ublkml_queue_buf(struct ublkml_queue *q, uint16_t tag)
 {
+	if (q->tag_buf)		/* relayed event targets only */
+		return q->tag_buf[tag];
 	return q->bufs + (size_t)tag * q->buf_size;
 }
 
@@ -1394,8 +1406,14 @@ uint64_t ublkml_queue_records_dropped(const struct ublkml_queue *q)
 /* The answer to one request: commit it (or record it, in the harness). */
 static void complete_io(struct ublkml_queue *q, uint16_t tag, int32_t res)
 {
-	if (res < 0)
+	if (res < 0) {
+		const struct ublksrv_io_desc *iod = &q->iods[tag];
+
 		q->st.errors++;
+		q->st.last_error = res;
+		q->st.last_error_op = iod->op_flags & 0xff;
+		q->st.last_error_offset = iod->start_sector << SECTOR_SHIFT;
+	}
 	if ((q->rec || q->sums) && q->t->kind != UBLKML_TGT_MIRROR) {
 		const struct ublksrv_io_desc *iod = &q->iods[tag];
 
@@ -2111,6 +2129,9 @@ static void handle_cqe(struct ublkml_queue *q, const struct io_uring_cqe *cqe)
 			q->tgt_inflight--;
 			probe_finish(q, tag, q->probes[tag].res);
 			break;
+		case KIND_RELAY:
+			relay_cqe(q);
+			break;
 		}
 		return;
 	}
@@ -2231,7 +2252,7 @@ int ublkml_queue_inject(struct ublkml_queue *q, uint16_t tag, uint32_t op_flags,
 	struct ublksrv_io_desc *iod;
 
 	if (q->cdev_fd >= 0 || tag >= q->depth ||
-	    q->t->kind == UBLKML_TGT_EVENTS)
+	    (q->t->kind == UBLKML_TGT_EVENTS && !q->relay))
 		return -EINVAL;
 	iod = &q->iods[tag];
 	iod->op_flags = op_flags;
@@ -2255,4 +2276,575 @@ int ublkml_queue_harvest(struct ublkml_queue *q, struct ublkml_event *out,
 			return ret;
 	}
 	return take_events(q->harvest, &q->n_harvest, out, max);
+}
+
+/* ---- event targets: the relay ----------------------------------------------
+ *
+ * A plug-in method may never return.  Only the thread that fetched a queue's
+ * tags may commit them (and the ring is SINGLE_ISSUER), so if plug-in calls
+ * ran on that thread a hung call would stall the whole queue.  With a
+ * timeout the work is split:
+ *
+ *   - the ring thread (ublkml_queue_relay) keeps the ring: it reaps
+ *     requests, posts them as one batch, commits the answers;
+ *   - workers (Python threads in ublkml_relay_next) take the batch, call the
+ *     plug-in per event, write each result into their own event array and
+ *     hand the batch back (an eventfd read on the ring wakes the ring thread,
+ *     written only when it sleeps).
+ *
+ * One batch is out at a time, so a queue's plug-in calls stay sequential, as
+ * without a relay.  While a batch is out the ring thread wakes every poll_ns
+ * and looks at the answered prefix of the worker's array (the worker answers
+ * in order).  When it has not grown for timeout_ns the worker is given up
+ * ("fired"):
+ *   - the events after the stuck one are cancelled in the worker's array
+ *     (op = UBLKML_OP_CANCELLED: the handler skips them) and go back to the
+ *     front of the pending list, for the next worker;
+ *   - the stuck event fails with -ETIMEDOUT, and its tag gets a fresh buffer:
+ *     the hung call keeps the old one, so whatever it does with it when (if)
+ *     it returns cannot touch a later request's data;
+ *   - the next note tells a worker about it (the Python side logs which
+ *     method hung, and starts a new spare).
+ * A spare worker waits idle, so a hang needs no thread to be created before
+ * I/O flows again.  A fired worker that comes back finds out (came_back in
+ * its note), its retired buffers are freed, and it serves again.
+ *
+ * Race left open: the worker reads an event's op after storing the previous
+ * result; the ring thread cancels, fences, then re-reads the results.  A
+ * worker whose stuck call returns within the same few nanoseconds may serve
+ * the next event on the old buffer while it is also re-posted (then a write
+ * may be applied twice).  Closing it would take an atomic claim per I/O from
+ * Python, a C call per I/O.
+ */
+
+struct ublkml_relay_worker {
+	struct ublkml_queue *q;
+	struct ublkml_event *evs;	/* the worker's array while it holds a batch */
+	int n;
+	int fired;			/* given up: its answers are not wanted */
+	int came_back;
+	uint64_t t_taken;
+	uint64_t late_ns;
+	uint32_t buf_gen;		/* tag buffers as it last saw them */
+	char **retired;			/* buffers its stuck call may still use */
+	int n_retired;
+	struct ublkml_relay_worker *next;
+};
+
+struct relay {
+	pthread_mutex_t mu;
+	pthread_cond_t cv;		/* idle workers wait for a batch */
+	int efd;			/* workers -> ring thread */
+	uint64_t efd_val;
+	int efd_armed;			/* ring thread only */
+	uint64_t timeout_ns;
+	uint64_t poll_ns;
+	int max_stuck;
+	/* everything below: under mu */
+	struct ublkml_event *batch;	/* posted events */
+	int n_batch;
+	struct ublkml_event *done, *back;	/* ring thread's scratch */
+	int posted;			/* waiting for a worker */
+	uint64_t t_posted;
+	struct ublkml_relay_worker *holder;
+	struct ublkml_event *hevs;	/* the holder's array, its answers */
+	int hn;
+	int answered;			/* the holder handed it back */
+	int seen;			/* answered prefix at t_seen */
+	uint64_t t_seen;
+	int ring_sleeping;
+	int closing;			/* workers leave */
+	int dead;			/* queue freed: the last worker frees it */
+	int n_workers, n_idle, n_stuck;
+	uint32_t buf_gen;
+	uint64_t timeouts, late, unserved;
+	uint32_t unreported;		/* timeouts no note has reported yet */
+	struct ublkml_event last;	/* the last event failed by the timeout */
+	uint64_t last_stuck_ns;
+	struct ublkml_relay_worker *workers;
+};
+
+static int in_bufs(const struct ublkml_queue *q, const char *p)
+{
+	return p >= q->bufs && p < q->bufs + (size_t)q->depth * q->buf_size;
+}
+
+static void free_retired(struct ublkml_queue *q, struct ublkml_relay_worker *w)
+{
+	for (int i = 0; i < w->n_retired; i++)
+		if (!in_bufs(q, w->retired[i]))
+			free(w->retired[i]);
+	free(w->retired);
+	w->retired = NULL;
+	w->n_retired = 0;
+}
+
+int ublkml_queue_relay_init(struct ublkml_queue *q, uint64_t timeout_ns,
+			    int max_stuck)
+{
+	struct relay *r;
+
+	if (q->t->kind != UBLKML_TGT_EVENTS || q->relay || timeout_ns == 0 ||
+	    max_stuck < 0)
+		return -EINVAL;
+	r = calloc(1, sizeof(*r));
+	if (!r)
+		return -ENOMEM;
+	r->batch = calloc(q->depth, sizeof(*r->batch));
+	r->done = calloc(q->depth, sizeof(*r->done));
+	r->back = calloc(q->depth, sizeof(*r->back));
+	q->tag_buf = calloc(q->depth, sizeof(*q->tag_buf));
+	r->efd = eventfd(0, EFD_CLOEXEC);
+	if (!r->batch || !r->done || !r->back || !q->tag_buf || r->efd < 0) {
+		int ret = r->efd < 0 ? -errno : -ENOMEM;
+
+		if (r->efd >= 0)
+			close(r->efd);
+		free(r->batch);
+		free(r->done);
+		free(r->back);
+		free(q->tag_buf);
+		q->tag_buf = NULL;
+		free(r);
+		return ret;
+	}
+	for (int i = 0; i < q->depth; i++)
+		q->tag_buf[i] = q->bufs + (size_t)i * q->buf_size;
+	pthread_mutex_init(&r->mu, NULL);
+	pthread_cond_init(&r->cv, NULL);
+	r->timeout_ns = timeout_ns;
+	/* A stuck call is failed between timeout and timeout + poll. */
+	r->poll_ns = timeout_ns / 8;
+	if (r->poll_ns < 1000000)
+		r->poll_ns = 1000000;
+	if (r->poll_ns > 1000000000)
+		r->poll_ns = 1000000000;
+	r->max_stuck = max_stuck;
+	q->relay = r;
+	return 0;
+}
+
+/* Queue freed while workers remain (a call that never returned): they are
+ * told to leave, and the last one frees the queue's memory.  1: deferred. */
+static int relay_detach(struct ublkml_queue *q)
+{
+	struct relay *r = q->relay;
+	int keep;
+
+	pthread_mutex_lock(&r->mu);
+	r->dead = 1;
+	r->closing = 1;
+	keep = r->n_workers > 0;
+	pthread_cond_broadcast(&r->cv);
+	pthread_mutex_unlock(&r->mu);
+	return keep;
+}
+
+static void relay_free(struct ublkml_queue *q)
+{
+	struct relay *r = q->relay;
+
+	if (q->tag_buf) {
+		for (int i = 0; i < q->depth; i++)
+			if (!in_bufs(q, q->tag_buf[i]))
+				free(q->tag_buf[i]);
+		free(q->tag_buf);
+		q->tag_buf = NULL;
+	}
+	if (!r)
+		return;
+	while (r->workers) {		/* none left unless never detached */
+		struct ublkml_relay_worker *w = r->workers;
+
+		r->workers = w->next;
+		free_retired(q, w);
+		free(w);
+	}
+	close(r->efd);
+	pthread_cond_destroy(&r->cv);
+	pthread_mutex_destroy(&r->mu);
+	free(r->batch);
+	free(r->done);
+	free(r->back);
+	free(r);
+	q->relay = NULL;
+}
+
+static void queue_free_rest(struct ublkml_queue *q)
+{
+	relay_free(q);
+	free(q->bufs);
+	free(q->probe_bufs);
+	free(q->ts);
+	free(q->lio);
+	free(q->pending);
+	free(q->harvest);
+	free(q->rec);
+	free(q->sums);
+	free(q);
+}
+
+int ublkml_relay_join(struct ublkml_queue *q, struct ublkml_relay_worker **out)
+{
+	struct relay *r = q->relay;
+	struct ublkml_relay_worker *w;
+
+	if (!r)
+		return -EINVAL;
+	w = calloc(1, sizeof(*w));
+	if (!w)
+		return -ENOMEM;
+	w->q = q;
+	pthread_mutex_lock(&r->mu);
+	if (r->closing) {
+		pthread_mutex_unlock(&r->mu);
+		free(w);
+		return -ENODEV;
+	}
+	w->buf_gen = r->buf_gen;
+	w->next = r->workers;
+	r->workers = w;
+	r->n_workers++;
+	pthread_mutex_unlock(&r->mu);
+	*out = w;
+	return 0;
+}
+
+static void relay_note(struct relay *r, struct ublkml_relay_worker *w,
+		       struct ublkml_relay_note *note)
+{
+	memset(note, 0, sizeof(*note));
+	note->buf_gen = r->buf_gen;
+	w->buf_gen = r->buf_gen;
+	note->stuck = (uint32_t)r->n_stuck;
+	note->timeouts = r->timeouts;
+	note->late = r->late;
+	note->came_back = (uint32_t)w->came_back;
+	note->late_ns = w->late_ns;
+	w->came_back = 0;
+	note->new_timeouts = r->unreported;
+	if (r->unreported) {
+		note->tag = r->last.tag;
+		note->op = r->last.op;
+		note->op_flags = r->last.op_flags;
+		note->nr_sectors = r->last.nr_sectors;
+		note->start_sector = r->last.start_sector;
+		note->stuck_ns = r->last_stuck_ns;
+		r->unreported = 0;
+		/* The holder of a batch is the one live worker: ask for a
+		 * spare while stuck calls are within bounds. */
+		note->spawn = r->n_workers - r->n_stuck < 2 &&
+			      r->n_stuck < r->max_stuck;
+	}
+}
+
+int ublkml_relay_next(struct ublkml_relay_worker *w, struct ublkml_event *evs,
+		      int n_done, int max, struct ublkml_relay_note *note)
+{
+	struct ublkml_queue *q = w->q;
+	struct relay *r = q->relay;
+	int wake = 0, n, flags = 0, last;
+
+	if (max < q->depth)
+		return -EINVAL;
+	pthread_mutex_lock(&r->mu);
+	if (w->evs) {			/* it held a batch */
+		if (w->fired) {		/* ... and was given up meanwhile */
+			w->fired = 0;
+			w->came_back = 1;
+			w->late_ns = now_ns() - w->t_taken;
+			r->n_stuck--;
+			r->late++;
+			free_retired(q, w);
+		} else if (r->holder == w && n_done == w->n) {
+			r->answered = 1;
+			wake = r->ring_sleeping;
+			r->ring_sleeping = 0;
+		}
+		w->evs = NULL;
+	}
+	if (wake) {
+		uint64_t one = 1;
+
+		/* Nonblocking in practice: the counter is far from overflow. */
+		if (write(r->efd, &one, sizeof(one)) < 0)
+			r->ring_sleeping = 1;	/* unreachable; keep polling */
+	}
+	while (!r->closing && !r->posted) {
+		r->n_idle++;
+		pthread_cond_wait(&r->cv, &r->mu);
+		r->n_idle--;
+	}
+	if (r->closing) {
+		struct ublkml_relay_worker **pp = &r->workers;
+
+		while (*pp != w)
+			pp = &(*pp)->next;
+		*pp = w->next;
+		r->n_workers--;
+		last = r->dead && r->n_workers == 0;
+		pthread_mutex_unlock(&r->mu);
+		free_retired(q, w);
+		free(w);
+		if (last)
+			queue_free_rest(q);
+		return -ENODEV;
+	}
+	n = r->n_batch;
+	memcpy(evs, r->batch, (size_t)n * sizeof(*evs));
+	for (int i = 0; i < n; i++)
+		evs[i].result = UBLKML_RELAY_PENDING;
+	w->evs = evs;
+	w->n = n;
+	w->t_taken = now_ns();
+	r->posted = 0;
+	r->holder = w;
+	r->hevs = evs;
+	r->hn = n;
+	r->answered = 0;
+	r->seen = 0;
+	r->t_seen = w->t_taken;
+	if (w->buf_gen != r->buf_gen || r->unreported || w->came_back) {
+		relay_note(r, w, note);
+		flags = UBLKML_RELAY_NOTE;
+	}
+	pthread_mutex_unlock(&r->mu);
+	return n | flags;
+}
+
+int ublkml_queue_relay_stats(struct ublkml_queue *q,
+			     struct ublkml_relay_stats *out)
+{
+	struct relay *r = q->relay;
+
+	memset(out, 0, sizeof(*out));
+	if (!r)
+		return -EINVAL;
+	pthread_mutex_lock(&r->mu);
+	out->timeouts = r->timeouts;
+	out->late = r->late;
+	out->unserved = r->unserved;
+	out->stuck = (uint32_t)r->n_stuck;
+	out->workers = (uint32_t)r->n_workers;
+	pthread_mutex_unlock(&r->mu);
+	return 0;
+}
+
+static void relay_cqe(struct ublkml_queue *q)
+{
+	q->relay->efd_armed = 0;	/* re-armed by the loop */
+}
+
+static int relay_arm(struct ublkml_queue *q, struct relay *r)
+{
+	struct io_uring_sqe *sqe = get_sqe(q);
+
+	if (!sqe)
+		return -EBUSY;
+	io_uring_prep_read(sqe, r->efd, &r->efd_val, sizeof(r->efd_val), 0);
+	io_uring_sqe_set_data64(sqe, tgt_ud(KIND_RELAY, 0, 0));
+	r->efd_armed = 1;
+	return 0;
+}
+
+/* Answered prefix of the holder's array (the worker answers in order). */
+static int answered_prefix(const struct relay *r)
+{
+	int i = 0;
+
+	while (i < r->hn && __atomic_load_n(&r->hevs[i].result, __ATOMIC_ACQUIRE) !=
+			    UBLKML_RELAY_PENDING)
+		i++;
+	return i;
+}
+
+/* Give up the holder, stuck on event k (under mu).  Fills done[] with the
+ * answers to commit; the events it did not reach go back to pending.
+ * Returns how many answers, or -ENOMEM (then nothing changed: retried at
+ * the next poll). */
+static int relay_fire(struct ublkml_queue *q, struct relay *r, int k,
+		      uint64_t now, struct ublkml_event *done)
+{
+	struct ublkml_relay_worker *w = r->holder;
+	struct ublkml_event *back = r->back, *evs = r->hevs;
+	char *fresh = NULL, **retired;
+	int n = r->hn, n_done = 0, n_back = 0;
+	uint16_t tag = r->batch[k].tag;
+
+	if (posix_memalign((void **)&fresh, (size_t)sysconf(_SC_PAGESIZE),
+			   q->buf_size))
+		return -ENOMEM;
+	retired = realloc(w->retired, (size_t)(w->n_retired + 1) * sizeof(char *));
+	if (!retired) {
+		free(fresh);
+		return -ENOMEM;
+	}
+	w->retired = retired;
+	for (int i = k + 1; i < n; i++)
+		__atomic_store_n(&evs[i].op, UBLKML_OP_CANCELLED, __ATOMIC_RELAXED);
+	__atomic_thread_fence(__ATOMIC_SEQ_CST);
+	for (int i = 0; i < n; i++) {
+		int32_t res = __atomic_load_n(&evs[i].result, __ATOMIC_ACQUIRE);
+		struct ublkml_event e = r->batch[i];
+
+		if (i == k && res == UBLKML_RELAY_PENDING) {
+			e.result = -ETIMEDOUT;
+			done[n_done++] = e;
+		} else if (i > k && (res == UBLKML_RELAY_PENDING ||
+				     res == UBLKML_RELAY_CANCELLED)) {
+			back[n_back++] = e;
+		} else {
+			e.result = res;
+			done[n_done++] = e;
+		}
+	}
+	/* The stuck call keeps its buffer; the tag gets the fresh one. */
+	w->retired[w->n_retired++] = q->tag_buf[tag];
+	q->tag_buf[tag] = fresh;
+	r->buf_gen++;
+	if (n_back) {
+		memmove(q->pending + n_back, q->pending,
+			(size_t)q->n_pending * sizeof(*q->pending));
+		memcpy(q->pending, back, (size_t)n_back * sizeof(*back));
+		q->n_pending += n_back;
+	}
+	w->fired = 1;
+	r->n_stuck++;
+	r->timeouts++;
+	r->unreported++;
+	r->last = r->batch[k];
+	r->last_stuck_ns = now - r->t_seen;
+	r->holder = NULL;
+	r->answered = 0;
+	return n_done;
+}
+
+/* Take answers and give up stuck workers; post the pending requests. */
+static void relay_turn(struct ublkml_queue *q, struct relay *r)
+{
+	struct ublkml_event *done = r->done;
+	int n_done = 0;
+
+	pthread_mutex_lock(&r->mu);
+	if (r->holder && r->answered) {
+		for (int i = 0; i < r->hn; i++) {
+			done[i] = r->batch[i];
+			done[i].result = r->hevs[i].result;
+		}
+		n_done = r->hn;
+		r->holder = NULL;
+		r->answered = 0;
+	} else if (r->holder) {
+		uint64_t now = now_ns();
+		int k = answered_prefix(r);
+
+		if (k != r->seen) {
+			r->seen = k;
+			r->t_seen = now;
+		} else if (now - r->t_seen >= r->timeout_ns && k < r->hn) {
+			int ret = relay_fire(q, r, k, now, done);
+
+			n_done = ret > 0 ? ret : 0;
+		}
+	} else if (r->posted && now_ns() - r->t_posted >= r->timeout_ns) {
+		/* Nobody took it: every worker is stuck. */
+		for (int i = 0; i < r->n_batch; i++) {
+			done[i] = r->batch[i];
+			done[i].result = -ETIMEDOUT;
+		}
+		n_done = r->n_batch;
+		r->unserved += (uint64_t)n_done;
+		r->posted = 0;
+	}
+	if (!r->holder && !r->posted && q->n_pending) {
+		r->n_batch = take_events(q->pending, &q->n_pending, r->batch, q->depth);
+		r->posted = 1;
+		r->t_posted = now_ns();
+		if (r->n_idle)
+			pthread_cond_signal(&r->cv);
+	}
+	pthread_mutex_unlock(&r->mu);
+	for (int i = 0; i < n_done; i++)
+		complete_io(q, done[i].tag, done[i].result);
+}
+
+static int relay_finished(struct ublkml_queue *q, struct relay *r)
+{
+	int idle;
+
+	pthread_mutex_lock(&r->mu);
+	idle = !r->holder && !r->posted;
+	pthread_mutex_unlock(&r->mu);
+	if (!idle || q->n_pending)
+		return 0;
+	if (q->cdev_fd < 0)
+		return q->tgt_inflight == 0;	/* harness: all answered */
+	return queue_done(q);
+}
+
+/* Submit, then sleep until a CQE (or, while a batch is out, the next poll);
+ * handle every ready CQE. */
+static int relay_wait(struct ublkml_queue *q, struct relay *r)
+{
+	struct io_uring_cqe *cqe;
+	unsigned head, n = 0;
+	int out, ret;
+
+	pthread_mutex_lock(&r->mu);
+	out = r->holder || r->posted;
+	if (r->holder && r->answered) {
+		pthread_mutex_unlock(&r->mu);
+		ret = io_uring_submit(&q->ring);	/* the commits so far */
+		return ring_error(ret) ? ret : 0;
+	}
+	r->ring_sleeping = 1;
+	pthread_mutex_unlock(&r->mu);
+	if (out) {
+		struct __kernel_timespec ts = {
+			.tv_sec = (long long)(r->poll_ns / 1000000000u),
+			.tv_nsec = (long long)(r->poll_ns % 1000000000u),
+		};
+
+		ret = io_uring_submit_and_wait_timeout(&q->ring, &cqe, 1, &ts, NULL);
+	} else {
+		ret = io_uring_submit_and_wait(&q->ring, 1);
+	}
+	pthread_mutex_lock(&r->mu);
+	r->ring_sleeping = 0;
+	pthread_mutex_unlock(&r->mu);
+	if (ring_error(ret))
+		return ret;
+	io_uring_for_each_cqe(&q->ring, head, cqe) {
+		handle_cqe(q, cqe);
+		n++;
+	}
+	io_uring_cq_advance(&q->ring, n);
+	if (n)
+		q->st.batches++;
+	return 0;
+}
+
+int ublkml_queue_relay(struct ublkml_queue *q)
+{
+	struct relay *r = q->relay;
+	int ret = 0;
+
+	if (!r)
+		return -EINVAL;
+	for (;;) {
+		relay_turn(q, r);
+		if (relay_finished(q, r))
+			break;
+		if (!r->efd_armed && (ret = relay_arm(q, r)) < 0)
+			break;
+		ret = relay_wait(q, r);
+		if (ret < 0)
+			break;
+	}
+	pthread_mutex_lock(&r->mu);
+	r->closing = 1;
+	pthread_cond_broadcast(&r->cv);
+	pthread_mutex_unlock(&r->mu);
+	io_uring_submit(&q->ring);
+	return ret < 0 ? ret : 0;
 }

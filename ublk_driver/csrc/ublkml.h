@@ -150,6 +150,10 @@ struct ublkml_queue_stats {
 	uint64_t bytes[8];
 	uint64_t errors;
 	uint64_t batches;	/* completion batches reaped */
+	/* the last request answered with an error */
+	int32_t last_error;	/* negative errno, 0: none yet */
+	uint32_t last_error_op;	/* UBLK_IO_OP_* */
+	uint64_t last_error_offset;	/* bytes */
 };
 
 /* One completed request, for the ML scorer (ml/).  Written by the queue
@@ -224,5 +228,72 @@ int ublkml_queue_inject(struct ublkml_queue *q, uint16_t tag, uint32_t op_flags,
 			uint64_t start_sector, uint32_t nr_sectors);
 int ublkml_queue_harvest(struct ublkml_queue *q, struct ublkml_event *out,
 			 int max);
+
+/* ---- event targets: the relay (plug-in calls off the ring thread) ----- */
+
+/* A plug-in call may hang; only the thread that fetched a tag may commit
+ * it.  With a relay the queue's thread keeps the ring
+ * (ublkml_queue_relay) and worker threads call the plug-in
+ * (ublkml_relay_next); a call that does not return within the timeout
+ * fails its I/O with -ETIMEDOUT and the next worker takes over.  See
+ * "event targets: the relay" in ublkml.c. */
+
+/* An event the ring thread took back from a stuck worker: the handler
+ * must not serve it (answer UBLKML_RELAY_CANCELLED). */
+#define UBLKML_OP_CANCELLED	0xff
+/* Result of an event not answered yet, and of a cancelled one. */
+#define UBLKML_RELAY_PENDING	(-2147483647 - 1)
+#define UBLKML_RELAY_CANCELLED	(-2147483647)
+/* Set in ublkml_relay_next's return value when *note was filled. */
+#define UBLKML_RELAY_NOTE	(1 << 24)
+
+struct ublkml_relay_worker;
+
+/* What a worker should know; filled when ublkml_relay_next's return value
+ * has UBLKML_RELAY_NOTE. */
+struct ublkml_relay_note {
+	uint32_t buf_gen;	/* tag buffers moved: fetch them again */
+	uint32_t stuck;		/* plug-in calls running past the timeout now */
+	uint64_t timeouts;	/* I/Os failed by the timeout, ever */
+	uint64_t late;		/* given-up calls that returned later, ever */
+	uint32_t spawn;		/* 1: start one more worker (a spare) */
+	uint32_t came_back;	/* 1: this worker's previous batch had been
+				 * given up; its call returned after late_ns */
+	uint64_t late_ns;
+	uint32_t new_timeouts;	/* I/Os failed by the timeout since the last
+				 * note that reported any; the last one: */
+	uint16_t tag;
+	uint8_t op;
+	uint8_t pad0;
+	uint32_t op_flags;
+	uint32_t nr_sectors;
+	uint64_t start_sector;
+	uint64_t stuck_ns;	/* how long its call had run */
+};
+
+struct ublkml_relay_stats {
+	uint64_t timeouts;	/* I/Os failed because a call hung */
+	uint64_t late;		/* hung calls that returned later */
+	uint64_t unserved;	/* I/Os failed because no worker took them */
+	uint32_t stuck;		/* calls running past the timeout now */
+	uint32_t workers;
+};
+
+/* Before serving, on an event target's queue.  timeout_ns > 0; at most
+ * max_stuck calls may hang at once (then no spare is asked for). */
+int ublkml_queue_relay_init(struct ublkml_queue *q, uint64_t timeout_ns,
+			    int max_stuck);
+/* The ring thread: serve until the driver aborts the queue (harness: until
+ * every injected event is answered).  Workers are told to leave (-ENODEV). */
+int ublkml_queue_relay(struct ublkml_queue *q);
+/* A worker: join once, then loop on next.  next answers the previous batch
+ * (evs[0..n_done), results filled) and waits for the next one: returns its
+ * size (| UBLKML_RELAY_NOTE), or -ENODEV when the queue is done; the worker
+ * is then freed and must not be used again.  max >= the queue depth. */
+int ublkml_relay_join(struct ublkml_queue *q, struct ublkml_relay_worker **out);
+int ublkml_relay_next(struct ublkml_relay_worker *w, struct ublkml_event *evs,
+		      int n_done, int max, struct ublkml_relay_note *note);
+int ublkml_queue_relay_stats(struct ublkml_queue *q,
+			     struct ublkml_relay_stats *out);
 
 #endif /* UBLKML_H */

@@ -4,6 +4,12 @@ The C engine hands requests over in batches; :class:`PluginBackend` answers
 each with the plug-in's method.  The capabilities are inferred from the
 methods the plug-in class overrides (trio's trick), so the kernel never sends
 an operation the plug-in cannot serve.
+
+Plug-in methods may hang.  With a timeout (the default, 30 s) the queue's
+ring thread never runs plug-in code: worker threads do (the relay, see
+``csrc/ublkml.c``), and a call that has not returned within the timeout
+fails its I/O with ETIMEDOUT while a spare worker goes on with the rest.
+:meth:`PluginBackend.relay_note` logs which method hung.
 """
 
 from __future__ import annotations
@@ -23,6 +29,24 @@ from ublk_driver.errors import ConfigError, PluginError
 from ublk_driver.targets.base import Backend, Capabilities, ShortReadError, Target
 from ublk_driver.uapi import IoFlag, Op
 
+#: seconds a plug-in call may take before its I/O fails (``--plugin-timeout``)
+DEFAULT_TIMEOUT = 30.0
+MAX_TIMEOUT = 86400.0
+#: calls that may hang at once per queue (each holds a thread and a buffer);
+#: beyond them no spare worker is started and I/O fails after the timeout
+MAX_STUCK = 8
+
+
+def check_timeout(timeout: float) -> float:
+    """A plug-in timeout in seconds: 0 (none) or from 1 ms to a day."""
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise ConfigError(f"plug-in timeout must be a number of seconds, got {timeout!r}")
+    t = float(timeout)
+    if t != t or not (t == 0 or 0.001 <= t <= MAX_TIMEOUT):
+        raise ConfigError(f"plug-in timeout must be 0 (none) or 0.001..{MAX_TIMEOUT:g} s, "
+                          f"got {timeout!r}")
+    return t
+
 
 def _overrides(obj: Target, name: str) -> bool:
     impl = getattr(type(obj), name, None)
@@ -34,7 +58,12 @@ class PluginBackend(Backend):
 
     name = "python"
 
-    def __init__(self, plugin: Target, spec: str = "") -> None:
+    def __init__(self, plugin: Target, spec: str = "",
+                 timeout: float = DEFAULT_TIMEOUT) -> None:
+        """``timeout``: seconds a plug-in call may take before its I/O fails
+        with ETIMEDOUT (0: no timeout; calls then run on the queue's own
+        thread, and a hung call stalls that queue)."""
+        self.timeout = check_timeout(timeout)
         if not isinstance(plugin, Target):
             raise PluginError(f"{type(plugin).__name__} is not a ublk_driver.Target subclass")
         super().__init__()
@@ -64,6 +93,7 @@ class PluginBackend(Backend):
         self._errors_logged = 0
         self._log_lock = threading.Lock()
         self.io_errors = 0
+        self._read_name = "read_into" if _overrides(plugin, "read_into") else "read"
 
     @property
     def size(self) -> int:
@@ -77,7 +107,38 @@ class PluginBackend(Backend):
         return _bindings.CTarget(_bindings.TGT_EVENTS, self._size)
 
     def describe(self) -> dict[str, object]:
-        return {"target": self.name, "size": self.size, "plugin": self.spec}
+        return {"target": self.name, "size": self.size, "plugin": self.spec,
+                "plugin_timeout": self.timeout}
+
+    def method_of(self, op: int, op_flags: int = 0) -> str:
+        """The plug-in method(s) that serve ``op``, for messages."""
+        if op == Op.READ:
+            return f"{self._read_name}()"
+        if op == Op.WRITE:
+            return "write() or flush() (a FUA write)" if op_flags & IoFlag.FUA else "write()"
+        names: dict[int, str] = {Op.FLUSH: "flush()", Op.DISCARD: "discard()",
+                                 Op.WRITE_ZEROES: "write_zeroes()"}
+        return names.get(op, f"op {op}")
+
+    def relay_note(self, q_id: int, note: _bindings.RelayNote) -> None:
+        """Log what a relay worker of queue ``q_id`` was told (hangs are rare:
+        not rate-limited)."""
+        if note.new_timeouts:
+            try:
+                what = f"{Op(note.op).name} at {note.offset}+{note.length}"
+            except ValueError:
+                what = f"op {note.op} at {note.offset}+{note.length}"
+            more = (f"; {note.new_timeouts - 1} more I/O(s) timed out since the last report"
+                    if note.new_timeouts > 1 else "")
+            print(f"ublkml: plug-in {self.spec}: {self.method_of(note.op, note.op_flags)} "
+                  f"did not return within {self.timeout:g} s ({what}, queue {q_id}, "
+                  f"running {note.stuck_s:.1f} s): the I/O failed with ETIMEDOUT{more}; "
+                  f"{note.stuck} call(s) still stuck, {note.timeouts} timed out in all",
+                  file=sys.stderr, flush=True)
+        if note.came_back:
+            print(f"ublkml: plug-in {self.spec}: a call given up after the timeout returned "
+                  f"{note.late_s:.1f} s after it was handed out (queue {q_id}); its I/O had "
+                  "already failed, its result was dropped", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         try:
@@ -101,6 +162,7 @@ class PluginBackend(Backend):
         discard, write_zeroes = p.discard, p.write_zeroes
         READ, WRITE, FLUSH = Op.READ, Op.WRITE, Op.FLUSH
         DISCARD, WRITE_ZEROES, FUA = Op.DISCARD, Op.WRITE_ZEROES, IoFlag.FUA
+        CANCELLED, RELAY_CANCELLED = _bindings.OP_CANCELLED, _bindings.RELAY_CANCELLED
 
         def handle(tag: int, op: int, op_flags: int, offset: int, length: int,
                    buf: memoryview) -> int:
@@ -122,6 +184,8 @@ class PluginBackend(Backend):
                 if op == WRITE_ZEROES:
                     write_zeroes(offset, length)
                     return 0
+                if op == CANCELLED:  # taken back from this (stuck) worker
+                    return RELAY_CANCELLED
                 return -errno.EOPNOTSUPP
             except ShortReadError as e:
                 self._log(f"{Op(op).name} at {offset}+{length}: {e}")
@@ -140,12 +204,14 @@ class PluginBackend(Backend):
         return handle
 
 
-def load_plugin(spec: str, args: Mapping[str, str] | None = None) -> PluginBackend:
+def load_plugin(spec: str, args: Mapping[str, str] | None = None,
+                timeout: float = DEFAULT_TIMEOUT) -> PluginBackend:
     """Load ``module:Class`` or ``path/to/file.py:Class`` and instantiate it.
 
     ``args`` become keyword arguments of the class (strings; convert them in
-    ``__init__``).
+    ``__init__``); ``timeout`` is the per-call timeout of :class:`PluginBackend`.
     """
+    timeout = check_timeout(timeout)
     module_name, sep, class_name = spec.rpartition(":")
     if not sep or not module_name or not class_name:
         raise PluginError(f"--plugin wants MODULE:CLASS or FILE.py:CLASS, got {spec!r}")
@@ -177,5 +243,5 @@ def load_plugin(spec: str, args: Mapping[str, str] | None = None) -> PluginBacke
         raise PluginError(f"cannot create {spec}: {e}") from None
     except Exception as e:
         raise PluginError(f"{spec}.__init__ raised {e!r}") from None
-    return PluginBackend(obj, spec)
+    return PluginBackend(obj, spec, timeout)
 

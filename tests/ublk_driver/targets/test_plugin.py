@@ -13,8 +13,10 @@ import pytest
 from hypothesis import given, settings
 
 from tests.ublk_driver.targets.model import Model, operations, payload
+from ublk_driver import _bindings
 from ublk_driver.errors import ConfigError, PluginError
 from ublk_driver.targets import PluginBackend, Target, load_plugin
+from ublk_driver.targets.plugin import DEFAULT_TIMEOUT, check_timeout
 from ublk_driver.targets.ramdisk import Faulty, RamDisk, ReadOnlyZeros
 from ublk_driver.uapi import IoFlag, Op
 
@@ -122,3 +124,43 @@ def test_load_plugin_errors(spec: str, message: str) -> None:
 def test_load_plugin_bad_args() -> None:
     with pytest.raises(PluginError, match="cannot create"):
         load_plugin("ublk_driver.targets.ramdisk:RamDisk", {"colour": "red"})
+
+
+@pytest.mark.parametrize("bad", [-1, -0.5, 0.0005, 86401, float("nan"), float("inf"), True,
+                                 "3"])
+def test_timeout_must_be_zero_or_a_sane_number_of_seconds(bad: object) -> None:
+    with pytest.raises(ConfigError, match="plug-in timeout must be"):
+        check_timeout(bad)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="plug-in timeout must be"):
+        PluginBackend(RamDisk(SIZE), timeout=bad)  # type: ignore[arg-type]
+
+
+def test_timeout_defaults_and_is_described() -> None:
+    assert PluginBackend(RamDisk(SIZE)).timeout == DEFAULT_TIMEOUT == 30.0
+    b = load_plugin("ublk_driver.targets.ramdisk:RamDisk", {"size": "1M"}, timeout=2.5)
+    assert b.timeout == 2.5 and b.describe()["plugin_timeout"] == 2.5
+    assert load_plugin("ublk_driver.targets.ramdisk:RamDisk", timeout=0).timeout == 0
+    assert check_timeout(1) == 1.0 and check_timeout(0.001) == 0.001
+
+
+def test_method_names_for_hang_messages() -> None:
+    b = PluginBackend(RamDisk(SIZE))
+    assert b.method_of(Op.READ) == "read_into()"
+    assert PluginBackend(ReadOnlyZeros(SIZE)).method_of(Op.READ) == "read()"
+    assert b.method_of(Op.WRITE) == "write()"
+    assert b.method_of(Op.WRITE, IoFlag.FUA) == "write() or flush() (a FUA write)"
+    assert b.method_of(Op.FLUSH) == "flush()"
+    assert b.method_of(Op.WRITE_ZEROES) == "write_zeroes()"
+
+
+def test_cancelled_event_is_skipped_without_touching_the_plugin() -> None:
+    calls: list[str] = []
+
+    class Spy(RamDisk):
+        def read_into(self, offset: int, buf: memoryview) -> None:
+            calls.append("read")
+
+    handle = PluginBackend(Spy(SIZE)).handler()
+    buf = memoryview(bytearray(4096))
+    assert handle(0, _bindings.OP_CANCELLED, 0, 0, 4096, buf) == _bindings.RELAY_CANCELLED
+    assert calls == []

@@ -1,0 +1,89 @@
+"""What the plug-in timeout costs: the python target with and without the relay.
+
+``--plugin-timeout 0`` serves plug-in calls on the queue's own thread (no
+timeout); any other value (the default, 30 s) serves them through the relay
+(worker threads, see ``ublk_driver/csrc/ublkml.c``).  Both serve the same
+store as the benchmark's python group (``bench.ramstore:RamStoreTarget``),
+alternately, ``--rounds`` times each, with fio 4 KiB random reads at depth 32
+and depth 1.  Needs root and ublk (run it in the test bed)::
+
+    ublkml vm run --share /tmp/pt -- python -m bench.plugin_timeout --out /tmp/pt/pt.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from typing import Any
+
+DEV_ID = 77
+RUNTIME_S = 15
+JOBS = {"4k-randread-qd32": ["--rw=randread", "--bs=4k", "--iodepth=32"],
+        "4k-randread-qd1": ["--rw=randread", "--bs=4k", "--iodepth=1"]}
+
+
+def _ublkml(*args: str) -> str:
+    out = subprocess.run([sys.executable, "-m", "ublk_driver", *args], capture_output=True,
+                         text=True, check=True, timeout=120)
+    return out.stdout
+
+
+def _fio(job: list[str], runtime: int) -> dict[str, float]:
+    cmd = ["fio", "--name=pt", f"--filename=/dev/ublkb{DEV_ID}", "--ioengine=io_uring",
+           "--direct=1", "--time_based", f"--runtime={runtime}", "--ramp_time=2",
+           "--output-format=json", *job]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=runtime + 60)
+    read = json.loads(out.stdout[out.stdout.find("{"):])["jobs"][0]["read"]
+    return {"iops": float(read["iops"]), "clat_p50_us": read["clat_ns"]["percentile"]["50.000000"]
+            / 1000, "clat_p99_us": read["clat_ns"]["percentile"]["99.000000"] / 1000}
+
+
+def measure(rounds: int, runtime: int) -> dict[str, Any]:
+    runs: dict[str, dict[str, list[dict[str, float]]]] = {
+        mode: {job: [] for job in JOBS} for mode in ("inline", "relay")}
+    for r in range(rounds):
+        for mode in ("inline", "relay") if r % 2 == 0 else ("relay", "inline"):
+            timeout = "0" if mode == "inline" else "30"
+            _ublkml("add", "-n", str(DEV_ID), "-t", "python", "--plugin",
+                    "bench.ramstore:RamStoreTarget", "--plugin-arg", "size=256M",
+                    "--plugin-timeout", timeout)
+            try:
+                for job, args in JOBS.items():
+                    res = _fio(args, runtime)
+                    runs[mode][job].append(res)
+                    print(f"round {r} {mode:6} {job}: {res['iops']:.0f} IOPS "
+                          f"p50 {res['clat_p50_us']:.0f} us", flush=True)
+            finally:
+                _ublkml("del", "-n", str(DEV_ID))
+    summary: dict[str, Any] = {}
+    for job in JOBS:
+        med = {m: statistics.median(x["iops"] for x in runs[m][job]) for m in runs}
+        summary[job] = {"inline_iops_median": med["inline"], "relay_iops_median": med["relay"],
+                        "relay_over_inline": med["relay"] / med["inline"],
+                        "inline_iops": [x["iops"] for x in runs["inline"][job]],
+                        "relay_iops": [x["iops"] for x in runs["relay"][job]],
+                        "inline_p50_us": [x["clat_p50_us"] for x in runs["inline"][job]],
+                        "relay_p50_us": [x["clat_p50_us"] for x in runs["relay"][job]]}
+    return {"rounds": rounds, "runtime_s": runtime, "jobs": summary}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.plugin_timeout", description=__doc__)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--runtime", type=int, default=RUNTIME_S)
+    p.add_argument("--out", help="write the results here (JSON)")
+    args = p.parse_args(argv)
+    doc = measure(args.rounds, args.runtime)
+    text = json.dumps(doc, indent=2)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

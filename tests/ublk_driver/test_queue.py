@@ -1,0 +1,219 @@
+"""The relay: plug-in calls off the ring thread, and a call that hangs fails only its I/O.
+
+A harness queue stands in for the kernel driver (requests are injected, the
+answers harvested); the C relay, the worker threads, the plug-in handler and
+the buffers are the real ones.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from ublk_driver import _bindings
+from ublk_driver.queue import ErrorWatch, RelayPool, default_ring_flags
+from ublk_driver.targets import PluginBackend
+from ublk_driver.targets.ramdisk import RamDisk
+from ublk_driver.uapi import IoFlag, Op
+
+DEPTH = 8
+BUF = 64 << 10
+SIZE = 1 << 20
+HANG_AT = 64 << 10
+
+
+class Hang(RamDisk):
+    """A RAM disk whose calls at HANG_AT block until released, then scribble
+    over the buffer they were given (as a late call might)."""
+
+    def __init__(self, size: int = SIZE) -> None:
+        super().__init__(size)
+        self.release = threading.Event()
+        self.entered = threading.Event()
+        self.late_done = threading.Event()
+        self.calls = 0
+
+    def _hang(self, buf: memoryview) -> None:
+        self.entered.set()
+        self.release.wait()
+        buf[:] = b"\xee" * len(buf)
+        self.late_done.set()
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        self.calls += 1
+        if offset == HANG_AT:
+            self._hang(buf)
+            return
+        super().read_into(offset, buf)
+
+    def write(self, offset: int, data: memoryview) -> None:
+        self.calls += 1
+        if offset == HANG_AT:
+            self._hang(data)
+            return
+        super().write(offset, data)
+
+
+@dataclass
+class Relayed:
+    queue: _bindings.Queue
+    ctarget: _bindings.CTarget
+    backend: PluginBackend
+    pool: RelayPool
+
+    def inject(self, tag: int, op: int, offset: int, length: int, flags: int = 0) -> None:
+        self.queue.inject(tag, op | flags, offset >> 9, length >> 9)
+
+    def run(self) -> dict[int, int]:
+        """Serve what was injected; tag -> result."""
+        self.pool.run(leave_wait=0.5)
+        batch = _bindings.EventBatch(DEPTH)
+        return dict(self.queue.harvest(batch))
+
+
+def make(plugin: RamDisk, timeout: float, max_stuck: int = 8) -> Relayed:
+    backend = PluginBackend(plugin, timeout=timeout)
+    ct = backend.attach()
+    q = _bindings.Queue(ct, -1, 0, DEPTH, BUF, False, default_ring_flags())
+    q.relay_init(timeout, max_stuck)
+    return Relayed(q, ct, backend, RelayPool(q, backend, 0))
+
+
+@pytest.fixture
+def relayed() -> Iterator[list[Relayed]]:
+    made: list[Relayed] = []
+    yield made
+    for r in made:
+        plugin = r.backend.plugin
+        if isinstance(plugin, Hang):
+            plugin.release.set()
+        r.queue.free()
+        r.ctarget.free()
+
+
+def test_fast_path_answers_every_request_in_order_of_tags(relayed: list[Relayed]) -> None:
+    r = make(RamDisk(SIZE), timeout=5.0)
+    relayed.append(r)
+    for tag in range(DEPTH):
+        r.queue.buffer(tag)[:4096] = bytes([tag + 1]) * 4096
+        r.inject(tag, Op.WRITE, tag * 4096, 4096, IoFlag.FUA if tag % 2 else 0)
+    assert r.run() == {tag: 4096 for tag in range(DEPTH)}
+    data = bytes(r.backend.plugin._data[: DEPTH * 4096])  # type: ignore[attr-defined]
+    assert data == b"".join(bytes([t + 1]) * 4096 for t in range(DEPTH))
+    st = r.queue.relay_stats()
+    assert st is not None and st.timeouts == 0 and st.stuck == 0
+
+
+def test_hung_call_fails_only_its_io_and_a_spare_serves_the_rest(
+        relayed: list[Relayed], capsys: pytest.CaptureFixture[str]) -> None:
+    plugin = Hang()
+    plugin._data[:] = bytes(range(256)) * (SIZE // 256)
+    r = make(plugin, timeout=0.3)
+    relayed.append(r)
+    # One batch: a read before the hang, the hung read, then a write and a
+    # read that the stuck worker never reaches (they go to the spare).
+    r.queue.buffer(2)[:4096] = b"\x5a" * 4096
+    r.inject(0, Op.READ, 0, 4096)
+    r.inject(1, Op.READ, HANG_AT, 4096)
+    r.inject(2, Op.WRITE, 8192, 4096)
+    r.inject(3, Op.READ, 8192, 4096)
+    old_buf = r.queue.buffer(1)
+    t0 = time.monotonic()
+    results = r.run()
+    took = time.monotonic() - t0
+    assert results == {0: 4096, 1: -errno.ETIMEDOUT, 2: 4096, 3: 4096}
+    assert 0.3 <= took < 3.0
+    assert bytes(r.queue.buffer(0)[:4096]) == bytes(range(256)) * 16
+    assert bytes(r.queue.buffer(3)[:4096]) == b"\x5a" * 4096
+    err = capsys.readouterr().err
+    assert "read_into() did not return within 0.3 s (READ at 65536+4096, queue 0" in err
+    assert "the I/O failed with ETIMEDOUT" in err and "1 call(s) still stuck" in err
+    st = r.queue.relay_stats()
+    assert st is not None and (st.timeouts, st.stuck, st.unserved) == (1, 1, 0)
+    # The tag of the hung I/O has a fresh buffer: the late call's scribbling
+    # lands in the old one only.
+    new_buf = r.queue.buffer(1)
+    assert _bindings.ffi.from_buffer(new_buf) != _bindings.ffi.from_buffer(old_buf)
+    new_buf[:16] = b"\x00" * 16
+    plugin.release.set()
+    assert plugin.late_done.wait(5)
+    assert bytes(old_buf[:16]) == b"\xee" * 16
+    assert bytes(new_buf[:16]) == b"\x00" * 16
+
+
+def test_a_hung_write_is_failed_and_later_io_is_served(relayed: list[Relayed]) -> None:
+    plugin = Hang()
+    r = make(plugin, timeout=0.2)
+    relayed.append(r)
+    r.inject(5, Op.WRITE, HANG_AT, 4096)
+    assert r.run() == {5: -errno.ETIMEDOUT}
+    assert plugin.entered.is_set()
+
+
+def test_stuck_calls_beyond_the_bound_fail_after_the_timeout(
+        relayed: list[Relayed], capsys: pytest.CaptureFixture[str]) -> None:
+    plugin = Hang()
+    r = make(plugin, timeout=0.2, max_stuck=1)
+    relayed.append(r)
+    # Two hung calls: the first worker is given up, the spare takes the
+    # second and hangs too; with at most 1 stuck call no new spare is
+    # started, so the request after them fails unserved after the timeout.
+    r.inject(0, Op.READ, HANG_AT, 4096)
+    r.inject(1, Op.WRITE, HANG_AT, 4096)
+    r.inject(2, Op.READ, 0, 4096)
+    results = r.run()
+    assert results == {0: -errno.ETIMEDOUT, 1: -errno.ETIMEDOUT, 2: -errno.ETIMEDOUT}
+    st = r.queue.relay_stats()
+    assert st is not None and (st.timeouts, st.unserved, st.stuck) == (2, 1, 2)
+    assert capsys.readouterr().err.count("did not return within") >= 1
+
+
+def test_queue_freed_while_a_call_is_stuck_is_freed_when_it_returns(
+        relayed: list[Relayed]) -> None:
+    plugin = Hang()
+    r = make(plugin, timeout=0.2)
+    r.inject(0, Op.READ, HANG_AT, 4096)
+    assert r.run() == {0: -errno.ETIMEDOUT}
+    assert r.pool.stuck_at_exit == 1
+    r.queue.free()  # deferred in C: the stuck worker still holds its buffer
+    r.ctarget.free()
+    plugin.release.set()
+    assert plugin.late_done.wait(5)
+    deadline = time.monotonic() + 5
+    while any(t.name.startswith("ublk-q0-py") and t.is_alive() for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "the late worker did not leave"
+        time.sleep(0.01)
+
+
+class _FakeWorker:
+    """What ErrorWatch reads of a QueueWorker."""
+
+    def __init__(self, errors: list[int]) -> None:
+        self.q_id = 2
+        self.done = threading.Event()
+        self._errors = errors
+
+    def stats(self) -> _bindings.QueueStats:
+        n = self._errors.pop(0)
+        if not self._errors:  # the last value: the queue has finished
+            self._errors.append(n)
+            self.done.set()
+        return _bindings.QueueStats((0,) * 8, (0,) * 8, n, 1, -errno.ENOSPC, Op.WRITE, 8192)
+
+
+def test_error_watch_logs_new_errors_once(capsys: pytest.CaptureFixture[str]) -> None:
+    w = _FakeWorker([0, 3, 3, 5])
+    watch = ErrorWatch(w, interval=0.01)  # type: ignore[arg-type]
+    watch.start()
+    watch.join(5)
+    assert not watch.is_alive()
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("ublkml: queue 2: 3 I/O error(s) in the last ")
+    assert lines[0].endswith("(3 in all); last: ENOSPC on WRITE at offset 8192")
+    assert "2 I/O error(s)" in lines[1] and "(5 in all)" in lines[1]
