@@ -137,7 +137,7 @@ def test_readmission_needs_the_hold_and_the_dwell() -> None:
     assert p.state(1) is LegState.ACTIVE
 
 
-def test_an_unhealthy_probe_restarts_the_hold() -> None:
+def test_flagged_probes_restart_the_hold_a_noisy_tick_does_not() -> None:
     p = LegPolicy(2, CFG)
     _, t = flag(p, 1, 3, 0.0)
     p.answer(1, "demote_leg", True, t)
@@ -145,13 +145,42 @@ def test_an_unhealthy_probe_restarts_the_hold() -> None:
     for _ in range(45):
         t += TICK
         assert p.health(1, True, 0.1, t) is None
-    assert p.health(1, False, 0.9, t + TICK) is None
-    t += TICK
-    for _ in range(49):     # 4.8 s since the first healthy tick after the bad one
+    # As many flagged ticks in a row as demote an active leg: the hold restarts.
+    for _ in range(CFG.demote_after):
+        t += TICK
+        assert p.health(1, False, 0.9, t) is None
+    assert p.hold(1, t) is None
+    for _ in range(49):     # 4.9 s since the first healthy tick after the bad ones
         t += TICK
         assert p.health(1, True, 0.1, t) is None
     fired = [p.health(1, True, 0.1, t + i * TICK) for i in (1, 2)]
     assert fired[0] is not None or fired[1] is not None
+    # One or two noisy windows in a row do not restart it (a busy machine).
+    p2 = LegPolicy(2, CFG)
+    _, t = flag(p2, 1, 3, 0.0)
+    p2.answer(1, "demote_leg", True, t)
+    t += 20
+    for i in range(60):
+        t += TICK
+        noisy = i % 10 in (3, 4)            # 80 % healthy, never 3 flagged in a row
+        r = p2.health(1, not noisy, 0.9 if noisy else 0.1, t)
+        if r is not None:
+            assert r.action == "promote_leg" and r.confidence == pytest.approx(0.9)
+            assert 5.0 <= i * TICK <= 5.5, i
+            break
+    else:
+        pytest.fail("never promoted")
+
+
+def test_mostly_flagged_probes_never_readmit() -> None:
+    """Healthy one tick in three (never 3 flagged in a row) is below the 80 % share."""
+    p = LegPolicy(2, CFG)
+    _, t = flag(p, 1, 3, 0.0)
+    p.answer(1, "demote_leg", True, t)
+    for i in range(2000):
+        t += TICK
+        assert p.health(1, i % 3 == 0, 0.5, t) is None
+    assert p.state(1) is LegState.DEMOTED
 
 
 def test_a_relapse_doubles_the_dwell_up_to_the_cap() -> None:
@@ -433,8 +462,13 @@ def test_probes_are_judged_by_the_model(tmp_path: Path) -> None:
 
     run(1000.0, 30)
     assert sink.sent == [] and ctl.policy.state(1) is LegState.DEMOTED
-    run(100.0, 8)   # the 1 s window clears, then the 5 s hold
+    cleared = clock[0]
+    for _ in range(100):   # the 3 s probe window clears, then the 5 s hold
+        run(100.0, TICK)
+        if sink.sent:
+            break
     assert [(r.action, r.leg) for r in sink.sent] == [("promote_leg", 1)]
+    assert 5.0 < clock[0] - cleared <= 3.0 + 5.0 + 0.2
 
 
 class _ListSink:
