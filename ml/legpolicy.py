@@ -28,12 +28,21 @@ Three layers, each testable alone:
 
 Why probes, and why the model judges them: a demoted leg serves no user
 reads, so its only read latencies are the health probes (every Nth user read
-copied to it, ``tag == PROBE_TAG``).  Reads-only windows (user reads of the
-active legs, probes of the demoted ones) go through the same features and
-model as detection: "healthy" is "the model no longer flags it next to its
-peers", not a second, hand-tuned rule.  One feature is neutralised for probes:
-the throughput ratio (probes come at the rate we chose, so a demoted leg's low
+copied to it, ``tag == PROBE_TAG``).  Reads-only windows (probes of the
+demoted legs, and on the active legs the user reads those probes went out
+with, flagged ``RECORD_PROBED``) go through the same features and model as
+detection: "healthy" is "the model no longer flags it next to its peers", not
+a second, hand-tuned rule.  One feature is neutralised for probes: the
+throughput ratio (probes come at the rate we chose, so a demoted leg's low
 throughput says nothing about its health).
+
+Why only the probed user reads: a probe and its user read are submitted
+together; where reads complete inside the submission (a RAM disk, the qemu
+test bed) the pair takes about twice as long as a lone read, and both
+records say so.  Measured in the test bed with the demoted leg healthy:
+probes p50 156 us, all user reads 75 us (the model flags a median ratio of
+2, so the leg was never re-admitted), probed user reads 189 us next to
+their probes' 191 us.
 """
 
 from __future__ import annotations
@@ -54,6 +63,7 @@ import numpy.typing as npt
 
 from ml.features import FEATURE_INDEX, Summary, select, summarize, summary_features
 from ublk_driver.errors import UblkError
+from ublk_driver.records import RECORD_PROBED
 
 log = logging.getLogger("ublkml.ml.legpolicy")
 
@@ -83,10 +93,16 @@ class PolicyConfig:
     #: latest score is lower keeps being watched rather than asked about and
     #: refused (a refusal costs a retry pause)
     min_confidence: float = 0.5
-    #: after any leg changes state, verdicts are ignored this long: the
-    #: scorer's window (1 s) still mixes before and after, and a leg that
-    #: just took over every read would look slow next to its old self
+    #: after any leg changes state, verdicts are ignored this long *and* for
+    #: this many ticks (:meth:`LegPolicy.tick` calls): the scorer's window
+    #: (10 ticks, 1 s when ticks come on time) still mixes before and after.
+    #: A leg just re-admitted has a window of writes and probes, which looks
+    #: slow next to a peer's reads; a leg that just took over every read
+    #: looks slow next to its old self.  Counted in ticks too because on a
+    #: starved machine (the test bed under load) ticks come late and the
+    #: window spans seconds: a relapse 1.5 s after a promotion came from that.
     settle_s: float = 1.0
+    settle_ticks: int = 10
     min_active: int = 1            # never fewer active legs than this
     readmit_hold_s: float = 5.0    # probes healthy this long before a promotion
     min_health_samples: int = 5    # ... in at least this many ticks
@@ -108,6 +124,8 @@ class PolicyConfig:
             raise LegPolicyError(f"demote_after must be >= 1 tick, got {self.demote_after}")
         if self.min_active < 1:
             raise LegPolicyError(f"min_active must be >= 1 leg, got {self.min_active}")
+        if self.settle_ticks < 0:
+            raise LegPolicyError(f"settle_ticks must be >= 0, got {self.settle_ticks}")
         for name in ("readmit_hold_s", "min_dwell_s", "settle_s", "answer_timeout_s",
                      "retry_after_s", "resync_timeout_s", "flap_window_s"):
             if not getattr(self, name) >= 0:
@@ -156,6 +174,8 @@ class LegPolicy:
         self.config = config or PolicyConfig()
         self._legs = [_Leg(since=now, dwell_s=self.config.min_dwell_s) for _ in range(legs)]
         self._settle_until = float("-inf")
+        self._ticks = 0
+        self._settle_tick = 0
         if states is not None:
             self.observe_states(list(states), now)
 
@@ -201,7 +221,8 @@ class LegPolicy:
         # Judged only next to other active legs (the peers in the same role:
         # a lone active leg serves every read and looks slow next to a demoted
         # leg's writes and probes), and not while the windows settle.
-        if not flagged or now < self._settle_until or self._active() < 2:
+        if not flagged or now < self._settle_until or self._ticks < self._settle_tick \
+                or self._active() < 2:
             lg.streak, lg.streak_scores = 0, []
             return None
         lg.streak += 1
@@ -299,7 +320,9 @@ class LegPolicy:
                     self._set(lg, real, now)
 
     def tick(self, now: float) -> None:
-        """Forget requests nobody answered (the agent stopped, the ring was full)."""
+        """One scorer tick has passed; forget requests nobody answered (the agent
+        stopped, the ring was full)."""
+        self._ticks += 1
         for lg in self._legs:
             if lg.state is LegState.DEMOTING and now - lg.asked > self.config.answer_timeout_s:
                 self._back(lg, LegState.ACTIVE, now)
@@ -314,6 +337,7 @@ class LegPolicy:
     def _set(self, lg: _Leg, state: LegState, now: float) -> None:
         if state is not lg.state:
             self._settle_until = max(self._settle_until, now + self.config.settle_s)
+            self._settle_tick = self._ticks + self.config.settle_ticks
         lg.state, lg.since, lg.applied = state, now, False
         lg.streak, lg.streak_scores = 0, []
         lg.healthy_since, lg.healthy_ticks, lg.sick_streak, lg.hold_scores = None, 0, 0, []
@@ -479,7 +503,7 @@ class LegController:
     def __init__(self, legs: int, sink: Sink, *, server: LegSource | None = None,
                  model: Callable[[], ModelLike] | None = None,
                  config: PolicyConfig | None = None, log_path: str | None = None,
-                 probe_window_ticks: int = 30, min_probe_reads: int = 32,
+                 probe_window_s: float = 3.0, min_probe_reads: int = 32,
                  clock: Callable[[], float] = time.monotonic,
                  model_name: Callable[[], str] | None = None) -> None:
         self.clock = clock
@@ -489,13 +513,13 @@ class LegController:
         self._model = model
         self._model_name = model_name or (lambda: "fail_slow")
         self.log_path = log_path
-        if probe_window_ticks < 1 or min_probe_reads < 1:
-            raise LegPolicyError("probe_window_ticks and min_probe_reads must be >= 1")
-        self.probe_window_ticks = probe_window_ticks
+        if not probe_window_s > 0 or min_probe_reads < 1:
+            raise LegPolicyError("probe_window_s must be > 0 and min_probe_reads >= 1")
+        self.probe_window_s = probe_window_s
         self.min_probe_reads = min_probe_reads
         # Reads-only windows, a running sum of per-tick summaries as in the
-        # scorer: user reads and probes apart, so that each leg contributes
-        # what its state makes it serve.
+        # scorer: probed user reads and probes apart, so that each leg
+        # contributes what its state makes it serve.
         self._win_user = Summary.empty()
         self._win_probe = Summary.empty()
         self._ring: deque[tuple[Summary, Summary, float]] = deque()
@@ -642,15 +666,19 @@ class LegController:
             else np.empty(0, dtype=_empty_dtype())
         self._tick_reads = []
         probe = reads["tag"] == PROBE_TAG
-        u, p = summarize(reads[~probe]), summarize(reads[probe])
+        # The user reads a probe went out with: the probes' comparison group.
+        twin = ~probe & ((reads["flags"] & RECORD_PROBED) != 0)
+        u, p = summarize(reads[twin]), summarize(reads[probe])
         elapsed, self._last_tick = max(now - self._last_tick, 0.0), now
         self._ring.append((u, p, elapsed))
         self._win_user.add(u)
         self._win_probe.add(p)
-        while len(self._ring) > self.probe_window_ticks:
-            ou, op, _ = self._ring.popleft()
+        span = sum(e for _, _, e in self._ring)
+        while len(self._ring) > 1 and span - self._ring[0][2] >= self.probe_window_s:
+            ou, op, e = self._ring.popleft()
             self._win_user.subtract(ou)
             self._win_probe.subtract(op)
+            span -= e
 
     def _window_reset(self) -> None:
         self._ring.clear()
@@ -669,12 +697,14 @@ class LegController:
         self._active_stats = {}
 
     def _judge_probes(self, now: float) -> None:
-        """Score reads-only windows: probes of the demoted legs next to the active legs' reads.
+        """Score reads-only windows: probes of the demoted legs next to the active
+        legs' probed user reads.
 
-        The window is ``probe_window_ticks`` long (3 s by default, three
-        times the scorer's): a demoted leg gets one read in ``probe_every``
-        (8), and quantiles of a few dozen probes are too noisy to be held
-        healthy for seconds on a busy machine.
+        The window is ``probe_window_s`` long (3 s by default, three times
+        the scorer's; in time, not ticks, which come late on a starved
+        machine): a demoted leg gets one read in ``probe_every`` (8), and
+        quantiles of a few dozen probes are too noisy to be held healthy for
+        seconds on a busy machine.
         """
         if self._model is None or not self._ring:
             return
@@ -735,8 +765,10 @@ def controller_for(server: Any, scorer: Any, *, agent_dir: str | None = None,
     log_path = legs_log_file(server.dev_id, directory)
     with contextlib.suppress(OSError):
         os.unlink(log_path)   # a new device: a new log (ids are reused)
+    if config is None:
+        config = PolicyConfig(settle_ticks=scorer.window_ticks)
     ctl = LegController(legs, sink, server=server, config=config, log_path=log_path,
-                        probe_window_ticks=3 * scorer.window_ticks)
+                        probe_window_s=3 * scorer.window_s)
     return ctl.attach(scorer)
 
 

@@ -36,11 +36,12 @@ from ml.legpolicy import (
     summary,
 )
 from tests.ublk_driver.test_ctl import Served, serve
-from ublk_driver.records import COMPLETION_DTYPE
+from ublk_driver.records import COMPLETION_DTYPE, RECORD_PROBED
 
 CFG = PolicyConfig(demote_after=3, readmit_hold_s=5.0, min_health_samples=5, min_dwell_s=10.0,
                    dwell_backoff=2.0, max_dwell_s=80.0, flap_window_s=60.0,
-                   answer_timeout_s=5.0, retry_after_s=5.0, resync_timeout_s=30.0)
+                   answer_timeout_s=5.0, retry_after_s=5.0, resync_timeout_s=30.0,
+                   settle_ticks=0)   # these tests call verdict() without tick()
 TICK = 0.1
 TTL_S = 2.0   # AgentSink's default ttl_ms
 
@@ -100,6 +101,22 @@ def test_a_lone_active_leg_builds_no_streak_and_windows_settle() -> None:
     reqs, t = flag(p, 0, 9, t)                    # within the settle second
     assert reqs == []
     reqs, t = flag(p, 0, 3, t + CFG.settle_s)
+    assert [r.action for r in reqs] == ["demote_leg"]
+
+
+def test_verdicts_wait_a_whole_scorer_window_of_ticks_after_a_change() -> None:
+    """Late ticks (a starved machine) stretch the window: seconds alone do not settle it."""
+    p = LegPolicy(2, PolicyConfig(settle_s=1.0, settle_ticks=10), states=["active", "demoted"])
+    p.observe_states(["active", "active"], 0.0)       # re-admitted
+    t = 0.0
+    for _ in range(9):                                 # 9 ticks, 0.5 s apart: 4.5 s
+        t += 0.5
+        for _ in range(3):
+            assert p.verdict(1, 0.9, True, t) is None
+        p.tick(t)
+    assert p.verdict(1, 0.9, True, t) is None and p.streak(1) == 0
+    p.tick(t)                                          # the 10th tick
+    reqs, _ = flag(p, 1, 3, t)
     assert [r.action for r in reqs] == ["demote_leg"]
 
 
@@ -427,17 +444,22 @@ def test_without_an_agent_scoring_goes_on_and_says_so_once(tmp_path: Path,
     assert len(said) == 1
 
 
-def _records(path: list[int], tag: list[int], lat_us: list[float]) -> np.ndarray:
+def _records(path: list[int], tag: list[int], lat_us: list[float],
+             flags: list[int] | None = None) -> np.ndarray:
     r = np.zeros(len(path), dtype=COMPLETION_DTYPE)
     r["path"], r["tag"] = path, tag
     r["lat_ns"] = np.array(lat_us) * 1000
     r["op"], r["result"], r["length"] = 0, 4096, 4096
     r["t_ns"] = np.arange(len(path)) * 1_000_000
+    if flags is not None:
+        r["flags"] = flags
     return r
 
 
-def test_probes_are_judged_by_the_model(tmp_path: Path) -> None:
-    """A demoted leg whose probes are 10x slower stays out; as fast as its peer, it returns."""
+def test_probes_are_judged_by_the_model_against_their_own_user_reads(tmp_path: Path) -> None:
+    """A demoted leg whose probes are 10x slower stays out; as fast as the user reads
+    they went out with, it returns - although those are twice as slow as the others
+    (a probe and its read share a submission: measured so in the test bed)."""
     from ml.model import reference_model
 
     model = reference_model("fail_slow")
@@ -451,24 +473,28 @@ def test_probes_are_judged_by_the_model(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
 
     def run(probe_us: float, seconds: float) -> None:
-        for _ in range(int(seconds / TICK)):
+        for _ in range(round(seconds / TICK)):
             clock[0] += TICK
-            n = 40
-            lat = list(rng.lognormal(np.log(100), 0.2, n)) + \
-                list(rng.lognormal(np.log(probe_us), 0.2, n // 4))
-            ctl.on_records(_records([0] * n + [1] * (n // 4), [3] * n + [PROBE_TAG] * (n // 4),
-                                    lat))
+            lone, k = 30, 10    # user reads without a probe; probes (and their reads)
+            lat = list(rng.lognormal(np.log(100), 0.2, lone)) + \
+                list(rng.lognormal(np.log(200), 0.2, k)) + \
+                list(rng.lognormal(np.log(probe_us), 0.2, k))
+            ctl.on_records(_records([0] * (lone + k) + [1] * k,
+                                    [3] * (lone + k) + [PROBE_TAG] * k, lat,
+                                    [0] * lone + [RECORD_PROBED] * k + [0] * k))
             ctl.on_tick()
 
-    run(1000.0, 30)
+    run(2000.0, 30)
     assert sink.sent == [] and ctl.policy.state(1) is LegState.DEMOTED
     cleared = clock[0]
     for _ in range(100):   # the 3 s probe window clears, then the 5 s hold
-        run(100.0, TICK)
+        run(200.0, TICK)
         if sink.sent:
             break
     assert [(r.action, r.leg) for r in sink.sent] == [("promote_leg", 1)]
     assert 5.0 < clock[0] - cleared <= 3.0 + 5.0 + 0.2
+    probes = [e for e in ctl.events if e["event"] == "probe"]
+    assert probes and probes[-1]["peer_lat_ratio"] == pytest.approx(1.0, abs=0.2)
 
 
 class _ListSink:
