@@ -527,6 +527,8 @@ class LegController:
         self._last_tick = clock()
         #: leg -> [max score, flagged ticks, ticks, longest streak] this second
         self._active_stats: dict[int, list[float]] = {}
+        #: leg -> the features of its highest-scored verdict this second
+        self._active_top: dict[int, dict[str, float]] = {}
         self._active_logged = clock()
         self._said: set[str] = set()
         self.events: list[dict[str, Any]] = []
@@ -585,8 +587,9 @@ class LegController:
         if req is not None:
             self._send(req, score=score)
 
-    def on_tick(self, _verdicts: object = None) -> None:
+    def on_tick(self, verdicts: object = None) -> None:
         now = self.clock()
+        self._note_features(verdicts)
         for a in self.sink.answers():
             self.counters["applied" if a.applied else "refused"] += 1
             self.policy.answer(a.leg, a.action, a.applied, now)
@@ -692,9 +695,27 @@ class LegController:
         """
         self._active_logged = now
         for leg, (top, flagged, ticks, streak) in sorted(self._active_stats.items()):
+            extra = {"features": self._active_top[leg]} if flagged and leg in self._active_top \
+                else {}
             self._event("score", leg=leg, max=round(top, 4), flagged=int(flagged),
-                        ticks=int(ticks), streak=int(streak))
-        self._active_stats = {}
+                        ticks=int(ticks), streak=int(streak), **extra)
+        self._active_stats, self._active_top = {}, {}
+
+    def _note_features(self, verdicts: object) -> None:
+        """Keep the features of each active leg's highest-scored verdict (for the log)."""
+        if not isinstance(verdicts, list):
+            return
+        for v in verdicts:
+            leg, score = getattr(v, "path", None), getattr(v, "score", None)
+            if not isinstance(leg, int) or not isinstance(score, float):
+                continue
+            st = self._active_stats.get(leg)
+            if st is None or score != st[0]:
+                continue
+            feats = getattr(v, "features", {})
+            self._active_top[leg] = {k: round(float(feats[k]), 3) for k in (
+                "peer_lat_ratio", "peer_p90_ratio", "peer_p99_ratio", "peer_tput_ratio",
+                "samples", "lat_p50_us") if k in feats}
 
     def _judge_probes(self, now: float) -> None:
         """Score reads-only windows: probes of the demoted legs next to the active

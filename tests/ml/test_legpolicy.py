@@ -497,6 +497,28 @@ def test_probes_are_judged_by_the_model_against_their_own_user_reads(tmp_path: P
     assert probes and probes[-1]["peer_lat_ratio"] == pytest.approx(1.0, abs=0.2)
 
 
+def test_score_lines_give_the_margin_and_the_features_of_flagged_ticks() -> None:
+    from ml.scorer import PathVerdict
+
+    clock = [0.0]
+    ctl = LegController(2, _ListSink(), config=CFG, clock=lambda: clock[0])
+    for i in range(10):
+        clock[0] += TICK
+        vs = [PathVerdict(0, 0.1, False, 100, 1.0, 0.0, "1", {"peer_lat_ratio": 1.0}),
+              PathVerdict(1, 0.6 if i in (4, 5) else 0.2, i in (4, 5), 100, 1.0, 0.0, "1",
+                          {"peer_lat_ratio": 2.5 if i in (4, 5) else 1.0, "samples": 100.0})]
+        for v in vs:
+            ctl.on_verdict(v.path, v.score, v.flagged)
+        ctl.on_tick(vs)
+    clock[0] += 2 * TICK
+    ctl.on_tick([])                       # a second has passed: the lines are written
+    lines = {e["leg"]: e for e in ctl.events if e["event"] == "score"}
+    assert lines[0]["flagged"] == 0 and "features" not in lines[0]
+    assert lines[1]["flagged"] == 2 and lines[1]["streak"] == 2 and lines[1]["max"] == 0.6
+    assert lines[1]["features"] == {"peer_lat_ratio": 2.5, "samples": 100.0}
+    assert lines[1]["ticks"] == 10
+
+
 class _ListSink:
     def __init__(self) -> None:
         self.sent: list[Request] = []
