@@ -123,7 +123,8 @@ class CTarget:
     """
 
     def __init__(self, kind: int, size: int, fd: int = -1, is_bdev: bool = False,
-                 legs: Sequence[tuple[int, bool]] = (), region_shift: int = 20) -> None:
+                 legs: Sequence[tuple[int, bool]] = (), region_shift: int = 20,
+                 journal_fd: int = -1) -> None:
         out = ffi.new("struct ublkml_target **")
         if kind == TGT_NULL:
             ret = lib.ublkml_target_new_null(out, size)
@@ -136,7 +137,8 @@ class CTarget:
         elif kind == TGT_MIRROR:
             fds = ffi.new("int[]", [leg_fd for leg_fd, _ in legs])
             bdevs = ffi.new("int[]", [int(b) for _, b in legs])
-            ret = lib.ublkml_target_new_mirror(out, fds, bdevs, len(legs), size, region_shift)
+            ret = lib.ublkml_target_new_mirror(out, fds, bdevs, len(legs), size, region_shift,
+                                               journal_fd)
         else:
             raise ValueError(f"unknown native target kind {kind}")
         _check(ret, "create target")

@@ -228,7 +228,7 @@ int ublkml_target_new_mem(struct ublkml_target **out, uint64_t size);
 int ublkml_target_new_loop(struct ublkml_target **out, int fd, int is_bdev, uint64_t size);
 int ublkml_target_new_events(struct ublkml_target **out, uint64_t size);
 int ublkml_target_new_mirror(struct ublkml_target **out, const int *fds, const int *is_bdev,
-                             int n_legs, uint64_t size, uint32_t region_shift);
+                             int n_legs, uint64_t size, uint32_t region_shift, int journal_fd);
 void ublkml_target_free(struct ublkml_target *t);
 int ublkml_target_kind(const struct ublkml_target *t);
 int ublkml_target_n_paths(const struct ublkml_target *t);

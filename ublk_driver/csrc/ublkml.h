@@ -49,10 +49,13 @@ int ublkml_target_new_loop(struct ublkml_target **out, int fd, int is_bdev,
 			   uint64_t size);
 int ublkml_target_new_events(struct ublkml_target **out, uint64_t size);
 /* Mirror (RAID1): fds stay owned by the caller, opened like loop's.  The
- * dirty-region size is 1 << region_shift bytes (12..30). */
+ * dirty-region size is 1 << region_shift bytes (12..30).  journal_fd (or
+ * -1): a file that keeps leg states, dirty regions and writes in flight
+ * across a server crash; an empty one is laid out, a used one is replayed
+ * (-EBADMSG: it belongs to another mirror). */
 int ublkml_target_new_mirror(struct ublkml_target **out, const int *fds,
 			     const int *is_bdev, int n_legs, uint64_t size,
-			     uint32_t region_shift);
+			     uint32_t region_shift, int journal_fd);
 void ublkml_target_free(struct ublkml_target *t);
 int ublkml_target_kind(const struct ublkml_target *t);
 /* Completion paths of a target: mirror legs, 1 for null/mem/loop, 0 for

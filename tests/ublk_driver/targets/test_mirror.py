@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.ublk_driver.targets.model import Model, payload
+from tests.ublk_driver.ublk_helpers import sparse_files
 from ublk_driver import _bindings
 from ublk_driver.errors import ConfigError, TargetError
 from ublk_driver.faults import FaultSpec
@@ -36,13 +37,7 @@ DEPTH = 4
 
 
 def make_legs(tmp_path: Path, n: int = 2, size: int = SIZE) -> list[str]:
-    paths = []
-    for i in range(n):
-        p = tmp_path / f"leg{i}.img"
-        with open(p, "wb") as f:
-            f.truncate(size)
-        paths.append(str(p))
-    return paths
+    return sparse_files(tmp_path, n, size)
 
 
 class Rig:
