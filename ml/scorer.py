@@ -7,7 +7,11 @@ reads), else by draining the completion records (``Server.read_completions``)
 and folding them (:func:`ml.features.summarize`).  It keeps a sliding window of the last
 ``window_ticks`` ticks as a running sum (add the new tick, subtract the one
 that fell out), and scores every path with enough completions in one
-onnxruntime call: per path per window, never per I/O.
+onnxruntime call: per path per window, never per I/O.  The window also never
+spans more than ``window_ticks * interval_s`` (1 s) of time plus the newest
+tick: on a starved machine ticks come late (in the loaded test bed 2-5 a
+second instead of 10), and a window of 10 late ticks would hold several
+seconds of old completions and slow every verdict down.
 
 The thread never stops the device: every error (a model that fails, a
 callback that raises, a state file that cannot be written) is logged and
@@ -119,6 +123,7 @@ class Scorer:
         self._model = model
         self.interval_s = interval_s
         self.window_ticks = window_ticks
+        self.window_s = window_ticks * interval_s
         self.min_completions = min_completions
         self.dev_id = dev_id
         self.directory = directory
@@ -236,11 +241,15 @@ class Scorer:
         elapsed, self._last_tick = now - self._last_tick, now
         self._ring.append((s, elapsed))
         self._window.add(s)
-        if len(self._ring) > self.window_ticks:
-            old, _ = self._ring.popleft()
-            self._window.subtract(old)
-        self.consumed += int(s.n.sum())
         duration = sum(e for _, e in self._ring)
+        # Drop the oldest tick while the window has too many ticks, or while
+        # the others alone cover window_s (late ticks: keep about window_s).
+        while len(self._ring) > self.window_ticks or (
+                len(self._ring) > 1 and duration - self._ring[0][1] >= self.window_s):
+            old, e = self._ring.popleft()
+            self._window.subtract(old)
+            duration -= e
+        self.consumed += int(s.n.sum())
         paths, x = summary_features(self._window, max(duration, 1e-3), self.min_completions)
         model = self._model
         verdicts: list[PathVerdict] = []
@@ -333,7 +342,16 @@ class Scorer:
         return self
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
+        # Ticks on a fixed period (a tick's own time is not added to the
+        # wait), but with a rest of at least half a period after a tick that
+        # overran: no catch-up burst, and a starved machine is not starved
+        # further by a scorer ticking back to back.
+        due = time.monotonic()
+        while True:
+            now = time.monotonic()
+            due = max(due + self.interval_s, now + self.interval_s / 2)
+            if self._stop.wait(due - now):
+                return
             self.tick()
 
     def stop(self, timeout: float = 5.0) -> None:

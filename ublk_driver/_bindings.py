@@ -25,6 +25,7 @@ TGT_EVENTS: int = lib.UBLKML_TGT_EVENTS
 TGT_MIRROR: int = lib.UBLKML_TGT_MIRROR
 MAX_LEGS: int = lib.UBLKML_MAX_LEGS
 PROBE_TAG: int = lib.UBLKML_PROBE_TAG
+REC_PROBED: int = lib.UBLKML_REC_PROBED
 
 # Fault schedules and leg states (csrc/ublkml.h).
 FAULT_CONST: int = lib.UBLKML_FAULT_CONST

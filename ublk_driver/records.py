@@ -21,11 +21,17 @@ COMPLETION_DTYPE = np.dtype(
         ("tag", "<u2"),
         ("op", "u1"),         # ublk_driver.uapi.Op
         ("path", "u1"),       # completion path (backing file, mirror leg)
-        ("pad0", "<u2"),
+        ("flags", "<u2"),     # RECORD_* bits
         ("pad1", "<u4"),
     ]
 )
 
+#: ``flags`` bit of a mirror's user read that carried a health probe to a
+#: demoted leg (``UBLKML_REC_PROBED``).  The probe went out in the same
+#: submission, so these reads are what the probes compare against: on a
+#: machine where reads complete inline (brd, TCG) such a read pays for the
+#: probe's time too, and all reads would make a probe look about 2x slow.
+RECORD_PROBED = 0x1
 
 #: 16 linear bins per octave of latency (ns), as ml.features.latency_bins.
 SUMMARY_BINS = 512

@@ -101,6 +101,24 @@ def test_window_slides() -> None:
     assert sc.verdicts()[0].completions == 100  # only the last batch is left in the window
 
 
+def test_late_ticks_do_not_stretch_the_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ticks 0.4 s apart (a starved machine): the window keeps about 1 s, not 10 ticks."""
+    clock = [100.0]
+    monkeypatch.setattr("ml.scorer.time.monotonic", lambda: clock[0])
+    src = Source(*(batch(100, seed=i) for i in range(8)))
+    sc = Scorer(src, min_completions=1)       # 10 ticks of 0.1 s: window_s = 1 s
+    sc._last_tick = clock[0]
+    for _ in range(8):
+        clock[0] += 0.4
+        sc.tick()
+    v = sc.verdicts()[0]
+    assert v.completions == 300 and v.window_s == pytest.approx(1.2)   # 3 ticks
+    for _ in range(3):                       # on time again: up to 10 ticks, 1 s
+        clock[0] += 0.1
+        sc.tick()
+    assert sc.verdicts() and len(sc._ring) <= 10
+
+
 def test_swap_model_validates_first(tmp_path: Path) -> None:
     sc = Scorer(Source())
     bad = tmp_path / "bad.onnx"

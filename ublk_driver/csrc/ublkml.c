@@ -962,6 +962,7 @@ struct tag_state {
 	uint8_t ok_active;	/* writes: ACTIVE legs that succeeded */
 	uint8_t must_fail;	/* a failed leg could not be failed */
 	uint8_t epoch;		/* write epoch joined */
+	uint8_t probed;		/* reads: a health probe went out with it */
 	int32_t err;		/* first leg error */
 	uint64_t t_start;	/* ns, only when records are on */
 };
@@ -1318,7 +1319,7 @@ static void summarize_io(struct ublkml_queue *q, uint8_t path, uint8_t op,
  * health probe (path = leg), into the summaries and/or the record ring. */
 static void record(struct ublkml_queue *q, uint16_t tag, uint8_t path,
 		   uint8_t op, uint64_t off, uint32_t len, int32_t res,
-		   uint64_t t_start)
+		   uint64_t t_start, uint16_t flags)
 {
 	struct ublkml_completion *c;
 	uint64_t tail, now, lat;
@@ -1344,6 +1345,7 @@ static void record(struct ublkml_queue *q, uint16_t tag, uint8_t path,
 	c->tag = tag;
 	c->op = op;
 	c->path = path;
+	c->flags = flags;
 	__atomic_store_n(&q->rec_head, q->rec_head + 1, __ATOMIC_RELEASE);
 }
 
@@ -1419,7 +1421,7 @@ static void complete_io(struct ublkml_queue *q, uint16_t tag, int32_t res)
 
 		record(q, tag, 0, iod->op_flags & 0xff,
 		       iod->start_sector << SECTOR_SHIFT,
-		       iod->nr_sectors << SECTOR_SHIFT, res, q->ts[tag].t_start);
+		       iod->nr_sectors << SECTOR_SHIFT, res, q->ts[tag].t_start, 0);
 	}
 	if (q->cdev_fd < 0) {
 		struct ublkml_event *e = &q->harvest[q->n_harvest++];
@@ -1807,7 +1809,7 @@ static void probe_finish(struct ublkml_queue *q, int slot, int res)
 		__atomic_fetch_add(&lg->errors, 1, __ATOMIC_RELAXED);
 	if (q->rec || q->sums)
 		record(q, UBLKML_PROBE_TAG, p->leg, UBLK_IO_OP_READ, p->off,
-		       p->len, res, p->t_start);
+		       p->len, res, p->t_start, 0);
 	p->busy = 0;
 }
 
@@ -1817,7 +1819,8 @@ static void probe_done(struct ublkml_queue *q, int slot, int res)
 
 	if (fault_get(q, p->leg)) {
 		uint64_t now = now_ns();
-		uint64_t extra = fault_extra_ns(q, p->leg, now - p->t_start, now);
+		uint64_t extra = fault_extra_ns(q, p->leg, p->t_start && now > p->t_start ?
+						now - p->t_start : 0, now);
 
 		p->res = res;
 		if (extra >= 1000 &&
@@ -1828,9 +1831,11 @@ static void probe_done(struct ublkml_queue *q, int slot, int res)
 	probe_finish(q, slot, res);
 }
 
-/* Every Nth user read also goes to a DEMOTED leg; nobody waits for it. */
-static void maybe_probe(struct ublkml_queue *q, uint32_t demoted, uint64_t off,
-			uint32_t len)
+/* Every Nth user read also goes to a DEMOTED leg; nobody waits for it.
+ * Returns 1 when a probe went out (queued with the user read: its record is
+ * flagged UBLKML_REC_PROBED, see mirror_leg_finish). */
+static int maybe_probe(struct ublkml_queue *q, uint32_t demoted, uint64_t off,
+		       uint32_t len)
 {
 	struct ublkml_target *t = q->t;
 	uint32_t every = __atomic_load_n(&t->probe_every, __ATOMIC_RELAXED);
@@ -1839,7 +1844,7 @@ static void maybe_probe(struct ublkml_queue *q, uint32_t demoted, uint64_t off,
 	int slot, leg, err;
 
 	if (!demoted || !every || ++q->reads_seen % every)
-		return;
+		return 0;
 	for (slot = 0; slot < PROBE_SLOTS; slot++) {
 		if (!q->probes[slot].busy) {
 			p = &q->probes[slot];
@@ -1847,26 +1852,29 @@ static void maybe_probe(struct ublkml_queue *q, uint32_t demoted, uint64_t off,
 		}
 	}
 	if (!p)
-		return;		/* all busy: a slow leg is not probed harder */
+		return 0;	/* all busy: a slow leg is not probed harder */
 	leg = pick_leg(demoted, q->reads_seen / every);
 	p->busy = 1;
 	p->leg = (uint8_t)leg;
 	p->off = off;
 	p->len = len < q->buf_size ? len : q->buf_size;
-	p->t_start = now_ns();
+	/* As leg_start: the batch's clock, so that a probe and the user read it
+	 * went out with are timed alike; the exact time for a fault. */
+	p->t_start = fault_get(q, leg) ? now_ns() : q->clock;
 	err = fault_error(q, leg, UBLK_IO_OP_READ);
 	if (err) {
 		probe_done(q, slot, err);
-		return;
+		return 0;
 	}
 	sqe = get_sqe(q);
 	if (!sqe) {
 		p->busy = 0;
-		return;
+		return 0;
 	}
 	io_uring_prep_read(sqe, leg_fd(q, leg),
 			   q->probe_bufs + (size_t)slot * q->buf_size, p->len, off);
 	tgt_prep_done(q, sqe, tgt_ud(KIND_PROBE, (uint32_t)leg, (uint32_t)slot));
+	return 1;
 }
 
 static void regions_begin(struct ublkml_target *t, struct tag_state *s)
@@ -1909,7 +1917,8 @@ static void mirror_request(struct ublkml_queue *q, uint16_t tag)
 			complete_io(q, tag, -EIO);
 			return;
 		}
-		maybe_probe(q, legs_in(t, states, UBLKML_LEG_DEMOTED), s->off, s->len);
+		s->probed = (uint8_t)maybe_probe(q, legs_in(t, states, UBLKML_LEG_DEMOTED),
+						 s->off, s->len);
 		leg_start(q, tag, pick_leg(active, q->read_rr++));
 		return;
 	case UBLK_IO_OP_WRITE:
@@ -1962,7 +1971,8 @@ static void mirror_leg_finish(struct ublkml_queue *q, uint16_t tag, int leg,
 
 	if (q->rec || q->sums)
 		record(q, tag, (uint8_t)leg, s->op, s->off, s->len, res,
-		       lio(q, tag, leg)->t_start);
+		       lio(q, tag, leg)->t_start,
+		       s->op == UBLK_IO_OP_READ && s->probed ? UBLKML_REC_PROBED : 0);
 	if (s->op == UBLK_IO_OP_READ) {
 		uint32_t others;
 

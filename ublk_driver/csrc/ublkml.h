@@ -36,6 +36,9 @@ enum {
 #define UBLKML_MAX_LEGS		8
 /* Completion records of health probes carry this tag (they have none). */
 #define UBLKML_PROBE_TAG	0xffff
+/* Record flags: a user read that carried a health probe (the probe went out
+ * in the same submission, so the two are the fair comparison). */
+#define UBLKML_REC_PROBED	0x1
 
 struct ublkml_target;
 
@@ -168,7 +171,7 @@ struct ublkml_completion {
 	uint16_t tag;
 	uint8_t op;
 	uint8_t path;		/* completion path: backing file, mirror leg */
-	uint16_t pad0;
+	uint16_t flags;		/* UBLKML_REC_* */
 	uint32_t pad1;
 };
 
