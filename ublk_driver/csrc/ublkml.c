@@ -1858,9 +1858,7 @@ static int maybe_probe(struct ublkml_queue *q, uint32_t demoted, uint64_t off,
 	p->leg = (uint8_t)leg;
 	p->off = off;
 	p->len = len < q->buf_size ? len : q->buf_size;
-	/* As leg_start: the batch's clock, so that a probe and the user read it
-	 * went out with are timed alike; the exact time for a fault. */
-	p->t_start = fault_get(q, leg) ? now_ns() : q->clock;
+	p->t_start = now_ns();
 	err = fault_error(q, leg, UBLK_IO_OP_READ);
 	if (err) {
 		probe_done(q, slot, err);
