@@ -7,15 +7,19 @@ where ``/dev/ublk-control`` exists, else in one boot of the qemu test bed:
 2. a two-leg mirror is created over two files on a RAM file system (ext4 on
    brd; tmpfs if brd is busy) with ``--score``, so the scorer and the leg
    policy run in its server; the agent watches it in *enforce* mode;
-3. reference: fio's load on the healthy mirror;
-4. the run, one fio process: random reads (latency logged per I/O) and, in
-   another region, writes verified with crc32c as they go (``verify_backlog``);
-   mid-run ``ublkml fault set --path 1 slow=10`` makes leg 1 ten times slower;
-   the policy flags it, the agent demotes it through the server's control
-   socket; later ``ublkml fault clear`` and the policy re-admits the leg
-   (resync, then active) once its health probes have looked healthy long
-   enough;
-5. after the device is deleted the two legs must be byte-identical.
+3. one fio process: random reads (latency logged per I/O) and, in another
+   region, writes verified with crc32c as they go (``verify_backlog``); the
+   healthy mirror first; then ``ublkml fault set --path 1 slow=10`` makes leg
+   1 ten times slower; the policy flags it, the agent demotes it through the
+   server's control socket; later ``ublkml fault clear`` and the policy
+   re-admits the leg (resync, then active) once its health probes have looked
+   healthy long enough; then the healthy mirror again;
+4. after the device is deleted the two legs must be byte-identical.
+
+The healthy mirror's latency is measured in the same fio run (before the
+fault and after the re-admission), and every phase is compared by the median
+of its windows' percentiles (``compare``), with the difference between the
+two healthy phases reported as the machine's own noise.
 
 Results: ``results.json``, ``report.md`` and ``latency.png`` (read latency
 over time, the injection, demotion, clearing and re-admission marked) in
@@ -60,6 +64,10 @@ GOAL_P99_RATIO = 1.3
 BIN_S = 0.25                 # latency-over-time bins for the plot
 TICK_S = 0.1                 # the scorer's tick: the resolution of the fault's onset
 READMIT_BUDGET_S = 60.0      # after clearing, wait this long at most for the re-admission
+#: re-admission (active again) after the fault is cleared: the probe window
+#: (3 s) must forget the slow probes, the hold (5 s) pass, the agent apply
+#: the promotion and the resync finish; commands are slow on the test bed
+READMIT_GOAL_S = 20.0
 VM_CPUS, VM_MEMORY_MB = 2, 4096
 
 
@@ -73,12 +81,20 @@ def _say(msg: str) -> None:
 
 @dataclass(frozen=True)
 class Plan:
-    """Durations (seconds) and load."""
+    """Durations (seconds) and load.
 
-    reference_s: float = 20.0     # the healthy mirror, for the p99 comparison
-    before_s: float = 15.0        # main run: healthy, before the injection
-    fault_s: float = 20.0         # the fault is held this long
-    after_s: float = 20.0         # after the re-admission
+    The healthy mirror is measured in the same fio run as the demoted one:
+    before the injection and again after the re-admission.  Every phase is
+    cut into windows of ``window_s``; phases are compared by their median
+    window (p99 of one window, median over the windows), so one stall of a
+    shared machine moves one window, not the comparison.
+    """
+
+    before_s: float = 30.0        # healthy, before the injection (baseline)
+    fault_s: float = 35.0         # the fault is held this long
+    after_s: float = 30.0         # healthy again, after the re-admission (baseline)
+    window_s: float = 5.0         # percentiles per window; phases compare median windows
+    warmup_s: float = 2.0         # left out at the start of the run
     read_iops: int = 500
     write_iops: int = 50
     read_depth: int = 8
@@ -87,16 +103,16 @@ class Plan:
 
     @property
     def runtime_s(self) -> float:
-        """Expected: the re-admission comes about 15 s after the clear (dwell, hold)."""
-        return self.before_s + self.fault_s + 15 + self.after_s
+        """Expected: the re-admission comes about 10 s after the clear (probe window, hold)."""
+        return self.before_s + self.fault_s + 10 + self.after_s
 
     def estimate_s(self) -> float:
         if self.healthy_minutes:
             return self.healthy_minutes * 60 + 90
-        return self.reference_s + self.runtime_s + 90
+        return self.runtime_s + 90
 
 
-QUICK = Plan(reference_s=10, before_s=6, fault_s=6, after_s=6)
+QUICK = Plan(before_s=10, fault_s=14, after_s=10, window_s=2)
 
 
 # ---- commands ---------------------------------------------------------------------
@@ -139,12 +155,24 @@ def leg_storage(base: Path) -> Iterator[dict[str, Any]]:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def _make_leg(path: Path, size: int) -> None:
+def make_legs(paths: Sequence[Path], size: int) -> None:
+    """Identical legs, on disk and out of the page cache before the device starts.
+
+    Not a copy left to writeback: dirty pages of a leg would be written back
+    during the run (30 s later) and make its O_DIRECT reads wait for them
+    (io_uring punts them to a worker): in the test bed the first 40 s of a
+    run had twice the read p99 of the rest.
+    """
     chunk = os.urandom(1 << 20)
-    with open(path, "wb") as f:
+    with contextlib.ExitStack() as stack:
+        files = [stack.enter_context(open(p, "wb")) for p in paths]
         for _ in range(size // len(chunk)):
-            f.write(chunk)
-        os.fsync(f.fileno())
+            for f in files:
+                f.write(chunk)
+        for f in files:
+            f.flush()
+            os.fsync(f.fileno())
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 def _sha256(path: Path) -> str:
@@ -200,16 +228,67 @@ def percentiles(lat_us: npt.NDArray[np.float64]) -> dict[str, float | int | None
             "p99_us": round(float(q[1]), 1), "p999_us": round(float(q[2]), 1)}
 
 
+def window_stats(lat: npt.NDArray[np.float64], a: float, b: float,
+                 window_s: float) -> list[dict[str, Any]]:
+    """Percentiles of [a, b) cut into whole windows of window_s (one window if shorter)."""
+    n = max(int((b - a) // window_s), 1)
+    width = window_s if (b - a) >= window_s else b - a
+    out = []
+    for i in range(n):
+        lo = a + i * width
+        sel = lat[(lat[:, 0] >= lo) & (lat[:, 0] < lo + width), 1]
+        out.append({**percentiles(sel), "start": round(lo, 3)})
+    return out
+
+
+def _median(values: list[float | None]) -> float | None:
+    v = [x for x in values if x is not None]
+    return round(float(np.median(v)), 1) if v else None
+
+
 def phase_stats(lat: npt.NDArray[np.float64],
-                bounds: dict[str, tuple[float | None, float | None]]) -> dict[str, Any]:
-    """Percentiles of the reads that completed within each phase's [start, end)."""
+                bounds: dict[str, tuple[float | None, float | None]],
+                window_s: float = 5.0) -> dict[str, Any]:
+    """Per phase: percentiles of the reads that completed in [start, end), pooled and
+    per window, and the median window's p50, p99 and p99.9."""
     out: dict[str, Any] = {}
     for name, (a, b) in bounds.items():
         if a is None or b is None or b <= a:
-            out[name] = {**percentiles(np.empty(0)), "start": a, "end": b}
+            out[name] = {**percentiles(np.empty(0)), "start": a, "end": b, "windows": [],
+                         "median_p50_us": None, "median_p99_us": None,
+                         "median_p999_us": None}
             continue
         sel = lat[(lat[:, 0] >= a) & (lat[:, 0] < b), 1]
-        out[name] = {**percentiles(sel), "start": a, "end": b}
+        win = [w for w in window_stats(lat, a, b, window_s) if w["n"]]
+        out[name] = {**percentiles(sel), "start": a, "end": b, "windows": win,
+                     **{f"median_{k}": _median([w[k] for w in win])
+                        for k in ("p50_us", "p99_us", "p999_us")}}
+    return out
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a and b else None
+
+
+def compare(phases: dict[str, Any]) -> dict[str, Any]:
+    """The demoted mirror against the healthy one, both from the same fio run.
+
+    ``healthy``: the windows before the injection and after the
+    re-admission together; ``p99_ratio``: median demoted window over median
+    healthy window; ``noise_p99_ratio``: the same between the two healthy
+    phases (after / before), what the machine's own variation is.
+    """
+    healthy = phases["before"]["windows"] + phases["after_readmission"]["windows"]
+    out: dict[str, Any] = {"healthy_windows": len(healthy),
+                           "demoted_windows": len(phases["after_demotion"]["windows"])}
+    for q in ("p50_us", "p99_us", "p999_us"):
+        h = _median([w[q] for w in healthy])
+        d = phases["after_demotion"][f"median_{q}"]
+        key = q.removesuffix("_us")
+        out[f"healthy_{q}"], out[f"demoted_{q}"] = h, d
+        out[f"{key}_ratio"] = _ratio(d, h)
+        out[f"noise_{key}_ratio"] = _ratio(phases["after_readmission"][f"median_{q}"],
+                                          phases["before"][f"median_{q}"])
     return out
 
 
@@ -292,10 +371,7 @@ def mirror_with_agent(work: Path, plan: Plan) -> Iterator[Setup]:
     with leg_storage(work) as fs:
         legs = [Path(fs["dir"]) / f"leg{i}.img" for i in range(2)]
         _say(f"legs: 2 x {LEG_BYTES >> 20} MiB on {fs['filesystem']}")
-        for leg in legs:
-            _make_leg(leg, LEG_BYTES)
-        # Same content on both legs from the start, as a mirror needs.
-        shutil.copyfile(legs[0], legs[1])
+        make_legs(legs, LEG_BYTES)   # the same content, as a mirror needs
         st = agent(env, "start", "--instance", AGENT_INSTANCE, "--json")
         state = json.loads(st.stdout)
         _say(f"kernel agent pid {state['pid']}: {state['source']} accounting"
@@ -358,20 +434,6 @@ def _lat_file(prefix: Path) -> Path:
     raise FailslowError(f"fio wrote no latency log {prefix}_clat.1.log")
 
 
-def _reference(s: Setup, plan: Plan, out: Path) -> dict[str, Any]:
-    _say(f"reference: {plan.reference_s:g} s of the load on the healthy mirror")
-    job = out / "reference.fio"
-    job.write_text(fio_job(s.bdev, plan.reference_s, plan, str(out / "reference"), False))
-    doc = _finish_fio(_fio(job), out / "reference.json",
-                      plan.reference_s + 120)
-    lat = read_lat_log(_lat_file(out / "reference"))
-    t0 = float(lat[0, 0]) if lat.size else 0.0
-    stats = percentiles(lat[lat[:, 0] >= t0 + 2.0, 1])   # 2 s of warm-up left out
-    _say(f"reference: p50 {stats['p50_us']} us, p99 {stats['p99_us']} us over {stats['n']} "
-         "reads")
-    return {"reads": stats, "fio": fio_summary(doc)}
-
-
 def _events(s: Setup) -> list[dict[str, Any]]:
     from ml.legpolicy import legs_log_file, read_events
 
@@ -412,7 +474,6 @@ def run_failslow(out: Path, plan: Plan) -> dict[str, Any]:
         if plan.healthy_minutes:
             doc["healthy"] = _healthy_run(s, plan, out)
         else:
-            doc["reference"] = _reference(s, plan, out)
             doc["run"] = _main_run(s, plan, out)
         doc["events"] = _events(s)
     doc["meta"].update(s.facts)
@@ -482,7 +543,7 @@ def _main_run(s: Setup, plan: Plan, out: Path) -> dict[str, Any]:
     tl = timeline(_events(s), 1, onset, cleared)
     settle = 0.5  # requests queued on the slow leg before the demotion drain
     bounds: dict[str, tuple[float | None, float | None]] = {
-        "before": (t0 + 2.0, onset),
+        "before": (t0 + plan.warmup_s, onset),
         "during": (onset, tl["demoted"]),
         "after_demotion": (tl["demoted"] + settle if tl["demoted"] else None, cleared),
         "after_readmission": (tl["readmitted"] + settle if tl["readmitted"] else None, end),
@@ -493,10 +554,15 @@ def _main_run(s: Setup, plan: Plan, out: Path) -> dict[str, Any]:
            "detect_s": rel["detected"], "demote_s": rel["demoted"],
            "readmit_after_clear_s": round(tl["readmitted"] - cleared, 3)
            if tl["readmitted"] else None,
-           "phases": phase_stats(lat, bounds), "bins": latency_bins(lat, t0),
+           "phases": (phases := phase_stats(lat, bounds, plan.window_s)),
+           "compare": compare(phases), "bins": latency_bins(lat, t0),
            "fio": fio_summary(fio_doc), "legs_after": legs}
     _say(f"detected {rel['detected']} s and demoted {rel['demoted']} s after the onset; "
          f"re-admitted {run['readmit_after_clear_s']} s after the clear")
+    c = run["compare"]
+    _say(f"read p99, median {plan.window_s:g} s window: healthy {c['healthy_p99_us']} us, "
+         f"demoted {c['demoted_p99_us']} us (x{c['p99_ratio']}); healthy after / before: "
+         f"x{c['noise_p99_ratio']}")
     return run
 
 
@@ -527,9 +593,28 @@ def _healthy_run(s: Setup, plan: Plan, out: Path) -> dict[str, Any]:
     lat = read_lat_log(_lat_file(out / "healthy"))
     return {"minutes": plan.healthy_minutes, **summary(ev),
             "requests": sum(1 for e in ev if e["event"] == "request"),
+            "margin": margin(ev, plan.healthy_minutes * 60),
             "reads": percentiles(lat[:, 1]) if lat.size else percentiles(np.empty(0)),
             "bins": latency_bins(lat, float(lat[0, 0]) if lat.size else start),
             "fio": fio_summary(fio_doc)}
+
+
+def margin(events: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+    """How close a healthy run came to a demotion, from the legs log's ``score`` lines.
+
+    ``max_streak``: the most consecutive flagged ticks of an active leg (a
+    demotion takes ``demote_after`` = 3); ``flagged_ticks`` of ``ticks``
+    scored; ``max_score``.
+    """
+    sc = [e for e in events if e.get("event") == "score"]
+    ticks = sum(int(e["ticks"]) for e in sc)
+    flagged = sum(int(e["flagged"]) for e in sc)
+    return {"seconds_logged": len({round(float(e["t"])) for e in sc}), "ticks": ticks,
+            "flagged_ticks": flagged,
+            "flagged_share": round(flagged / ticks, 5) if ticks else None,
+            "max_streak": max((int(e["streak"]) for e in sc), default=None),
+            "max_score": max((float(e["max"]) for e in sc), default=None),
+            "run_s": seconds}
 
 
 def goals(doc: dict[str, Any]) -> dict[str, Any]:
@@ -544,14 +629,13 @@ def goals(doc: dict[str, Any]) -> dict[str, Any]:
         d = r["demote_s"]
         g["detect_and_demote_within_3s"] = {"value": d, "goal": GOAL_DETECT_S,
                                             "met": d is not None and d <= GOAL_DETECT_S}
-        ref = doc["reference"]["reads"]["p99_us"]
-        after = r["phases"]["after_demotion"]["p99_us"]
-        ratio = round(after / ref, 3) if after and ref else None
+        ratio = r["compare"]["p99_ratio"]
         g["p99_after_demotion_vs_healthy"] = {"value": ratio, "goal": GOAL_P99_RATIO,
                                               "met": ratio is not None
                                               and ratio <= GOAL_P99_RATIO}
-        g["readmitted"] = {"value": r["readmitted"] is not None, "goal": True,
-                           "met": r["readmitted"] is not None}
+        g["readmitted"] = {"value": r["readmit_after_clear_s"], "goal": READMIT_GOAL_S,
+                           "met": r["readmit_after_clear_s"] is not None
+                           and r["readmit_after_clear_s"] <= READMIT_GOAL_S}
     g["legs_identical_after"] = {"value": doc["meta"].get("legs_identical"), "goal": True,
                                  "met": bool(doc["meta"].get("legs_identical"))}
     return g
@@ -585,32 +669,47 @@ def write_report(doc: dict[str, Any], out: Path) -> Path:
                  f"started {m.get('started')}.")
     lines.append("")
     if "run" in doc:
-        r, ref = doc["run"], doc["reference"]["reads"]
+        r = doc["run"]
+        c = r["compare"]
         p = m["plan"]
         lines += [f"Load: 4 KiB random reads at {p['read_iops']} IOPS (QD {p['read_depth']}) "
-                  f"plus 4 KiB writes at {p['write_iops']} IOPS verified with crc32c; leg 1 "
-                  f"made {p['slow']:g}x slower for {p['fault_s']:g} s.", "",
+                  f"plus 4 KiB writes at {p['write_iops']} IOPS verified with crc32c, one fio "
+                  f"run; leg 1 made {p['slow']:g}x slower for {p['fault_s']:g} s.", "",
                   f"* detected (demotion asked) **{r['detect_s']} s** and demoted "
                   f"**{r['demote_s']} s** after the onset (goal: {GOAL_DETECT_S:g} s)",
-                  f"* re-admitted {r['readmit_after_clear_s']} s after the fault was cleared",
-                  "", "| phase | reads | p50 (us) | p99 (us) | p99.9 (us) |",
-                  "| --- | ---: | ---: | ---: | ---: |",
-                  f"| healthy mirror (reference run) | {ref['n']} | {_us(ref['p50_us'])} | "
-                  f"{_us(ref['p99_us'])} | {_us(ref['p999_us'])} |"]
-        names = {"before": "before the fault", "during": "fault, before demotion",
+                  f"* re-admitted (resynced, active) **{r['readmit_after_clear_s']} s** after "
+                  "the fault was cleared",
+                  f"* read p99 with the slow leg demoted: **x{c['p99_ratio']}** the healthy "
+                  f"mirror's (goal: x{GOAL_P99_RATIO:g}); the two healthy phases differ by "
+                  f"x{c['noise_p99_ratio']} (the machine's own noise)", "",
+                  f"Per phase: reads, pooled percentiles, and the median of the "
+                  f"{p['window_s']:g} s windows' percentiles (what is compared).", "",
+                  "| phase | reads | windows | p50 (us) | p99 (us) | p99.9 (us) | "
+                  "median window p50 | median window p99 | median window p99.9 |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        names = {"before": "healthy, before the fault", "during": "fault, before demotion",
                  "after_demotion": "fault, leg demoted",
-                 "after_readmission": "fault cleared, leg re-admitted"}
+                 "after_readmission": "fault cleared, leg re-admitted (healthy)"}
         for k, title in names.items():
             ph = r["phases"][k]
-            lines.append(f"| {title} | {ph['n']} | {_us(ph['p50_us'])} | {_us(ph['p99_us'])} | "
-                         f"{_us(ph['p999_us'])} |")
-        lines.append("")
+            lines.append(f"| {title} | {ph['n']} | {len(ph['windows'])} | {_us(ph['p50_us'])} | "
+                         f"{_us(ph['p99_us'])} | {_us(ph['p999_us'])} | "
+                         f"{_us(ph['median_p50_us'])} | {_us(ph['median_p99_us'])} | "
+                         f"{_us(ph['median_p999_us'])} |")
+        lines += ["", f"Healthy windows together ({c['healthy_windows']}): median p50 "
+                  f"{_us(c['healthy_p50_us'])} us, p99 {_us(c['healthy_p99_us'])} us; demoted "
+                  f"({c['demoted_windows']}): p50 {_us(c['demoted_p50_us'])} us "
+                  f"(x{c['p50_ratio']}), p99 {_us(c['demoted_p99_us'])} us (x{c['p99_ratio']}).",
+                  ""]
     if "healthy" in doc:
         h = doc["healthy"]
+        mg = h.get("margin", {})
         lines += [f"Healthy run: {h['minutes']:g} min of bursty mixed load, no fault: "
                   f"**{h['demotions']} demotion(s)**, {h['requests']} request(s) to the agent; "
                   f"reads p50 {_us(h['reads']['p50_us'])} us, p99 {_us(h['reads']['p99_us'])} us.",
-                  ""]
+                  "", f"Margin: {mg.get('flagged_ticks')} of {mg.get('ticks')} leg verdicts "
+                  f"flagged; longest flagged streak {mg.get('max_streak')} ticks (a demotion "
+                  f"takes 3); highest score {mg.get('max_score')}.", ""]
     lines += ["| goal | measured | target | met |", "| --- | --- | --- | --- |"]
     for k, v in doc["goals"].items():
         lines.append(f"| {k} | {v['value']} | {v['goal']} | {'yes' if v['met'] else 'NO'} |")
@@ -642,9 +741,13 @@ def plot(doc: dict[str, Any], path: Path) -> None:
                                   ("readmitted", "leg re-admitted", "tab:purple")):
             if r.get(key):
                 ax.axvline(r[key] - t0, color=color, ls="--", lw=1, label=label)
-        ref = doc["reference"]["reads"]["p99_us"]
-        if ref:
-            ax.axhline(ref, color="tab:orange", ls=":", lw=1, label="healthy mirror p99")
+        c = r.get("compare", {})
+        for key, label, color in (("healthy_p99_us", "healthy p99 (median window)",
+                                   "tab:orange"),
+                                  ("demoted_p99_us", "demoted p99 (median window)",
+                                   "tab:green")):
+            if c.get(key):
+                ax.axhline(c[key], color=color, ls=":", lw=1, label=label)
     ax.set_yscale("log")
     ax.set_xlabel("seconds since fio started")
     ax.set_ylabel("read completion latency (us)")
@@ -691,7 +794,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output directory (default: results/failslow-<timestamp>)")
     p.add_argument("--json", action="store_true", help="print results.json on stdout")
     p.add_argument("--quick", action="store_true",
-                   help=f"short phases ({QUICK.reference_s:g} s reference, "
+                   help=f"short phases ({QUICK.before_s:g} s healthy, "
                         f"{QUICK.runtime_s:g} s run): a smoke test")
     p.add_argument("--healthy-minutes", type=float, default=0.0, metavar="N",
                    help="instead: N minutes of bursty mixed load with no fault; reports the "

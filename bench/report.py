@@ -345,6 +345,19 @@ def _overhead_table(doc: dict[str, Any]) -> list[str]:
         rows.append(row(str(rnd + 1), cells[0][1], cells))
     medians = [median_iops(doc, d) for d in (OVERHEAD_OFF, *OVERHEAD_ON)]
     rows.append(row("**median**", medians[0], [(_fmt_iops(m), m) for m in medians]))
+    # Paired: each round's on ÷ off, then the median; robust to a drift of the
+    # machine's speed across rounds, which moves both sides of a round alike.
+    paired: list[str] = []
+    for dev in OVERHEAD_ON:
+        rs = []
+        for rnd in sorted({k[0] for k in by}):
+            a, b = by.get((rnd, dev)), by.get((rnd, OVERHEAD_OFF))
+            if a is not None and b is not None and _ok(a) and _ok(b):
+                r = ratio(float(a["iops"]), float(b["iops"]))
+                if r is not None:
+                    rs.append(r)
+        paired.append(_fmt_ratio(statistics.median(rs)) if rs else "n/a")
+    rows.append(["median of the rounds' ratios", "", "", paired[0], "", paired[1]])
     counted = [int(r["accounting"]["ios_counted"]) for r in recs
                if _ok(r) and isinstance(r.get("accounting"), dict)
                and r["accounting"].get("ios_counted") is not None]
@@ -597,6 +610,8 @@ def make_plots(doc: dict[str, Any], outdir: Path) -> list[str]:
                if any(k[0] == d for k in idx)]
     files: list[str] = []
     for w, label in _workloads(doc):
+        if not any(_iops(idx, (d, w, q)) is not None for d in devices for q in (1, 2)):
+            continue  # nothing measured here (e.g. only the overhead group ran)
         # IOPS, grouped by device, one bar per queue count.
         fig, ax = plt.subplots(figsize=(9, 4.5))
         width = 0.38

@@ -233,15 +233,16 @@ def overhead_cases(rounds: int) -> list[Case]:
             for d in DEVICES if d.group == "overhead"]
 
 
-def plan_cases(*, quick: bool, skip: Sequence[str] = ()) -> list[Case]:
+def plan_cases(*, quick: bool, skip: Sequence[str] = (), rounds: int | None = None
+               ) -> list[Case]:
     """Every case of the run, in the order they are measured (n/a ones included)."""
     if quick:
         cases = [Case(device_by_name(d), workload_by_name(w), q) for d, w, q in QUICK_CASES]
-        cases += overhead_cases(OVERHEAD_ROUNDS_QUICK)
+        cases += overhead_cases(rounds or OVERHEAD_ROUNDS_QUICK)
     else:
         cases = [Case(d, w, q) for d in DEVICES if d.group != "overhead"
                  for w in WORKLOADS for q in (1, 2)]
-        cases += overhead_cases(OVERHEAD_ROUNDS_FULL)
+        cases += overhead_cases(rounds or OVERHEAD_ROUNDS_FULL)
     return sorted((c for c in cases if c.device.group not in skip), key=_order)
 
 
@@ -1082,7 +1083,8 @@ class _Run:
 
 def measure(args: argparse.Namespace, outdir: Path) -> tuple[dict[str, Any], int]:
     """Measure every case here (ublk must work); returns (results document, exit code)."""
-    run = _Run(args, outdir, plan_cases(quick=args.quick, skip=args.skip or ()))
+    run = _Run(args, outdir,
+               plan_cases(quick=args.quick, skip=args.skip or (), rounds=args.rounds))
     meta = run.meta
     _say(f"{run.total} measurements ({run.runtime:g} s + {run.ramp:g} s ramp each), about "
          f"{estimate_seconds(run.cases, run.runtime, run.ramp) / 60:.0f} min, on "
@@ -1187,6 +1189,16 @@ class NoiseSampler:
                 "loadavg_max": round(max(loads), 2)}
 
 
+def _rounds_arg(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 100:
+        raise argparse.ArgumentTypeError(f"rounds must be 1..100, got {text!r}")
+    return n
+
+
 def _forwarded(args: argparse.Namespace) -> list[str]:
     out: list[str] = []
     if args.quick:
@@ -1199,6 +1211,8 @@ def _forwarded(args: argparse.Namespace) -> list[str]:
         out += ["--ramp", f"{args.ramp:g}"]
     if args.profile:
         out.append("--profile")
+    if args.rounds is not None:
+        out += ["--rounds", str(args.rounds)]
     return out
 
 
@@ -1207,7 +1221,7 @@ def run_in_vm(args: argparse.Namespace, outdir: Path) -> tuple[dict[str, Any] | 
     from ublk_driver import testbed
 
     runtime, ramp = _timing(args)
-    cases = plan_cases(quick=args.quick, skip=args.skip or ())
+    cases = plan_cases(quick=args.quick, skip=args.skip or (), rounds=args.rounds)
     estimate = estimate_seconds(cases, runtime, ramp) + _BOOT_OVERHEAD
     timeout = args.vm_timeout or max(900.0, 2.5 * estimate + 300)
     argv = [sys.executable, "-m", "bench", "--in-vm", "--out", str(outdir), *_forwarded(args)]
@@ -1279,6 +1293,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ramp", type=float, metavar="S",
                    help=f"seconds of warm-up per job, not counted (default {FULL_RAMP:g}, "
                         f"--quick {QUICK_RAMP:g})")
+    p.add_argument("--rounds", type=_rounds_arg, metavar="N",
+                   help=f"rounds of the overhead group (default {OVERHEAD_ROUNDS_FULL}, "
+                        f"--quick {OVERHEAD_ROUNDS_QUICK}); more rounds, steadier medians")
     p.add_argument("--vm-timeout", type=float, metavar="S",
                    help="kill the test bed after S seconds (default: from the estimate)")
     p.add_argument("--no-report", action="store_true",

@@ -200,13 +200,16 @@ def model_main(argv: Sequence[str]) -> int:
 def cmd_detect(args: argparse.Namespace) -> int:
     from ml import detect
     from ml.model import load_model
-    from ml.telemetry import read_labels, read_tree
+    from ml.telemetry import read_labels, read_tree, tree_window
 
     quiet = args.json or args.quiet
+    if args.window is not None and not args.window > 0:
+        raise _Fail(f"--window must be positive, got {args.window}")
     hosts = read_tree(args.dir, progress=_progress(not quiet, "read hosts"))
     labels = read_labels(args.labels) if args.labels else None
     model = load_model(args.model, expect_kind="fail_slow") if args.model else None
-    verdicts = detect.run(args.method, hosts, model, args.window)
+    window = args.window or tree_window(args.dir) or detect.DEFAULT_WINDOW_S
+    verdicts = detect.run(args.method, hosts, model, window)
     if args.out:
         tmp = args.out + ".tmp"
         with open(tmp, "w") as f:
@@ -257,6 +260,21 @@ def cmd_synth(args: argparse.Namespace) -> int:
     print(json.dumps(summary) if args.json else
           ", ".join(f"{k} {v}" for k, v in summary.items()))
     return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from ml.train import compare_recorded, format_comparison
+
+    rep = compare_recorded(args.train, args.heldout, seed=args.seed, save_dir=args.save,
+                           quiet=args.quiet or args.json)
+    print(json.dumps(rep, indent=2) if args.json else format_comparison(rep))
+    return 0
+
+
+def cmd_record(args: argparse.Namespace) -> int:
+    from ml.record import main
+
+    return main(args)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -312,8 +330,9 @@ def ml_parser() -> argparse.ArgumentParser:
     d.add_argument("--method", choices=METHODS, default="model",
                    help="model (default), peer2x (2x peer-median rule) or perseus "
                    "(latency-vs-throughput regression)")
-    d.add_argument("--window", type=float, default=DEFAULT_WINDOW_S,
-                   help=f"window in seconds (default {DEFAULT_WINDOW_S:g})")
+    d.add_argument("--window", type=float, default=None,
+                   help="window in seconds (default: DIR/recording.json's window_s for "
+                   f"recorded telemetry, else {DEFAULT_WINDOW_S:g})")
     d.add_argument("--out", metavar="CSV", help="write the verdicts here instead of stdout")
     d.add_argument("--json", action="store_true", help="machine-readable output")
     d.add_argument("-q", "--quiet", action="store_true", help="no progress")
@@ -329,8 +348,12 @@ def ml_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", metavar="PATH", help="the model file (reference: a directory, "
                    "default the package's ml/models)")
     t.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    t.add_argument("--window", type=float, default=DEFAULT_WINDOW_S,
-                   help="fail-slow: window in seconds")
+    t.add_argument("--window", type=float, default=None,
+                   help="fail-slow: window in seconds (default: DIR/recording.json's "
+                   f"window_s, else {DEFAULT_WINDOW_S:g})")
+    t.add_argument("--add", action="append", default=[], metavar="DIR",
+                   help="fail-slow: another labelled telemetry tree to train on as well "
+                   "(its own labels.csv and window); repeatable")
     t.add_argument("--horizon", type=int, default=HORIZON_DAYS,
                    help=f"failure: days ahead to predict (default {HORIZON_DAYS})")
     t.add_argument("--version", default="1", help="the model's ublkml.version (default 1)")
@@ -357,6 +380,37 @@ def ml_parser() -> argparse.ArgumentParser:
     s.add_argument("-q", "--quiet", action="store_true", help="no progress")
     s.set_defaults(func=cmd_synth)
 
+    r = sub.add_parser("record", help="record labelled telemetry from a mirror with "
+                       "injected faults (in the test bed if needed)",
+                       description="Serve a mirror (--legs legs on a RAM file system) with "
+                       "completion records on, run a seeded fio mixed random load, inject "
+                       "seeded fault schedules (2-20x slowdowns, bursts, ramps; healthy and "
+                       "hiccup legs) and write the per-leg, per-second telemetry in the "
+                       "Perseus layout (OUT_DIR/<host>/<day>.csv), OUT_DIR/labels.csv, "
+                       "OUT_DIR/injected.csv and OUT_DIR/recording.json. One host per run; "
+                       "natively where /dev/ublk-control exists (root), else in one boot of "
+                       "the qemu test bed.", epilog="See docs/models.md, 'Recorded "
+                       "telemetry'.")
+    from ml.record import add_arguments
+
+    add_arguments(r)
+    r.set_defaults(func=cmd_record)
+
+    c = sub.add_parser("compare", help="models and baselines on held-out recorded telemetry "
+                       "(extra: train)",
+                       description="Train fail-slow models on the recording TRAIN (alone, "
+                       "and with the synthetic training set of the packaged model), then "
+                       "print precision, recall, F1 and MCC of those models, the packaged "
+                       "(synthetic-only) model and both baselines on the recording HELDOUT "
+                       "and on the synthetic held-out set (preset heldout, seed 2).")
+    c.add_argument("train", metavar="TRAIN", help="a recorded telemetry tree (ml record)")
+    c.add_argument("heldout", metavar="HELDOUT", help="another one, to evaluate on")
+    c.add_argument("--seed", type=int, default=1, help="training seed (default 1)")
+    c.add_argument("--save", metavar="DIR", help="also write the trained models there")
+    c.add_argument("--json", action="store_true", help="machine-readable report")
+    c.add_argument("-q", "--quiet", action="store_true", help="no progress")
+    c.set_defaults(func=cmd_compare)
+
     m = sub.add_parser("smart", help="failure score of a drive from smartctl --json",
                        description="Run `smartctl --json -a DEVICE` (or read its saved "
                        "output) and score it with the failure model.")
@@ -374,6 +428,8 @@ def _check_train(args: argparse.Namespace) -> int:
         raise _Fail(f"train {args.what} needs DIR")
     if args.what != "reference" and not args.out:
         raise _Fail(f"train {args.what} needs --out FILE")
+    if args.add and args.what != "fail-slow":
+        raise _Fail("--add is for train fail-slow")
     return cmd_train(args)
 
 

@@ -184,6 +184,24 @@ def summarize(records: npt.NDArray[np.void]) -> Summary:
     )
 
 
+def summary_from_counts(counts: npt.NDArray[np.void]) -> Summary:
+    """A :class:`Summary` from the engine's per-path counts
+    (``ublk_driver.records.SUMMARY_DTYPE``: cumulative, or the difference of
+    two reads).  Paths after the last one that ever completed are dropped,
+    as :func:`summarize` never sees them."""
+    hist = counts["hist"].astype(np.int64)
+    if hist.shape[1:] != (N_BINS,):
+        raise FeatureError(f"summary histograms have {hist.shape[1:]} bins, expected {N_BINS}")
+    used = np.flatnonzero(counts["n"])
+    k = int(used[-1]) + 1 if used.size else 0
+    # n from the histogram: the engine's words are read one by one, so n and
+    # the bins may be a few I/Os apart; quantiles need them to agree.
+    return Summary(n=hist[:k].sum(axis=1), errors=counts["errors"][:k].astype(np.int64),
+                   bytes=counts["bytes"][:k].astype(np.int64),
+                   lat_sum=counts["lat_sum"][:k].astype(np.float64),
+                   lat_sumsq=counts["lat_sumsq"][:k].astype(np.float64), hist=hist[:k])
+
+
 def _hist_quantiles(hist: IntArray, n: IntArray) -> FloatArray:
     """[paths, len(_QS)] quantiles (ns) from histograms: the bin holding each rank."""
     cum = np.cumsum(hist, axis=1)

@@ -28,12 +28,21 @@ Three layers, each testable alone:
 
 Why probes, and why the model judges them: a demoted leg serves no user
 reads, so its only read latencies are the health probes (every Nth user read
-copied to it, ``tag == PROBE_TAG``).  Reads-only windows (user reads of the
-active legs, probes of the demoted ones) go through the same features and
-model as detection: "healthy" is "the model no longer flags it next to its
-peers", not a second, hand-tuned rule.  One feature is neutralised for probes:
-the throughput ratio (probes come at the rate we chose, so a demoted leg's low
+copied to it, ``tag == PROBE_TAG``).  Reads-only windows (probes of the
+demoted legs, and on the active legs the user reads those probes went out
+with, flagged ``RECORD_PROBED``) go through the same features and model as
+detection: "healthy" is "the model no longer flags it next to its peers", not
+a second, hand-tuned rule.  One feature is neutralised for probes: the
+throughput ratio (probes come at the rate we chose, so a demoted leg's low
 throughput says nothing about its health).
+
+Why only the probed user reads: a probe and its user read are submitted
+together; where reads complete inside the submission (a RAM disk, the qemu
+test bed) the pair takes about twice as long as a lone read, and both
+records say so.  Measured in the test bed with the demoted leg healthy:
+probes p50 156 us, all user reads 75 us (the model flags a median ratio of
+2, so the leg was never re-admitted), probed user reads 189 us next to
+their probes' 191 us.
 """
 
 from __future__ import annotations
@@ -52,7 +61,9 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from ml.features import FEATURE_INDEX, Summary, select, summarize, summary_features
 from ublk_driver.errors import UblkError
+from ublk_driver.records import RECORD_PROBED
 
 log = logging.getLogger("ublkml.ml.legpolicy")
 
@@ -82,13 +93,24 @@ class PolicyConfig:
     #: latest score is lower keeps being watched rather than asked about and
     #: refused (a refusal costs a retry pause)
     min_confidence: float = 0.5
-    #: after any leg changes state, verdicts are ignored this long: the
-    #: scorer's window (1 s) still mixes before and after, and a leg that
-    #: just took over every read would look slow next to its old self
+    #: after any leg changes state, verdicts are ignored this long *and* for
+    #: this many ticks (:meth:`LegPolicy.tick` calls): the scorer's window
+    #: (10 ticks, 1 s when ticks come on time) still mixes before and after.
+    #: A leg just re-admitted has a window of writes and probes, which looks
+    #: slow next to a peer's reads; a leg that just took over every read
+    #: looks slow next to its old self.  Counted in ticks too because on a
+    #: starved machine (the test bed under load) ticks come late and the
+    #: window spans seconds: a relapse 1.5 s after a promotion came from that.
     settle_s: float = 1.0
+    settle_ticks: int = 10
     min_active: int = 1            # never fewer active legs than this
     readmit_hold_s: float = 5.0    # probes healthy this long before a promotion
     min_health_samples: int = 5    # ... in at least this many ticks
+    #: ... and in at least this share of the ticks judged during the hold.
+    #: The hold restarts when the probes are flagged for ``demote_after``
+    #: ticks in a row (the evidence that demotes an active leg): one noisy
+    #: window does not, or a leg would never come back from a noisy machine.
+    readmit_healthy_frac: float = 0.8
     min_dwell_s: float = 10.0      # demoted at least this long
     dwell_backoff: float = 2.0     # dwell x this when demoted again within flap_window_s
     max_dwell_s: float = 600.0
@@ -102,10 +124,15 @@ class PolicyConfig:
             raise LegPolicyError(f"demote_after must be >= 1 tick, got {self.demote_after}")
         if self.min_active < 1:
             raise LegPolicyError(f"min_active must be >= 1 leg, got {self.min_active}")
+        if self.settle_ticks < 0:
+            raise LegPolicyError(f"settle_ticks must be >= 0, got {self.settle_ticks}")
         for name in ("readmit_hold_s", "min_dwell_s", "settle_s", "answer_timeout_s",
                      "retry_after_s", "resync_timeout_s", "flap_window_s"):
             if not getattr(self, name) >= 0:
                 raise LegPolicyError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 < self.readmit_healthy_frac <= 1:
+            raise LegPolicyError("readmit_healthy_frac must be in (0, 1], got "
+                                 f"{self.readmit_healthy_frac}")
         if self.dwell_backoff < 1 or self.max_dwell_s < self.min_dwell_s:
             raise LegPolicyError("dwell_backoff must be >= 1 and max_dwell_s >= min_dwell_s")
 
@@ -129,9 +156,10 @@ class _Leg:
     asked: float = 0.0                   # when the pending request was made
     applied: bool = False                # PROMOTING: the agent applied it (resync running)
     retry_at: float = float("-inf")
-    healthy_since: float | None = None
-    healthy_ticks: int = 0
-    hold_scores: list[float] = field(default_factory=list)
+    healthy_since: float | None = None   # DEMOTED: when the current hold began
+    healthy_ticks: int = 0               # ... healthy ticks in it
+    sick_streak: int = 0                 # ... consecutive flagged ticks
+    hold_scores: list[float] = field(default_factory=list)   # every tick judged in it
     dwell_s: float = 0.0
     promoted_at: float | None = None
 
@@ -146,6 +174,8 @@ class LegPolicy:
         self.config = config or PolicyConfig()
         self._legs = [_Leg(since=now, dwell_s=self.config.min_dwell_s) for _ in range(legs)]
         self._settle_until = float("-inf")
+        self._ticks = 0
+        self._settle_tick = 0
         if states is not None:
             self.observe_states(list(states), now)
 
@@ -164,6 +194,18 @@ class LegPolicy:
     def dwell_s(self, leg: int) -> float:
         return self._legs[leg].dwell_s
 
+    def streak(self, leg: int) -> int:
+        """Consecutive flagged ticks of an active leg."""
+        return self._legs[leg].streak
+
+    def hold(self, leg: int, now: float) -> dict[str, float | int] | None:
+        """A demoted leg's re-admission hold so far (None: not holding)."""
+        lg = self._legs[leg]
+        if lg.state is not LegState.DEMOTED or lg.healthy_since is None:
+            return None
+        return {"s": round(now - lg.healthy_since, 3), "healthy": lg.healthy_ticks,
+                "judged": len(lg.hold_scores)}
+
     def _active(self) -> int:
         return sum(1 for lg in self._legs if lg.state is LegState.ACTIVE)
 
@@ -179,7 +221,8 @@ class LegPolicy:
         # Judged only next to other active legs (the peers in the same role:
         # a lone active leg serves every read and looks slow next to a demoted
         # leg's writes and probes), and not while the windows settle.
-        if not flagged or now < self._settle_until or self._active() < 2:
+        if not flagged or now < self._settle_until or self._ticks < self._settle_tick \
+                or self._active() < 2:
             lg.streak, lg.streak_scores = 0, []
             return None
         lg.streak += 1
@@ -196,29 +239,43 @@ class LegPolicy:
                        f"flagged {ticks} ticks in a row (score {score:.3f})")
 
     def health(self, leg: int, healthy: bool, score: float, now: float) -> Request | None:
-        """One tick's judgement of a demoted leg's probes; maybe a promotion request."""
+        """One tick's judgement of a demoted leg's probes; maybe a promotion request.
+
+        The hold begins at a healthy tick and restarts when the probes are
+        flagged ``demote_after`` ticks in a row; a promotion is asked when
+        the hold has lasted ``readmit_hold_s`` with at least
+        ``min_health_samples`` healthy ticks making up at least
+        ``readmit_healthy_frac`` of the ticks judged, the latest tick is
+        healthy, and the leg has been demoted for its dwell time.
+        """
         if not 0 <= leg < len(self._legs):
             return None
         lg = self._legs[leg]
         if lg.state is not LegState.DEMOTED:
             return None
-        if not healthy:
+        c = self.config
+        lg.sick_streak = 0 if healthy else lg.sick_streak + 1
+        if lg.sick_streak >= c.demote_after:
             lg.healthy_since, lg.healthy_ticks, lg.hold_scores = None, 0, []
-            return None
         if lg.healthy_since is None:
+            if not healthy:
+                return None
             lg.healthy_since = now
-        lg.healthy_ticks += 1
+        lg.healthy_ticks += healthy
         lg.hold_scores.append(score)
-        if (now - lg.healthy_since < self.config.readmit_hold_s
-                or lg.healthy_ticks < self.config.min_health_samples
+        judged = len(lg.hold_scores)
+        if (not healthy or now - lg.healthy_since < c.readmit_hold_s
+                or lg.healthy_ticks < c.min_health_samples
+                or lg.healthy_ticks < c.readmit_healthy_frac * judged
                 or now - lg.since < lg.dwell_s or now < lg.retry_at):
             return None
+        median = float(np.median(lg.hold_scores))
+        held, ok = now - lg.healthy_since, lg.healthy_ticks
         lg.state, lg.asked, lg.applied = LegState.PROMOTING, now, False
-        conf = 1.0 - max(lg.hold_scores)
-        held = now - lg.healthy_since
-        lg.healthy_since, lg.healthy_ticks, lg.hold_scores = None, 0, []
-        return Request("promote_leg", leg, conf,
-                       f"probes healthy for {held:.1f} s (scores <= {1 - conf:.3f})")
+        lg.healthy_since, lg.healthy_ticks, lg.sick_streak, lg.hold_scores = None, 0, 0, []
+        return Request("promote_leg", leg, 1.0 - median,
+                       f"probes healthy in {ok} of {judged} ticks over {held:.1f} s "
+                       f"(median score {median:.3f})")
 
     def answer(self, leg: int, action: str, applied: bool, now: float) -> None:
         """The agent's decision on a request: applied, or not (any other status)."""
@@ -263,7 +320,9 @@ class LegPolicy:
                     self._set(lg, real, now)
 
     def tick(self, now: float) -> None:
-        """Forget requests nobody answered (the agent stopped, the ring was full)."""
+        """One scorer tick has passed; forget requests nobody answered (the agent
+        stopped, the ring was full)."""
+        self._ticks += 1
         for lg in self._legs:
             if lg.state is LegState.DEMOTING and now - lg.asked > self.config.answer_timeout_s:
                 self._back(lg, LegState.ACTIVE, now)
@@ -278,9 +337,10 @@ class LegPolicy:
     def _set(self, lg: _Leg, state: LegState, now: float) -> None:
         if state is not lg.state:
             self._settle_until = max(self._settle_until, now + self.config.settle_s)
+            self._settle_tick = self._ticks + self.config.settle_ticks
         lg.state, lg.since, lg.applied = state, now, False
         lg.streak, lg.streak_scores = 0, []
-        lg.healthy_since, lg.healthy_ticks, lg.hold_scores = None, 0, []
+        lg.healthy_since, lg.healthy_ticks, lg.sick_streak, lg.hold_scores = None, 0, 0, []
 
     def _demoted(self, lg: _Leg, now: float) -> None:
         c = self.config
@@ -443,7 +503,7 @@ class LegController:
     def __init__(self, legs: int, sink: Sink, *, server: LegSource | None = None,
                  model: Callable[[], ModelLike] | None = None,
                  config: PolicyConfig | None = None, log_path: str | None = None,
-                 window_ticks: int = 10, min_probe_reads: int = 8,
+                 probe_window_s: float = 3.0, min_probe_reads: int = 32,
                  clock: Callable[[], float] = time.monotonic,
                  model_name: Callable[[], str] | None = None) -> None:
         self.clock = clock
@@ -453,10 +513,23 @@ class LegController:
         self._model = model
         self._model_name = model_name or (lambda: "fail_slow")
         self.log_path = log_path
-        self.window_ticks = window_ticks
+        if not probe_window_s > 0 or min_probe_reads < 1:
+            raise LegPolicyError("probe_window_s must be > 0 and min_probe_reads >= 1")
+        self.probe_window_s = probe_window_s
         self.min_probe_reads = min_probe_reads
-        self._reads: deque[npt.NDArray[Any]] = deque(maxlen=window_ticks)
+        # Reads-only windows, a running sum of per-tick summaries as in the
+        # scorer: probed user reads and probes apart, so that each leg
+        # contributes what its state makes it serve.
+        self._win_user = Summary.empty()
+        self._win_probe = Summary.empty()
+        self._ring: deque[tuple[Summary, Summary, float]] = deque()
         self._tick_reads: list[npt.NDArray[Any]] = []
+        self._last_tick = clock()
+        #: leg -> [max score, flagged ticks, ticks, longest streak] this second
+        self._active_stats: dict[int, list[float]] = {}
+        #: leg -> the features of its highest-scored verdict this second
+        self._active_top: dict[int, dict[str, float]] = {}
+        self._active_logged = clock()
         self._said: set[str] = set()
         self.events: list[dict[str, Any]] = []
         self.counters = {"requests": 0, "applied": 0, "refused": 0, "unsent": 0}
@@ -501,12 +574,22 @@ class LegController:
             self._tick_reads.append(reads.copy())
 
     def on_verdict(self, path: int, score: float, flagged: bool) -> None:
+        active = 0 <= path < self.policy.legs and self.policy.state(path) is LegState.ACTIVE
         req = self.policy.verdict(path, score, flagged, self.clock())
+        if active:
+            st = self._active_stats.setdefault(path, [0.0, 0, 0, 0])
+            st[0] = max(st[0], score)
+            st[1] += flagged
+            st[2] += 1
+            # a request resets the streak: it reached demote_after
+            st[3] = max(st[3], self.policy.streak(path) if req is None
+                        else self.policy.config.demote_after)
         if req is not None:
             self._send(req, score=score)
 
-    def on_tick(self, _verdicts: object = None) -> None:
+    def on_tick(self, verdicts: object = None) -> None:
         now = self.clock()
+        self._note_features(verdicts)
         for a in self.sink.answers():
             self.counters["applied" if a.applied else "refused"] += 1
             self.policy.answer(a.leg, a.action, a.applied, now)
@@ -514,14 +597,18 @@ class LegController:
                         reason=a.reason, state=self.policy.state(a.leg).value)
             (log.warning if a.applied else log.info)(
                 "legpolicy: %s %d: %s (%s)", a.action, a.leg, a.status, a.reason)
+        before = self.policy.states()
         self._sync_states()
         self.policy.tick(now)
-        self._reads.append(np.concatenate(self._tick_reads) if self._tick_reads
-                           else np.empty(0, dtype=self._reads[-1].dtype if self._reads
-                                         else _empty_dtype()))
-        self._tick_reads = []
-        if any(s is LegState.DEMOTED for s in self.policy.states()):
+        self._window_add(now)
+        after = self.policy.states()
+        if any(a is LegState.DEMOTED and b is not LegState.DEMOTED
+               for a, b in zip(after, before, strict=True)):
+            self._window_reset()   # a new demotion: its probes only
+        if any(s is LegState.DEMOTED for s in after):
             self._judge_probes(now)
+        if now - self._active_logged >= 1.0:
+            self._log_active(now)
 
     # ---- internals --------------------------------------------------------------
 
@@ -577,26 +664,84 @@ class LegController:
                     self._event("fault", leg=leg, spec=now.get(leg))
             self._faults = now
 
-    def _judge_probes(self, now: float) -> None:
-        """Score reads-only windows: probes of the demoted legs next to the active legs' reads."""
-        from ml.features import FEATURE_INDEX, select, summarize, summary_features
+    def _window_add(self, now: float) -> None:
+        reads = np.concatenate(self._tick_reads) if self._tick_reads \
+            else np.empty(0, dtype=_empty_dtype())
+        self._tick_reads = []
+        probe = reads["tag"] == PROBE_TAG
+        # The user reads a probe went out with: the probes' comparison group.
+        twin = ~probe & ((reads["flags"] & RECORD_PROBED) != 0)
+        u, p = summarize(reads[twin]), summarize(reads[probe])
+        elapsed, self._last_tick = max(now - self._last_tick, 0.0), now
+        self._ring.append((u, p, elapsed))
+        self._win_user.add(u)
+        self._win_probe.add(p)
+        span = sum(e for _, _, e in self._ring)
+        while len(self._ring) > 1 and span - self._ring[0][2] >= self.probe_window_s:
+            ou, op, e = self._ring.popleft()
+            self._win_user.subtract(ou)
+            self._win_probe.subtract(op)
+            span -= e
 
-        if self._model is None or not self._reads:
+    def _window_reset(self) -> None:
+        self._ring.clear()
+        self._win_user, self._win_probe = Summary.empty(), Summary.empty()
+
+    def _log_active(self, now: float) -> None:
+        """Once a second: the highest score and flagged ticks of each active leg.
+
+        The margin of a healthy run (how close it came to a demotion) is
+        read from these lines.
+        """
+        self._active_logged = now
+        for leg, (top, flagged, ticks, streak) in sorted(self._active_stats.items()):
+            extra = {"features": self._active_top[leg]} if flagged and leg in self._active_top \
+                else {}
+            self._event("score", leg=leg, max=round(top, 4), flagged=int(flagged),
+                        ticks=int(ticks), streak=int(streak), **extra)
+        self._active_stats, self._active_top = {}, {}
+
+    def _note_features(self, verdicts: object) -> None:
+        """Keep the features of each active leg's highest-scored verdict (for the log)."""
+        if not isinstance(verdicts, list):
             return
-        recs = np.concatenate(list(self._reads))
-        if recs.shape[0] == 0:
+        for v in verdicts:
+            leg, score = getattr(v, "path", None), getattr(v, "score", None)
+            if not isinstance(leg, int) or not isinstance(score, float):
+                continue
+            st = self._active_stats.get(leg)
+            if st is None or score != st[0]:
+                continue
+            feats = getattr(v, "features", {})
+            self._active_top[leg] = {k: round(float(feats[k]), 3) for k in (
+                "peer_lat_ratio", "peer_p90_ratio", "peer_p99_ratio", "peer_tput_ratio",
+                "samples", "lat_p50_us") if k in feats}
+
+    def _judge_probes(self, now: float) -> None:
+        """Score reads-only windows: probes of the demoted legs next to the active
+        legs' probed user reads.
+
+        The window is ``probe_window_s`` long (3 s by default, three times
+        the scorer's; in time, not ticks, which come late on a starved
+        machine): a demoted leg gets one read in ``probe_every`` (8), and
+        quantiles of a few dozen probes are too noisy to be held healthy for
+        seconds on a busy machine.
+        """
+        if self._model is None or not self._ring:
             return
-        span = max(float(recs["t_ns"].max() - recs["t_ns"].min()) / 1e9, 1e-3)
         states = self.policy.states()
-        # A demoted leg's reads are its probes; an active leg's, its user reads.
-        mine = np.zeros(recs.shape[0], dtype=bool)
-        for leg, s in enumerate(states):
-            on_leg = recs["path"] == leg
-            if s is LegState.DEMOTED:
-                mine |= on_leg & (recs["tag"] == PROBE_TAG)
-            elif s is LegState.ACTIVE:
-                mine |= on_leg & (recs["tag"] != PROBE_TAG)
-        paths, x = summary_features(summarize(recs[mine]), span, self.min_probe_reads)
+        legs = len(states)
+        win = Summary.empty(legs)
+        for src, role in ((self._win_user, LegState.ACTIVE), (self._win_probe, LegState.DEMOTED)):
+            rows = [leg for leg in range(min(legs, src.n_paths)) if states[leg] is role]
+            if rows:
+                part = Summary.empty(legs)
+                part.n[rows], part.errors[rows] = src.n[rows], src.errors[rows]
+                part.bytes[rows], part.lat_sum[rows] = src.bytes[rows], src.lat_sum[rows]
+                part.lat_sumsq[rows], part.hist[rows] = src.lat_sumsq[rows], src.hist[rows]
+                win.add(part)
+        span = max(sum(e for _, _, e in self._ring), 1e-3)
+        paths, x = summary_features(win, span, self.min_probe_reads)
         if paths.size < 2:
             return  # a probe needs a peer to be judged against
         # A demoted leg's probe rate is ours (every Nth read), not a symptom: a
@@ -606,18 +751,20 @@ class LegController:
         scores, flags = model.predict(select(x, model.features))
         for i, p in enumerate(paths):
             leg = int(p)
-            if leg < len(states) and states[leg] is LegState.DEMOTED:
-                if now - self._probe_logged.get(leg, float("-inf")) >= 1.0:
-                    # Once a second: why a leg is (not) re-admitted, for whoever asks.
-                    self._probe_logged[leg] = now
-                    self._event("probe", leg=leg, score=round(float(scores[i]), 4),
-                                flagged=bool(flags[i]), probes=int(x[i, FEATURE_INDEX["samples"]]),
-                                **{k: round(float(x[i, FEATURE_INDEX[k]]), 3)
-                                   for k in ("peer_lat_ratio", "peer_p90_ratio",
-                                             "peer_p99_ratio")})
-                req = self.policy.health(leg, not bool(flags[i]), float(scores[i]), now)
-                if req is not None:
-                    self._send(req, score=float(scores[i]))
+            if states[leg] is not LegState.DEMOTED:
+                continue
+            req = self.policy.health(leg, not bool(flags[i]), float(scores[i]), now)
+            if now - self._probe_logged.get(leg, float("-inf")) >= 1.0 or req is not None:
+                # Once a second: why a leg is (not) re-admitted, for whoever asks.
+                self._probe_logged[leg] = now
+                self._event("probe", leg=leg, score=round(float(scores[i]), 4),
+                            flagged=bool(flags[i]), probes=int(x[i, FEATURE_INDEX["samples"]]),
+                            hold=self.policy.hold(leg, now),
+                            **{k: round(float(x[i, FEATURE_INDEX[k]]), 3)
+                               for k in ("peer_lat_ratio", "peer_p90_ratio",
+                                         "peer_p99_ratio")})
+            if req is not None:
+                self._send(req, score=float(scores[i]))
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -639,8 +786,10 @@ def controller_for(server: Any, scorer: Any, *, agent_dir: str | None = None,
     log_path = legs_log_file(server.dev_id, directory)
     with contextlib.suppress(OSError):
         os.unlink(log_path)   # a new device: a new log (ids are reused)
+    if config is None:
+        config = PolicyConfig(settle_ticks=scorer.window_ticks)
     ctl = LegController(legs, sink, server=server, config=config, log_path=log_path,
-                        window_ticks=scorer.window_ticks)
+                        probe_window_s=3 * scorer.window_s)
     return ctl.attach(scorer)
 
 

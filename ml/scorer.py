@@ -1,11 +1,17 @@
 """The scorer thread of a live device: completion records in, path verdicts out.
 
-Every ``interval_s`` (100 ms) the thread drains the device's completion
-records (``Server.read_completions``), folds them into per-path summaries
-(:func:`ml.features.summarize`), keeps a sliding window of the last
+Every ``interval_s`` (100 ms) the thread takes the tick's per-path
+summaries: from the counts the queue threads keep (``Server.read_summaries``,
+``ServerConfig.summaries``: no per-I/O work in Python, the difference of two
+reads), else by draining the completion records (``Server.read_completions``)
+and folding them (:func:`ml.features.summarize`).  It keeps a sliding window of the last
 ``window_ticks`` ticks as a running sum (add the new tick, subtract the one
 that fell out), and scores every path with enough completions in one
-onnxruntime call: per path per window, never per I/O.
+onnxruntime call: per path per window, never per I/O.  The window also never
+spans more than ``window_ticks * interval_s`` (1 s) of time plus the newest
+tick: on a starved machine ticks come late (in the loaded test bed 2-5 a
+second instead of 10), and a window of 10 late ticks would hold several
+seconds of old completions and slow every verdict down.
 
 The thread never stops the device: every error (a model that fails, a
 callback that raises, a state file that cannot be written) is logged and
@@ -38,8 +44,16 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from ml.features import FEATURE_NAMES, Summary, select, summarize, summary_features
+from ml.features import (
+    FEATURE_NAMES,
+    Summary,
+    select,
+    summarize,
+    summary_features,
+    summary_from_counts,
+)
 from ml.model import Model, ModelError, load_model, reference_model
+from ublk_driver.records import COMPLETION_DTYPE
 
 log = logging.getLogger("ublkml.ml.scorer")
 
@@ -64,6 +78,10 @@ def verdicts_file(dev_id: int, directory: str | None = None) -> str:
 
 class CompletionSource(Protocol):
     def read_completions(self, max_per_queue: int = ...) -> npt.NDArray[Any]: ...
+
+
+class SummarySource(Protocol):
+    def read_summaries(self) -> npt.NDArray[Any] | None: ...
 
 
 @dataclass(frozen=True)
@@ -105,6 +123,7 @@ class Scorer:
         self._model = model
         self.interval_s = interval_s
         self.window_ticks = window_ticks
+        self.window_s = window_ticks * interval_s
         self.min_completions = min_completions
         self.dev_id = dev_id
         self.directory = directory
@@ -114,6 +133,7 @@ class Scorer:
         self.state_interval_s = state_interval_s
         self._ring: collections.deque[tuple[Summary, float]] = collections.deque()
         self._window = Summary.empty()
+        self._counts: npt.NDArray[Any] | None = None  # the engine's, at the last tick
         self._last_tick = time.monotonic()
         self._lock = threading.Lock()
         self._verdicts: dict[int, PathVerdict] = {}
@@ -197,18 +217,39 @@ class Scorer:
         self.ticks += 1
         return out
 
+    def _tick_summary(self) -> tuple[Summary, npt.NDArray[Any]]:
+        """This tick's completions: from the engine's per-path counts when the
+        source keeps them (no per-I/O work here), else from its records."""
+        counts = None
+        reader = getattr(self.source, "read_summaries", None)
+        if reader is not None:
+            counts = reader()
+        if counts is None:
+            recs = self.source.read_completions()
+            return summarize(recs), recs
+        recs = (self.source.read_completions() if self.on_records is not None
+                else np.empty(0, dtype=COMPLETION_DTYPE))
+        prev, self._counts = self._counts, counts.copy()
+        if prev is not None:
+            for name in ("n", "errors", "bytes", "lat_sum", "lat_sumsq", "hist"):
+                counts[name] -= prev[name]
+        return summary_from_counts(counts), recs
+
     def _tick(self, t0: int) -> list[PathVerdict]:
-        recs = self.source.read_completions()
+        s, recs = self._tick_summary()
         now = time.monotonic()
         elapsed, self._last_tick = now - self._last_tick, now
-        s = summarize(recs)
         self._ring.append((s, elapsed))
         self._window.add(s)
-        if len(self._ring) > self.window_ticks:
-            old, _ = self._ring.popleft()
-            self._window.subtract(old)
-        self.consumed += int(recs.shape[0])
         duration = sum(e for _, e in self._ring)
+        # Drop the oldest tick while the window has too many ticks, or while
+        # the others alone cover window_s (late ticks: keep about window_s).
+        while len(self._ring) > self.window_ticks or (
+                len(self._ring) > 1 and duration - self._ring[0][1] >= self.window_s):
+            old, e = self._ring.popleft()
+            self._window.subtract(old)
+            duration -= e
+        self.consumed += int(s.n.sum())
         paths, x = summary_features(self._window, max(duration, 1e-3), self.min_completions)
         model = self._model
         verdicts: list[PathVerdict] = []
@@ -301,7 +342,16 @@ class Scorer:
         return self
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
+        # Ticks on a fixed period (a tick's own time is not added to the
+        # wait), but with a rest of at least half a period after a tick that
+        # overran: no catch-up burst, and a starved machine is not starved
+        # further by a scorer ticking back to back.
+        due = time.monotonic()
+        while True:
+            now = time.monotonic()
+            due = max(due + self.interval_s, now + self.interval_s / 2)
+            if self._stop.wait(due - now):
+                return
             self.tick()
 
     def stop(self, timeout: float = 5.0) -> None:

@@ -13,6 +13,8 @@ with one line naming the file and the line.
 from __future__ import annotations
 
 import csv
+import json
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -184,3 +186,22 @@ def read_labels(path: str) -> set[tuple[str, str]]:
             raise TelemetryError(f"{path}: line {ln}: expected host,disk_id")
         out.add((r[h].strip(), r[d].strip()))
     return out
+
+
+def tree_window(root: str) -> float | None:
+    """The detection window a tree asks for: ``window_s`` of ``root/recording.json``
+    (written by ``ublkml ml record``: 1-s rows want 30-s windows), else None."""
+    path = os.path.join(root, "recording.json")
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            w = json.load(f).get("window_s")
+    except (OSError, ValueError, AttributeError) as e:
+        raise TelemetryError(f"{path}: cannot read it: {e}") from None
+    if w is None:
+        return None
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) \
+            or w <= 0:
+        raise TelemetryError(f"{path}: window_s must be a positive number, got {w!r}")
+    return float(w)

@@ -41,7 +41,7 @@ from ml import detect, synth
 from ml.features import SMART_FEATURES, select, telemetry_features
 from ml.model import MODELS_DIR, ModelError, load_model_bytes
 from ml.smart import SmartHistory, failure_labels, read_backblaze
-from ml.telemetry import HostData, read_labels, read_tree
+from ml.telemetry import HostData, read_labels, read_tree, tree_window
 
 FAIL_SLOW_FEATURES = ("peer_lat_ratio", "peer_p90_ratio", "peer_p99_ratio", "peer_tput_ratio")
 FAILURE_FEATURES = SMART_FEATURES
@@ -146,34 +146,62 @@ class _Windows:
     drive_truth: npt.NDArray[np.bool_]
 
 
-def _windows(hosts: list[HostData], labels: set[tuple[str, str]],
-             window_s: float) -> _Windows:
+@dataclass(frozen=True)
+class TrainingSet:
+    """One labelled telemetry tree and the window its features use."""
+
+    hosts: list[HostData]
+    labels: set[tuple[str, str]]
+    window_s: float = detect.DEFAULT_WINDOW_S
+
+
+def load_training_set(root: str, labels: str | None = None,
+                      window_s: float | None = None,
+                      progress: Callable[[int, int], None] | None = None) -> TrainingSet:
+    """A tree, its labels (default ``root/labels.csv``) and its window (default:
+    ``root/recording.json``'s ``window_s``, else 30 min)."""
+    hosts = read_tree(root, progress=progress)
+    return TrainingSet(hosts, read_labels(labels or os.path.join(root, "labels.csv")),
+                       window_s or tree_window(root) or detect.DEFAULT_WINDOW_S)
+
+
+def _windows(sets: Sequence[TrainingSet]) -> _Windows:
     xs, ys, hs, ds, truth = [], [], [], [], []
     base = 0
-    for i, h in enumerate(hosts):
-        tw = telemetry_features(h.ts, h.drive, h.latency, h.throughput, window_s)
-        lab = np.array([(h.host, d) in labels for d in h.disk_ids])
-        xs.append(select(tw.x, FAIL_SLOW_FEATURES))
-        ys.append(lab[tw.drive].astype(np.int64))
-        hs.append(np.full(tw.drive.size, i, dtype=np.int64))
-        ds.append(tw.drive + base)
-        truth.append(lab)
-        base += len(h.disk_ids)
+    i = 0
+    for ts in sets:
+        for h in ts.hosts:
+            tw = telemetry_features(h.ts, h.drive, h.latency, h.throughput, ts.window_s)
+            lab = np.array([(h.host, d) in ts.labels for d in h.disk_ids])
+            xs.append(select(tw.x, FAIL_SLOW_FEATURES))
+            ys.append(lab[tw.drive].astype(np.int64))
+            hs.append(np.full(tw.drive.size, i, dtype=np.int64))
+            ds.append(tw.drive + base)
+            truth.append(lab)
+            base += len(h.disk_ids)
+            i += 1
     return _Windows(np.concatenate(xs), np.concatenate(ys), np.concatenate(hs),
                     np.concatenate(ds), np.concatenate(truth))
 
 
 def train_fail_slow(hosts: list[HostData], labels: set[tuple[str, str]], seed: int = 0,
                     window_s: float = detect.DEFAULT_WINDOW_S, version: str = "1",
-                    folds: int = 4) -> tuple[bytes, dict[str, Any]]:
-    """(ONNX bytes, report) of a fail-slow model trained on telemetry."""
-    w = _windows(hosts, labels, window_s)
+                    folds: int = 4, extra: Sequence[TrainingSet] = ()
+                    ) -> tuple[bytes, dict[str, Any]]:
+    """(ONNX bytes, report) of a fail-slow model trained on telemetry.
+
+    ``extra``: more labelled trees, each with its own window (recorded
+    telemetry has 1-s rows and 30-s windows, generated 60-s rows and 30-min
+    windows: the features are unit-free ratios, so both can train one model).
+    """
+    sets = [TrainingSet(hosts, labels, window_s), *extra]
+    w = _windows(sets)
     if w.y.sum() == 0 or w.y.sum() == w.y.size:
         raise TrainError("the labels must name some, but not all, drives of the telemetry")
     # Out-of-fold drive scores (folds by host, as peers share a host) pick the
     # threshold without looking at a model's own training rows.
     rng = np.random.default_rng(seed)
-    fold_of_host = rng.permutation(len(hosts)) % folds
+    fold_of_host = rng.permutation(sum(len(ts.hosts) for ts in sets)) % folds
     oof = np.zeros(w.y.size)
     for k in range(folds):
         test = fold_of_host[w.host] == k
@@ -187,11 +215,18 @@ def train_fail_slow(hosts: list[HostData], labels: set[tuple[str, str]], seed: i
     data = export_onnx(clf, FAIL_SLOW_FEATURES, "fail_slow",
                        "probability that the path's window looks like that of a fail-slow "
                        "drive (class 1 of a gradient-boosted classifier)", threshold, version,
-                       doc=f"ublkml fail-slow model, seed {seed}, window {window_s:g} s")
-    return data, {"kind": "fail_slow", "windows": int(w.y.size), "positive_windows":
-                  int(w.y.sum()), "drives": int(w.drive_truth.size),
-                  "slow_drives": int(w.drive_truth.sum()), "threshold": threshold,
-                  "oof_drive_mcc": mcc, "features": list(FAIL_SLOW_FEATURES)}
+                       doc=f"ublkml fail-slow model, seed {seed}, window "
+                       + ", ".join(f"{ts.window_s:g}" for ts in sets) + " s")
+    report: dict[str, Any] = {
+        "kind": "fail_slow", "windows": int(w.y.size), "positive_windows": int(w.y.sum()),
+        "drives": int(w.drive_truth.size), "slow_drives": int(w.drive_truth.sum()),
+        "threshold": threshold, "oof_drive_mcc": mcc, "features": list(FAIL_SLOW_FEATURES)}
+    if extra:
+        report["sets"] = [{"hosts": len(ts.hosts), "drives": sum(len(h.disk_ids)
+                                                                 for h in ts.hosts),
+                           "slow_drives": len(ts.labels), "window_s": ts.window_s}
+                          for ts in sets]
+    return data, report
 
 
 # ---- failure -------------------------------------------------------------------
@@ -268,11 +303,14 @@ def _say(quiet: bool) -> Callable[[str], None]:
 
 
 def evaluate_fail_slow(tree: str, model_bytes: bytes) -> dict[str, dict[str, float]]:
-    """MCC & co. of the model and both baselines on a labelled telemetry tree."""
+    """MCC & co. of the model and both baselines on a labelled telemetry tree
+    (with the tree's window: ``recording.json``, else 30 min)."""
     hosts = read_tree(tree)
     labels = read_labels(os.path.join(tree, "labels.csv"))
     model = load_model_bytes(model_bytes, "<model>")
-    return {m: detect.metrics(detect.run(m, hosts, model), labels) for m in detect.METHODS}
+    window = tree_window(tree) or detect.DEFAULT_WINDOW_S
+    return {m: detect.metrics(detect.run(m, hosts, model, window), labels)
+            for m in detect.METHODS}
 
 
 def reference(out_dir: str = MODELS_DIR, quiet: bool = False,
@@ -318,6 +356,78 @@ def reference(out_dir: str = MODELS_DIR, quiet: bool = False,
     return report
 
 
+# ---- recorded telemetry: models and baselines on a held-out recording ----------------------
+
+#: the three models compared on recorded telemetry, by what they were trained on
+COMPARED = ("synthetic", "recorded", "recorded+synthetic")
+
+
+def compare_recorded(rec_train: str, rec_heldout: str, seed: int = REFERENCE_SEED,
+                     save_dir: str | None = None, quiet: bool = False) -> dict[str, Any]:
+    """Train on recorded telemetry (alone and with the reference model's
+    synthetic training set), then score those models, the packaged (synthetic
+    only) one and both baselines on the held-out recording and on the
+    synthetic held-out set (preset ``heldout``, seed 2)."""
+    say = _say(quiet)
+    rec = load_training_set(rec_train)
+    held = load_training_set(rec_heldout)
+    out: dict[str, Any] = {"seed": seed}
+    with tempfile.TemporaryDirectory(prefix="ublkml-compare-") as tmp:
+        syn_dir, syn_held_dir = os.path.join(tmp, "syn-train"), os.path.join(tmp, "syn-held")
+        say(f"generating synthetic telemetry (train seed {REFERENCE_SEED}, heldout seed "
+            f"{HELDOUT_SEED})")
+        synth.make_telemetry(syn_dir, REFERENCE_SEED, synth.PRESETS["train"])
+        synth.make_telemetry(syn_held_dir, HELDOUT_SEED, synth.PRESETS["heldout"])
+        syn = load_training_set(syn_dir)
+        syn_held = load_training_set(syn_held_dir)
+    with open(os.path.join(MODELS_DIR, "fail_slow.onnx"), "rb") as f:
+        models = {"synthetic": f.read()}
+    say(f"training on the recording ({sum(len(h.disk_ids) for h in rec.hosts)} drives)")
+    models["recorded"], rep_r = train_fail_slow(rec.hosts, rec.labels, seed, rec.window_s,
+                                                version="rec")
+    say("training on the recording and the synthetic training set")
+    models["recorded+synthetic"], rep_b = train_fail_slow(
+        syn.hosts, syn.labels, seed, syn.window_s, version="rec+syn", extra=[rec])
+    out["training"] = {"recorded": rep_r, "recorded+synthetic": rep_b}
+    if save_dir:
+        os.makedirs(save_dir, exist_ok=True)
+        for name, data in models.items():
+            _write(os.path.join(save_dir, f"fail_slow-{name.replace('+', '-')}.onnx"), data)
+
+    def sizes(ts: TrainingSet) -> dict[str, Any]:
+        return {"hosts": len(ts.hosts), "drives": sum(len(h.disk_ids) for h in ts.hosts),
+                "slow_drives": len(ts.labels), "window_s": ts.window_s}
+
+    out["sets"] = {"recorded_train": sizes(rec), "recorded_heldout": sizes(held),
+                   "synthetic_train": sizes(syn), "synthetic_heldout": sizes(syn_held)}
+    for key, ts in (("recorded_heldout", held), ("synthetic_heldout", syn_held)):
+        say(f"evaluating on {key}")
+        res: dict[str, dict[str, float]] = {}
+        for name, data in models.items():
+            m = load_model_bytes(data, f"<{name}>")
+            res[f"model:{name}"] = detect.metrics(
+                detect.run("model", ts.hosts, m, ts.window_s), ts.labels)
+        for method in ("peer2x", "perseus"):
+            res[method] = detect.metrics(detect.run(method, ts.hosts), ts.labels)
+        out[key] = res
+    return out
+
+
+def format_comparison(rep: dict[str, Any]) -> str:
+    lines = []
+    for key in ("recorded_heldout", "synthetic_heldout"):
+        s = rep["sets"][key]
+        lines += [f"{key} ({s['hosts']} hosts, {s['drives']} drives, {s['slow_drives']} slow; "
+                  f"window {s['window_s']:g} s)",
+                  f"  {'method':<28} {'precision':>9} {'recall':>7} {'F1':>6} {'MCC':>6}"
+                  "   tp/fp/fn/tn"]
+        for name, m in rep[key].items():
+            lines.append(f"  {name:<28} {m['precision']:9.3f} {m['recall']:7.3f} "
+                         f"{m['f1']:6.3f} {m['mcc']:6.3f}   {m['tp']}/{m['fp']}/{m['fn']}/"
+                         f"{m['tn']}")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m ml.train``: the same as ``ublkml ml train``."""
     from ml.cli import ml_main
@@ -332,11 +442,15 @@ def train_main(args: argparse.Namespace) -> int:
         report = reference(args.out or MODELS_DIR, quiet=args.quiet or args.json,
                            evaluate=not args.no_eval)
     elif args.what == "fail-slow":
-        hosts = read_tree(args.dir, progress=lambda i, n: say(f"read {i}/{n} hosts")
-                          if i == n or i % 10 == 0 else None)
-        labels = read_labels(args.labels or os.path.join(args.dir, "labels.csv"))
-        data, report = train_fail_slow(hosts, labels, seed=args.seed, window_s=args.window,
-                                       version=args.version)
+        def progress(i: int, n: int) -> None:
+            if i == n or i % 10 == 0:
+                say(f"read {i}/{n} hosts")
+
+        main_set = load_training_set(args.dir, args.labels, args.window, progress)
+        extra = [load_training_set(d, progress=progress) for d in args.add]
+        data, report = train_fail_slow(main_set.hosts, main_set.labels, seed=args.seed,
+                                       window_s=main_set.window_s, version=args.version,
+                                       extra=extra)
         _write(args.out, data)
         report["path"] = args.out
     else:

@@ -25,6 +25,7 @@ TGT_EVENTS: int = lib.UBLKML_TGT_EVENTS
 TGT_MIRROR: int = lib.UBLKML_TGT_MIRROR
 MAX_LEGS: int = lib.UBLKML_MAX_LEGS
 PROBE_TAG: int = lib.UBLKML_PROBE_TAG
+REC_PROBED: int = lib.UBLKML_REC_PROBED
 
 # Fault schedules and leg states (csrc/ublkml.h).
 FAULT_CONST: int = lib.UBLKML_FAULT_CONST
@@ -127,7 +128,8 @@ class CTarget:
     """
 
     def __init__(self, kind: int, size: int, fd: int = -1, is_bdev: bool = False,
-                 legs: Sequence[tuple[int, bool]] = (), region_shift: int = 20) -> None:
+                 legs: Sequence[tuple[int, bool]] = (), region_shift: int = 20,
+                 journal_fd: int = -1) -> None:
         out = ffi.new("struct ublkml_target **")
         if kind == TGT_NULL:
             ret = lib.ublkml_target_new_null(out, size)
@@ -140,7 +142,8 @@ class CTarget:
         elif kind == TGT_MIRROR:
             fds = ffi.new("int[]", [leg_fd for leg_fd, _ in legs])
             bdevs = ffi.new("int[]", [int(b) for _, b in legs])
-            ret = lib.ublkml_target_new_mirror(out, fds, bdevs, len(legs), size, region_shift)
+            ret = lib.ublkml_target_new_mirror(out, fds, bdevs, len(legs), size, region_shift,
+                                               journal_fd)
         else:
             raise ValueError(f"unknown native target kind {kind}")
         _check(ret, "create target")
@@ -383,6 +386,21 @@ class Queue:
 
     def records_dropped(self) -> int:
         return int(lib.ublkml_queue_records_dropped(self._q)) if self._q is not None else 0
+
+    def enable_summaries(self) -> None:
+        """Keep per-path cumulative summaries (``records.SUMMARY_DTYPE``)."""
+        _check(lib.ublkml_queue_enable_summaries(self._q), "enable summaries")
+
+    def read_summaries(self, out: Any) -> int:
+        """Copy the summaries into ``out`` (``records.SUMMARY_DTYPE``, one row
+        per path, at most MAX_LEGS); returns the rows written."""
+        if self._q is None:
+            return 0
+        if out.dtype["hist"].shape[0] != lib.UBLKML_SUM_BINS:
+            raise ValueError("summary dtype does not match the engine")
+        ptr = ffi.cast("struct ublkml_path_summary *", ffi.from_buffer(out))
+        return _check(lib.ublkml_queue_read_summaries(self._q, ptr, len(out)),
+                      "read summaries")
 
     def stats(self) -> QueueStats:
         st = ffi.new("struct ublkml_queue_stats *")

@@ -149,6 +149,7 @@ struct ublk_params {
 #define UBLKML_TGT_MIRROR ...
 #define UBLKML_MAX_LEGS ...
 #define UBLKML_PROBE_TAG ...
+#define UBLKML_REC_PROBED ...
 #define UBLKML_FAULT_CONST ...
 #define UBLKML_FAULT_BURST ...
 #define UBLKML_FAULT_RAMP ...
@@ -192,8 +193,18 @@ struct ublkml_completion {
     uint16_t tag;
     uint8_t op;
     uint8_t path;
-    uint16_t pad0;
+    uint16_t flags;
     uint32_t pad1;
+};
+
+#define UBLKML_SUM_BINS ...
+struct ublkml_path_summary {
+    uint64_t n;
+    uint64_t errors;
+    uint64_t bytes;
+    uint64_t lat_sum;
+    double lat_sumsq;
+    uint64_t hist[512];
 };
 
 struct ublkml_ctrl;
@@ -263,7 +274,7 @@ int ublkml_target_new_mem(struct ublkml_target **out, uint64_t size);
 int ublkml_target_new_loop(struct ublkml_target **out, int fd, int is_bdev, uint64_t size);
 int ublkml_target_new_events(struct ublkml_target **out, uint64_t size);
 int ublkml_target_new_mirror(struct ublkml_target **out, const int *fds, const int *is_bdev,
-                             int n_legs, uint64_t size, uint32_t region_shift);
+                             int n_legs, uint64_t size, uint32_t region_shift, int journal_fd);
 void ublkml_target_free(struct ublkml_target *t);
 int ublkml_target_kind(const struct ublkml_target *t);
 int ublkml_target_n_paths(const struct ublkml_target *t);
@@ -294,6 +305,9 @@ int ublkml_queue_inject(struct ublkml_queue *q, uint16_t tag, uint32_t op_flags,
 int ublkml_queue_enable_records(struct ublkml_queue *q, uint32_t capacity);
 int ublkml_queue_read_records(struct ublkml_queue *q, struct ublkml_completion *out, int max);
 uint64_t ublkml_queue_records_dropped(const struct ublkml_queue *q);
+int ublkml_queue_enable_summaries(struct ublkml_queue *q);
+int ublkml_queue_read_summaries(struct ublkml_queue *q, struct ublkml_path_summary *out,
+                                int max_paths);
 int ublkml_queue_harvest(struct ublkml_queue *q, struct ublkml_event *out, int max);
 int ublkml_queue_relay_init(struct ublkml_queue *q, uint64_t timeout_ns, int max_stuck);
 int ublkml_queue_relay(struct ublkml_queue *q);

@@ -24,7 +24,7 @@ from ublk_driver.errors import ConfigError, DeviceNotFoundError, UblkError
 from ublk_driver.server import STATE_DIR, Server, ServerConfig, read_state
 from ublk_driver.sizes import format_size, parse_size
 from ublk_driver.targets.base import Backend
-from ublk_driver.uapi import DEV_ID_AUTO, DevState, feature_names
+from ublk_driver.uapi import DEV_ID_AUTO, DevState, Feature, feature_names
 
 if TYPE_CHECKING:
     from ublk_driver.faults import FaultSpec
@@ -189,7 +189,14 @@ class _ScoringHooks:
         if self.enabled:
             from ml.scorer import Scorer
 
-            self.scorer = Scorer(server, self.model, dev_id=server.dev_id)
+            # Peers (mirror legs) are what a fail-slow verdict compares; a
+            # device with one path has none, so it is scored once a second
+            # over a 1-s window instead of ten times (each tick's features
+            # and model call cost ~10 ms of CPU in the TCG test bed).
+            peers = server.backend.paths > 1
+            self.scorer = Scorer(server, self.model, dev_id=server.dev_id,
+                                 interval_s=0.1 if peers else 1.0,
+                                 window_ticks=10 if peers else 1)
             if self.leg_policy and server.backend.name == "mirror":
                 from ml.legpolicy import controller_for
 
@@ -203,16 +210,64 @@ class _ScoringHooks:
             self.legs.close()
 
 
-def cmd_add(args: argparse.Namespace) -> int:
-    config = ServerConfig(queues=args.queues, depth=args.depth,
-                          dev_id=DEV_ID_AUTO if args.number is None else args.number,
+def _config_from(args: argparse.Namespace, dev_id: int) -> ServerConfig:
+    scoring = args.score is not None
+    # The scorer reads per-path summaries that the queue threads count; only
+    # the mirror's leg policy also wants the records themselves (probes).
+    records = scoring and args.type == "mirror" and not args.no_leg_policy
+    config = ServerConfig(queues=args.queues, depth=args.depth, dev_id=dev_id,
                           max_io_bytes=args.max_io,
-                          record_capacity=1 << 14 if args.score is not None else 0)
+                          record_capacity=1 << 14 if records else 0,
+                          summaries=scoring, recovery=args.recovery)
     config.validate()
+    return config
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    config = _config_from(args, DEV_ID_AUTO if args.number is None else args.number)
     _check_model(args)
     backend = make_backend(args)
+    # What `ublkml recover` needs to build the same target after a crash.
+    extra = {"add_args": list(getattr(args, "argv", [])), "cwd": os.getcwd()}
+    return _serve(backend, config, args, extra, None)
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    dev_id = args.number
+    with Control() as ctrl:
+        try:
+            info = ctrl.get_info(dev_id)
+        except DeviceNotFoundError:
+            raise CliError(f"no ublk device with id {dev_id} (see `ublkml list`)") from None
+    if not info.flags & Feature.USER_RECOVERY:
+        raise CliError(f"device {dev_id} was added without --recovery: it cannot be recovered")
+    state = read_state(dev_id)
+    if not state or not isinstance(state.get("add_args"), list):
+        raise CliError(f"no record of how device {dev_id} was served "
+                       f"({os.path.join(STATE_DIR, f'{dev_id}.json')} is missing or was not "
+                       "written by `ublkml add`): cannot rebuild its target")
+    try:
+        add_args = build_parser().parse_args(["add", *map(str, state["add_args"])])
+    except SystemExit:
+        raise CliError(f"the recorded arguments of device {dev_id} no longer parse: "
+                       f"{' '.join(map(str, state['add_args']))}") from None
+    add_args.foreground, add_args.json = args.foreground, args.json
+    # Relative paths in the recorded arguments are relative to where `add` ran.
+    with contextlib.suppress(OSError):
+        os.chdir(str(state.get("cwd", "/")))
+    config = _config_from(add_args, dev_id)
+    _check_model(add_args)
+    backend = make_backend(add_args)
+    extra = {"add_args": state["add_args"], "cwd": state.get("cwd", "/"),
+             "recovered": int(state.get("recovered", 0)) + 1}
+    return _serve(backend, config, add_args, extra, dev_id)
+
+
+def _serve(backend: Backend, config: ServerConfig, args: argparse.Namespace,
+           extra: dict[str, Any], recover: int | None) -> int:
     if args.foreground:
         server = Server(backend, config)
+        server.state_extra = extra
         hooks = _ScoringHooks(args)
 
         def ready(s: Server) -> None:
@@ -220,16 +275,17 @@ def cmd_add(args: argparse.Namespace) -> int:
             _print_ready(_device_summary(s), args.json)
 
         try:
-            problems = server.serve_forever(on_ready=ready)
+            problems = server.serve_forever(on_ready=ready, recover=recover)
         finally:
             hooks.stopped()
         for p in problems:
             print(f"{PROG}: {p}", file=sys.stderr)
         return 1 if problems else 0
-    return _add_daemon(backend, config, args)
+    return _add_daemon(backend, config, args, extra, recover)
 
 
-def _add_daemon(backend: Backend, config: ServerConfig, args: argparse.Namespace) -> int:
+def _add_daemon(backend: Backend, config: ServerConfig, args: argparse.Namespace,
+                extra: dict[str, Any], recover: int | None) -> int:
     """Fork a server that outlives this command; report once the device is live."""
     rfd, wfd = os.pipe()
     pid = os.fork()
@@ -258,8 +314,9 @@ def _add_daemon(backend: Backend, config: ServerConfig, args: argparse.Namespace
                 os.close(wfd)
 
             server = Server(backend, config)
+            server.state_extra = extra
             try:
-                problems = server.serve_forever(on_ready=ready)
+                problems = server.serve_forever(on_ready=ready, recover=recover)
             finally:
                 hooks.stopped()
             for p in problems:
@@ -454,10 +511,27 @@ def build_parser() -> argparse.ArgumentParser:
                    "re-admitted through the kernel agent (docs/failslow.md)")
     a.add_argument("--no-leg-policy", action="store_true",
                    help="mirror with --score: score the legs but never ask for leg changes")
+    a.add_argument("--recovery", choices=["off", "reissue", "fail"], default="off",
+                   help="if the server dies: off (default: the device goes away), reissue "
+                   "(the device waits for `ublkml recover`; I/O the dead server had taken "
+                   "is sent to the new one, nothing fails) or fail (it waits; that I/O "
+                   "fails with EIO)")
     a.add_argument("--foreground", action="store_true",
                    help="serve from this process until SIGINT/SIGTERM")
     a.add_argument("--json", action="store_true", help="print the device as JSON")
     a.set_defaults(func=cmd_add)
+
+    r = sub.add_parser("recover", help="re-attach a server to a device whose server died",
+                       description="Start a new server for device ID, added with --recovery "
+                       "reissue|fail, after its server died (crash, SIGKILL). The target is "
+                       "rebuilt from the arguments `ublkml add` recorded in the state file; a "
+                       "mirror's leg states and dirty regions come from its journal. I/O "
+                       "waits meanwhile and flows again once this returns.")
+    r.add_argument("-n", "--number", type=int, required=True, help="device id")
+    r.add_argument("--foreground", action="store_true",
+                   help="serve from this process until SIGINT/SIGTERM")
+    r.add_argument("--json", action="store_true", help="print the device as JSON")
+    r.set_defaults(func=cmd_recover)
 
     ls = sub.add_parser("list", help="list ublk devices",
                         description="List the ublk devices the kernel knows, with their "
@@ -537,6 +611,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # usage error (2) or --help (0): a status, not an exit
         return e.code if isinstance(e.code, int) else 2
+    args.argv = argv[1:]  # `add` records its arguments for `recover`
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -126,6 +126,15 @@ class Control:
         """START_DEV: blocks until every tag of every queue has a FETCH outstanding."""
         self._cmd(Cmd.START_DEV, dev_id, None, data0=pid)
 
+    def start_recovery(self, dev_id: int) -> None:
+        """START_USER_RECOVERY: -EBUSY until the dead server's char device is
+        released and the kernel has quiesced the device."""
+        self._cmd(Cmd.START_USER_RECOVERY, dev_id)
+
+    def end_recovery(self, dev_id: int, pid: int) -> None:
+        """END_USER_RECOVERY: like START_DEV, waits for every tag's FETCH."""
+        self._cmd(Cmd.END_USER_RECOVERY, dev_id, None, data0=pid)
+
     def stop(self, dev_id: int) -> None:
         self._cmd(Cmd.STOP_DEV, dev_id)
 

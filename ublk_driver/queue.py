@@ -45,7 +45,8 @@ def default_spin_usec() -> int:
 class QueueWorker(threading.Thread):
     def __init__(self, backend: Backend, ctarget: _bindings.CTarget, cdev_fd: int, q_id: int,
                  depth: int, buf_size: int, ioctl_encode: bool,
-                 cpus: set[int] | None = None, record_capacity: int = 0) -> None:
+                 cpus: set[int] | None = None, record_capacity: int = 0,
+                 summaries: bool = False) -> None:
         super().__init__(name=f"ublk-q{q_id}", daemon=True)
         self.backend = backend
         self.ctarget = ctarget
@@ -56,6 +57,7 @@ class QueueWorker(threading.Thread):
         self.ioctl_encode = ioctl_encode
         self.cpus = cpus
         self.record_capacity = record_capacity
+        self.summaries = summaries
         # The queue outlives the thread: the server frees it after join, so
         # that a record reader never races with the free.
         self.queue: _bindings.Queue | None = None
@@ -79,6 +81,8 @@ class QueueWorker(threading.Thread):
             queue.set_spin(default_spin_usec())
             if self.record_capacity:
                 queue.enable_records(self.record_capacity)
+            if self.summaries:
+                queue.enable_summaries()
             plugin = self.backend if isinstance(self.backend, PluginBackend) else None
             if plugin is not None and plugin.timeout > 0:
                 queue.relay_init(plugin.timeout, MAX_STUCK)

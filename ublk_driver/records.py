@@ -21,7 +21,31 @@ COMPLETION_DTYPE = np.dtype(
         ("tag", "<u2"),
         ("op", "u1"),         # ublk_driver.uapi.Op
         ("path", "u1"),       # completion path (backing file, mirror leg)
-        ("pad0", "<u2"),
+        ("flags", "<u2"),     # RECORD_* bits
         ("pad1", "<u4"),
+    ]
+)
+
+#: ``flags`` bit of a mirror's user read that carried a health probe to a
+#: demoted leg (``UBLKML_REC_PROBED``).  The probe went out in the same
+#: submission, so these reads are what the probes compare against: on a
+#: machine where reads complete inline (brd, TCG) such a read pays for the
+#: probe's time too, and all reads would make a probe look about 2x slow.
+RECORD_PROBED = 0x1
+
+#: 16 linear bins per octave of latency (ns), as ml.features.latency_bins.
+SUMMARY_BINS = 512
+
+#: ``struct ublkml_path_summary``: per completion path, cumulative counts
+#: that the queue thread keeps (``ServerConfig.summaries``), so that the scorer
+#: does no per-I/O work.
+SUMMARY_DTYPE = np.dtype(
+    [
+        ("n", "<u8"),
+        ("errors", "<u8"),
+        ("bytes", "<u8"),         # moved by successful reads and writes
+        ("lat_sum", "<u8"),       # ns
+        ("lat_sumsq", "<f8"),     # ns^2
+        ("hist", "<u8", (SUMMARY_BINS,)),
     ]
 )

@@ -28,13 +28,14 @@ from ublk_driver.control import Control, bdev_path, cdev_path
 from ublk_driver.ctl import ControlServer, socket_path
 from ublk_driver.errors import ConfigError, ControlError, DeviceNotFoundError, UblkError
 from ublk_driver.queue import QueueWorker
-from ublk_driver.records import COMPLETION_DTYPE
+from ublk_driver.records import COMPLETION_DTYPE, SUMMARY_DTYPE
 from ublk_driver.targets.base import Backend
 from ublk_driver.uapi import (
     DEV_ID_AUTO,
     MAX_QUEUE_DEPTH,
     Attr,
     DevInfo,
+    DevState,
     Feature,
     ParamBasic,
     ParamDiscard,
@@ -50,6 +51,10 @@ STATE_DIR = os.environ.get("UBLKML_STATE_DIR", "/run/ublkml")
 DEFAULT_DEPTH = 128
 DEFAULT_QUEUES = 1
 DEFAULT_MAX_IO = 512 * 1024
+
+
+RECOVERY_FLAGS = {"off": 0, "reissue": int(Feature.USER_RECOVERY | Feature.USER_RECOVERY_REISSUE),
+                  "fail": int(Feature.USER_RECOVERY)}
 
 
 def possible_cpus() -> int:
@@ -70,6 +75,14 @@ class ServerConfig:
     max_io_bytes: int = DEFAULT_MAX_IO
     #: completion records kept per queue for the ML scorer (0: off)
     record_capacity: int = 0
+    #: per-path summaries counted by the queue threads (the scorer's input
+    #: without per-I/O work in Python: Server.read_summaries)
+    summaries: bool = False
+    #: what the kernel does when the server dies: "off" (the device is
+    #: removed), "reissue" (it waits for `ublkml recover`; I/O that the dead
+    #: server had taken is sent again to the new one) or "fail" (it waits;
+    #: I/O the dead server had taken fails)
+    recovery: str = "off"
 
     def validate(self) -> None:
         cpus = possible_cpus()
@@ -83,6 +96,9 @@ class ServerConfig:
         cap = self.record_capacity
         if cap and (cap & (cap - 1) or cap > 1 << 24):
             raise ConfigError(f"record capacity must be a power of two up to 2^24, got {cap}")
+        if self.recovery not in RECOVERY_FLAGS:
+            raise ConfigError(f"recovery must be one of {', '.join(RECOVERY_FLAGS)}, "
+                              f"got {self.recovery!r}")
         if self.max_io_bytes < 4096 or self.max_io_bytes % 4096 or self.max_io_bytes > 1 << 24:
             raise ConfigError("max I/O size must be a multiple of 4096 between 4K and 16M, "
                               f"got {self.max_io_bytes}")
@@ -136,6 +152,9 @@ class Server:
         self._queues_lock = threading.Lock()
         self._stopped_by_us = False
         self._ctl: ControlServer | None = None
+        #: more keys for the state file (the CLI keeps its `add` arguments
+        #: there, so that `ublkml recover` can build the same target)
+        self.state_extra: dict[str, Any] = {}
 
     @property
     def dev_id(self) -> int:
@@ -151,10 +170,14 @@ class Server:
 
     def add(self) -> DevInfo:
         cfg = self.config
+        recovery = RECOVERY_FLAGS[cfg.recovery]
+        if recovery & ~self.control.features:
+            raise ConfigError(f"this kernel's ublk driver cannot recover devices "
+                              f"(--recovery {cfg.recovery}): see `ublkml features`")
         want = DevInfo(nr_hw_queues=cfg.queues, queue_depth=cfg.depth,
                        max_io_buf_bytes=cfg.max_io_bytes, dev_id=cfg.dev_id,
                        ublksrv_pid=os.getpid(),
-                       flags=int(Feature.CMD_IOCTL_ENCODE & self.control.features))
+                       flags=int(Feature.CMD_IOCTL_ENCODE & self.control.features) | recovery)
         info = self.control.add(want)
         self.info = info
         try:
@@ -175,27 +198,106 @@ class Server:
         if info is None:
             info = self.add()
         try:
-            self._cdev_fd = self._open_cdev(info.dev_id)
-            self._ctarget = self.backend.attach()
-            encode = bool(info.flags & Feature.CMD_IOCTL_ENCODE)
-            pin = os.environ.get("UBLKML_PIN_QUEUES", "1") != "0"
-            for q in range(info.nr_hw_queues):
-                cpus = self.control.get_queue_affinity(info.dev_id, q) if pin else None
-                w = QueueWorker(self.backend, self._ctarget, self._cdev_fd, q,
-                                info.queue_depth, info.max_io_buf_bytes, encode, cpus,
-                                self.config.record_capacity)
-                self._workers.append(w)
-                w.start()
-            for w in self._workers:
-                w.fetched.wait()
-                if w.error is not None:
-                    raise UblkError(f"queue {w.q_id} failed to start: {w.error}")
+            self.backend.bind(info.dev_id, recovering=False)
+            self._start_queues(info)
             self.control.start(info.dev_id, os.getpid())
             self._write_state()
             self._start_control_channel()
         except BaseException:
             self.shutdown()
             raise
+
+    def _start_queues(self, info: DevInfo) -> None:
+        self._cdev_fd = self._open_cdev(info.dev_id)
+        self._ctarget = self.backend.attach()
+        encode = bool(info.flags & Feature.CMD_IOCTL_ENCODE)
+        pin = os.environ.get("UBLKML_PIN_QUEUES", "1") != "0"
+        for q in range(info.nr_hw_queues):
+            cpus = self.control.get_queue_affinity(info.dev_id, q) if pin else None
+            w = QueueWorker(self.backend, self._ctarget, self._cdev_fd, q,
+                            info.queue_depth, info.max_io_buf_bytes, encode, cpus,
+                            self.config.record_capacity, self.config.summaries)
+            self._workers.append(w)
+            w.start()
+        for w in self._workers:
+            w.fetched.wait()
+            if w.error is not None:
+                raise UblkError(f"queue {w.q_id} failed to start: {w.error}")
+
+    def recover(self, dev_id: int, timeout: float = 30.0) -> None:
+        """Take over device ``dev_id`` whose server died (UBLK_F_USER_RECOVERY).
+
+        Waits (up to ``timeout`` s) until the kernel has quiesced the device,
+        then START_USER_RECOVERY, queues with their FETCHes, END_USER_RECOVERY:
+        I/O that waited meanwhile flows to this server.  The target must be
+        the one the device was added with (``ublkml recover`` reads it from
+        the state file).  On failure before the queues run, the device is left
+        as it was, for another try; after that, only this process's exit
+        releases it (the kernel then quiesces it again).
+        """
+        if self.info is not None:
+            raise UblkError("this server already serves a device")
+        info = self._wait_quiesced(dev_id, timeout)
+        params = self.control.get_params(dev_id)
+        if params.size_bytes != self.backend.size:
+            raise ConfigError(f"device {dev_id} has {params.size_bytes} bytes, the target "
+                              f"{self.backend.size}: recover needs the device's own target")
+        if params.logical_block_size != self.backend.block_size:
+            raise ConfigError(f"device {dev_id} has {params.logical_block_size}-byte blocks, "
+                              f"the target {self.backend.block_size}")
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.control.start_recovery(dev_id)
+                break
+            except ControlError as e:  # the old char device is not released yet
+                if e.errno != errno.EBUSY or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        self.info = info
+        self.backend.bind(dev_id, recovering=True)
+        try:
+            self._start_queues(info)
+        except BaseException:
+            self._release_without_stop()
+            raise
+        self.control.end_recovery(dev_id, os.getpid())
+        self._write_state()
+        self._start_control_channel()
+
+    def _wait_quiesced(self, dev_id: int, timeout: float) -> DevInfo:
+        deadline = time.monotonic() + timeout
+        while True:
+            info = self.control.get_info(dev_id)
+            if not info.flags & Feature.USER_RECOVERY:
+                raise ConfigError(f"device {dev_id} was added without recovery: only devices "
+                                  "added with --recovery reissue|fail can be recovered")
+            if info.state == DevState.QUIESCED:
+                return info
+            if info.state == DevState.LIVE and _pid_alive(info.ublksrv_pid):
+                raise ConfigError(f"device {dev_id} is live, served by pid "
+                                  f"{info.ublksrv_pid}: nothing to recover")
+            if time.monotonic() > deadline:
+                raise UblkError(f"device {dev_id} is {info.state_name}, not QUIESCED, after "
+                                f"{timeout:g} s: the kernel has not released it for recovery")
+            time.sleep(0.05)
+
+    def _release_without_stop(self) -> None:
+        """Undo a recovery attempt whose queues could not all start: the device
+        must stay (quiesced) for another try, so no STOP_DEV and no DEL_DEV."""
+        for w in self._workers:
+            if w.is_alive():  # a queue that started holds its FETCHes: keep it all
+                return
+        for w in self._workers:
+            w.free()
+        self._workers.clear()
+        if self._cdev_fd >= 0:
+            os.close(self._cdev_fd)
+            self._cdev_fd = -1
+        if self._ctarget is not None:
+            self._ctarget.free()
+            self._ctarget = None
+        self.info = None
 
     def _start_control_channel(self) -> None:
         """The socket of `ublkml status/fault/leg` (ublk_driver/ctl.py)."""
@@ -308,6 +410,22 @@ class Server:
             return np.empty(0, dtype=COMPLETION_DTYPE)
         return np.concatenate(parts)
 
+    def read_summaries(self) -> np.ndarray | None:
+        """Per-path cumulative summaries of every queue, added up
+        (``records.SUMMARY_DTYPE``, one row per path); None when off."""
+        if not self.config.summaries:
+            return None
+        total = np.zeros(_bindings.MAX_LEGS, dtype=SUMMARY_DTYPE)
+        buf = np.zeros(_bindings.MAX_LEGS, dtype=SUMMARY_DTYPE)
+        with self._queues_lock:
+            for w in self._workers:
+                if w.queue is None:
+                    continue
+                n = w.queue.read_summaries(buf)
+                for name in ("n", "errors", "bytes", "lat_sum", "lat_sumsq", "hist"):
+                    total[name][:n] += buf[name][:n]
+        return total
+
     def records_dropped(self) -> int:
         with self._queues_lock:
             return sum(w.queue.records_dropped() for w in self._workers if w.queue is not None)
@@ -348,16 +466,20 @@ class Server:
                 out["queues"].append(st)
         return out
 
-    def serve_forever(self, on_ready: Any = None) -> list[str]:
-        """add + start, then serve until SIGINT/SIGTERM or an outside stop."""
+    def serve_forever(self, on_ready: Any = None, recover: int | None = None) -> list[str]:
+        """add + start (or :meth:`recover` device ``recover``), then serve until
+        SIGINT/SIGTERM or an outside stop."""
         def on_signal(signum: int, frame: FrameType | None) -> None:
             self.request_stop()
 
         old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
-            if self.info is None:
-                self.add()
-            self.start()
+            if recover is not None:
+                self.recover(recover)
+            else:
+                if self.info is None:
+                    self.add()
+                self.start()
             if on_ready is not None:
                 on_ready(self)
             self.wait()
@@ -384,7 +506,8 @@ class Server:
         assert self.info is not None
         state = {"dev_id": self.info.dev_id, "pid": os.getpid(),
                  "queues": self.info.nr_hw_queues, "depth": self.info.queue_depth,
-                 "block_size": self.backend.block_size, **self.backend.describe()}
+                 "block_size": self.backend.block_size, **self.backend.describe(),
+                 **self.state_extra}
         try:
             os.makedirs(STATE_DIR, exist_ok=True)
             tmp = self._state_path() + ".tmp"
@@ -395,9 +518,23 @@ class Server:
             pass  # `list` then shows kernel facts only
 
     def _remove_state(self) -> None:
+        """After DEL_DEV: nothing is left to recover."""
         if self.info is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(self._state_path())
+            for path in [self._state_path(), *self.backend.state_files()]:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+
+
+def _pid_alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie, not yet reaped, has stopped serving)."""
+    if pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
 
 
 def read_state(dev_id: int) -> dict[str, Any] | None:

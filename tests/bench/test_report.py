@@ -238,6 +238,16 @@ def test_write_report_with_plots(tmp_path: Path) -> None:
             assert f"]({kind}-{w}.png)" in md
 
 
+def test_plots_of_an_overhead_only_run(tmp_path: Path) -> None:
+    """`bench --skip null --skip loop --skip python`: no chart to draw, and no crash
+    (a log scale over no data raised ValueError)."""
+    import matplotlib  # noqa: F401
+
+    doc = make_doc(iops={})
+    assert report.make_plots(doc, tmp_path) == []
+    assert "overhead" in write_report(doc, tmp_path).read_text()
+
+
 def test_write_report_without_matplotlib(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                                          ) -> None:
     def no_matplotlib(doc: dict[str, Any], outdir: Path) -> list[str]:

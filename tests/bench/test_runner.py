@@ -260,7 +260,7 @@ def test_measure_marks_single_queue_devices_na(tmp_path: Path,
     lab = FakeLab()
     _fake_env(monkeypatch, lab)
     monkeypatch.setattr(runner, "WORKLOADS", WORKLOADS[:1])
-    monkeypatch.setattr(runner, "plan_cases", lambda quick, skip=(): [
+    monkeypatch.setattr(runner, "plan_cases", lambda quick, skip=(), rounds=None: [
         c for c in plan_cases(quick=False, skip=["null", "python", "overhead"])
         if c.workload.name == "4k-randread-qd1"])
     args = build_parser().parse_args(["--in-vm"])

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 
 from ml.bench_scoring import measure
+from ml.features import summarize
 from ml.model import REFERENCE_MODELS, ModelError
 from ml.scorer import Scorer, model_file, verdicts_file
 from tests.ml.helpers import GOOD_META, batch, sigmoid_model
-from ublk_driver.records import COMPLETION_DTYPE
+from ublk_driver.records import COMPLETION_DTYPE, SUMMARY_DTYPE
 
 
 class Source:
@@ -46,6 +47,50 @@ def test_slow_leg_is_flagged_and_hooks_run() -> None:
     assert sc.stats()["scoring_ns_per_completion"] > 0
 
 
+class CountingSource(Source):
+    """The engine's per-path counts (``Server.read_summaries``), made here by
+    adding up the same batches in Python: a stand-in for the queue threads
+    (whose counting tests/ublk_driver/test_summaries.py checks)."""
+
+    def __init__(self, *batches: np.ndarray) -> None:
+        super().__init__(*batches)
+        self.total = np.zeros(8, dtype=SUMMARY_DTYPE)
+        self.record_reads = 0
+
+    def read_completions(self, max_per_queue: int = 65536) -> np.ndarray:
+        self.record_reads += 1
+        return np.zeros(0, COMPLETION_DTYPE)
+
+    def read_summaries(self) -> np.ndarray:
+        if self.batches:
+            s = summarize(self.batches.pop(0))
+            k = s.n_paths
+            self.total["n"][:k] += s.n.astype(np.uint64)
+            self.total["errors"][:k] += s.errors.astype(np.uint64)
+            self.total["bytes"][:k] += s.bytes.astype(np.uint64)
+            self.total["lat_sum"][:k] += s.lat_sum.astype(np.uint64)
+            self.total["lat_sumsq"][:k] += s.lat_sumsq
+            self.total["hist"][:k] += s.hist.astype(np.uint64)
+        return self.total.copy()
+
+
+def test_summaries_give_the_same_verdicts_as_records() -> None:
+    batches = [batch(3000, paths=3, slow_path=1, factor=5.0, seed=i) for i in range(3)]
+    by_records = Scorer(Source(*batches))
+    src = CountingSource(*batches)
+    by_counts = Scorer(src)
+    for _ in range(4):
+        by_records.tick()
+        by_counts.tick()
+    a, b = by_records.verdicts(), by_counts.verdicts()
+    assert set(a) == set(b) == {0, 1, 2}
+    for p in a:
+        assert (a[p].flagged, a[p].completions) == (b[p].flagged, b[p].completions)
+        assert a[p].score == pytest.approx(b[p].score, rel=1e-4)
+    assert by_counts.consumed == 9000
+    assert src.record_reads == 0  # no records drained without an on_records hook
+
+
 def test_window_slides() -> None:
     src = Source(*(batch(100, seed=i) for i in range(5)))
     sc = Scorer(src, window_ticks=2, min_completions=1)
@@ -54,6 +99,24 @@ def test_window_slides() -> None:
     assert sc.verdicts()[0].completions == 200
     sc.tick()
     assert sc.verdicts()[0].completions == 100  # only the last batch is left in the window
+
+
+def test_late_ticks_do_not_stretch_the_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ticks 0.4 s apart (a starved machine): the window keeps about 1 s, not 10 ticks."""
+    clock = [100.0]
+    monkeypatch.setattr("ml.scorer.time.monotonic", lambda: clock[0])
+    src = Source(*(batch(100, seed=i) for i in range(8)))
+    sc = Scorer(src, min_completions=1)       # 10 ticks of 0.1 s: window_s = 1 s
+    sc._last_tick = clock[0]
+    for _ in range(8):
+        clock[0] += 0.4
+        sc.tick()
+    v = sc.verdicts()[0]
+    assert v.completions == 300 and v.window_s == pytest.approx(1.2)   # 3 ticks
+    for _ in range(3):                       # on time again: up to 10 ticks, 1 s
+        clock[0] += 0.1
+        sc.tick()
+    assert sc.verdicts() and len(sc._ring) <= 10
 
 
 def test_swap_model_validates_first(tmp_path: Path) -> None:

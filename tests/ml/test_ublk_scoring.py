@@ -14,12 +14,16 @@ from ublk_driver.uapi import Op
 
 
 @pytest.mark.ublk
-def test_scorer_scores_a_live_mem_device(tmp_path: Path) -> None:
+@pytest.mark.parametrize("summaries", [False, True], ids=["records", "summaries"])
+def test_scorer_scores_a_live_mem_device(tmp_path: Path, summaries: bool) -> None:
+    """With ``summaries`` the scorer counts from the queue thread's per-path
+    counts and the records only feed the hook: both must see every completion."""
     from ml.scorer import Scorer, verdicts_file
     from ublk_driver import Server, ServerConfig
 
     server = Server(MemTarget(16 << 20), ServerConfig(queues=1, depth=32,
-                                                       record_capacity=1 << 14))
+                                                       record_capacity=1 << 14,
+                                                       summaries=summaries))
     server.add()
     tapped: list[np.ndarray] = []
     verdicts: list[tuple[int, float, bool]] = []

@@ -128,6 +128,17 @@ def tree_digests(root: Path, names: Sequence[str]) -> dict[str, str]:
     return {n: hashlib.sha256((root / n).read_bytes()).hexdigest() for n in names}
 
 
+def sparse_files(tmp_path: Path, n: int, size: int, stem: str = "leg") -> list[str]:
+    """``n`` sparse files of ``size`` bytes (backing files, mirror legs)."""
+    paths = []
+    for i in range(n):
+        p = tmp_path / f"{stem}{i}.img"
+        with open(p, "wb") as f:
+            f.truncate(size)
+        paths.append(str(p))
+    return paths
+
+
 def wait_gone(path: str, timeout: float = 10) -> bool:
     deadline = time.monotonic() + timeout
     while os.path.exists(path):

@@ -174,6 +174,36 @@ struct fault_slot {
 	uint64_t w[FAULT_WORDS];
 };
 
+/* ---- mirror: the journal --------------------------------------------
+ *
+ * A mirror's leg states, dirty bits and per-region writes in flight can live
+ * in a file mapped MAP_SHARED (ublkml puts it on tmpfs, next to the server's
+ * state file).  Every store the queue threads make there is in the page
+ * cache at once, so when the server dies (SIGKILL included) the next server
+ * finds exactly what the dead one knew: which legs were ACTIVE, which
+ * regions a leg missed, and which regions had writes in flight -- those may
+ * differ between legs and are copied from an ACTIVE leg before the device
+ * serves again (md's write-intent bitmap, for a process crash; a host crash
+ * loses the tmpfs file, and the device, with it).  Nothing is added to the
+ * I/O path: the same atomics hit a different page. */
+#define JOURNAL_MAGIC	"ublkmlMJ"
+#define JOURNAL_VERSION	1u
+
+struct mirror_journal {
+	char magic[8];
+	uint32_t version;
+	uint32_t n_legs;
+	uint32_t region_shift;
+	uint32_t states;
+	uint64_t size;
+	uint64_t n_regions;
+	uint32_t resync_at[UBLKML_MAX_LEGS];
+	uint8_t reserved[128 - 40 - 4 * UBLKML_MAX_LEGS];
+	/* then uint32_t r_inflight[n_regions], padded to 8 bytes, then
+	 * uint64_t dirty[n_legs][words] */
+};
+_Static_assert(sizeof(struct mirror_journal) == 128, "journal header is 128 bytes");
+
 struct ublkml_target {
 	int kind;
 	uint64_t size;
@@ -181,12 +211,19 @@ struct ublkml_target {
 	int n_legs;			/* loop: 1, mirror: 2..8 */
 	struct leg legs[UBLKML_MAX_LEGS];
 	/* mirror: 2 bits of UBLKML_LEG_* per leg in one word, so that "is
-	 * another leg still ACTIVE?" and the change are a single CAS */
-	uint32_t states;
+	 * another leg still ACTIVE?" and the change are a single CAS.  It,
+	 * r_inflight and the dirty bits live in the journal when there is one
+	 * (see "mirror: the journal"), else in memory of our own. */
+	uint32_t *states;
+	uint32_t own_states;
+	uint32_t *resync_at;		/* per leg: region + 1 being copied */
+	uint32_t own_resync_at[UBLKML_MAX_LEGS];
 	uint32_t region_shift;
 	uint64_t n_regions;
 	uint32_t *r_inflight;		/* per region: writes in flight */
 	uint32_t *r_gen;		/* per region: writes ever submitted */
+	struct mirror_journal *journal;	/* MAP_SHARED, or NULL */
+	size_t journal_len;
 	/* write epochs: lets a state change wait until no write that saw
 	 * the previous states is still running (see write_barrier) */
 	uint32_t w_epoch;
@@ -205,6 +242,8 @@ static int target_alloc(struct ublkml_target **out, int kind, uint64_t size)
 		return -ENOMEM;
 	t->kind = kind;
 	t->size = size;
+	t->states = &t->own_states;
+	t->resync_at = t->own_resync_at;
 	for (int i = 0; i < UBLKML_MAX_LEGS; i++)
 		t->legs[i].fd = -1;
 	pthread_mutex_init(&t->ctl, NULL);
@@ -255,9 +294,120 @@ int ublkml_target_new_loop(struct ublkml_target **out, int fd, int is_bdev,
 	return 0;
 }
 
+static size_t journal_inflight_bytes(uint64_t n_regions)
+{
+	return (size_t)((n_regions * sizeof(uint32_t) + 7) & ~7ull);
+}
+
+/* Map the journal: a new (empty) file is laid out, a used one must describe
+ * this mirror.  Returns 1 when the file was in use (a recovery). */
+static int journal_map(struct ublkml_target *t, int fd, size_t words)
+{
+	size_t len = sizeof(struct mirror_journal) +
+		     journal_inflight_bytes(t->n_regions) +
+		     (size_t)t->n_legs * words * sizeof(uint64_t);
+	struct mirror_journal *j;
+	struct stat st;
+	int used;
+
+	if (fstat(fd, &st) < 0)
+		return -errno;
+	used = st.st_size != 0;
+	if (used && (uint64_t)st.st_size != len)
+		return -EBADMSG;	/* another mirror's, or damaged */
+	if (!used && ftruncate(fd, (off_t)len) < 0)
+		return -errno;
+	j = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+	if (j == MAP_FAILED)
+		return -errno;
+	if (used && (memcmp(j->magic, JOURNAL_MAGIC, 8) ||
+		     j->version != JOURNAL_VERSION || j->n_legs != (uint32_t)t->n_legs ||
+		     j->region_shift != t->region_shift || j->size != t->size ||
+		     j->n_regions != t->n_regions)) {
+		munmap(j, len);
+		return -EBADMSG;
+	}
+	if (!used) {
+		j->version = JOURNAL_VERSION;
+		j->n_legs = (uint32_t)t->n_legs;
+		j->region_shift = t->region_shift;
+		j->size = t->size;
+		j->n_regions = t->n_regions;
+		memcpy(j->magic, JOURNAL_MAGIC, 8);	/* last: marks it complete */
+	}
+	t->journal = j;
+	t->journal_len = len;
+	t->states = &j->states;
+	t->resync_at = j->resync_at;
+	t->r_inflight = (uint32_t *)(j + 1);
+	for (int i = 0; i < t->n_legs; i++)
+		t->legs[i].dirty = (uint64_t *)((char *)(j + 1) +
+			journal_inflight_bytes(t->n_regions)) + (size_t)i * words;
+	return used;
+}
+
+static int copy_region(struct ublkml_target *t, int src, int dst, uint64_t r,
+		       char *buf, uint64_t chunk);
+static void dirty_set(struct leg *lg, uint64_t r);
+
+/* A used journal: count the dirty bits, redo an interrupted resync copy,
+ * and make the regions that had writes in flight equal on every leg that
+ * is not FAILED (their writes may have reached some legs only). */
+static int journal_replay(struct ublkml_target *t, size_t words)
+{
+	uint32_t states = __atomic_load_n(t->states, __ATOMIC_SEQ_CST);
+	uint64_t chunk = 1ull << t->region_shift;
+	char *buf = NULL;
+	int src = -1, ret = 0;
+
+	for (int i = 0; i < t->n_legs; i++) {
+		struct leg *lg = &t->legs[i];
+
+		lg->n_dirty = 0;
+		for (size_t w = 0; w < words; w++)
+			lg->n_dirty += (uint64_t)__builtin_popcountll(lg->dirty[w]);
+		if (t->resync_at[i]) {
+			dirty_set(lg, t->resync_at[i] - 1);
+			t->resync_at[i] = 0;
+		}
+		if (src < 0 && ((states >> (2 * i)) & 3u) == UBLKML_LEG_ACTIVE)
+			src = i;
+	}
+	if (src < 0)
+		return -EBADMSG;	/* no ACTIVE leg: not a state we ever write */
+	if (chunk > (1u << 20))
+		chunk = 1u << 20;
+	for (uint64_t r = 0; r < t->n_regions; r++) {
+		if (!t->r_inflight[r])
+			continue;
+		if (!buf && posix_memalign((void **)&buf, 4096, chunk))
+			return -ENOMEM;
+		for (int i = 0; i < t->n_legs && !ret; i++) {
+			uint32_t st = (states >> (2 * i)) & 3u;
+
+			if (i == src || st == UBLKML_LEG_FAILED)
+				continue;
+			if (st == UBLKML_LEG_DEMOTED)
+				dirty_set(&t->legs[i], r);	/* resync copies it */
+			else
+				ret = copy_region(t, src, i, r, buf, chunk);
+		}
+		if (ret)
+			break;
+		t->r_inflight[r] = 0;
+	}
+	if (!ret && buf) {
+		for (int i = 0; i < t->n_legs; i++)
+			if (i != src && fdatasync(t->legs[i].fd) < 0 && errno != EINVAL)
+				ret = -errno;
+	}
+	free(buf);
+	return ret;
+}
+
 int ublkml_target_new_mirror(struct ublkml_target **out, const int *fds,
 			     const int *is_bdev, int n_legs, uint64_t size,
-			     uint32_t region_shift)
+			     uint32_t region_shift, int journal_fd)
 {
 	struct ublkml_target *t;
 	size_t words;
@@ -274,13 +424,28 @@ int ublkml_target_new_mirror(struct ublkml_target **out, const int *fds,
 	t->n_regions = (size + (1ull << region_shift) - 1) >> region_shift;
 	t->probe_every = 8;
 	words = (t->n_regions + 63) / 64;
-	t->r_inflight = calloc(t->n_regions, sizeof(uint32_t));
 	t->r_gen = calloc(t->n_regions, sizeof(uint32_t));
-	if (!t->r_inflight || !t->r_gen)
+	if (!t->r_gen)
 		goto nomem;
 	for (int i = 0; i < n_legs; i++) {
 		t->legs[i].fd = fds[i];
 		t->legs[i].is_bdev = is_bdev[i];
+	}
+	if (journal_fd >= 0) {
+		ret = journal_map(t, journal_fd, words);
+		if (ret == 1)
+			ret = journal_replay(t, words);
+		if (ret < 0) {
+			ublkml_target_free(t);
+			return ret;
+		}
+		*out = t;
+		return 0;
+	}
+	t->r_inflight = calloc(t->n_regions, sizeof(uint32_t));
+	if (!t->r_inflight)
+		goto nomem;
+	for (int i = 0; i < n_legs; i++) {
 		t->legs[i].dirty = calloc(words, sizeof(uint64_t));
 		if (!t->legs[i].dirty)
 			goto nomem;
@@ -298,9 +463,13 @@ void ublkml_target_free(struct ublkml_target *t)
 		return;
 	if (t->mem)
 		munmap(t->mem, t->size);
-	for (int i = 0; i < UBLKML_MAX_LEGS; i++)
-		free(t->legs[i].dirty);
-	free(t->r_inflight);
+	if (t->journal) {
+		munmap(t->journal, t->journal_len);
+	} else {
+		for (int i = 0; i < UBLKML_MAX_LEGS; i++)
+			free(t->legs[i].dirty);
+		free(t->r_inflight);
+	}
 	free(t->r_gen);
 	pthread_mutex_destroy(&t->ctl);
 	free(t);
@@ -430,7 +599,7 @@ static uint32_t leg_state_of(uint32_t states, int leg)
 
 static uint32_t states_load(struct ublkml_target *t)
 {
-	return __atomic_load_n(&t->states, __ATOMIC_SEQ_CST);
+	return __atomic_load_n(t->states, __ATOMIC_SEQ_CST);
 }
 
 static uint32_t legs_in(const struct ublkml_target *t, uint32_t states,
@@ -464,7 +633,7 @@ static int leg_cas(struct ublkml_target *t, int leg, uint32_t from_mask,
 		    !(legs_in(t, old, UBLKML_LEG_ACTIVE) & ~(1u << leg)))
 			return -EBUSY;
 		nw = (old & ~(3u << (2 * leg))) | (state << (2 * leg));
-	} while (!__atomic_compare_exchange_n(&t->states, &old, nw, 0,
+	} while (!__atomic_compare_exchange_n(t->states, &old, nw, 0,
 					      __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST));
 	return 0;
 }
@@ -637,6 +806,22 @@ static int copy_all(int fd_in, int fd_out, char *buf, uint64_t off, uint64_t len
 	return 0;
 }
 
+static int copy_region(struct ublkml_target *t, int src, int dst, uint64_t r,
+		       char *buf, uint64_t chunk)
+{
+	uint64_t off = r << t->region_shift, len, end;
+	int ret = 0;
+
+	end = off + (1ull << t->region_shift);
+	if (end > t->size)
+		end = t->size;
+	for (; off < end && !ret; off += len) {
+		len = end - off < chunk ? end - off : chunk;
+		ret = copy_all(t->legs[src].fd, t->legs[dst].fd, buf, off, len);
+	}
+	return ret;
+}
+
 static int pick_source(struct ublkml_target *t, int leg)
 {
 	uint32_t active = legs_in(t, states_load(t), UBLKML_LEG_ACTIVE) &
@@ -688,7 +873,6 @@ int ublkml_mirror_resync(struct ublkml_target *t, int leg, int max_regions)
 	if (posix_memalign((void **)&buf, 4096, chunk))
 		return -ENOMEM;
 	for (uint64_t r = 0; r < t->n_regions && copied < max_regions; r++) {
-		uint64_t off = r << t->region_shift, end, len;
 		uint32_t gen;
 		int src;
 
@@ -702,38 +886,41 @@ int ublkml_mirror_resync(struct ublkml_target *t, int leg, int max_regions)
 		if (__atomic_load_n(&t->r_inflight[r], __ATOMIC_SEQ_CST))
 			continue;	/* busy: a later call takes it */
 		gen = __atomic_load_n(&t->r_gen[r], __ATOMIC_SEQ_CST);
-		if (!dirty_clear(lg, r))
+		/* A server killed between here and the end of the copy
+		 * leaves resync_at in the journal: the next one redoes r. */
+		__atomic_store_n(&t->resync_at[leg], (uint32_t)(r + 1),
+				 __ATOMIC_SEQ_CST);
+		if (!dirty_clear(lg, r)) {
+			__atomic_store_n(&t->resync_at[leg], 0, __ATOMIC_SEQ_CST);
 			continue;
+		}
 		if (__atomic_load_n(&t->r_inflight[r], __ATOMIC_SEQ_CST) ||
 		    __atomic_load_n(&t->r_gen[r], __ATOMIC_SEQ_CST) != gen) {
 			dirty_set(lg, r);
+			__atomic_store_n(&t->resync_at[leg], 0, __ATOMIC_SEQ_CST);
 			continue;
 		}
 		src = pick_source(t, leg);
 		if (src < 0) {
 			dirty_set(lg, r);
+			__atomic_store_n(&t->resync_at[leg], 0, __ATOMIC_SEQ_CST);
 			ret = -EBUSY;	/* no ACTIVE leg to copy from */
 			break;
 		}
-		end = off + rsize < t->size ? off + rsize : t->size;
-		for (; off < end; off += len) {
-			len = end - off < chunk ? end - off : chunk;
-			ret = copy_all(t->legs[src].fd, lg->fd, buf, off, len);
-			if (ret)
-				break;
-		}
+		ret = copy_region(t, src, leg, r, buf, chunk);
 		if (ret) {
 			dirty_set(lg, r);
+			__atomic_store_n(&t->resync_at[leg], 0, __ATOMIC_SEQ_CST);
 			__atomic_fetch_add(&lg->errors, 1, __ATOMIC_RELAXED);
 			break;
 		}
 		if (__atomic_load_n(&t->r_gen[r], __ATOMIC_SEQ_CST) != gen ||
 		    __atomic_load_n(&t->r_inflight[r], __ATOMIC_SEQ_CST) ||
-		    leg_state_of(states_load(t), src) != UBLKML_LEG_ACTIVE) {
+		    leg_state_of(states_load(t), src) != UBLKML_LEG_ACTIVE)
 			dirty_set(lg, r);	/* raced with a write: again later */
-			continue;
-		}
-		copied++;
+		else
+			copied++;
+		__atomic_store_n(&t->resync_at[leg], 0, __ATOMIC_SEQ_CST);
 	}
 	free(buf);
 	if (ret)
@@ -775,6 +962,7 @@ struct tag_state {
 	uint8_t ok_active;	/* writes: ACTIVE legs that succeeded */
 	uint8_t must_fail;	/* a failed leg could not be failed */
 	uint8_t epoch;		/* write epoch joined */
+	uint8_t probed;		/* reads: a health probe went out with it */
 	int32_t err;		/* first leg error */
 	uint64_t t_start;	/* ns, only when records are on */
 };
@@ -846,6 +1034,7 @@ struct ublkml_queue {
 	uint64_t rec_head;		/* producer: next slot to write */
 	uint64_t rec_tail;		/* consumer: next slot to read */
 	uint64_t rec_dropped;
+	struct ublkml_path_summary *sums;	/* [UBLKML_MAX_LEGS] or NULL */
 	/* faults and mirror */
 	struct qfault qf[UBLKML_MAX_LEGS];
 	uint32_t read_rr;		/* round robin over ACTIVE legs */
@@ -1090,22 +1279,62 @@ int ublkml_queue_submit_fetches(struct ublkml_queue *q)
 	return ret < 0 ? ret : 0;
 }
 
-/* One completion record: a request (path 0) or, for the mirror, a leg I/O
- * or a health probe (path = leg). */
+/* ml.features.latency_bins in integers: frexp's exponent is the bit length. */
+static unsigned lat_bin(uint32_t lat)
+{
+	int e;
+	uint32_t top;
+
+	if (!lat)
+		return 0;
+	e = 32 - __builtin_clz(lat);
+	top = e >= 5 ? lat >> (e - 5) : lat << (5 - e);	/* 16..31 */
+	return (unsigned)(e - 1) * 16u + top - 16u;
+}
+
+static void sum_add(uint64_t *p, uint64_t v)
+{
+	/* single writer (the queue thread); readers load words atomically */
+	__atomic_store_n(p, *p + v, __ATOMIC_RELAXED);
+}
+
+static void summarize_io(struct ublkml_queue *q, uint8_t path, uint8_t op,
+			 int32_t res, uint64_t lat)
+{
+	struct ublkml_path_summary *s = &q->sums[path % UBLKML_MAX_LEGS];
+	uint32_t l = lat > UINT32_MAX ? UINT32_MAX : (uint32_t)lat;
+	double sq = s->lat_sumsq + (double)l * (double)l;
+
+	sum_add(&s->n, 1);
+	if (res < 0)
+		sum_add(&s->errors, 1);
+	else if (op <= UBLK_IO_OP_WRITE && res > 0)
+		sum_add(&s->bytes, (uint64_t)res);
+	sum_add(&s->lat_sum, l);
+	__atomic_store(&s->lat_sumsq, &sq, __ATOMIC_RELAXED);
+	sum_add(&s->hist[lat_bin(l)], 1);
+}
+
+/* One completion: a request (path 0) or, for the mirror, a leg I/O or a
+ * health probe (path = leg), into the summaries and/or the record ring. */
 static void record(struct ublkml_queue *q, uint16_t tag, uint8_t path,
 		   uint8_t op, uint64_t off, uint32_t len, int32_t res,
-		   uint64_t t_start)
+		   uint64_t t_start, uint16_t flags)
 {
-	uint64_t tail = __atomic_load_n(&q->rec_tail, __ATOMIC_ACQUIRE);
 	struct ublkml_completion *c;
-	uint64_t now, lat;
+	uint64_t tail, now, lat;
 
+	now = now_ns();
+	lat = t_start && now > t_start ? now - t_start : 0;
+	if (q->sums)
+		summarize_io(q, path, op, res, lat);
+	if (!q->rec)
+		return;
+	tail = __atomic_load_n(&q->rec_tail, __ATOMIC_ACQUIRE);
 	if (q->rec_head - tail > q->rec_mask) {
 		q->rec_dropped++;	/* the scorer is behind: never wait for it */
 		return;
 	}
-	now = now_ns();
-	lat = t_start && now > t_start ? now - t_start : 0;
 	c = &q->rec[q->rec_head & q->rec_mask];
 	c->t_ns = now;
 	c->offset = off;
@@ -1116,6 +1345,7 @@ static void record(struct ublkml_queue *q, uint16_t tag, uint8_t path,
 	c->tag = tag;
 	c->op = op;
 	c->path = path;
+	c->flags = flags;
 	__atomic_store_n(&q->rec_head, q->rec_head + 1, __ATOMIC_RELEASE);
 }
 
@@ -1146,6 +1376,30 @@ int ublkml_queue_read_records(struct ublkml_queue *q,
 	return n;
 }
 
+int ublkml_queue_enable_summaries(struct ublkml_queue *q)
+{
+	if (q->sums)
+		return -EINVAL;
+	q->sums = calloc(UBLKML_MAX_LEGS, sizeof(*q->sums));
+	return q->sums ? 0 : -ENOMEM;
+}
+
+int ublkml_queue_read_summaries(struct ublkml_queue *q,
+				struct ublkml_path_summary *out, int max_paths)
+{
+	int n = max_paths < UBLKML_MAX_LEGS ? max_paths : UBLKML_MAX_LEGS;
+	const uint64_t *src;
+	uint64_t *dst;
+
+	if (!q->sums || n <= 0)
+		return -EINVAL;
+	src = (const uint64_t *)q->sums;
+	dst = (uint64_t *)out;
+	for (size_t i = 0; i < (size_t)n * sizeof(*out) / sizeof(uint64_t); i++)
+		dst[i] = __atomic_load_n(&src[i], __ATOMIC_RELAXED);
+	return n;
+}
+
 uint64_t ublkml_queue_records_dropped(const struct ublkml_queue *q)
 {
 	return __atomic_load_n(&q->rec_dropped, __ATOMIC_RELAXED);
@@ -1162,12 +1416,12 @@ static void complete_io(struct ublkml_queue *q, uint16_t tag, int32_t res)
 		q->st.last_error_op = iod->op_flags & 0xff;
 		q->st.last_error_offset = iod->start_sector << SECTOR_SHIFT;
 	}
-	if (q->rec && q->t->kind != UBLKML_TGT_MIRROR) {
+	if ((q->rec || q->sums) && q->t->kind != UBLKML_TGT_MIRROR) {
 		const struct ublksrv_io_desc *iod = &q->iods[tag];
 
 		record(q, tag, 0, iod->op_flags & 0xff,
 		       iod->start_sector << SECTOR_SHIFT,
-		       iod->nr_sectors << SECTOR_SHIFT, res, q->ts[tag].t_start);
+		       iod->nr_sectors << SECTOR_SHIFT, res, q->ts[tag].t_start, 0);
 	}
 	if (q->cdev_fd < 0) {
 		struct ublkml_event *e = &q->harvest[q->n_harvest++];
@@ -1436,7 +1690,7 @@ static void leg_start(struct ublkml_queue *q, uint16_t tag, int leg)
 
 	l->done = 0;
 	l->zero_fallback = 0;
-	l->t_start = q->rec || fault_get(q, leg) ? now_ns() : 0;
+	l->t_start = q->rec || q->sums || fault_get(q, leg) ? now_ns() : 0;
 	ret = fault_error(q, leg, q->ts[tag].op);
 	if (ret) {
 		leg_io_done(q, tag, leg, ret);	/* injected: never issued */
@@ -1553,9 +1807,9 @@ static void probe_finish(struct ublkml_queue *q, int slot, int res)
 	__atomic_fetch_add(&lg->probes, 1, __ATOMIC_RELAXED);
 	if (res < 0)
 		__atomic_fetch_add(&lg->errors, 1, __ATOMIC_RELAXED);
-	if (q->rec)
+	if (q->rec || q->sums)
 		record(q, UBLKML_PROBE_TAG, p->leg, UBLK_IO_OP_READ, p->off,
-		       p->len, res, p->t_start);
+		       p->len, res, p->t_start, 0);
 	p->busy = 0;
 }
 
@@ -1565,7 +1819,8 @@ static void probe_done(struct ublkml_queue *q, int slot, int res)
 
 	if (fault_get(q, p->leg)) {
 		uint64_t now = now_ns();
-		uint64_t extra = fault_extra_ns(q, p->leg, now - p->t_start, now);
+		uint64_t extra = fault_extra_ns(q, p->leg, p->t_start && now > p->t_start ?
+						now - p->t_start : 0, now);
 
 		p->res = res;
 		if (extra >= 1000 &&
@@ -1576,9 +1831,11 @@ static void probe_done(struct ublkml_queue *q, int slot, int res)
 	probe_finish(q, slot, res);
 }
 
-/* Every Nth user read also goes to a DEMOTED leg; nobody waits for it. */
-static void maybe_probe(struct ublkml_queue *q, uint32_t demoted, uint64_t off,
-			uint32_t len)
+/* Every Nth user read also goes to a DEMOTED leg; nobody waits for it.
+ * Returns 1 when a probe went out (queued with the user read: its record is
+ * flagged UBLKML_REC_PROBED, see mirror_leg_finish). */
+static int maybe_probe(struct ublkml_queue *q, uint32_t demoted, uint64_t off,
+		       uint32_t len)
 {
 	struct ublkml_target *t = q->t;
 	uint32_t every = __atomic_load_n(&t->probe_every, __ATOMIC_RELAXED);
@@ -1587,7 +1844,7 @@ static void maybe_probe(struct ublkml_queue *q, uint32_t demoted, uint64_t off,
 	int slot, leg, err;
 
 	if (!demoted || !every || ++q->reads_seen % every)
-		return;
+		return 0;
 	for (slot = 0; slot < PROBE_SLOTS; slot++) {
 		if (!q->probes[slot].busy) {
 			p = &q->probes[slot];
@@ -1595,7 +1852,7 @@ static void maybe_probe(struct ublkml_queue *q, uint32_t demoted, uint64_t off,
 		}
 	}
 	if (!p)
-		return;		/* all busy: a slow leg is not probed harder */
+		return 0;	/* all busy: a slow leg is not probed harder */
 	leg = pick_leg(demoted, q->reads_seen / every);
 	p->busy = 1;
 	p->leg = (uint8_t)leg;
@@ -1605,16 +1862,17 @@ static void maybe_probe(struct ublkml_queue *q, uint32_t demoted, uint64_t off,
 	err = fault_error(q, leg, UBLK_IO_OP_READ);
 	if (err) {
 		probe_done(q, slot, err);
-		return;
+		return 0;
 	}
 	sqe = get_sqe(q);
 	if (!sqe) {
 		p->busy = 0;
-		return;
+		return 0;
 	}
 	io_uring_prep_read(sqe, leg_fd(q, leg),
 			   q->probe_bufs + (size_t)slot * q->buf_size, p->len, off);
 	tgt_prep_done(q, sqe, tgt_ud(KIND_PROBE, (uint32_t)leg, (uint32_t)slot));
+	return 1;
 }
 
 static void regions_begin(struct ublkml_target *t, struct tag_state *s)
@@ -1657,7 +1915,8 @@ static void mirror_request(struct ublkml_queue *q, uint16_t tag)
 			complete_io(q, tag, -EIO);
 			return;
 		}
-		maybe_probe(q, legs_in(t, states, UBLKML_LEG_DEMOTED), s->off, s->len);
+		s->probed = (uint8_t)maybe_probe(q, legs_in(t, states, UBLKML_LEG_DEMOTED),
+						 s->off, s->len);
 		leg_start(q, tag, pick_leg(active, q->read_rr++));
 		return;
 	case UBLK_IO_OP_WRITE:
@@ -1708,9 +1967,10 @@ static void mirror_leg_finish(struct ublkml_queue *q, uint16_t tag, int leg,
 		   (int)s->len : 0;
 	uint32_t was;
 
-	if (q->rec)
+	if (q->rec || q->sums)
 		record(q, tag, (uint8_t)leg, s->op, s->off, s->len, res,
-		       lio(q, tag, leg)->t_start);
+		       lio(q, tag, leg)->t_start,
+		       s->op == UBLK_IO_OP_READ && s->probed ? UBLKML_REC_PROBED : 0);
 	if (s->op == UBLK_IO_OP_READ) {
 		uint32_t others;
 
@@ -1785,7 +2045,7 @@ static void handle_request(struct ublkml_queue *q, uint16_t tag)
 		q->st.ops[op]++;
 		q->st.bytes[op] += len;
 	}
-	if (q->rec)
+	if (q->rec || q->sums)
 		s->t_start = now_ns();
 	if ((op == UBLK_IO_OP_READ || op == UBLK_IO_OP_WRITE) && len > q->buf_size) {
 		complete_io(q, tag, -EINVAL);
@@ -2243,6 +2503,7 @@ static void queue_free_rest(struct ublkml_queue *q)
 	free(q->pending);
 	free(q->harvest);
 	free(q->rec);
+	free(q->sums);
 	free(q);
 }
 

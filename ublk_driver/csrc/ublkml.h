@@ -36,6 +36,9 @@ enum {
 #define UBLKML_MAX_LEGS		8
 /* Completion records of health probes carry this tag (they have none). */
 #define UBLKML_PROBE_TAG	0xffff
+/* Record flags: a user read that carried a health probe (the probe went out
+ * in the same submission, so the two are the fair comparison). */
+#define UBLKML_REC_PROBED	0x1
 
 struct ublkml_target;
 
@@ -46,10 +49,13 @@ int ublkml_target_new_loop(struct ublkml_target **out, int fd, int is_bdev,
 			   uint64_t size);
 int ublkml_target_new_events(struct ublkml_target **out, uint64_t size);
 /* Mirror (RAID1): fds stay owned by the caller, opened like loop's.  The
- * dirty-region size is 1 << region_shift bytes (12..30). */
+ * dirty-region size is 1 << region_shift bytes (12..30).  journal_fd (or
+ * -1): a file that keeps leg states, dirty regions and writes in flight
+ * across a server crash; an empty one is laid out, a used one is replayed
+ * (-EBADMSG: it belongs to another mirror). */
 int ublkml_target_new_mirror(struct ublkml_target **out, const int *fds,
 			     const int *is_bdev, int n_legs, uint64_t size,
-			     uint32_t region_shift);
+			     uint32_t region_shift, int journal_fd);
 void ublkml_target_free(struct ublkml_target *t);
 int ublkml_target_kind(const struct ublkml_target *t);
 /* Completion paths of a target: mirror legs, 1 for null/mem/loop, 0 for
@@ -165,8 +171,23 @@ struct ublkml_completion {
 	uint16_t tag;
 	uint8_t op;
 	uint8_t path;		/* completion path: backing file, mirror leg */
-	uint16_t pad0;
+	uint16_t flags;		/* UBLKML_REC_* */
 	uint32_t pad1;
+};
+
+/* Per completion path, cumulative since enabled: what the ML scorer's
+ * features need (ml/features.py Summary), counted by the queue thread so
+ * that scoring costs no per-I/O work in Python.  hist: 16 linear bins per
+ * octave of latency in ns (bin = (e-1)*16 + top 5 bits - 16, e = bit length),
+ * the same bins as ml.features.latency_bins. */
+#define UBLKML_SUM_BINS		512
+struct ublkml_path_summary {
+	uint64_t n;
+	uint64_t errors;
+	uint64_t bytes;		/* moved by successful reads and writes */
+	uint64_t lat_sum;	/* ns */
+	double lat_sumsq;	/* ns^2 */
+	uint64_t hist[UBLKML_SUM_BINS];
 };
 
 struct ublkml_queue;
@@ -198,6 +219,11 @@ void ublkml_queue_get_stats(const struct ublkml_queue *q,
 int ublkml_queue_enable_records(struct ublkml_queue *q, uint32_t capacity);
 int ublkml_queue_read_records(struct ublkml_queue *q,
 			      struct ublkml_completion *out, int max);
+/* Per-path summaries (UBLKML_MAX_LEGS paths); read copies them (any
+ * thread; each word is read atomically, fields may be a few I/Os apart). */
+int ublkml_queue_enable_summaries(struct ublkml_queue *q);
+int ublkml_queue_read_summaries(struct ublkml_queue *q,
+				struct ublkml_path_summary *out, int max_paths);
 uint64_t ublkml_queue_records_dropped(const struct ublkml_queue *q);
 
 /* Harness only. */

@@ -58,6 +58,18 @@ class Backend(abc.ABC):
     def attach(self) -> _bindings.CTarget:
         """Create the C target object the queues will share."""
 
+    def bind(self, dev_id: int, recovering: bool) -> None:  # noqa: B027 (optional hook)
+        """The server calls this once the device id is known, before :meth:`attach`.
+
+        ``recovering``: a new server takes over a device whose server died
+        (``ublkml recover``); a target with state of its own picks it up here.
+        """
+
+    def state_files(self) -> list[str]:
+        """Files the target keeps for a recovering server; the server removes
+        them once the device is deleted."""
+        return []
+
     def describe(self) -> dict[str, object]:
         """A JSON-able description for ``ublkml list``."""
         return {"target": self.name, "size": self.size}

@@ -86,6 +86,9 @@ class MirrorTarget(Backend):
         self.paths = len(legs)
         self.direct = all(b.direct for b in self._backings)
         self._probe_every = DEFAULT_PROBE_EVERY
+        #: the crash journal (see bind); None: leg states live in memory only
+        self.journal: str | None = None
+        self._recovering = False
 
     @property
     def size(self) -> int:
@@ -100,12 +103,50 @@ class MirrorTarget(Backend):
         return Capabilities(flush=True, fua=True, discard=True, write_zeroes=True,
                             discard_zeroes=not any(b.is_bdev for b in self._backings))
 
+    def bind(self, dev_id: int, recovering: bool) -> None:
+        """Keep leg states, dirty regions and writes in flight in a journal
+        (``<state dir>/<dev_id>.mirror``), so that a server started by
+        ``ublkml recover`` after a crash knows which legs hold good data."""
+        from ublk_driver.ctl import default_state_dir, local_path
+
+        self.journal = local_path(os.path.join(default_state_dir(), f"{dev_id}.mirror"))
+        self._recovering = recovering
+
     def attach(self) -> _bindings.CTarget:
-        ct = _bindings.CTarget(_bindings.TGT_MIRROR, self._size,
-                               legs=[(b.fd, b.is_bdev) for b in self._backings],
-                               region_shift=self.region_size.bit_length() - 1)
+        fd = -1
+        if self.journal is not None:
+            fd = self._open_journal(self.journal)
+        try:
+            ct = _bindings.CTarget(_bindings.TGT_MIRROR, self._size,
+                                   legs=[(b.fd, b.is_bdev) for b in self._backings],
+                                   region_shift=self.region_size.bit_length() - 1,
+                                   journal_fd=fd)
+        except OSError as e:
+            if e.errno == errno.EBADMSG:
+                raise TargetError(errno.EBADMSG, f"the journal {self.journal} does not "
+                                  "describe this mirror (other legs, size or region size; "
+                                  "recover with the device's own --leg/--size options)"
+                                  ) from None
+            raise TargetError(e.errno or errno.EIO,
+                              f"cannot set up the mirror: {e.strerror}") from None
+        finally:
+            if fd >= 0:
+                os.close(fd)  # the mapping stays
         ct.set_probe_every(self._probe_every)
         return self._attached(ct)
+
+    def _open_journal(self, path: str) -> int:
+        if self._recovering and not os.path.exists(path):
+            raise TargetError(errno.ENOENT, f"no journal {path}: without it nobody knows "
+                              "which legs were in sync when the server died; delete the "
+                              "device (ublkml del) and add it again, then resync")
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            trunc = 0 if self._recovering else os.O_TRUNC
+            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | trunc, 0o600)
+        except OSError as e:
+            raise TargetError(e.errno or errno.EIO,
+                              f"cannot open the mirror journal {path}: {e.strerror}") from None
 
     def describe(self) -> dict[str, object]:
         out: dict[str, object] = {"target": self.name, "size": self.size,
@@ -122,6 +163,9 @@ class MirrorTarget(Backend):
                     os.fsync(b.fd)
         finally:
             self._close_fds()
+
+    def state_files(self) -> list[str]:
+        return [self.journal] if self.journal is not None else []
 
     def _close_fds(self) -> None:
         for b in self._backings:

@@ -277,8 +277,10 @@ class _UblkRunner:
             with open(self.log_path, "w") as log:
                 log.write(f"# cwd: {rootpath}\n# guest command: {shlex.join(argv)}\n")
                 log.flush()
+                # Tests may leave figures in the share (UBLKML_TESTBED_SHARE):
+                # the guest's own file system is gone after the run.
                 result = _vm.run(argv, cwd=str(rootpath), timeout=timeout, stream=log,
-                                 share=str(share))
+                                 share=str(share), env={"UBLKML_TESTBED_SHARE": str(share)})
         except _vm.TestbedError as exc:
             tail = _vm._tail(exc.output, 40)
             self.failure = (f"the qemu test bed failed: {exc}{_setup_hint(rootpath)}"

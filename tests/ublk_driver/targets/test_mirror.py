@@ -21,11 +21,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.ublk_driver.targets.model import Model, payload
+from tests.ublk_driver.ublk_helpers import sparse_files
 from ublk_driver import _bindings
 from ublk_driver.errors import ConfigError, TargetError
 from ublk_driver.faults import FaultSpec
 from ublk_driver.queue import default_ring_flags
-from ublk_driver.records import COMPLETION_DTYPE
+from ublk_driver.records import COMPLETION_DTYPE, RECORD_PROBED
 from ublk_driver.targets import MirrorTarget
 from ublk_driver.uapi import IoFlag, Op
 
@@ -36,13 +37,7 @@ DEPTH = 4
 
 
 def make_legs(tmp_path: Path, n: int = 2, size: int = SIZE) -> list[str]:
-    paths = []
-    for i in range(n):
-        p = tmp_path / f"leg{i}.img"
-        with open(p, "wb") as f:
-            f.truncate(size)
-        paths.append(str(p))
-    return paths
+    return sparse_files(tmp_path, n, size)
 
 
 class Rig:
@@ -202,6 +197,12 @@ def test_probes_read_demoted_legs_and_make_records(rig: Rig) -> None:
     recs = rig.records()
     probes = recs[recs["tag"] == _bindings.PROBE_TAG]
     assert len(probes) == 5 and set(probes["path"]) == {1}
+    # The user reads the probes went out with are flagged (the probes' peers).
+    reads = recs[recs["tag"] != _bindings.PROBE_TAG]
+    probed = reads[(reads["flags"] & RECORD_PROBED) != 0]
+    assert len(reads) == 10 and len(probed) == 5 and set(probed["path"]) == {0}
+    assert sorted(probed["offset"]) == sorted(probes["offset"])
+    assert _bindings.REC_PROBED == RECORD_PROBED
     # A slow leg: its probes show the fault; at most 4 are outstanding (slots).
     rig.mirror.set_fault(1, FaultSpec(delay_us=3000))
     for _ in range(20):

@@ -20,6 +20,7 @@ from tests.ublk_driver.ublk_helpers import (
     fio,
     job_totals,
     next_dev_id,
+    sparse_files,
     ublkml,
 )
 from ublk_driver.faults import FaultSpec
@@ -34,13 +35,7 @@ FIO_VERIFY = ["--rw=randwrite", "--bsrange=4k-256k", "--iodepth=16", "--size=24M
 
 
 def make_legs(tmp_path: Path) -> list[str]:
-    legs = []
-    for i in range(2):
-        p = tmp_path / f"leg{i}.img"
-        with open(p, "wb") as f:
-            f.truncate(SIZE)
-        legs.append(str(p))
-    return legs
+    return sparse_files(tmp_path, 2, SIZE)
 
 
 @contextlib.contextmanager
