@@ -414,7 +414,8 @@ class Queue:
 
     def relay_init(self, timeout: float, max_stuck: int) -> None:
         """Make this event queue relayed: a plug-in call that has not returned
-        after ``timeout`` seconds fails its I/O with ETIMEDOUT.  Before serving."""
+        after ``timeout`` seconds fails its I/O with ETIMEDOUT.  At most
+        2 + ``max_stuck`` workers.  Before serving."""
         if not 0 < timeout <= 86400:
             raise ValueError(f"relay timeout must be 0..86400 s, got {timeout}")
         if not 0 <= max_stuck <= 1024:
@@ -438,6 +439,15 @@ class Queue:
             return None
         return RelayStats(int(st.timeouts), int(st.late), int(st.unserved), int(st.stuck),
                           int(st.workers))
+
+    def relay_report(self) -> RelayNote | None:
+        """Hung calls not reported yet by a worker's note (then they are)."""
+        if self._q is None:
+            return None
+        c = ffi.new("struct ublkml_relay_note *")
+        if lib.ublkml_queue_relay_report(self._q, c) <= 0:
+            return None
+        return _relay_note(c)
 
     def relay_worker(self) -> RelayWorker:
         """Join a worker (on any thread; serve it on its own thread)."""

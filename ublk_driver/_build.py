@@ -315,6 +315,7 @@ int ublkml_relay_join(struct ublkml_queue *q, struct ublkml_relay_worker **out);
 int ublkml_relay_next(struct ublkml_relay_worker *w, struct ublkml_event *evs, int n_done,
                       int max, struct ublkml_relay_note *note);
 int ublkml_queue_relay_stats(struct ublkml_queue *q, struct ublkml_relay_stats *out);
+int ublkml_queue_relay_report(struct ublkml_queue *q, struct ublkml_relay_note *note);
 """
 
 ffibuilder = FFI()

@@ -112,6 +112,15 @@ class QueueWorker(threading.Thread):
         if pool.error is not None and self.error is None:
             self.error = pool.error
 
+    def report_hangs(self) -> None:
+        """Log plug-in calls that hung and that no worker reported yet."""
+        if not isinstance(self.backend, PluginBackend):
+            return
+        with self._free_lock:
+            note = self.queue.relay_report() if self.queue is not None else None
+        if note is not None:
+            self.backend.relay_note(self.q_id, note)
+
     def stats(self) -> _bindings.QueueStats | None:
         """The queue's counters: live while it serves, final afterwards."""
         with self._free_lock:
@@ -186,6 +195,7 @@ class RelayPool:
         try:
             self.queue.relay()
         finally:
+            self.report_hangs()
             # Idle workers leave at once; one still inside a hung call stays
             # (a daemon thread): the queue's memory waits for it.
             deadline = time.monotonic() + leave_wait
@@ -197,6 +207,12 @@ class RelayPool:
             if self.stuck_at_exit:
                 print(f"ublkml: queue {self.q_id}: {self.stuck_at_exit} plug-in call(s) "
                       "still stuck at shutdown, left running", file=sys.stderr, flush=True)
+
+    def report_hangs(self) -> None:
+        """Log hung calls no worker's note reported (every worker stuck)."""
+        note = self.queue.relay_report()
+        if note is not None:
+            self.backend.relay_note(self.q_id, note)
 
     def start_worker(self) -> None:
         worker = self.queue.relay_worker()  # joined now: counted before it runs
@@ -249,6 +265,7 @@ class ErrorWatch(threading.Thread):
         last = time.monotonic()
         while True:
             finished = self.worker.done.wait(self.interval)
+            self.worker.report_hangs()
             st = self.worker.stats()
             now = time.monotonic()
             if st is not None and st.errors > seen:

@@ -155,22 +155,34 @@ def test_a_hung_write_is_failed_and_later_io_is_served(relayed: list[Relayed]) -
     assert plugin.entered.is_set()
 
 
-def test_stuck_calls_beyond_the_bound_fail_after_the_timeout(
+def test_when_every_worker_is_stuck_requests_fail_after_the_timeout(
         relayed: list[Relayed], capsys: pytest.CaptureFixture[str]) -> None:
     plugin = Hang()
-    r = make(plugin, timeout=0.2, max_stuck=1)
+    r = make(plugin, timeout=0.2, max_stuck=0)  # two workers, no spare beyond them
     relayed.append(r)
-    # Two hung calls: the first worker is given up, the spare takes the
-    # second and hangs too; with at most 1 stuck call no new spare is
-    # started, so the request after them fails unserved after the timeout.
+    # The first worker is given up on the hung read, the second takes what it
+    # did not reach and hangs on the write: nobody is left for the last read,
+    # which fails after waiting the timeout.
     r.inject(0, Op.READ, HANG_AT, 4096)
     r.inject(1, Op.WRITE, HANG_AT, 4096)
     r.inject(2, Op.READ, 0, 4096)
     results = r.run()
     assert results == {0: -errno.ETIMEDOUT, 1: -errno.ETIMEDOUT, 2: -errno.ETIMEDOUT}
     st = r.queue.relay_stats()
-    assert st is not None and (st.timeouts, st.unserved, st.stuck) == (2, 1, 2)
-    assert capsys.readouterr().err.count("did not return within") >= 1
+    assert st is not None and (st.timeouts, st.unserved, st.stuck, st.workers) == (2, 1, 2, 2)
+    assert "write() did not return within 0.2 s (WRITE at 65536+4096" in capsys.readouterr().err
+
+
+def test_a_spare_is_started_for_each_hung_call(relayed: list[Relayed]) -> None:
+    plugin = Hang()
+    r = make(plugin, timeout=0.2, max_stuck=8)
+    relayed.append(r)
+    r.inject(0, Op.READ, HANG_AT, 4096)
+    r.inject(1, Op.WRITE, HANG_AT, 4096)
+    r.inject(2, Op.READ, 0, 4096)
+    assert r.run() == {0: -errno.ETIMEDOUT, 1: -errno.ETIMEDOUT, 2: 4096}
+    st = r.queue.relay_stats()
+    assert st is not None and (st.timeouts, st.unserved, st.stuck) == (2, 0, 2)
 
 
 def test_queue_freed_while_a_call_is_stuck_is_freed_when_it_returns(
@@ -197,6 +209,9 @@ class _FakeWorker:
         self.q_id = 2
         self.done = threading.Event()
         self._errors = errors
+
+    def report_hangs(self) -> None:
+        pass
 
     def stats(self) -> _bindings.QueueStats:
         n = self._errors.pop(0)

@@ -2294,47 +2294,55 @@ int ublkml_queue_harvest(struct ublkml_queue *q, struct ublkml_event *out,
  * timeout the work is split:
  *
  *   - the ring thread (ublkml_queue_relay) keeps the ring: it reaps
- *     requests, posts them as one batch, commits the answers;
- *   - workers (Python threads in ublkml_relay_next) take the batch, call the
+ *     requests, posts them as a batch, commits the answers;
+ *   - workers (Python threads in ublkml_relay_next) take a batch, call the
  *     plug-in per event, write each result into their own event array and
- *     hand the batch back (an eventfd read on the ring wakes the ring thread,
- *     written only when it sleeps).
+ *     hand the answers back (an eventfd read on the ring wakes the ring
+ *     thread; written only while it sleeps).
  *
- * One batch is out at a time, so a queue's plug-in calls stay sequential, as
- * without a relay.  While a batch is out the ring thread wakes every poll_ns
- * and looks at the answered prefix of the worker's array (the worker answers
- * in order).  When it has not grown for timeout_ns the worker is given up
- * ("fired"):
- *   - the events after the stuck one are cancelled in the worker's array
- *     (op = UBLKML_OP_CANCELLED: the handler skips them) and go back to the
- *     front of the pending list, for the next worker;
- *   - the stuck event fails with -ETIMEDOUT, and its tag gets a fresh buffer:
- *     the hung call keeps the old one, so whatever it does with it when (if)
- *     it returns cannot touch a later request's data;
- *   - the next note tells a worker about it (the Python side logs which
- *     method hung, and starts a new spare).
- * A spare worker waits idle, so a hang needs no thread to be created before
- * I/O flows again.  A fired worker that comes back finds out (came_back in
- * its note), its retired buffers are freed, and it serves again.
+ * Normally one batch is out at a time, so a queue's plug-in calls run one
+ * after the other, as without a relay.  The ring thread watches the
+ * answered prefix of every worker's array (a worker answers in order):
+ *
+ *   - stalled: a worker's prefix has not grown for stall_ns while requests
+ *     wait.  The next batch (new requests only) goes to an idle worker, so a
+ *     slow call delays only the requests batched with it.  Calls of one
+ *     queue may then run at once on two threads (as they do for a plug-in
+ *     with several queues).
+ *   - hung: no growth for timeout_ns.  The worker is given up ("fired"): the
+ *     event it is stuck on fails with -ETIMEDOUT and its tag gets a fresh
+ *     buffer (the hung call keeps the old one, so whatever it does with it
+ *     when, if ever, it returns cannot touch a later request's data); the
+ *     events after it are cancelled in the worker's array (op =
+ *     UBLKML_OP_CANCELLED: the handler skips them) and go back to the front
+ *     of the pending list.  The next note tells a worker (the Python side
+ *     logs which method hung).  A fired worker that comes back learns it
+ *     (came_back), its retired buffers are freed, and it serves again.
+ *
+ * A worker that takes a batch and leaves no idle worker behind is asked to
+ * start a spare (note.spawn), up to 2 + max_stuck workers.
  *
  * Race left open: the worker reads an event's op after storing the previous
  * result; the ring thread cancels, fences, then re-reads the results.  A
- * worker whose stuck call returns within the same few nanoseconds may serve
- * the next event on the old buffer while it is also re-posted (then a write
- * may be applied twice).  Closing it would take an atomic claim per I/O from
- * Python, a C call per I/O.
+ * worker whose hung call returns within the same nanoseconds may serve the
+ * next event while it is also re-posted (a write may then be applied
+ * twice).  Closing it would take an atomic claim per I/O from Python, a C
+ * call per I/O.
  */
 
 struct ublkml_relay_worker {
 	struct ublkml_queue *q;
-	struct ublkml_event *evs;	/* the worker's array while it holds a batch */
+	/* under the relay's mu */
+	struct ublkml_event *evs;	/* the batch it holds, or NULL */
 	int n;
 	int fired;			/* given up: its answers are not wanted */
-	int came_back;
+	int seen;			/* answered prefix at t_seen */
+	uint64_t t_seen;
 	uint64_t t_taken;
+	int came_back;
 	uint64_t late_ns;
 	uint32_t buf_gen;		/* tag buffers as it last saw them */
-	char **retired;			/* buffers its stuck call may still use */
+	char **retired;			/* buffers its hung call may still use */
 	int n_retired;
 	struct ublkml_relay_worker *next;
 };
@@ -2346,24 +2354,23 @@ struct relay {
 	uint64_t efd_val;
 	int efd_armed;			/* ring thread only */
 	uint64_t timeout_ns;
+	uint64_t stall_ns;
 	uint64_t poll_ns;
 	int max_stuck;
-	/* everything below: under mu */
-	struct ublkml_event *batch;	/* posted events */
-	int n_batch;
 	struct ublkml_event *done, *back;	/* ring thread's scratch */
-	int posted;			/* waiting for a worker */
+	/* everything below: under mu */
+	struct ublkml_event *batch;	/* posted, not taken yet */
+	int n_batch;
+	int posted;
 	uint64_t t_posted;
-	struct ublkml_relay_worker *holder;
-	struct ublkml_event *hevs;	/* the holder's array, its answers */
-	int hn;
-	int answered;			/* the holder handed it back */
-	int seen;			/* answered prefix at t_seen */
-	uint64_t t_seen;
+	struct ublkml_event *ans;	/* answers handed back, not committed */
+	int n_ans;
+	int n_holding;			/* workers holding a batch */
 	int ring_sleeping;
 	int closing;			/* workers leave */
 	int dead;			/* queue freed: the last worker frees it */
 	int n_workers, n_idle, n_stuck;
+	int spawning;			/* spares asked for, not joined yet */
 	uint32_t buf_gen;
 	uint64_t timeouts, late, unserved;
 	uint32_t unreported;		/* timeouts no note has reported yet */
@@ -2401,9 +2408,11 @@ int ublkml_queue_relay_init(struct ublkml_queue *q, uint64_t timeout_ns,
 	r->batch = calloc(q->depth, sizeof(*r->batch));
 	r->done = calloc(q->depth, sizeof(*r->done));
 	r->back = calloc(q->depth, sizeof(*r->back));
+	r->ans = calloc(q->depth, sizeof(*r->ans));
 	q->tag_buf = calloc(q->depth, sizeof(*q->tag_buf));
 	r->efd = eventfd(0, EFD_CLOEXEC);
-	if (!r->batch || !r->done || !r->back || !q->tag_buf || r->efd < 0) {
+	if (!r->batch || !r->done || !r->back || !r->ans || !q->tag_buf ||
+	    r->efd < 0) {
 		int ret = r->efd < 0 ? -errno : -ENOMEM;
 
 		if (r->efd >= 0)
@@ -2411,6 +2420,7 @@ int ublkml_queue_relay_init(struct ublkml_queue *q, uint64_t timeout_ns,
 		free(r->batch);
 		free(r->done);
 		free(r->back);
+		free(r->ans);
 		free(q->tag_buf);
 		q->tag_buf = NULL;
 		free(r);
@@ -2421,12 +2431,16 @@ int ublkml_queue_relay_init(struct ublkml_queue *q, uint64_t timeout_ns,
 	pthread_mutex_init(&r->mu, NULL);
 	pthread_cond_init(&r->cv, NULL);
 	r->timeout_ns = timeout_ns;
-	/* A stuck call is failed between timeout and timeout + poll. */
+	/* A call that has not returned after stall_ns no longer holds up new
+	 * requests; one that has not after timeout_ns fails its I/O. */
+	r->stall_ns = timeout_ns / 4 < 20000000 ? timeout_ns / 4 : 20000000;
+	/* While a batch is out the ring thread looks every poll_ns: a hung
+	 * call fails between timeout and timeout + poll. */
 	r->poll_ns = timeout_ns / 8;
+	if (r->poll_ns > r->stall_ns)
+		r->poll_ns = r->stall_ns;
 	if (r->poll_ns < 1000000)
 		r->poll_ns = 1000000;
-	if (r->poll_ns > 1000000000)
-		r->poll_ns = 1000000000;
 	r->max_stuck = max_stuck;
 	q->relay = r;
 	return 0;
@@ -2474,6 +2488,7 @@ static void relay_free(struct ublkml_queue *q)
 	free(r->batch);
 	free(r->done);
 	free(r->back);
+	free(r->ans);
 	free(r);
 	q->relay = NULL;
 }
@@ -2513,23 +2528,19 @@ int ublkml_relay_join(struct ublkml_queue *q, struct ublkml_relay_worker **out)
 	w->next = r->workers;
 	r->workers = w;
 	r->n_workers++;
+	if (r->spawning)
+		r->spawning--;
 	pthread_mutex_unlock(&r->mu);
 	*out = w;
 	return 0;
 }
 
-static void relay_note(struct relay *r, struct ublkml_relay_worker *w,
-		       struct ublkml_relay_note *note)
+/* The hung calls not reported yet (under mu). */
+static void relay_hangs(struct relay *r, struct ublkml_relay_note *note)
 {
-	memset(note, 0, sizeof(*note));
-	note->buf_gen = r->buf_gen;
-	w->buf_gen = r->buf_gen;
 	note->stuck = (uint32_t)r->n_stuck;
 	note->timeouts = r->timeouts;
 	note->late = r->late;
-	note->came_back = (uint32_t)w->came_back;
-	note->late_ns = w->late_ns;
-	w->came_back = 0;
 	note->new_timeouts = r->unreported;
 	if (r->unreported) {
 		note->tag = r->last.tag;
@@ -2539,11 +2550,48 @@ static void relay_note(struct relay *r, struct ublkml_relay_worker *w,
 		note->start_sector = r->last.start_sector;
 		note->stuck_ns = r->last_stuck_ns;
 		r->unreported = 0;
-		/* The holder of a batch is the one live worker: ask for a
-		 * spare while stuck calls are within bounds. */
-		note->spawn = r->n_workers - r->n_stuck < 2 &&
-			      r->n_stuck < r->max_stuck;
 	}
+}
+
+static void relay_note(struct relay *r, struct ublkml_relay_worker *w,
+		       struct ublkml_relay_note *note)
+{
+	memset(note, 0, sizeof(*note));
+	note->buf_gen = r->buf_gen;
+	w->buf_gen = r->buf_gen;
+	note->came_back = (uint32_t)w->came_back;
+	note->late_ns = w->late_ns;
+	w->came_back = 0;
+	relay_hangs(r, note);
+}
+
+int ublkml_queue_relay_report(struct ublkml_queue *q,
+			      struct ublkml_relay_note *note)
+{
+	struct relay *r = q->relay;
+	int any;
+
+	memset(note, 0, sizeof(*note));
+	if (!r)
+		return -EINVAL;
+	pthread_mutex_lock(&r->mu);
+	any = r->unreported != 0;
+	relay_hangs(r, note);
+	pthread_mutex_unlock(&r->mu);
+	return any;
+}
+
+/* Wake the ring thread if it sleeps (under mu). */
+static void relay_kick(struct relay *r)
+{
+	uint64_t one = 1;
+
+	if (!r->ring_sleeping)
+		return;
+	r->ring_sleeping = 0;
+	/* Cannot block: the counter is far from its limit. */
+	if (write(r->efd, &one, sizeof(one)) < 0)
+		r->ring_sleeping = 1;	/* unreachable; it polls anyway */
 }
 
 int ublkml_relay_next(struct ublkml_relay_worker *w, struct ublkml_event *evs,
@@ -2551,7 +2599,7 @@ int ublkml_relay_next(struct ublkml_relay_worker *w, struct ublkml_event *evs,
 {
 	struct ublkml_queue *q = w->q;
 	struct relay *r = q->relay;
-	int wake = 0, n, flags = 0, last;
+	int n, flags = 0, last;
 
 	if (max < q->depth)
 		return -EINVAL;
@@ -2564,19 +2612,14 @@ int ublkml_relay_next(struct ublkml_relay_worker *w, struct ublkml_event *evs,
 			r->n_stuck--;
 			r->late++;
 			free_retired(q, w);
-		} else if (r->holder == w && n_done == w->n) {
-			r->answered = 1;
-			wake = r->ring_sleeping;
-			r->ring_sleeping = 0;
+		} else {
+			n = n_done < w->n ? n_done : w->n;
+			for (int i = 0; i < n; i++)
+				r->ans[r->n_ans++] = w->evs[i];
+			r->n_holding--;
+			relay_kick(r);
 		}
 		w->evs = NULL;
-	}
-	if (wake) {
-		uint64_t one = 1;
-
-		/* Nonblocking in practice: the counter is far from overflow. */
-		if (write(r->efd, &one, sizeof(one)) < 0)
-			r->ring_sleeping = 1;	/* unreachable; keep polling */
 	}
 	while (!r->closing && !r->posted) {
 		r->n_idle++;
@@ -2605,16 +2648,23 @@ int ublkml_relay_next(struct ublkml_relay_worker *w, struct ublkml_event *evs,
 	w->evs = evs;
 	w->n = n;
 	w->t_taken = now_ns();
+	w->seen = 0;
+	w->t_seen = w->t_taken;
 	r->posted = 0;
-	r->holder = w;
-	r->hevs = evs;
-	r->hn = n;
-	r->answered = 0;
-	r->seen = 0;
-	r->t_seen = w->t_taken;
+	r->n_holding++;
 	if (w->buf_gen != r->buf_gen || r->unreported || w->came_back) {
 		relay_note(r, w, note);
 		flags = UBLKML_RELAY_NOTE;
+	}
+	/* No idle worker left behind: ask for a spare (one at a time). */
+	if (r->n_idle + r->spawning == 0 &&
+	    r->n_workers + r->spawning < 2 + r->max_stuck) {
+		if (!flags) {
+			relay_note(r, w, note);
+			flags = UBLKML_RELAY_NOTE;
+		}
+		note->spawn = 1;
+		r->spawning++;		/* until the spare joins */
 	}
 	pthread_mutex_unlock(&r->mu);
 	return n | flags;
@@ -2655,29 +2705,29 @@ static int relay_arm(struct ublkml_queue *q, struct relay *r)
 	return 0;
 }
 
-/* Answered prefix of the holder's array (the worker answers in order). */
-static int answered_prefix(const struct relay *r)
+/* Answered prefix of a worker's array (a worker answers in order). */
+static int answered_prefix(const struct ublkml_relay_worker *w)
 {
 	int i = 0;
 
-	while (i < r->hn && __atomic_load_n(&r->hevs[i].result, __ATOMIC_ACQUIRE) !=
-			    UBLKML_RELAY_PENDING)
+	while (i < w->n && __atomic_load_n(&w->evs[i].result, __ATOMIC_ACQUIRE) !=
+			   UBLKML_RELAY_PENDING)
 		i++;
 	return i;
 }
 
-/* Give up the holder, stuck on event k (under mu).  Fills done[] with the
- * answers to commit; the events it did not reach go back to pending.
- * Returns how many answers, or -ENOMEM (then nothing changed: retried at
- * the next poll). */
-static int relay_fire(struct ublkml_queue *q, struct relay *r, int k,
-		      uint64_t now, struct ublkml_event *done)
+/* Give up worker w, stuck on event k (under mu): its answers so far, and
+ * -ETIMEDOUT for k, go to done[]; the events it did not reach go back to
+ * the front of pending.  Returns how many answers, or -ENOMEM (then nothing
+ * changed: tried again at the next look). */
+static int relay_fire(struct ublkml_queue *q, struct relay *r,
+		      struct ublkml_relay_worker *w, int k, uint64_t now,
+		      struct ublkml_event *done)
 {
-	struct ublkml_relay_worker *w = r->holder;
-	struct ublkml_event *back = r->back, *evs = r->hevs;
+	struct ublkml_event *evs = w->evs;
 	char *fresh = NULL, **retired;
-	int n = r->hn, n_done = 0, n_back = 0;
-	uint16_t tag = r->batch[k].tag;
+	int n = w->n, n_done = 0, n_back = 0;
+	uint16_t tag = evs[k].tag;
 
 	if (posix_memalign((void **)&fresh, (size_t)sysconf(_SC_PAGESIZE),
 			   q->buf_size))
@@ -2691,89 +2741,102 @@ static int relay_fire(struct ublkml_queue *q, struct relay *r, int k,
 	for (int i = k + 1; i < n; i++)
 		__atomic_store_n(&evs[i].op, UBLKML_OP_CANCELLED, __ATOMIC_RELAXED);
 	__atomic_thread_fence(__ATOMIC_SEQ_CST);
+	r->last = evs[k];
 	for (int i = 0; i < n; i++) {
 		int32_t res = __atomic_load_n(&evs[i].result, __ATOMIC_ACQUIRE);
-		struct ublkml_event e = r->batch[i];
+		struct ublkml_event e = evs[i];
 
 		if (i == k && res == UBLKML_RELAY_PENDING) {
 			e.result = -ETIMEDOUT;
 			done[n_done++] = e;
 		} else if (i > k && (res == UBLKML_RELAY_PENDING ||
 				     res == UBLKML_RELAY_CANCELLED)) {
-			back[n_back++] = e;
+			/* Not served: again, with its real op (the
+			 * descriptor still holds the request). */
+			e.op = (uint8_t)(q->iods[e.tag].op_flags & 0xff);
+			e.result = -EIO;
+			r->back[n_back++] = e;
 		} else {
 			e.result = res;
 			done[n_done++] = e;
 		}
 	}
-	/* The stuck call keeps its buffer; the tag gets the fresh one. */
-	w->retired[w->n_retired++] = q->tag_buf[tag];
-	q->tag_buf[tag] = fresh;
-	r->buf_gen++;
 	if (n_back) {
 		memmove(q->pending + n_back, q->pending,
 			(size_t)q->n_pending * sizeof(*q->pending));
-		memcpy(q->pending, back, (size_t)n_back * sizeof(*back));
+		memcpy(q->pending, r->back, (size_t)n_back * sizeof(*r->back));
 		q->n_pending += n_back;
 	}
+	/* The hung call keeps its buffer; the tag gets the fresh one. */
+	w->retired[w->n_retired++] = q->tag_buf[tag];
+	q->tag_buf[tag] = fresh;
+	r->buf_gen++;
 	w->fired = 1;
+	r->n_holding--;			/* the ring thread no longer waits for it */
 	r->n_stuck++;
 	r->timeouts++;
 	r->unreported++;
-	r->last = r->batch[k];
-	r->last_stuck_ns = now - r->t_seen;
-	r->holder = NULL;
-	r->answered = 0;
+	r->last_stuck_ns = now - w->t_seen;
 	return n_done;
 }
 
-/* Take answers and give up stuck workers; post the pending requests. */
-static void relay_turn(struct ublkml_queue *q, struct relay *r)
+/* Collect answers, give up hung workers, post pending requests to an idle
+ * worker when none holds a batch or every holder is stalled.  Returns the
+ * time to the next look (ns) while batches are out, else 0. */
+static uint64_t relay_turn(struct ublkml_queue *q, struct relay *r)
 {
 	struct ublkml_event *done = r->done;
-	int n_done = 0;
+	int n_done, busy = 0;
+	uint64_t now = now_ns(), next = 0;
 
 	pthread_mutex_lock(&r->mu);
-	if (r->holder && r->answered) {
-		for (int i = 0; i < r->hn; i++) {
-			done[i] = r->batch[i];
-			done[i].result = r->hevs[i].result;
-		}
-		n_done = r->hn;
-		r->holder = NULL;
-		r->answered = 0;
-	} else if (r->holder) {
-		uint64_t now = now_ns();
-		int k = answered_prefix(r);
+	n_done = r->n_ans;
+	memcpy(done, r->ans, (size_t)n_done * sizeof(*done));
+	r->n_ans = 0;
+	if (r->n_holding) {
+		for (struct ublkml_relay_worker *w = r->workers; w; w = w->next) {
+			int k;
 
-		if (k != r->seen) {
-			r->seen = k;
-			r->t_seen = now;
-		} else if (now - r->t_seen >= r->timeout_ns && k < r->hn) {
-			int ret = relay_fire(q, r, k, now, done);
+			if (!w->evs || w->fired)
+				continue;
+			k = answered_prefix(w);
+			if (k != w->seen) {
+				w->seen = k;
+				w->t_seen = now;
+			} else if (k < w->n && now - w->t_seen >= r->timeout_ns) {
+				int ret = relay_fire(q, r, w, k, now, done + n_done);
 
-			n_done = ret > 0 ? ret : 0;
+				if (ret >= 0) {
+					n_done += ret;
+					continue;
+				}
+			}
+			if (now - w->t_seen < r->stall_ns)
+				busy = 1;	/* a fresh holder: keep the order */
 		}
-	} else if (r->posted && now_ns() - r->t_posted >= r->timeout_ns) {
-		/* Nobody took it: every worker is stuck. */
+	}
+	if (r->posted && now - r->t_posted >= r->timeout_ns) {
+		/* Nobody took it: every worker is stuck or busy. */
 		for (int i = 0; i < r->n_batch; i++) {
-			done[i] = r->batch[i];
-			done[i].result = -ETIMEDOUT;
+			done[n_done] = r->batch[i];
+			done[n_done++].result = -ETIMEDOUT;
 		}
-		n_done = r->n_batch;
-		r->unserved += (uint64_t)n_done;
+		r->unserved += (uint64_t)r->n_batch;
 		r->posted = 0;
 	}
-	if (!r->holder && !r->posted && q->n_pending) {
+	if (!r->posted && !busy && q->n_pending) {
 		r->n_batch = take_events(q->pending, &q->n_pending, r->batch, q->depth);
 		r->posted = 1;
-		r->t_posted = now_ns();
+		r->t_posted = now;
 		if (r->n_idle)
 			pthread_cond_signal(&r->cv);
 	}
+	if (r->n_holding || r->posted)
+		next = r->poll_ns;
 	pthread_mutex_unlock(&r->mu);
 	for (int i = 0; i < n_done; i++)
 		complete_io(q, done[i].tag, done[i].result);
+	return next;
 }
 
 static int relay_finished(struct ublkml_queue *q, struct relay *r)
@@ -2781,7 +2844,7 @@ static int relay_finished(struct ublkml_queue *q, struct relay *r)
 	int idle;
 
 	pthread_mutex_lock(&r->mu);
-	idle = !r->holder && !r->posted;
+	idle = !r->n_holding && !r->posted && !r->n_ans;
 	pthread_mutex_unlock(&r->mu);
 	if (!idle || q->n_pending)
 		return 0;
@@ -2790,27 +2853,26 @@ static int relay_finished(struct ublkml_queue *q, struct relay *r)
 	return queue_done(q);
 }
 
-/* Submit, then sleep until a CQE (or, while a batch is out, the next poll);
- * handle every ready CQE. */
-static int relay_wait(struct ublkml_queue *q, struct relay *r)
+/* Submit, then sleep until a CQE (or the next look, when wait_ns); handle
+ * every ready CQE. */
+static int relay_wait(struct ublkml_queue *q, struct relay *r, uint64_t wait_ns)
 {
 	struct io_uring_cqe *cqe;
 	unsigned head, n = 0;
-	int out, ret;
+	int ret;
 
 	pthread_mutex_lock(&r->mu);
-	out = r->holder || r->posted;
-	if (r->holder && r->answered) {
+	if (r->n_ans) {			/* answers came meanwhile: no sleep */
 		pthread_mutex_unlock(&r->mu);
-		ret = io_uring_submit(&q->ring);	/* the commits so far */
+		ret = io_uring_submit(&q->ring);
 		return ring_error(ret) ? ret : 0;
 	}
 	r->ring_sleeping = 1;
 	pthread_mutex_unlock(&r->mu);
-	if (out) {
+	if (wait_ns) {
 		struct __kernel_timespec ts = {
-			.tv_sec = (long long)(r->poll_ns / 1000000000u),
-			.tv_nsec = (long long)(r->poll_ns % 1000000000u),
+			.tv_sec = (long long)(wait_ns / 1000000000u),
+			.tv_nsec = (long long)(wait_ns % 1000000000u),
 		};
 
 		ret = io_uring_submit_and_wait_timeout(&q->ring, &cqe, 1, &ts, NULL);
@@ -2840,12 +2902,13 @@ int ublkml_queue_relay(struct ublkml_queue *q)
 	if (!r)
 		return -EINVAL;
 	for (;;) {
-		relay_turn(q, r);
+		uint64_t wait_ns = relay_turn(q, r);
+
 		if (relay_finished(q, r))
 			break;
 		if (!r->efd_armed && (ret = relay_arm(q, r)) < 0)
 			break;
-		ret = relay_wait(q, r);
+		ret = relay_wait(q, r, wait_ns);
 		if (ret < 0)
 			break;
 	}

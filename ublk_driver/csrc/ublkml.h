@@ -259,7 +259,7 @@ struct ublkml_relay_note {
 	uint32_t stuck;		/* plug-in calls running past the timeout now */
 	uint64_t timeouts;	/* I/Os failed by the timeout, ever */
 	uint64_t late;		/* given-up calls that returned later, ever */
-	uint32_t spawn;		/* 1: start one more worker (a spare) */
+	uint32_t spawn;		/* 1: join and start one more worker (a spare) */
 	uint32_t came_back;	/* 1: this worker's previous batch had been
 				 * given up; its call returned after late_ns */
 	uint64_t late_ns;
@@ -282,8 +282,8 @@ struct ublkml_relay_stats {
 	uint32_t workers;
 };
 
-/* Before serving, on an event target's queue.  timeout_ns > 0; at most
- * max_stuck calls may hang at once (then no spare is asked for). */
+/* Before serving, on an event target's queue.  timeout_ns > 0; spares
+ * are asked for up to 2 + max_stuck workers. */
 int ublkml_queue_relay_init(struct ublkml_queue *q, uint64_t timeout_ns,
 			    int max_stuck);
 /* The ring thread: serve until the driver aborts the queue (harness: until
@@ -298,5 +298,10 @@ int ublkml_relay_next(struct ublkml_relay_worker *w, struct ublkml_event *evs,
 		      int n_done, int max, struct ublkml_relay_note *note);
 int ublkml_queue_relay_stats(struct ublkml_queue *q,
 			     struct ublkml_relay_stats *out);
+/* Hung calls no note has reported yet (when every worker is stuck, no
+ * worker takes a note): 1 and *note filled (new_timeouts and the last
+ * one), 0 when none.  Any thread. */
+int ublkml_queue_relay_report(struct ublkml_queue *q,
+			      struct ublkml_relay_note *note);
 
 #endif /* UBLKML_H */

@@ -7,8 +7,10 @@ an operation the plug-in cannot serve.
 
 Plug-in methods may hang.  With a timeout (the default, 30 s) the queue's
 ring thread never runs plug-in code: worker threads do (the relay, see
-``csrc/ublkml.c``), and a call that has not returned within the timeout
-fails its I/O with ETIMEDOUT while a spare worker goes on with the rest.
+``csrc/ublkml.c``).  A call that is slow (20 ms, or a quarter of the timeout
+if less) no longer holds up new requests: a spare worker takes them.  A call
+that has not returned within the timeout fails its I/O with ETIMEDOUT, and
+the requests batched behind it go to a spare.
 :meth:`PluginBackend.relay_note` logs which method hung.
 """
 
@@ -32,8 +34,9 @@ from ublk_driver.uapi import IoFlag, Op
 #: seconds a plug-in call may take before its I/O fails (``--plugin-timeout``)
 DEFAULT_TIMEOUT = 30.0
 MAX_TIMEOUT = 86400.0
-#: calls that may hang at once per queue (each holds a thread and a buffer);
-#: beyond them no spare worker is started and I/O fails after the timeout
+#: worker threads a queue may start beyond its first two, each to stand in for
+#: a call that is slow or hung; when every worker is stuck, requests wait and
+#: fail with ETIMEDOUT after the timeout
 MAX_STUCK = 8
 
 

@@ -9,6 +9,7 @@ bytearray.  Serve it with::
 from __future__ import annotations
 
 import errno
+import threading
 
 from ublk_driver.errors import IoError
 from ublk_driver.sizes import parse_size
@@ -96,3 +97,30 @@ class Faulty(Target):
 
     def flush(self) -> None:
         pass
+
+
+class Sleepy(RamDisk):
+    """A RAM disk whose calls touching [hang_from, hang_to) never return
+    (tests the plug-in timeout, ``--plugin-timeout``); elsewhere it works."""
+
+    def __init__(self, size: str | int = "16M", hang_from: str = "0",
+                 hang_to: str = "0") -> None:
+        super().__init__(size)
+        self.hang = (parse_size(hang_from), parse_size(hang_to))
+        self._never = threading.Event()
+
+    def _maybe_hang(self, offset: int, length: int) -> None:
+        if offset < self.hang[1] and offset + max(length, 1) > self.hang[0]:
+            self._never.wait()  # forever (releases the GIL, as I/O would)
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        self._maybe_hang(offset, len(buf))
+        super().read_into(offset, buf)
+
+    def write(self, offset: int, data: memoryview) -> None:
+        self._maybe_hang(offset, len(data))
+        super().write(offset, data)
+
+    def flush(self) -> None:
+        if self.hang[0] == 0 and self.hang[1] > 0:
+            self._never.wait()
