@@ -60,8 +60,10 @@ def test_no_demotion_in_a_healthy_minute(tmp_path: Path) -> None:
     h = doc["healthy"]
     print(h["margin"])
     assert h["demotions"] == 0 and h["requests"] == 0, _steps(doc)
-    # The scorer judged both legs most of the time (else "no demotion" means
-    # nothing): at least half of 2 legs x 10 ticks/s x 60 s.
-    assert h["margin"]["ticks"] >= 600, h["margin"]
+    # The scorer judged both legs all along (else "no demotion" means nothing):
+    # 10 ticks a second when the test bed has the machine to itself, at least 2
+    # a second per leg here (a starved test bed was seen at 4.4).
+    assert h["margin"]["ticks"] >= 2 * 2 * 60, h["margin"]
+    assert h["margin"]["seconds_logged"] >= 50, h["margin"]
     assert all(j["error"] == 0 for j in h["fio"].values())
     assert doc["meta"]["legs_identical"] is True
