@@ -383,7 +383,10 @@ def test_100_cycles_in_process_leak_nothing(kind: str, tmp_path: Path,
     assert objs1 - objs0 <= 3000
 
 
-@pytest.mark.parametrize("kind", ["loop", "mirror"])
+# Through the CLI a cycle is two interpreter start-ups (6.5 s under TCG):
+# loop only, to keep CI's test bed run short; the mirror's 100 cycles run
+# in-process above, and the daemon code is the same for every target.
+@pytest.mark.parametrize("kind", ["loop"])
 def test_100_cycles_through_the_cli_leak_nothing(kind: str, tmp_path: Path,
                                                  figures: dict[str, Any]) -> None:
     """`ublkml add` (a daemon per device) then `ublkml del`, 100 times: every
