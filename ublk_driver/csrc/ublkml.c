@@ -2787,9 +2787,15 @@ static uint64_t relay_turn(struct ublkml_queue *q, struct relay *r)
 {
 	struct ublkml_event *done = r->done;
 	int n_done, busy = 0;
-	uint64_t now = now_ns(), next = 0;
+	uint64_t now, next = 0;
 
 	pthread_mutex_lock(&r->mu);
+	/* Read the clock under mu: a worker stamps t_seen (under mu) when it
+	 * takes a batch, and a clock read before the lock could be older than
+	 * that stamp; now - t_seen would then wrap to a huge age and fire a
+	 * worker that had just started (seen in CI: ETIMEDOUT after 4 s with a
+	 * 30 s timeout). */
+	now = now_ns();
 	n_done = r->n_ans;
 	memcpy(done, r->ans, (size_t)n_done * sizeof(*done));
 	r->n_ans = 0;
