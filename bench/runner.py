@@ -58,6 +58,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from bench import sampler as sampler_mod
 from bench.jobs import (
     QUICK_CASES,
     WORKLOADS,
@@ -789,6 +790,11 @@ def measure_case(case: Case, handle: Handle, ctx: Context, *, runtime: float, ra
     with contextlib.suppress(FileNotFoundError):
         out_path.unlink()
     before = _task_cpu(handle.pid) if profile and handle.pid else {}
+    sampler = None
+    if profile and handle.pid and (exe := sampler_mod.find_py_spy()):
+        (ctx.outdir / "profiles").mkdir(exist_ok=True)
+        sampler = sampler_mod.Sampler(exe, handle.pid, ctx.outdir / "profiles" / f"{stem}.txt",
+                                      delay=ramp, duration=runtime)
     t0 = time.monotonic()
     text = run_fio(job_path, out_path, timeout=runtime + ramp + 180)
     wall = time.monotonic() - t0
@@ -797,6 +803,8 @@ def measure_case(case: Case, handle: Handle, ctx: Context, *, runtime: float, ra
     figures = result.to_dict()
     if profile and handle.pid:
         figures["profile"] = cpu_profile(before, after, wall, result.iops)
+        figures["profile"]["samples"] = (sampler.result() if sampler else
+                                         {"error": "py-spy not installed (extra: bench)"})
     return figures
 
 
@@ -1286,7 +1294,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"leave a group out (repeatable): {', '.join(GROUPS)}")
     p.add_argument("--profile", action="store_true",
                    help="record the CPU time of each server process and thread (ublkml "
-                        "daemons, nbdkit) during each measurement, from /proc")
+                        "daemons, nbdkit) during each measurement, from /proc, and sample "
+                        "where it goes with py-spy (Python and native frames; extra "
+                        "'bench'); the sampler pauses the server, so take ratios from a "
+                        "run without --profile")
     p.add_argument("--runtime", type=float, metavar="S",
                    help=f"seconds measured per job (default {FULL_RUNTIME:g}, "
                         f"--quick {QUICK_RUNTIME:g})")

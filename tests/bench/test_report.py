@@ -223,6 +223,24 @@ def test_markdown_quick_and_interrupted_and_profile() -> None:
     assert "## Server CPU profile" in md
     assert "| ublkml-python | 4k randread QD32 | 1 | 0.75 | 83.3 | 6.0 / 3.0 | python 7.0s |" \
         in md
+    assert "Where the time goes" not in md  # no samples: no section
+
+
+def test_markdown_py_spy_samples_and_sampler_errors() -> None:
+    doc = make_doc(workloads=("4k-randread-qd32",))
+    prof = {"wall_s": 12.0, "user_s": 6.0, "sys_s": 3.0, "cpu_util": 0.75,
+            "cpu_us_per_io": 83.3, "threads": []}
+    recs = [r for r in doc["results"] if r["device"] == "ublkml-python"]
+    recs[0]["profile"] = {**prof, "samples": {
+        "samples": 1200, "waiting_share": 0.25, "threads": [],
+        "self": [{"frame": "memcpy (libc.so.6)", "share": 0.3}],
+        "python": [{"frame": "handle (plugin.py)", "share": 0.5}]}}
+    recs[1]["profile"] = {**prof, "samples": {"error": "py-spy exited 1: no such process"}}
+    md = render_markdown(doc)
+    assert "### Where the time goes" in md
+    assert ("| ublkml-python 4k randread QD32 q1 | 1200 | 25% | 30% `memcpy (libc.so.6)` | "
+            "50% `handle (plugin.py)` |") in md
+    assert "- ublkml-python 4k randread QD32 q2: py-spy exited 1: no such process" in md
 
 
 def test_write_report_with_plots(tmp_path: Path) -> None:
