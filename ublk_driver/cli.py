@@ -218,7 +218,7 @@ def _config_from(args: argparse.Namespace, dev_id: int) -> ServerConfig:
     config = ServerConfig(queues=args.queues, depth=args.depth, dev_id=dev_id,
                           max_io_bytes=args.max_io,
                           record_capacity=1 << 14 if records else 0,
-                          summaries=scoring, recovery=args.recovery)
+                          summaries=scoring, recovery=args.recovery, poll_us=args.poll_us)
     config.validate()
     return config
 
@@ -516,6 +516,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "(the device waits for `ublkml recover`; I/O the dead server had taken "
                    "is sent to the new one, nothing fails) or fail (it waits; that I/O "
                    "fails with EIO)")
+    a.add_argument("--poll-us", type=int, metavar="US",
+                   help="hybrid polling: a queue thread keeps asking for completions for up "
+                   "to US microseconds (0..10000) before it sleeps; saves a wake-up per batch "
+                   "on a busy device, costs a busy CPU while it spins (default: "
+                   "$UBLKML_POLL_US or 0, off)")
     a.add_argument("--foreground", action="store_true",
                    help="serve from this process until SIGINT/SIGTERM")
     a.add_argument("--json", action="store_true", help="print the device as JSON")

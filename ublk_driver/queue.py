@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 from ublk_driver import _bindings
+from ublk_driver.errors import ConfigError
 from ublk_driver.targets.base import Backend
 from ublk_driver.targets.plugin import MAX_STUCK, PluginBackend
 from ublk_driver.uapi import Op
@@ -37,17 +38,31 @@ def default_ring_flags() -> int:
     return _bindings.RING_SINGLE_ISSUER | _bindings.RING_DEFER_TASKRUN
 
 
+#: the longest hybrid-polling budget a queue accepts (``--poll-us``)
+MAX_POLL_US = 10000
+
+
 def default_spin_usec() -> int:
-    """Hybrid-polling budget of queue threads (``UBLKML_POLL_US`` overrides)."""
-    return int(os.environ.get("UBLKML_POLL_US", "0"))
+    """Hybrid-polling budget of queue threads when ``--poll-us`` is not given:
+    ``UBLKML_POLL_US``, else 0 (off)."""
+    env = os.environ.get("UBLKML_POLL_US", "0")
+    try:
+        usec = int(env)
+    except ValueError:
+        raise ConfigError(f"UBLKML_POLL_US={env!r}: give microseconds, 0..{MAX_POLL_US}"
+                          ) from None
+    if not 0 <= usec <= MAX_POLL_US:
+        raise ConfigError(f"UBLKML_POLL_US={env!r}: give microseconds, 0..{MAX_POLL_US}")
+    return usec
 
 
 class QueueWorker(threading.Thread):
     def __init__(self, backend: Backend, ctarget: _bindings.CTarget, cdev_fd: int, q_id: int,
                  depth: int, buf_size: int, ioctl_encode: bool,
                  cpus: set[int] | None = None, record_capacity: int = 0,
-                 summaries: bool = False) -> None:
+                 summaries: bool = False, poll_us: int = 0) -> None:
         super().__init__(name=f"ublk-q{q_id}", daemon=True)
+        self.poll_us = poll_us
         self.backend = backend
         self.ctarget = ctarget
         self.cdev_fd = cdev_fd
@@ -78,7 +93,7 @@ class QueueWorker(threading.Thread):
             queue = _bindings.Queue(self.ctarget, self.cdev_fd, self.q_id, self.depth,
                                     self.buf_size, self.ioctl_encode, default_ring_flags())
             self.queue = queue
-            queue.set_spin(default_spin_usec())
+            queue.set_spin(self.poll_us)
             if self.record_capacity:
                 queue.enable_records(self.record_capacity)
             if self.summaries:

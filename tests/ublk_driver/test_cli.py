@@ -41,6 +41,9 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
       "--plugin-timeout", "0.0001"], "plug-in timeout must be"),
     (["add", "-t", "mem", "--size", "1M", "--plugin-timeout", "5"],
      "--plugin-timeout is for -t python"),
+    (["add", "-t", "null", "--poll-us", "20000"], "poll time must be 0..10000 us"),
+    (["add", "-t", "null", "--poll-us", "-1"], "poll time must be 0..10000 us"),
+    (["add", "-t", "null", "--poll-us", "soon"], "invalid int value"),
     (["add", "-t", "bogus"], "invalid choice"),
     (["del"], "one of the arguments -n/--number -a/--all is required"),
 ])
@@ -51,6 +54,16 @@ def test_bad_input_is_one_clear_line(args: list[str], message: str) -> None:
     assert "Traceback" not in proc.stderr
     if proc.returncode == 1:
         assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_bad_poll_us_in_the_environment_is_one_clear_line() -> None:
+    import os
+
+    proc = subprocess.run([sys.executable, "-m", "ublk_driver", "add", "-t", "null"],
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "UBLKML_POLL_US": "abc"})
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == "ublkml: error: UBLKML_POLL_US='abc': give microseconds, 0..10000"
 
 
 def test_size_not_multiple_of_block_for_loop(tmp_path: Path) -> None:
