@@ -533,6 +533,8 @@ def _header(doc: dict[str, Any]) -> list[str]:
     if m.get("engine") or engines:
         note = " (**changed during the run**)" if len(engines) > 1 else ""
         lines.append(f"- ublkml engine build: {', '.join(engines) or m.get('engine')}{note}")
+    if m.get("poll_us") is not None:
+        lines.append(f"- every ublkml device with hybrid polling: `--poll-us {m['poll_us']}`")
     if m.get("skipped_groups"):
         lines.append(f"- skipped groups: {', '.join(m['skipped_groups'])}")
     if m.get("interrupted"):

@@ -358,6 +358,8 @@ class Context:
     python: str = sys.executable
     loop_file: Path | None = None
     loop_file_info: dict[str, Any] = field(default_factory=dict)
+    ublkml_args: tuple[str, ...] = ()
+    """Added to every ``ublkml add`` (``--poll-us``)."""
 
 
 def _rmmod(module: str) -> None:
@@ -403,6 +405,7 @@ def _ublkml(args: Sequence[str], ctx: Context, what: str) -> subprocess.Complete
 @contextlib.contextmanager
 def ublkml_device(add_args: Sequence[str], ctx: Context) -> Iterator[Handle]:
     """``ublkml add ... --json``, then ``ublkml del -n ID`` when done."""
+    add_args = [*add_args, *ctx.ublkml_args]
     proc = _ublkml(["add", *add_args, "--json"], ctx, "ublkml add " + " ".join(add_args))
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
     try:
@@ -909,7 +912,7 @@ class _Run:
             "runtime_s": self.runtime, "ramp_s": self.ramp, "fio_version": _fio_version(),
             "git_commit": _git_commit(), "git_dirty": _git_dirty(),
             "engine": engine_fingerprint(), "skipped_groups": sorted(args.skip or []),
-            "profile": bool(args.profile), **env,
+            "profile": bool(args.profile), "poll_us": args.poll_us, **env,
             "devices": {d.name: {"group": d.group, "role": d.role, "baseline": d.baseline,
                                  "description": d.description} for d in DEVICES},
         }
@@ -1100,7 +1103,9 @@ def measure(args: argparse.Namespace, outdir: Path) -> tuple[dict[str, Any], int
     old_term = signal.signal(signal.SIGTERM, _on_sigterm)
     scratch = Path(tempfile.mkdtemp(prefix="ublkml-bench-", dir=_tmpfs_dir()))
     try:
-        ctx = Context(outdir=outdir, scratch=scratch)
+        ctx = Context(outdir=outdir, scratch=scratch,
+                      ublkml_args=() if args.poll_us is None else ("--poll-us",
+                                                                    str(args.poll_us)))
         for group in GROUPS:
             run.group(group, ctx)
     except (KeyboardInterrupt, _Terminated):
@@ -1207,6 +1212,18 @@ def _rounds_arg(text: str) -> int:
     return n
 
 
+def _poll_us(text: str) -> int:
+    from ublk_driver.queue import MAX_POLL_US
+
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if not 0 <= n <= MAX_POLL_US:
+        raise argparse.ArgumentTypeError(f"poll time must be 0..{MAX_POLL_US} us, got {text!r}")
+    return n
+
+
 def _forwarded(args: argparse.Namespace) -> list[str]:
     out: list[str] = []
     if args.quick:
@@ -1221,6 +1238,8 @@ def _forwarded(args: argparse.Namespace) -> list[str]:
         out.append("--profile")
     if args.rounds is not None:
         out += ["--rounds", str(args.rounds)]
+    if args.poll_us is not None:
+        out += ["--poll-us", str(args.poll_us)]
     return out
 
 
@@ -1298,6 +1317,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "where it goes with py-spy (Python and native frames; extra "
                         "'bench'); the sampler pauses the server, so take ratios from a "
                         "run without --profile")
+    p.add_argument("--poll-us", type=_poll_us, metavar="US",
+                   help="hybrid polling for every ublkml device (ublkml add --poll-us); "
+                        "default: none (the daemons' default, off)")
     p.add_argument("--runtime", type=float, metavar="S",
                    help=f"seconds measured per job (default {FULL_RUNTIME:g}, "
                         f"--quick {QUICK_RUNTIME:g})")

@@ -224,6 +224,9 @@ def test_markdown_quick_and_interrupted_and_profile() -> None:
     assert "| ublkml-python | 4k randread QD32 | 1 | 0.75 | 83.3 | 6.0 / 3.0 | python 7.0s |" \
         in md
     assert "Where the time goes" not in md  # no samples: no section
+    assert "hybrid polling" not in md
+    doc["meta"]["poll_us"] = 50
+    assert "- every ublkml device with hybrid polling: `--poll-us 50`" in render_markdown(doc)
 
 
 def test_markdown_py_spy_samples_and_sampler_errors() -> None:
