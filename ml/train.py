@@ -364,25 +364,38 @@ COMPARED = ("synthetic", "recorded", "recorded+synthetic")
 
 def compare_recorded(rec_train: str, rec_heldout: str, seed: int = REFERENCE_SEED,
                      synthetic_seeds: Sequence[int] = (HELDOUT_SEED,),
-                     save_dir: str | None = None, quiet: bool = False) -> dict[str, Any]:
+                     save_dir: str | None = None, quiet: bool = False,
+                     train_preset: str = "train", heldout_preset: str = "heldout"
+                     ) -> dict[str, Any]:
     """Train three fail-slow models with ``seed`` - on the synthetic training
     set of the reference model (preset ``train``, seed 1: with ``seed`` 1 this
     is the packaged model, byte for byte), on the recording ``rec_train``, and
     on both - then score them and both baselines on the held-out recording and
-    on synthetic held-out sets (preset ``heldout``, ``synthetic_seeds``)."""
+    on synthetic held-out sets (preset ``heldout``, ``synthetic_seeds``).
+
+    ``train_preset`` and ``heldout_preset`` name other :data:`ml.synth.PRESETS`
+    (``small``: a quick run; the synthetic model is then not the packaged one).
+    """
     say = _say(quiet)
+    for preset in (train_preset, heldout_preset):
+        if preset not in synth.PRESETS:
+            raise TrainError(f"unknown synthetic preset {preset!r} (known: "
+                             f"{', '.join(synth.PRESETS)})")
+    if not synthetic_seeds:
+        raise TrainError("give at least one synthetic held-out seed")
     rec = load_training_set(rec_train)
     held = load_training_set(rec_heldout)
     out: dict[str, Any] = {"seed": seed}
     with tempfile.TemporaryDirectory(prefix="ublkml-compare-") as tmp:
-        say(f"generating synthetic telemetry (train seed {REFERENCE_SEED}, held-out seeds "
-            f"{', '.join(map(str, synthetic_seeds))})")
-        synth.make_telemetry(os.path.join(tmp, "train"), REFERENCE_SEED, synth.PRESETS["train"])
+        say(f"generating synthetic telemetry (preset {train_preset} seed {REFERENCE_SEED}; "
+            f"preset {heldout_preset} seeds {', '.join(map(str, synthetic_seeds))})")
+        synth.make_telemetry(os.path.join(tmp, "train"), REFERENCE_SEED,
+                             synth.PRESETS[train_preset])
         syn = load_training_set(os.path.join(tmp, "train"))
         syn_held = {}
         for s in synthetic_seeds:
             d = os.path.join(tmp, f"heldout-{s}")
-            synth.make_telemetry(d, s, synth.PRESETS["heldout"])
+            synth.make_telemetry(d, s, synth.PRESETS[heldout_preset])
             syn_held[s] = load_training_set(d)
     models: dict[str, bytes] = {}
     reports: dict[str, Any] = {}
