@@ -101,7 +101,7 @@ class FaultMix:
     burst_period_s: tuple[float, float] = (4.0, 20.0)
     burst_duty: tuple[float, float] = (0.2, 0.7)
     ramp_fraction: tuple[float, float] = (0.3, 0.8)  # of the time left after the onset
-    delay_us: tuple[float, float] = (100.0, 1000.0)  # log-uniform
+    delay_us: tuple[float, float] = (1000.0, 10000.0)  # log-uniform (healthy legs: ~0.5-1 ms)
     hiccup_period_s: tuple[float, float] = (20.0, 60.0)
     hiccup_on_ms: tuple[float, float] = (200.0, 600.0)
     hiccup_slow: tuple[float, float] = (5.0, 20.0)
@@ -418,25 +418,53 @@ def _load_and_record(server: Any, plan: HostPlan, storage: Path,
     job = storage / f"{plan.host}.fio"
     job.write_text(fio_job(server.bdev, plan.workload, WARMUP_S + plan.seconds + TAIL_S))
     server.read_completions()  # the kernel's partition scan: not part of the run
-    t_start = time.monotonic_ns()
     proc = subprocess.Popen(["fio", "--output-format=json", str(job)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    t0 = t_start + int(WARMUP_S * 1e9)
-    ts0 = round(time.time() + (t0 - time.monotonic_ns()) / 1e9)
-    agg = Aggregator(legs, plan.seconds, t0)
+    # The clock starts with fio's first I/O (fio takes seconds to start on a
+    # loaded test bed, and its run time counts from there), plus a warm-up.
+    clock: dict[str, Any] = {}
+    started = threading.Event()
     stop = threading.Event()
     failure: list[BaseException] = []
 
     def reader() -> None:
         try:
             while not stop.wait(DRAIN_S):
-                agg.add(server.read_completions())
-            agg.add(server.read_completions())
+                recs = server.read_completions()
+                if "agg" not in clock:
+                    if recs.size == 0:
+                        continue
+                    t0 = int(recs["t_ns"].min()) + int(WARMUP_S * 1e9)
+                    clock["ts0"] = round(time.time() + (t0 - time.monotonic_ns()) / 1e9)
+                    clock["agg"] = Aggregator(legs, plan.seconds, t0)
+                    clock["t0"] = t0
+                    started.set()
+                clock["agg"].add(recs)
+            if "agg" in clock:
+                clock["agg"].add(server.read_completions())
         except BaseException as e:  # reported by the main thread
             failure.append(e)
+            started.set()
 
     th = threading.Thread(target=reader, name="record-reader", daemon=True)
     th.start()
+    deadline = time.monotonic() + 120
+    while not started.wait(0.2):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            timed_out = proc.poll() is None
+            proc.kill()
+            stop.set()
+            _, err = proc.communicate()
+            last = err.strip().splitlines()[-1:] or ["(no output)"]
+            raise RecordError(f"fio issued no I/O on {server.bdev}"
+                              + (" within 120 s" if timed_out else
+                                 f" (exit {proc.returncode}): {last[0]}"))
+    if failure:
+        proc.kill()
+        proc.wait()
+        stop.set()
+        raise RecordError(f"reading the completion records failed: {failure[0]}")
+    t0 = int(clock["t0"])
     set_at: dict[int, float] = {}
     try:
         events = sorted((lp.onset_s, lp.leg, lp.spec()) for lp in plan.legs if lp.fault)
@@ -477,7 +505,8 @@ def _load_and_record(server: Any, plan: HostPlan, storage: Path,
     dropped = int(server.records_dropped())
     if dropped:
         say(f"  warning: {dropped} completion records dropped (the reader fell behind)")
-    rows = agg.rows(ts0)
+    agg: Aggregator = clock["agg"]
+    rows = agg.rows(int(clock["ts0"]))
     measured = {"fault_set_at_s": {str(k): v for k, v in sorted(set_at.items())},
                 "records_dropped": dropped, **agg.summary(), "fio": doc}
     return HostResult(plan, [], len(rows), measured), rows

@@ -363,32 +363,51 @@ COMPARED = ("synthetic", "recorded", "recorded+synthetic")
 
 
 def compare_recorded(rec_train: str, rec_heldout: str, seed: int = REFERENCE_SEED,
-                     save_dir: str | None = None, quiet: bool = False) -> dict[str, Any]:
-    """Train on recorded telemetry (alone and with the reference model's
-    synthetic training set), then score those models, the packaged (synthetic
-    only) one and both baselines on the held-out recording and on the
-    synthetic held-out set (preset ``heldout``, seed 2)."""
+                     synthetic_seeds: Sequence[int] = (HELDOUT_SEED,),
+                     save_dir: str | None = None, quiet: bool = False,
+                     train_preset: str = "train", heldout_preset: str = "heldout"
+                     ) -> dict[str, Any]:
+    """Train three fail-slow models with ``seed`` - on the synthetic training
+    set of the reference model (preset ``train``, seed 1: with ``seed`` 1 this
+    is the packaged model, byte for byte), on the recording ``rec_train``, and
+    on both - then score them and both baselines on the held-out recording and
+    on synthetic held-out sets (preset ``heldout``, ``synthetic_seeds``).
+
+    ``train_preset`` and ``heldout_preset`` name other :data:`ml.synth.PRESETS`
+    (``small``: a quick run; the synthetic model is then not the packaged one).
+    """
     say = _say(quiet)
+    for preset in (train_preset, heldout_preset):
+        if preset not in synth.PRESETS:
+            raise TrainError(f"unknown synthetic preset {preset!r} (known: "
+                             f"{', '.join(synth.PRESETS)})")
+    if not synthetic_seeds:
+        raise TrainError("give at least one synthetic held-out seed")
     rec = load_training_set(rec_train)
     held = load_training_set(rec_heldout)
     out: dict[str, Any] = {"seed": seed}
     with tempfile.TemporaryDirectory(prefix="ublkml-compare-") as tmp:
-        syn_dir, syn_held_dir = os.path.join(tmp, "syn-train"), os.path.join(tmp, "syn-held")
-        say(f"generating synthetic telemetry (train seed {REFERENCE_SEED}, heldout seed "
-            f"{HELDOUT_SEED})")
-        synth.make_telemetry(syn_dir, REFERENCE_SEED, synth.PRESETS["train"])
-        synth.make_telemetry(syn_held_dir, HELDOUT_SEED, synth.PRESETS["heldout"])
-        syn = load_training_set(syn_dir)
-        syn_held = load_training_set(syn_held_dir)
+        say(f"generating synthetic telemetry (preset {train_preset} seed {REFERENCE_SEED}; "
+            f"preset {heldout_preset} seeds {', '.join(map(str, synthetic_seeds))})")
+        synth.make_telemetry(os.path.join(tmp, "train"), REFERENCE_SEED,
+                             synth.PRESETS[train_preset])
+        syn = load_training_set(os.path.join(tmp, "train"))
+        syn_held = {}
+        for s in synthetic_seeds:
+            d = os.path.join(tmp, f"heldout-{s}")
+            synth.make_telemetry(d, s, synth.PRESETS[heldout_preset])
+            syn_held[s] = load_training_set(d)
+    models: dict[str, bytes] = {}
+    reports: dict[str, Any] = {}
+    for name, base, extra in (("synthetic", syn, []), ("recorded", rec, []),
+                              ("recorded+synthetic", syn, [rec])):
+        say(f"training on {name} telemetry (seed {seed})")
+        models[name], reports[name] = train_fail_slow(
+            base.hosts, base.labels, seed, base.window_s,
+            version="1.0" if name == "synthetic" else name.replace("+", "-"), extra=extra)
     with open(os.path.join(MODELS_DIR, "fail_slow.onnx"), "rb") as f:
-        models = {"synthetic": f.read()}
-    say(f"training on the recording ({sum(len(h.disk_ids) for h in rec.hosts)} drives)")
-    models["recorded"], rep_r = train_fail_slow(rec.hosts, rec.labels, seed, rec.window_s,
-                                                version="rec")
-    say("training on the recording and the synthetic training set")
-    models["recorded+synthetic"], rep_b = train_fail_slow(
-        syn.hosts, syn.labels, seed, syn.window_s, version="rec+syn", extra=[rec])
-    out["training"] = {"recorded": rep_r, "recorded+synthetic": rep_b}
+        out["synthetic_is_packaged"] = models["synthetic"] == f.read()
+    out["training"] = reports
     if save_dir:
         os.makedirs(save_dir, exist_ok=True)
         for name, data in models.items():
@@ -399,8 +418,10 @@ def compare_recorded(rec_train: str, rec_heldout: str, seed: int = REFERENCE_SEE
                 "slow_drives": len(ts.labels), "window_s": ts.window_s}
 
     out["sets"] = {"recorded_train": sizes(rec), "recorded_heldout": sizes(held),
-                   "synthetic_train": sizes(syn), "synthetic_heldout": sizes(syn_held)}
-    for key, ts in (("recorded_heldout", held), ("synthetic_heldout", syn_held)):
+                   "synthetic_train": sizes(syn),
+                   **{f"synthetic_heldout_{s}": sizes(ts) for s, ts in syn_held.items()}}
+    for key, ts in (("recorded_heldout", held),
+                    *((f"synthetic_heldout_{s}", t) for s, t in syn_held.items())):
         say(f"evaluating on {key}")
         res: dict[str, dict[str, float]] = {}
         for name, data in models.items():
@@ -414,9 +435,12 @@ def compare_recorded(rec_train: str, rec_heldout: str, seed: int = REFERENCE_SEE
 
 
 def format_comparison(rep: dict[str, Any]) -> str:
-    lines = []
-    for key in ("recorded_heldout", "synthetic_heldout"):
-        s = rep["sets"][key]
+    lines = [f"models trained with seed {rep['seed']}"
+             + (" (model:synthetic is the packaged model)" if rep["synthetic_is_packaged"]
+                else "")]
+    for key, s in rep["sets"].items():
+        if key not in rep:
+            continue
         lines += [f"{key} ({s['hosts']} hosts, {s['drives']} drives, {s['slow_drives']} slow; "
                   f"window {s['window_s']:g} s)",
                   f"  {'method':<28} {'precision':>9} {'recall':>7} {'F1':>6} {'MCC':>6}"

@@ -77,3 +77,13 @@ def test_python_dash_m() -> None:
                         REFERENCE_MODELS["failure"]], capture_output=True, text=True,
                        timeout=120, check=False)
     assert p.returncode == 0 and "kind failure" in p.stdout
+
+
+def test_compare_refuses_bad_arguments(recorded_split: tuple[Path, Path], tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    a, b = (str(p) for p in recorded_split)
+    assert ml_main(["compare", a, b, "--synthetic-seeds", "2,x"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "--synthetic-seeds '2,x'" in err and len(err.splitlines()) == 1
+    assert ml_main(["compare", a, str(tmp_path / "missing")]) == 1
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1

@@ -18,6 +18,7 @@ from ml.record import (
     Aggregator,
     RecordConfig,
     RecordError,
+    disk_id,
     parse_fault_arg,
     plan_host,
     write_host,
@@ -49,7 +50,9 @@ def test_plans_are_seeded_and_bounded() -> None:
             else:
                 assert lp.kind == "healthy" and not lp.slow
     held = RecordConfig(seed=5, hosts=30, legs=4, mix="heldout").plans()
-    assert "delay" in {lp.kind for p in held for lp in p.legs}
+    delays = [FaultSpec.parse(lp.fault).delay_us for p in held for lp in p.legs
+              if lp.kind == "delay"]
+    assert delays and all(1000 <= d <= 10000 for d in delays)   # healthy legs: ~0.5-1 ms
 
 
 def test_given_faults_override_the_mix() -> None:
@@ -166,3 +169,39 @@ def test_fio_job_rates() -> None:
     job = record.fio_job("/dev/ublkb3", w, 63)
     assert "rate_iops=700,300\n" in job and "bsrange=4k-64k" in job and "[bursts]" in job
     assert "randseed=7\n" in job and "runtime=63\n" in job
+
+
+def test_the_committed_recording_is_its_seeded_plan(recorded_heldout: Path) -> None:
+    """tests/ml/data/recorded-heldout (conftest.py): its faults and labels are
+    what the seed gives, it was recorded in the test bed without losing a
+    record, and every leg has (nearly) all its one-second rows."""
+    state = json.loads((recorded_heldout / "recording.json").read_text())
+    ident = state["config"]["identity"]
+    cfg = RecordConfig(seed=ident["seed"], mix=ident["mix"], legs=ident["legs"],
+                       minutes=ident["minutes"], hosts=len(state["hosts"]),
+                       leg_mib=ident["leg_mib"])
+    assert cfg.identity() == ident and ident["mix"] == "heldout" and not ident["faults"]
+    plans = cfg.plans()
+    keys = ("host", "index", "seconds", "workload", "legs")
+    assert [p.to_dict() for p in plans] == [{k: h[k] for k in keys} for h in state["hosts"]]
+    assert read_labels(str(recorded_heldout / "labels.csv")) == {
+        (p.host, disk_id(lp.leg)) for p in plans for lp in p.legs if lp.slow}
+    assert (recorded_heldout / "injected.csv").read_text() == record._injected_csv(
+        state["hosts"])
+    assert state["environment"]["in_vm"] and state["environment"]["filesystem"] == "ext4"
+    assert state["window_s"] == tree_window(str(recorded_heldout)) == 30.0
+    for h in state["hosts"]:
+        assert h["records_dropped"] == 0 and not any(h["failed_per_leg"])
+        # every fault went in within 0.5 s of its planned onset
+        onsets = {str(lp["leg"]): lp["onset_s"] for lp in h["legs"] if lp["fault"]}
+        assert set(h["fault_set_at_s"]) == set(onsets)
+        for leg, at in h["fault_set_at_s"].items():
+            assert 0 <= at - onsets[leg] < 0.5
+    hosts = read_tree(str(recorded_heldout))
+    assert [h.host for h in hosts] == [p.host for p in plans]
+    for h in hosts:
+        assert h.disk_ids == tuple(disk_id(i) for i in range(cfg.legs))
+        counts = np.bincount(h.drive, minlength=cfg.legs)
+        assert counts.min() >= 0.95 * cfg.seconds and counts.max() <= cfg.seconds
+    size = sum(f.stat().st_size for f in recorded_heldout.rglob("*") if f.is_file())
+    assert size < 512 << 10

@@ -7,17 +7,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import skl2onnx  # noqa: F401  (extra "train"; `make setup` installs it, no silent skip)
+import skl2onnx  # type: ignore[import-untyped]  # noqa: F401  (extra "train"; `make setup` installs it, no silent skip)
 
-from ml import synth
+from ml import detect, synth
 from ml.cli import ml_main
 from ml.model import load_model, load_model_bytes
 from ml.smart import read_backblaze
 from ml.telemetry import read_labels, read_tree
 from ml.train import (
+    COMPARED,
     FAIL_SLOW_FEATURES,
     TrainError,
     best_mcc_threshold,
+    compare_recorded,
+    format_comparison,
+    load_training_set,
     train_fail_slow,
     train_failure,
 )
@@ -69,3 +73,56 @@ def test_cli_train_and_validate(small: str, tmp_path: Path,
     assert load_model(out).info.version == "1"
     assert ml_main(["train", "fail-slow", small]) == 1
     assert "--out" in capsys.readouterr().err
+
+
+def test_train_with_a_recording_added(small: str, recorded_split: tuple[Path, Path],
+                                      tmp_path: Path) -> None:
+    """Generated telemetry (30-min windows) and a recording (30-s windows)
+    train one model, each tree with its own window; reproducible."""
+    rec = load_training_set(str(recorded_split[0]))
+    assert rec.window_s == 30.0
+    hosts, labels = read_tree(small), read_labels(os.path.join(small, "labels.csv"))
+    alone, rep_alone = train_fail_slow(hosts, labels, seed=2)
+    both, rep = train_fail_slow(hosts, labels, seed=2, extra=[rec])
+    assert both == train_fail_slow(hosts, labels, seed=2, extra=[rec])[0] and both != alone
+    assert [s["window_s"] for s in rep["sets"]] == [1800.0, 30.0]
+    assert rep["drives"] == rep_alone["drives"] + sum(len(h.disk_ids) for h in rec.hosts)
+    assert rep["slow_drives"] == rep_alone["slow_drives"] + len(rec.labels)
+    out = tmp_path / "m.onnx"
+    assert ml_main(["train", "fail-slow", small, "--add", str(recorded_split[0]),
+                    "--out", str(out), "--seed", "2", "-q"]) == 0
+    assert out.read_bytes() == both
+
+
+def test_compare_recorded(recorded_split: tuple[Path, Path], tmp_path: Path) -> None:
+    """The comparison's mechanics, on quick presets and the committed recording
+    cut in two (the figures of docs/models.md come from the real presets)."""
+    a, b = (str(p) for p in recorded_split)
+    rep = compare_recorded(a, b, seed=1, synthetic_seeds=(2, 3), save_dir=str(tmp_path),
+                           quiet=True, train_preset="small", heldout_preset="small")
+    assert rep["synthetic_is_packaged"] is False          # preset small, not train
+    assert list(rep["training"]) == list(COMPARED)
+    assert set(rep["sets"]) == {"recorded_train", "recorded_heldout", "synthetic_train",
+                                "synthetic_heldout_2", "synthetic_heldout_3"}
+    held = load_training_set(b)
+    assert rep["sets"]["recorded_heldout"] == {
+        "hosts": len(held.hosts), "drives": sum(len(h.disk_ids) for h in held.hosts),
+        "slow_drives": len(held.labels), "window_s": 30.0}
+    methods = [f"model:{n}" for n in COMPARED] + ["peer2x", "perseus"]
+    for key in ("recorded_heldout", "synthetic_heldout_2", "synthetic_heldout_3"):
+        assert list(rep[key]) == methods
+    # The figures are those of the saved models and the baselines, recomputed.
+    for name in COMPARED:
+        data = (tmp_path / f"fail_slow-{name.replace('+', '-')}.onnx").read_bytes()
+        m = load_model_bytes(data)
+        assert rep["recorded_heldout"][f"model:{name}"] == detect.metrics(
+            detect.run("model", held.hosts, m, 30.0), held.labels)
+    for method in ("peer2x", "perseus"):
+        assert rep["recorded_heldout"][method] == detect.metrics(
+            detect.run(method, held.hosts), held.labels)
+    text = format_comparison(rep)
+    assert "packaged" not in text and text.count("model:recorded+synthetic") == 3
+    with pytest.raises(TrainError, match="unknown synthetic preset"):
+        compare_recorded(a, b, train_preset="nope", quiet=True)
+    with pytest.raises(TrainError, match="at least one"):
+        compare_recorded(a, b, synthetic_seeds=(), quiet=True)
