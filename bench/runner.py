@@ -1213,15 +1213,14 @@ def _rounds_arg(text: str) -> int:
 
 
 def _poll_us(text: str) -> int:
-    from ublk_driver.queue import MAX_POLL_US
+    from ublk_driver.errors import ConfigError
+    from ublk_driver.queue import MAX_POLL_US, check_poll_us
 
     try:
-        n = int(text)
-    except ValueError:
-        n = -1
-    if not 0 <= n <= MAX_POLL_US:
-        raise argparse.ArgumentTypeError(f"poll time must be 0..{MAX_POLL_US} us, got {text!r}")
-    return n
+        return check_poll_us(int(text))
+    except (ValueError, ConfigError):
+        raise argparse.ArgumentTypeError(f"poll time must be 0..{MAX_POLL_US} us, "
+                                         f"got {text!r}") from None
 
 
 def _forwarded(args: argparse.Namespace) -> list[str]:

@@ -26,7 +26,7 @@ RATE = 100
 
 # Leaf frames where a thread waits rather than works: kept apart, so that
 # "self" shares are of the time the thread was on a CPU.
-_WAITING = re.compile(r"^(\[?(io_uring_enter|__io_uring_get_cqe|syscall|epoll_wait|poll|"
+_WAITING = re.compile(r"^((io_uring_enter|__io_uring_get_cqe|syscall|epoll_wait|poll|"
                       r"__poll|ppoll|select|clock_nanosleep|nanosleep|pthread_cond_wait|"
                       r"pthread_cond_timedwait|__futex_abstimed_wait_common|"
                       r"futex_wait|sem_wait|read|__libc_read|accept|recv)\b)")

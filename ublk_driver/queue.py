@@ -42,18 +42,22 @@ def default_ring_flags() -> int:
 MAX_POLL_US = 10000
 
 
+def check_poll_us(usec: int) -> int:
+    """A hybrid-polling budget in microseconds, 0 (off) to :data:`MAX_POLL_US`."""
+    if isinstance(usec, bool) or not isinstance(usec, int) or not 0 <= usec <= MAX_POLL_US:
+        raise ConfigError(f"poll time must be 0..{MAX_POLL_US} us, got {usec!r}")
+    return usec
+
+
 def default_spin_usec() -> int:
     """Hybrid-polling budget of queue threads when ``--poll-us`` is not given:
     ``UBLKML_POLL_US``, else 0 (off)."""
     env = os.environ.get("UBLKML_POLL_US", "0")
     try:
-        usec = int(env)
-    except ValueError:
+        return check_poll_us(int(env))
+    except (ValueError, ConfigError):
         raise ConfigError(f"UBLKML_POLL_US={env!r}: give microseconds, 0..{MAX_POLL_US}"
                           ) from None
-    if not 0 <= usec <= MAX_POLL_US:
-        raise ConfigError(f"UBLKML_POLL_US={env!r}: give microseconds, 0..{MAX_POLL_US}")
-    return usec
 
 
 class QueueWorker(threading.Thread):

@@ -27,7 +27,7 @@ from ublk_driver import _bindings
 from ublk_driver.control import Control, bdev_path, cdev_path
 from ublk_driver.ctl import ControlServer, socket_path
 from ublk_driver.errors import ConfigError, ControlError, DeviceNotFoundError, UblkError
-from ublk_driver.queue import MAX_POLL_US, QueueWorker, default_spin_usec
+from ublk_driver.queue import QueueWorker, check_poll_us, default_spin_usec
 from ublk_driver.records import COMPLETION_DTYPE, SUMMARY_DTYPE
 from ublk_driver.targets.base import Backend
 from ublk_driver.uapi import (
@@ -89,6 +89,10 @@ class ServerConfig:
     #: price of a CPU kept busy while it spins (docs/benchmarks.md).
     poll_us: int | None = None
 
+    def spin_usec(self) -> int:
+        """The queue threads' hybrid-polling budget: ``poll_us`` or its default."""
+        return default_spin_usec() if self.poll_us is None else check_poll_us(self.poll_us)
+
     def validate(self) -> None:
         cpus = possible_cpus()
         if not 1 <= self.queues <= cpus:
@@ -101,10 +105,7 @@ class ServerConfig:
         cap = self.record_capacity
         if cap and (cap & (cap - 1) or cap > 1 << 24):
             raise ConfigError(f"record capacity must be a power of two up to 2^24, got {cap}")
-        if self.poll_us is None:
-            default_spin_usec()  # a bad UBLKML_POLL_US fails here, before the device exists
-        elif not 0 <= self.poll_us <= MAX_POLL_US:
-            raise ConfigError(f"poll time must be 0..{MAX_POLL_US} us, got {self.poll_us}")
+        self.spin_usec()  # a bad value or UBLKML_POLL_US fails here, before the device exists
         if self.recovery not in RECOVERY_FLAGS:
             raise ConfigError(f"recovery must be one of {', '.join(RECOVERY_FLAGS)}, "
                               f"got {self.recovery!r}")
@@ -221,13 +222,12 @@ class Server:
         self._ctarget = self.backend.attach()
         encode = bool(info.flags & Feature.CMD_IOCTL_ENCODE)
         pin = os.environ.get("UBLKML_PIN_QUEUES", "1") != "0"
+        spin = self.config.spin_usec()
         for q in range(info.nr_hw_queues):
             cpus = self.control.get_queue_affinity(info.dev_id, q) if pin else None
             w = QueueWorker(self.backend, self._ctarget, self._cdev_fd, q,
                             info.queue_depth, info.max_io_buf_bytes, encode, cpus,
-                            self.config.record_capacity, self.config.summaries,
-                            default_spin_usec() if self.config.poll_us is None
-                            else self.config.poll_us)
+                            self.config.record_capacity, self.config.summaries, spin)
             self._workers.append(w)
             w.start()
         for w in self._workers:
