@@ -17,6 +17,7 @@ standard library, and the ublkml base class is imported only if available.
 
 from __future__ import annotations
 
+import mmap
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -53,7 +54,11 @@ def parse_size(text: str | int) -> int:
 
 
 class RamStore:
-    """A byte array with pread/pwrite/flush/trim, the storage logic under test.
+    """Shared anonymous memory with pread/pwrite/flush/trim, the storage logic under test.
+
+    The memory is an anonymous *shared* mapping (``mmap.mmap(-1, n)``), not a
+    ``bytearray``: a forked process sees the same bytes, so ublkml may serve
+    each queue from its own process (``--queue-processes``).
 
     Data moves with one slice assignment through a ``memoryview`` (no
     intermediate ``bytes``), which is the cheapest copy pure Python has.  Out
@@ -62,14 +67,16 @@ class RamStore:
 
     Thread safety: each call is a single slice assignment, done under the GIL,
     so concurrent calls (nbdkit's parallel thread model, ublkml's queue
-    threads) never see a torn 4 KiB block of one request.
+    threads) never see a torn 4 KiB block of one request.  Across queue
+    processes, concurrent requests to the same block are as unordered as they
+    are on a disk.
     """
 
     def __init__(self, size: int | str = DEFAULT_SIZE) -> None:
         nbytes = parse_size(size)
         if nbytes <= 0 or nbytes % 4096:
             raise ValueError(f"size must be a positive multiple of 4096, got {nbytes}")
-        self._data = bytearray(nbytes)
+        self._data = mmap.mmap(-1, nbytes)   # MAP_SHARED | MAP_ANONYMOUS, zero-filled
         self._view = memoryview(self._data)
 
     @property
@@ -105,6 +112,7 @@ class RamStoreTarget(Target):
     """
 
     discard_zeroes = True
+    fork_safe = True   # the store is shared memory: queue processes see one disk
 
     def __init__(self, size: str | int = DEFAULT_SIZE) -> None:
         self.store = RamStore(size)

@@ -178,6 +178,9 @@ DEVICES: tuple[DeviceSpec, ...] = (
     DeviceSpec("ublkml-python", "python", "ublkml", "nbdkit-python", 2, (),
                f"ublkml add -t python --plugin bench.ramstore:RamStoreTarget "
                f"({RAM_BYTES >> 20} MiB) -q 1|2 -d {DEPTH}"),
+    DeviceSpec("ublkml-python-proc", "python", "ublkml", "nbdkit-python", 2, (),
+               "the same as ublkml-python with --queue-processes: each queue served by "
+               "a process of its own (no GIL shared between queues)"),
     DeviceSpec("ublkml-null-off", "overhead", "baseline", None, 1, (),
                f"ublkml add -t null --size {NULL_GB}G -q 1 -d {DEPTH}, plain: the 'off' "
                "side of both overhead goals"),
@@ -537,9 +540,10 @@ def open_device(spec: DeviceSpec, queues: int, ctx: Context) -> contextlib.Abstr
         return ublkml_device(["-t", "loop", "-f", str(ctx.loop_file), *q], ctx)
     if spec.name == "nbdkit-python":
         return nbdkit_device(queues, ctx)
-    if spec.name == "ublkml-python":
+    if spec.name in ("ublkml-python", "ublkml-python-proc"):
+        procs = ["--queue-processes"] if spec.name == "ublkml-python-proc" else []
         return ublkml_device(["-t", "python", "--plugin", "bench.ramstore:RamStoreTarget",
-                              "--plugin-arg", f"size={RAM_BYTES}", *q], ctx)
+                              "--plugin-arg", f"size={RAM_BYTES}", *q, *procs], ctx)
     raise KeyError(spec.name)
 
 
@@ -697,8 +701,9 @@ def bpf_cost(case: Case, handle: Handle, ctx: Context, *, runtime: float,
 # ---------------------------------------------------------------------------
 
 
-def _task_cpu(pid: int) -> dict[int, tuple[str, int, int]]:
-    """tid -> (thread name, utime, stime in clock ticks) of every thread of ``pid``."""
+def _task_cpu(pid: int, children: bool = True) -> dict[int, tuple[str, int, int]]:
+    """tid -> (thread name, utime, stime in clock ticks) of every thread of
+    ``pid`` and of its child processes (``--queue-processes`` servers)."""
     out: dict[int, tuple[str, int, int]] = {}
     try:
         tids = os.listdir(f"/proc/{pid}/task")
@@ -712,6 +717,9 @@ def _task_cpu(pid: int) -> dict[int, tuple[str, int, int]]:
         fields = stat[stat.rfind(")") + 2:].split()
         name = _read(f"/proc/{pid}/task/{tid}/comm", "?")
         out[int(tid)] = (name, int(fields[11]), int(fields[12]))
+        if children:
+            for child in _read(f"/proc/{pid}/task/{tid}/children").split():
+                out.update(_task_cpu(int(child), children=False))
     return out
 
 

@@ -113,7 +113,8 @@ class Sampler:
     def __init__(self, exe: str, pid: int, out: Path, delay: float, duration: float) -> None:
         self.out = out
         self.error: str | None = None
-        self._cmd = [exe, "record", "--native", "--threads", "--format", "raw",
+        # --subprocesses: a --queue-processes server's queues are its children
+        self._cmd = [exe, "record", "--native", "--threads", "--subprocesses", "--format", "raw",
                      "--rate", str(RATE), "--duration", str(max(1, int(duration))),
                      "--pid", str(pid), "--output", str(out)]
         self._delay = delay

@@ -290,17 +290,44 @@ class EventBatch:
         self.c: Any = ffi.new("struct ublkml_event[]", size)
 
 
+class Descriptors:
+    """One queue's I/O descriptors mapped from the char device.
+
+    The driver lets a single process map descriptors (the first mapper's mm);
+    a server whose queues run in child processes maps them all here, before
+    it forks, and each child's :class:`Queue` borrows its inherited mapping.
+    """
+
+    def __init__(self, cdev_fd: int, q_id: int, depth: int) -> None:
+        out = ffi.new("void **")
+        _check(lib.ublkml_map_descriptors(cdev_fd, q_id, depth, out),
+               f"map the descriptors of queue {q_id}")
+        self._p: Any = out[0]
+        self.q_id = q_id
+        self.depth = depth
+
+    def unmap(self) -> None:
+        if self._p is not None:
+            lib.ublkml_unmap_descriptors(self._p, self.depth)
+            self._p = None
+
+
 class Queue:
     """One ublk queue: its ring, its descriptors, its buffers.
 
     ``cdev_fd < 0`` makes a harness queue without the driver (unit tests).
+    ``descriptors``: mapped by the parent of this queue process (else mapped here).
     """
 
     def __init__(self, target: CTarget, cdev_fd: int, q_id: int, depth: int,
-                 buf_size: int, ioctl_encode: bool, ring_flags: int = 0) -> None:
+                 buf_size: int, ioctl_encode: bool, ring_flags: int = 0,
+                 descriptors: Descriptors | None = None) -> None:
         out = ffi.new("struct ublkml_queue **")
+        iods = ffi.NULL if descriptors is None else descriptors._p
         _check(lib.ublkml_queue_new(out, target.handle, cdev_fd, q_id, depth, buf_size,
-                                    int(ioctl_encode), ring_flags), f"set up queue {q_id}")
+                                    int(ioctl_encode), ring_flags, iods),
+               f"set up queue {q_id}")
+        self._descriptors = descriptors
         self._q: Any = out[0]
         self._target = target  # keep alive as long as the queue
         self.q_id = q_id

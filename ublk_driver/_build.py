@@ -289,7 +289,9 @@ int ublkml_dio_alignment(int fd, int is_bdev);
 
 int ublkml_queue_new(struct ublkml_queue **out, struct ublkml_target *t, int cdev_fd,
                      uint16_t q_id, uint16_t depth, uint32_t buf_size, int ioctl_encode,
-                     uint32_t ring_flags);
+                     uint32_t ring_flags, void *iods);
+int ublkml_map_descriptors(int cdev_fd, uint16_t q_id, uint16_t depth, void **out);
+int ublkml_unmap_descriptors(void *iods, uint16_t depth);
 void ublkml_queue_free(struct ublkml_queue *q);
 int ublkml_queue_submit_fetches(struct ublkml_queue *q);
 int ublkml_set_thread_name(const char *name);

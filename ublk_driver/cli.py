@@ -114,6 +114,9 @@ def _make_target(args: argparse.Namespace) -> Backend:
         raise CliError("--leg is for -t mirror (use -f FILE for loop)", 2)
     if t != "python" and args.plugin_timeout is not None:
         raise CliError("--plugin-timeout is for -t python", 2)
+    if t != "python" and args.queue_processes:
+        raise CliError("--queue-processes is for -t python (native targets run in C: their "
+                       "queue threads already run in parallel)", 2)
     if t == "mirror":
         if not args.leg or len(args.leg) < 2:
             raise CliError("-t mirror needs at least two legs: --leg FILE --leg FILE", 2)
@@ -218,7 +221,8 @@ def _config_from(args: argparse.Namespace, dev_id: int) -> ServerConfig:
     config = ServerConfig(queues=args.queues, depth=args.depth, dev_id=dev_id,
                           max_io_bytes=args.max_io,
                           record_capacity=1 << 14 if records else 0,
-                          summaries=scoring, recovery=args.recovery, poll_us=args.poll_us)
+                          summaries=scoring, recovery=args.recovery, poll_us=args.poll_us,
+                          queue_processes=args.queue_processes)
     config.validate()
     return config
 
@@ -310,7 +314,7 @@ def _add_daemon(backend: Backend, config: ServerConfig, args: argparse.Namespace
                 hooks.started(server)
                 summary = _device_summary(server)
                 summary["log"] = log_path
-                os.write(wfd, json.dumps({"ok": True, **summary}).encode())
+                os.write(wfd, json.dumps({"ok": True, **summary}).encode() + b"\n")
                 os.close(wfd)
 
             server = Server(backend, config)
@@ -324,17 +328,19 @@ def _add_daemon(backend: Backend, config: ServerConfig, args: argparse.Namespace
             code = 1 if problems else 0
         except BaseException as e:  # reported to the waiting parent
             with contextlib.suppress(OSError):
-                os.write(wfd, json.dumps({"ok": False, "error": str(e)}).encode())
+                os.write(wfd, json.dumps({"ok": False, "error": str(e)}).encode() + b"\n")
             print(f"{PROG}: {e}", file=sys.stderr, flush=True)
         finally:
             os._exit(code)
     os.close(wfd)
+    # One JSON line, then (normally) EOF; not only EOF: queue processes forked
+    # by the server (--queue-processes) inherit the pipe and keep it open.
     chunks = []
     while True:
         chunk = os.read(rfd, 65536)
-        if not chunk:
-            break
         chunks.append(chunk)
+        if not chunk or chunk.endswith(b"\n"):
+            break
     os.close(rfd)
     text = b"".join(chunks).decode()
     if not text:
@@ -501,6 +507,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="python: a plug-in call that has not returned after SECONDS fails "
                    "its I/O with ETIMEDOUT and is logged; the device goes on serving "
                    "(default 30; 0: no timeout, calls run on the queue thread)")
+    a.add_argument("--queue-processes", action="store_true",
+                   help="python: serve each queue from its own process, so that the "
+                   "plug-in's code runs on several CPUs at once instead of taking turns "
+                   "on one GIL; the plug-in class must say fork_safe = True (its state in "
+                   "shared memory or files); not with --score")
     a.add_argument("--buffered", action="store_true",
                    help="loop, mirror: use the page cache instead of O_DIRECT")
     a.add_argument("--read-only", action="store_true", help="loop: open the file read-only")

@@ -109,6 +109,8 @@ def _status(args: argparse.Namespace) -> int:
     for q in (st.get("stats") or {}).get("queues", []):
         line = (f"  queue {q['q_id']}: {sum(q['ops'])} I/Os, {q['errors']} errors, "
                 f"{q['batches']} batches")
+        if q.get("pid"):
+            line += f", process {q['pid']}"
         last = q.get("last_error")
         if last:
             line += f" (last error: {last['errno']} on {last['op']} at {last['offset']})"

@@ -10,18 +10,28 @@ A plug-in with a timeout (the default) is served through the relay: this
 thread keeps the ring in C and never runs plug-in code; two worker threads
 (one serving, one spare) call the plug-in, and a worker whose call hangs is
 given up after the timeout (see ``targets/plugin.py``).
+
+Plug-in queues share one GIL when they are threads: two queues of a Python
+plug-in run no faster than one.  :class:`QueueProcess` serves a queue from a
+child process instead (``ublkml add --queue-processes``), for plug-ins whose
+state survives a fork (``Target.fork_safe``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import mmap
 import os
+import signal
+import struct
 import sys
 import threading
 import time
 from typing import Any
 
 from ublk_driver import _bindings
-from ublk_driver.errors import ConfigError
+from ublk_driver.errors import ConfigError, UblkError
 from ublk_driver.targets.base import Backend
 from ublk_driver.targets.plugin import MAX_STUCK, PluginBackend
 from ublk_driver.uapi import Op
@@ -64,8 +74,10 @@ class QueueWorker(threading.Thread):
     def __init__(self, backend: Backend, ctarget: _bindings.CTarget, cdev_fd: int, q_id: int,
                  depth: int, buf_size: int, ioctl_encode: bool,
                  cpus: set[int] | None = None, record_capacity: int = 0,
-                 summaries: bool = False, poll_us: int = 0) -> None:
+                 summaries: bool = False, poll_us: int = 0,
+                 descriptors: _bindings.Descriptors | None = None) -> None:
         super().__init__(name=f"ublk-q{q_id}", daemon=True)
+        self.descriptors = descriptors
         self.poll_us = poll_us
         self.backend = backend
         self.ctarget = ctarget
@@ -95,7 +107,8 @@ class QueueWorker(threading.Thread):
                 # stay on the CPUs that issued the I/O.
                 os.sched_setaffinity(0, self.cpus)
             queue = _bindings.Queue(self.ctarget, self.cdev_fd, self.q_id, self.depth,
-                                    self.buf_size, self.ioctl_encode, default_ring_flags())
+                                    self.buf_size, self.ioctl_encode, default_ring_flags(),
+                                    self.descriptors)
             self.queue = queue
             queue.set_spin(self.poll_us)
             if self.record_capacity:
@@ -173,6 +186,187 @@ class QueueWorker(threading.Thread):
             if self.queue is not None:
                 self.queue.free()
                 self.queue = None
+
+
+class QueueProcess:
+    """A queue served from a child process, with the interface of a thread.
+
+    Why: a plug-in's Python code holds the GIL, so plug-in queues that are
+    threads of one process take turns; in processes they run in parallel.
+    How: the driver lets one mm map the descriptors, so the server maps every
+    queue's (:class:`_bindings.Descriptors`), then forks one child per queue
+    *before* it starts any thread of its own (:meth:`fork`); the child runs
+    an ordinary :class:`QueueWorker` on its main thread with the inherited
+    mapping, char device and plug-in object.  The driver only asks that one
+    task issue all of a queue's commands, which the child does.
+
+    The child tells the parent through a pipe that its FETCHes are out (or
+    why it failed), and publishes its counters (``stats_dict``) as JSON in a
+    shared page twice a second.  It ignores SIGINT/SIGTERM (the server stops
+    the device, which aborts the queue, and the child then exits) and exits
+    by itself within half a second if the server dies, so that the kernel
+    sees the queue's server gone (device removed, or kept for `recover`).
+
+    Every child gets a *copy* of the plug-in object: its state must live in
+    shared memory or files (``Target.fork_safe``), completion records and
+    summaries (the scorer's input) stay in the child and are refused.
+    """
+
+    _SLOT = 1 << 16   # shared counters: generation, then two halves of (length, JSON)
+    _HALF = (_SLOT - 8) // 2
+
+    def __init__(self, worker: QueueWorker) -> None:
+        self.worker = worker
+        self.q_id = worker.q_id
+        self.pid = 0
+        self.fetched = threading.Event()
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        self.queue: _bindings.Queue | None = None   # the queue is in the child
+        self.final_stats: _bindings.QueueStats | None = None
+        self._slot = mmap.mmap(-1, self._SLOT)      # MAP_SHARED | MAP_ANONYMOUS
+        self._pipe = -1
+        self._reader: threading.Thread | None = None
+
+    # ---- parent -------------------------------------------------------------
+
+    def fork(self) -> None:
+        """Start the child (call for every queue before :meth:`start`)."""
+        r, w = os.pipe()
+        parent = os.getpid()
+        pid = os.fork()
+        if pid == 0:  # the child never returns from here
+            code = 1
+            try:
+                os.close(r)
+                code = self._child(w, parent)
+            except BaseException as e:
+                self._tell(w, f"E{type(e).__name__}: {e}")
+            finally:
+                os._exit(code)
+        os.close(w)
+        self.pid = pid
+        self._pipe = r
+
+    def start(self) -> None:
+        """Follow the child's reports (a thread: after every fork is done)."""
+        if not self.pid:
+            self.fork()
+        self._reader = threading.Thread(target=self._read_reports,
+                                        name=f"ublk-q{self.q_id}-proc", daemon=True)
+        self._reader.start()
+
+    def _read_reports(self) -> None:
+        buf = b""
+        with os.fdopen(self._pipe, "rb", buffering=0) as pipe:
+            while chunk := pipe.read(4096):
+                buf += chunk
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    text = line.decode(errors="replace")
+                    if text == "F":
+                        self.fetched.set()
+                    elif text.startswith("E") and self.error is None:
+                        self.error = UblkError(f"queue process {self.pid}: {text[1:]}")
+        self.final_stats = self.stats()
+        _, status = os.waitpid(self.pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        if code != 0 and self.error is None:
+            how = f"signal {-code}" if code < 0 else f"exit code {code}"
+            self.error = UblkError(f"queue process {self.pid} ended with {how}")
+        self.fetched.set()
+        self.done.set()
+
+    def is_alive(self) -> bool:
+        return bool(self.pid) and not self.done.is_set()
+
+    def join(self, timeout: float | None = None) -> None:
+        self.done.wait(timeout)
+
+    def kill(self) -> None:
+        """Last resort when a child did not stop: it holds the char device."""
+        if self.is_alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+
+    def stats(self) -> _bindings.QueueStats | None:
+        st = self.stats_dict()
+        if st is None:
+            return None
+        return _bindings.QueueStats(ops=tuple(st["ops"]), bytes=(), errors=st["errors"],
+                                    batches=st["batches"])
+
+    def stats_dict(self) -> dict[str, Any] | None:
+        """The child's counters as of its last publication (<= 0.5 s old)."""
+        # Two halves, written in turn; the header names the complete one,
+        # which the child leaves alone for the next half second.
+        gen = struct.unpack_from("Q", self._slot, 0)[0]
+        if gen == 0:
+            return None
+        base = 8 + (gen % 2) * self._HALF
+        n = struct.unpack_from("I", self._slot, base)[0]
+        try:
+            out: dict[str, Any] = json.loads(self._slot[base + 4:base + 4 + n])
+        except ValueError:  # read across a publication: the next read has it
+            return None
+        out["pid"] = self.pid
+        return out
+
+    def report_hangs(self) -> None:
+        """The child's own ErrorWatch logs its hung plug-in calls."""
+
+    def free(self) -> None:
+        if not self.is_alive():
+            self._slot.close()
+
+    # ---- child --------------------------------------------------------------
+
+    @staticmethod
+    def _tell(fd: int, line: str) -> None:
+        with contextlib.suppress(OSError):
+            os.write(fd, (line.replace("\n", " ") + "\n").encode())
+
+    def _child(self, report: int, parent: int) -> int:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+        worker = self.worker
+        worker.fetched = threading.Event()  # events of the parent's threading are not ours
+        worker.done = threading.Event()
+        stop = threading.Event()
+
+        def publish() -> None:
+            told = False
+            while not stop.wait(0.5 if told else 0.01):
+                if not told and worker.fetched.is_set():
+                    self._tell(report, "F" if worker.error is None else
+                               f"E{worker.error}")
+                    told = True
+                if os.getppid() != parent:  # the server died: so do we
+                    os._exit(1)
+                self._publish(worker.stats_dict())
+
+        t = threading.Thread(target=publish, name=f"ublk-q{self.q_id}-pub", daemon=True)
+        t.start()
+        worker.run()  # on this thread: the one that FETCHes serves the queue
+        stop.set()
+        t.join()
+        self._publish(worker.stats_dict())
+        if worker.error is not None:
+            self._tell(report, f"E{worker.error}")
+            return 1
+        return 0
+
+    def _publish(self, st: dict[str, Any] | None) -> None:
+        if st is None:
+            return
+        data = json.dumps(st).encode()
+        if len(data) > self._HALF - 4:
+            return
+        gen = struct.unpack_from("Q", self._slot, 0)[0] + 1
+        base = 8 + (gen % 2) * self._HALF
+        struct.pack_into("I", self._slot, base, len(data))
+        self._slot[base + 4:base + 4 + len(data)] = data
+        struct.pack_into("Q", self._slot, 0, gen)
 
 
 def _errno_name(value: int) -> str:

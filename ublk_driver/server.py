@@ -27,9 +27,10 @@ from ublk_driver import _bindings
 from ublk_driver.control import Control, bdev_path, cdev_path
 from ublk_driver.ctl import ControlServer, socket_path
 from ublk_driver.errors import ConfigError, ControlError, DeviceNotFoundError, UblkError
-from ublk_driver.queue import QueueWorker, check_poll_us, default_spin_usec
+from ublk_driver.queue import QueueProcess, QueueWorker, check_poll_us, default_spin_usec
 from ublk_driver.records import COMPLETION_DTYPE, SUMMARY_DTYPE
 from ublk_driver.targets.base import Backend
+from ublk_driver.targets.plugin import check_fork_safe
 from ublk_driver.uapi import (
     DEV_ID_AUTO,
     MAX_QUEUE_DEPTH,
@@ -88,6 +89,10 @@ class ServerConfig:
     #: or 0). Saves a sleep and a wake-up per batch on a busy device, at the
     #: price of a CPU kept busy while it spins (docs/benchmarks.md).
     poll_us: int | None = None
+    #: serve each queue from a child process instead of a thread (plug-ins
+    #: whose state survives a fork, ``Target.fork_safe``): plug-in code of
+    #: different queues then runs in parallel instead of under one GIL
+    queue_processes: bool = False
 
     def spin_usec(self) -> int:
         """The queue threads' hybrid-polling budget: ``poll_us`` or its default."""
@@ -109,6 +114,9 @@ class ServerConfig:
         if self.recovery not in RECOVERY_FLAGS:
             raise ConfigError(f"recovery must be one of {', '.join(RECOVERY_FLAGS)}, "
                               f"got {self.recovery!r}")
+        if self.queue_processes and (self.record_capacity or self.summaries):
+            raise ConfigError("queue processes keep their completion records to themselves: "
+                              "scoring (--score) needs queue threads (drop --queue-processes)")
         if self.max_io_bytes < 4096 or self.max_io_bytes % 4096 or self.max_io_bytes > 1 << 24:
             raise ConfigError("max I/O size must be a multiple of 4096 between 4K and 16M, "
                               f"got {self.max_io_bytes}")
@@ -152,12 +160,15 @@ class Server:
         self.backend = backend
         self.config = config or ServerConfig()
         self.config.validate()
+        if self.config.queue_processes:
+            check_fork_safe(backend)
         self._own_control = control is None
         self.control = control or Control()
         self.info: DevInfo | None = None
         self._cdev_fd = -1
         self._ctarget: _bindings.CTarget | None = None
-        self._workers: list[QueueWorker] = []
+        self._workers: list[QueueWorker | QueueProcess] = []
+        self._descriptors: list[_bindings.Descriptors] = []
         self._stop_requested = threading.Event()
         self._queues_lock = threading.Lock()
         self._stopped_by_us = False
@@ -223,17 +234,26 @@ class Server:
         encode = bool(info.flags & Feature.CMD_IOCTL_ENCODE)
         pin = os.environ.get("UBLKML_PIN_QUEUES", "1") != "0"
         spin = self.config.spin_usec()
+        procs = self.config.queue_processes
         for q in range(info.nr_hw_queues):
             cpus = self.control.get_queue_affinity(info.dev_id, q) if pin else None
-            w = QueueWorker(self.backend, self._ctarget, self._cdev_fd, q,
-                            info.queue_depth, info.max_io_buf_bytes, encode, cpus,
-                            self.config.record_capacity, self.config.summaries, spin)
-            self._workers.append(w)
-            w.start()
-        for w in self._workers:
-            w.fetched.wait()
-            if w.error is not None:
-                raise UblkError(f"queue {w.q_id} failed to start: {w.error}")
+            if procs:
+                self._descriptors.append(_bindings.Descriptors(self._cdev_fd, q,
+                                                               info.queue_depth))
+            thread = QueueWorker(self.backend, self._ctarget, self._cdev_fd, q,
+                                 info.queue_depth, info.max_io_buf_bytes, encode, cpus,
+                                 self.config.record_capacity, self.config.summaries, spin,
+                                 self._descriptors[q] if procs else None)
+            self._workers.append(QueueProcess(thread) if procs else thread)
+        for worker in self._workers:  # every child forked before we start a thread for them
+            if isinstance(worker, QueueProcess):
+                worker.fork()
+        for worker in self._workers:
+            worker.start()
+        for worker in self._workers:
+            worker.fetched.wait()
+            if worker.error is not None:
+                raise UblkError(f"queue {worker.q_id} failed to start: {worker.error}")
 
     def recover(self, dev_id: int, timeout: float = 30.0) -> None:
         """Take over device ``dev_id`` whose server died (UBLK_F_USER_RECOVERY).
@@ -302,6 +322,7 @@ class Server:
         for w in self._workers:
             w.free()
         self._workers.clear()
+        self._unmap_descriptors()
         if self._cdev_fd >= 0:
             os.close(self._cdev_fd)
             self._cdev_fd = -1
@@ -309,6 +330,11 @@ class Server:
             self._ctarget.free()
             self._ctarget = None
         self.info = None
+
+    def _unmap_descriptors(self) -> None:
+        for d in self._descriptors:
+            d.unmap()
+        self._descriptors.clear()
 
     def _start_control_channel(self) -> None:
         """The socket of `ublkml status/fault/leg` (ublk_driver/ctl.py)."""
@@ -369,12 +395,16 @@ class Server:
             w.join(30)
             if w.is_alive():
                 problems.append(f"queue {w.q_id} did not stop within 30 s")
+                if isinstance(w, QueueProcess):  # it holds the char device: DEL_DEV would hang
+                    w.kill()
+                    w.join(5)
             elif w.error is not None:
                 problems.append(f"queue {w.q_id}: {w.error}")
         with self._queues_lock:
             for w in self._workers:
                 if not w.is_alive():
                     w.free()
+        self._unmap_descriptors()
         if self._cdev_fd >= 0:
             os.close(self._cdev_fd)
             self._cdev_fd = -1

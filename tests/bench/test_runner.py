@@ -52,10 +52,11 @@ def test_full_plan() -> None:
 
 
 def test_time_budget() -> None:
-    """The full run fits in ~20-25 min of VM time, --quick in ~3-4 min with boot."""
+    """The full run fits in ~25-28 min of VM time (the python group has threads
+    and processes), --quick in ~3-4 min with boot."""
     full = estimate_seconds(plan_cases(quick=False), runner.FULL_RUNTIME, runner.FULL_RAMP)
     quick = estimate_seconds(plan_cases(quick=True), runner.QUICK_RUNTIME, runner.QUICK_RAMP)
-    assert 15 * 60 <= full <= 23 * 60
+    assert 15 * 60 <= full <= 27 * 60
     assert quick + 60 <= 4 * 60
 
 

@@ -248,6 +248,52 @@ def test_sigterm_with_io_in_flight_stops_cleanly(kind: str, tmp_path: Path,
     print(f"{kind}: {json.dumps(fig)}")
 
 
+# ---- queue processes (--queue-processes) come and go with their server -------------
+
+
+def _process_gone(pid: int, timeout: float) -> bool:
+    """True once ``pid`` has exited (a zombie counts: its parent may not reap it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _queue_pids(dev_id: int) -> list[int]:
+    doc = json.loads(ublkml("status", "-n", str(dev_id), "--json").stdout)
+    return [int(q["pid"]) for q in doc["stats"]["queues"]]
+
+
+def test_queue_processes_go_with_their_server() -> None:
+    """`del` leaves no queue process behind; a SIGKILLed server's queue
+    processes exit by themselves (within the half-second watch), so that the
+    kernel sees the server gone and the device can be deleted."""
+    args = ["-t", "python", "--plugin", "ublk_driver.targets.ramdisk:RamDisk", "--size", "64M",
+            "-q", "2", "--queue-processes"]
+    with device(*args) as d:
+        write_direct(d.bdev, 0, b"q" * 4096)
+        assert read_direct(d.bdev, 0, 4096) == b"q" * 4096
+        pids = _queue_pids(d.dev_id)
+        assert len(set(pids)) == 2 and d.info["pid"] not in pids
+    assert all(_process_gone(p, 10) for p in pids), pids
+
+    dev_id = next_dev_id()
+    info = json.loads(ublkml("add", "-n", str(dev_id), "--json", *args).stdout)
+    try:
+        pids = _queue_pids(dev_id)
+        os.kill(int(info["pid"]), signal.SIGKILL)
+        assert all(_process_gone(p, 5) for p in pids), pids
+    finally:
+        ublkml("del", "-n", str(dev_id))
+    assert wait_gone(f"/dev/ublkb{dev_id}") and wait_gone(f"/dev/ublkc{dev_id}")
+
+
 # ---- 100 add/delete cycles: no fd, memory, thread or device left behind -------------
 
 CYCLES = 100

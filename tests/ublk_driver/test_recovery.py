@@ -164,3 +164,31 @@ def test_sigkill_mirror_server_under_fio_verify(tmp_path: Path) -> None:
     figures = run_kills(["-t", "mirror", "--leg", legs[0], "--leg", legs[1]], legs, between)
     assert Path(legs[0]).read_bytes() == Path(legs[1]).read_bytes()
     report("mirror", figures)
+
+
+def test_recover_a_device_served_by_queue_processes() -> None:
+    """--queue-processes with --recovery: after the server's SIGKILL its queue
+    processes exit, `ublkml recover` forks new ones and the device serves
+    again (RamDisk is memory: what it held died with the server)."""
+    dev_id = next_dev_id()
+    info = json.loads(ublkml("add", "-n", str(dev_id), "--json", "--recovery", "reissue",
+                             "-t", "python", "--plugin", "ublk_driver.targets.ramdisk:RamDisk",
+                             "--size", "64M", "-q", "2", "--queue-processes").stdout)
+    try:
+        doc = fio(info["bdev"], "--rw=randwrite", "--bs=4k", "--iodepth=8", "--size=8M",
+                  "--verify=crc32c", "--verify_fatal=1", "--do_verify=1")
+        assert doc["jobs"][0]["error"] == 0
+        os.kill(int(info["pid"]), signal.SIGKILL)
+        again = json.loads(ublkml("recover", "-n", str(dev_id), "--json", timeout=120).stdout)
+        assert again["pid"] != info["pid"]
+        status = json.loads(ublkml("status", "-n", str(dev_id), "--json").stdout)
+        pids = {q["pid"] for q in status["stats"]["queues"]}
+        assert len(pids) == 2 and again["pid"] not in pids
+        doc = fio(info["bdev"], "--rw=randwrite", "--bs=4k", "--iodepth=8", "--size=8M",
+                  "--verify=crc32c", "--verify_fatal=1", "--do_verify=1", "--numjobs=2",
+                  "--cpus_allowed=0-1", "--cpus_allowed_policy=split",
+                  "--offset_increment=16M")
+        assert all(job["error"] == 0 for job in doc["jobs"])
+    finally:
+        ublkml("del", "-n", str(dev_id))
+    assert wait_gone(f"/dev/ublkb{dev_id}")

@@ -1013,6 +1013,7 @@ struct ublkml_queue {
 	uint32_t op_commit;
 	struct ublksrv_io_desc *iods;
 	size_t iods_len;
+	int iods_borrowed;	/* mapped by the parent of a queue process */
 	char *bufs;
 	struct tag_state *ts;
 	int n_paths;			/* leg_io entries per tag */
@@ -1062,9 +1063,45 @@ static struct leg_io *lio(struct ublkml_queue *q, uint16_t tag, int leg)
 	return &q->lio[(size_t)tag * (size_t)q->n_paths + (size_t)leg];
 }
 
+static size_t iods_len(uint16_t depth)
+{
+	size_t page = (size_t)sysconf(_SC_PAGESIZE);
+
+	return round_up((size_t)depth * sizeof(struct ublksrv_io_desc), page);
+}
+
+/*
+ * Queues served by processes: the driver lets one mm map the descriptors
+ * (ublk_ch_mmap remembers the first mapper's mm and refuses any other), so
+ * one process maps every queue's descriptors and then forks; each child's
+ * queue borrows the mapping it inherited (ublkml_queue_new with iods).
+ */
+int ublkml_map_descriptors(int cdev_fd, uint16_t q_id, uint16_t depth, void **out)
+{
+	off_t off = UBLKSRV_CMD_BUF_OFFSET + (off_t)q_id *
+		UBLK_MAX_QUEUE_DEPTH * sizeof(struct ublksrv_io_desc);
+	void *m;
+
+	if (depth == 0 || depth > UBLK_MAX_QUEUE_DEPTH)
+		return -EINVAL;
+	/* The driver only allows a read-only mapping. */
+	m = mmap(NULL, iods_len(depth), PROT_READ, MAP_SHARED | MAP_POPULATE,
+		 cdev_fd, off);
+	if (m == MAP_FAILED)
+		return -errno;
+	*out = m;
+	return 0;
+}
+
+int ublkml_unmap_descriptors(void *iods, uint16_t depth)
+{
+	return munmap(iods, iods_len(depth)) ? -errno : 0;
+}
+
 int ublkml_queue_new(struct ublkml_queue **out, struct ublkml_target *t,
 		     int cdev_fd, uint16_t q_id, uint16_t depth,
-		     uint32_t buf_size, int ioctl_encode, uint32_t ring_flags)
+		     uint32_t buf_size, int ioctl_encode, uint32_t ring_flags,
+		     void *iods)
 {
 	struct ublkml_queue *q;
 	struct io_uring_params p;
@@ -1085,21 +1122,19 @@ int ublkml_queue_new(struct ublkml_queue **out, struct ublkml_target *t,
 	q->op_fetch = ioctl_encode ? UBLK_U_IO_FETCH_REQ : UBLK_IO_FETCH_REQ;
 	q->op_commit = ioctl_encode ? UBLK_U_IO_COMMIT_AND_FETCH_REQ :
 				      UBLK_IO_COMMIT_AND_FETCH_REQ;
-	q->iods_len = round_up((size_t)depth * sizeof(struct ublksrv_io_desc), page);
+	q->iods_len = iods_len(depth);
 	q->ring.ring_fd = -1;
 	q->n_paths = t->n_legs > 1 ? t->n_legs : 1;
 
-	if (cdev_fd >= 0) {
-		off_t off = UBLKSRV_CMD_BUF_OFFSET + (off_t)q_id *
-			UBLK_MAX_QUEUE_DEPTH * sizeof(struct ublksrv_io_desc);
-		/* The driver only allows a read-only mapping. */
-		void *m = mmap(NULL, q->iods_len, PROT_READ,
-			       MAP_SHARED | MAP_POPULATE, cdev_fd, off);
-		if (m == MAP_FAILED) {
-			ret = -errno;
-			q->iods = NULL;
+	if (cdev_fd >= 0 && iods) {
+		q->iods = iods;
+		q->iods_borrowed = 1;
+	} else if (cdev_fd >= 0) {
+		void *m;
+
+		ret = ublkml_map_descriptors(cdev_fd, q_id, depth, &m);
+		if (ret < 0)
 			goto fail;
-		}
 		q->iods = m;
 	} else {
 		q->iods = calloc(depth, sizeof(struct ublksrv_io_desc));
@@ -1183,7 +1218,9 @@ void ublkml_queue_free(struct ublkml_queue *q)
 		io_uring_queue_exit(&q->ring);
 	q->ring.ring_fd = -1;
 	if (q->iods) {
-		if (q->cdev_fd >= 0)
+		if (q->iods_borrowed)
+			;	/* its owner unmaps it */
+		else if (q->cdev_fd >= 0)
 			munmap(q->iods, q->iods_len);
 		else
 			free(q->iods);

@@ -194,10 +194,15 @@ struct ublkml_queue;
 
 /* cdev_fd < 0 builds a harness queue: no ublk driver, descriptors live in
  * the heap, I/O comes from ublkml_queue_inject and results are collected
- * by ublkml_queue_harvest.  Unit tests use it to check target logic. */
+ * by ublkml_queue_harvest.  Unit tests use it to check target logic.
+ * iods: the queue's descriptors as mapped by ublkml_map_descriptors in the
+ * process that forked this one (queue processes); NULL: map them here. */
 int ublkml_queue_new(struct ublkml_queue **out, struct ublkml_target *t,
 		     int cdev_fd, uint16_t q_id, uint16_t depth,
-		     uint32_t buf_size, int ioctl_encode, uint32_t ring_flags);
+		     uint32_t buf_size, int ioctl_encode, uint32_t ring_flags,
+		     void *iods);
+int ublkml_map_descriptors(int cdev_fd, uint16_t q_id, uint16_t depth, void **out);
+int ublkml_unmap_descriptors(void *iods, uint16_t depth);
 void ublkml_queue_free(struct ublkml_queue *q);
 /* Must run on the thread that will serve the queue. */
 int ublkml_queue_submit_fetches(struct ublkml_queue *q);

@@ -144,9 +144,16 @@ class Target:
     and the server keep running either way.
 
     The plug-in methods of one queue run on that queue's thread; with several
-    queues, methods may run on several threads (one at a time under the GIL).
+    queues, methods may run on several threads (one at a time under the GIL),
+    or, with ``fork_safe`` and ``--queue-processes``, in several processes.
     """
 
+    #: the plug-in's state survives a fork: it lives in shared memory
+    #: (``mmap.mmap(-1, n)``), files or another process, not in ordinary
+    #: Python objects.  Only then may the server run each queue in its own
+    #: process (``--queue-processes``), each with a copy of this object,
+    #: so that queues run in parallel instead of taking turns on the GIL.
+    fork_safe: bool = False
     #: discarded ranges read back as zeros
     discard_zeroes: bool = False
     rotational: bool = False

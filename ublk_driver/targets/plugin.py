@@ -56,6 +56,19 @@ def _overrides(obj: Target, name: str) -> bool:
     return impl is not None and impl is not getattr(Target, name)
 
 
+def check_fork_safe(backend: Backend) -> None:
+    """Refuse queue processes for a target whose state a fork would copy."""
+    if not isinstance(backend, PluginBackend):
+        raise ConfigError(f"queue processes are for Python plug-in targets: target "
+                          f"{backend.name} runs in C, its queue threads already run in "
+                          "parallel (drop --queue-processes)")
+    if not getattr(backend.plugin, "fork_safe", False):
+        raise ConfigError(f"plug-in {backend.spec} is not fork_safe: each queue process would "
+                          "get its own copy of its state, and writes through one queue would "
+                          "be unseen by the others; keep the state in shared memory or files "
+                          "and set fork_safe = True in the class, or drop --queue-processes")
+
+
 class PluginBackend(Backend):
     """A plug-in object served through the engine's event queues."""
 

@@ -1,14 +1,19 @@
 """Example plug-in targets, also used by the tests and benchmarks.
 
 ``RamDisk`` is the canonical "hello world" of a Python block device: a
-bytearray.  Serve it with::
+buffer of memory.  Serve it with::
 
     ublkml add -t python --plugin ublk_driver.targets.ramdisk:RamDisk --plugin-arg size=64M
+
+Its memory is an anonymous shared mapping rather than a ``bytearray``, so
+that it may also be served with a process per queue (``--queue-processes``):
+the processes forked from the server see the same bytes.
 """
 
 from __future__ import annotations
 
 import errno
+import mmap
 import threading
 
 from ublk_driver.errors import IoError
@@ -17,12 +22,13 @@ from ublk_driver.targets.base import Target
 
 
 class RamDisk(Target):
-    """A RAM disk in a bytearray: all operations, discarded ranges read as zeros."""
+    """A RAM disk in shared memory: all operations, discarded ranges read as zeros."""
 
     discard_zeroes = True
+    fork_safe = True
 
     def __init__(self, size: str | int = "64M") -> None:
-        self._data = bytearray(parse_size(size))
+        self._data = mmap.mmap(-1, parse_size(size))  # MAP_SHARED|MAP_ANONYMOUS, zeros
         self._view = memoryview(self._data)
 
     def size(self) -> int:
