@@ -200,11 +200,27 @@ class RelayPool:
         self.q_id = q_id
         self.error: BaseException | None = None
         self.stuck_at_exit = 0
+        self.cpu: int | None = None
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
         self._seq = 0
 
+    def _pick_cpu(self) -> int | None:
+        """One CPU for the ring thread and its workers (``UBLKML_RELAY_PIN=0``: none).
+
+        A hand-over between threads on one CPU is a context switch; between
+        CPUs it is a wake-up of another (often idle) CPU, an IPI, which is
+        what made the relay costly where it was measured (docs/reliability.md).
+        """
+        if os.environ.get("UBLKML_RELAY_PIN", "1") == "0":
+            return None
+        cpus = sorted(os.sched_getaffinity(0))
+        return cpus[self.q_id % len(cpus)] if cpus else None
+
     def run(self, leave_wait: float = 2.0) -> None:
+        self.cpu = self._pick_cpu()
+        if self.cpu is not None:
+            os.sched_setaffinity(0, {self.cpu})  # this thread keeps the ring
         for _ in range(2):
             self.start_worker()
         try:
@@ -246,6 +262,8 @@ class RelayPool:
         def serve() -> None:
             try:
                 _bindings.set_thread_name(f"ublk-q{q_id}-py")
+                if self.cpu is not None:
+                    os.sched_setaffinity(0, {self.cpu})
                 worker.serve(handler, on_note)
             except BaseException as e:  # never silent
                 print(f"ublkml: queue {q_id}: plug-in worker failed: {e!r}",

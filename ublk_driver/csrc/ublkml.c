@@ -44,7 +44,6 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -940,7 +939,6 @@ enum {
 	KIND_DELAY = 1,		/* the injected delay of a leg I/O ended */
 	KIND_PROBE = 2,		/* a health probe (probe slot) */
 	KIND_PROBE_DELAY = 3,
-	KIND_RELAY = 4,		/* a relay worker handed a batch back */
 };
 
 static uint64_t tgt_ud(uint32_t kind, uint32_t leg, uint32_t idx)
@@ -1050,7 +1048,6 @@ struct ublkml_queue {
 
 static void queue_free_rest(struct ublkml_queue *q);
 static int relay_detach(struct ublkml_queue *q);
-static void relay_cqe(struct ublkml_queue *q);
 
 static size_t round_up(size_t v, size_t a)
 {
@@ -2137,9 +2134,6 @@ static void handle_cqe(struct ublkml_queue *q, const struct io_uring_cqe *cqe)
 			q->tgt_inflight--;
 			probe_finish(q, tag, q->probes[tag].res);
 			break;
-		case KIND_RELAY:
-			relay_cqe(q);
-			break;
 		}
 		return;
 	}
@@ -2297,8 +2291,8 @@ int ublkml_queue_harvest(struct ublkml_queue *q, struct ublkml_event *out,
  *     requests, posts them as a batch, commits the answers;
  *   - workers (Python threads in ublkml_relay_next) take a batch, call the
  *     plug-in per event, write each result into their own event array and
- *     hand the answers back (an eventfd read on the ring wakes the ring
- *     thread; written only while it sleeps).
+ *     hand the answers back (a condition variable wakes the ring thread
+ *     when it waits for them).
  *
  * Normally one batch is out at a time, so a queue's plug-in calls run one
  * after the other, as without a relay.  The ring thread watches the
@@ -2350,9 +2344,7 @@ struct ublkml_relay_worker {
 struct relay {
 	pthread_mutex_t mu;
 	pthread_cond_t cv;		/* idle workers wait for a batch */
-	int efd;			/* workers -> ring thread */
-	uint64_t efd_val;
-	int efd_armed;			/* ring thread only */
+	pthread_cond_t ans_cv;		/* the ring thread waits for answers */
 	uint64_t timeout_ns;
 	uint64_t stall_ns;
 	uint64_t poll_ns;
@@ -2366,7 +2358,7 @@ struct relay {
 	struct ublkml_event *ans;	/* answers handed back, not committed */
 	int n_ans;
 	int n_holding;			/* workers holding a batch */
-	int ring_sleeping;
+	int ring_waiting;		/* on ans_cv */
 	int closing;			/* workers leave */
 	int dead;			/* queue freed: the last worker frees it */
 	int n_workers, n_idle, n_stuck;
@@ -2377,6 +2369,10 @@ struct relay {
 	struct ublkml_event last;	/* the last event failed by the timeout */
 	uint64_t last_stuck_ns;
 	struct ublkml_relay_worker *workers;
+	/* harness: requests fed while the relay runs (ublkml_queue_relay_feed) */
+	struct ublkml_event *inbox;
+	int n_inbox;
+	int feeding;			/* more may come: do not finish */
 };
 
 static int in_bufs(const struct ublkml_queue *q, const char *p)
@@ -2409,14 +2405,10 @@ int ublkml_queue_relay_init(struct ublkml_queue *q, uint64_t timeout_ns,
 	r->done = calloc(q->depth, sizeof(*r->done));
 	r->back = calloc(q->depth, sizeof(*r->back));
 	r->ans = calloc(q->depth, sizeof(*r->ans));
+	r->inbox = calloc(q->depth, sizeof(*r->inbox));
 	q->tag_buf = calloc(q->depth, sizeof(*q->tag_buf));
-	r->efd = eventfd(0, EFD_CLOEXEC);
-	if (!r->batch || !r->done || !r->back || !r->ans || !q->tag_buf ||
-	    r->efd < 0) {
-		int ret = r->efd < 0 ? -errno : -ENOMEM;
-
-		if (r->efd >= 0)
-			close(r->efd);
+	if (!r->batch || !r->done || !r->back || !r->ans || !r->inbox || !q->tag_buf) {
+		free(r->inbox);
 		free(r->batch);
 		free(r->done);
 		free(r->back);
@@ -2424,12 +2416,20 @@ int ublkml_queue_relay_init(struct ublkml_queue *q, uint64_t timeout_ns,
 		free(q->tag_buf);
 		q->tag_buf = NULL;
 		free(r);
-		return ret;
+		return -ENOMEM;
 	}
 	for (int i = 0; i < q->depth; i++)
 		q->tag_buf[i] = q->bufs + (size_t)i * q->buf_size;
 	pthread_mutex_init(&r->mu, NULL);
 	pthread_cond_init(&r->cv, NULL);
+	{
+		pthread_condattr_t a;
+
+		pthread_condattr_init(&a);
+		pthread_condattr_setclock(&a, CLOCK_MONOTONIC);
+		pthread_cond_init(&r->ans_cv, &a);
+		pthread_condattr_destroy(&a);
+	}
 	r->timeout_ns = timeout_ns;
 	/* A call that has not returned after stall_ns no longer holds up new
 	 * requests; one that has not after timeout_ns fails its I/O. */
@@ -2482,13 +2482,14 @@ static void relay_free(struct ublkml_queue *q)
 		free_retired(q, w);
 		free(w);
 	}
-	close(r->efd);
+	pthread_cond_destroy(&r->ans_cv);
 	pthread_cond_destroy(&r->cv);
 	pthread_mutex_destroy(&r->mu);
 	free(r->batch);
 	free(r->done);
 	free(r->back);
 	free(r->ans);
+	free(r->inbox);
 	free(r);
 	q->relay = NULL;
 }
@@ -2581,17 +2582,13 @@ int ublkml_queue_relay_report(struct ublkml_queue *q,
 	return any;
 }
 
-/* Wake the ring thread if it sleeps (under mu). */
+/* Wake the ring thread if it waits for answers (under mu). */
 static void relay_kick(struct relay *r)
 {
-	uint64_t one = 1;
-
-	if (!r->ring_sleeping)
-		return;
-	r->ring_sleeping = 0;
-	/* Cannot block: the counter is far from its limit. */
-	if (write(r->efd, &one, sizeof(one)) < 0)
-		r->ring_sleeping = 1;	/* unreachable; it polls anyway */
+	if (r->ring_waiting) {
+		r->ring_waiting = 0;
+		pthread_cond_signal(&r->ans_cv);
+	}
 }
 
 int ublkml_relay_next(struct ublkml_relay_worker *w, struct ublkml_event *evs,
@@ -2688,23 +2685,6 @@ int ublkml_queue_relay_stats(struct ublkml_queue *q,
 	return 0;
 }
 
-static void relay_cqe(struct ublkml_queue *q)
-{
-	q->relay->efd_armed = 0;	/* re-armed by the loop */
-}
-
-static int relay_arm(struct ublkml_queue *q, struct relay *r)
-{
-	struct io_uring_sqe *sqe = get_sqe(q);
-
-	if (!sqe)
-		return -EBUSY;
-	io_uring_prep_read(sqe, r->efd, &r->efd_val, sizeof(r->efd_val), 0);
-	io_uring_sqe_set_data64(sqe, tgt_ud(KIND_RELAY, 0, 0));
-	r->efd_armed = 1;
-	return 0;
-}
-
 /* Answered prefix of a worker's array (a worker answers in order). */
 static int answered_prefix(const struct ublkml_relay_worker *w)
 {
@@ -2796,6 +2776,16 @@ static uint64_t relay_turn(struct ublkml_queue *q, struct relay *r)
 	 * worker that had just started (seen in CI: ETIMEDOUT after 4 s with a
 	 * 30 s timeout). */
 	now = now_ns();
+	for (int i = 0; i < r->n_inbox; i++) {	/* harness only */
+		struct ublkml_event *e = &r->inbox[i];
+		struct ublksrv_io_desc *iod = &q->iods[e->tag];
+
+		iod->op_flags = e->op_flags;
+		iod->start_sector = e->start_sector;
+		iod->nr_sectors = e->nr_sectors;
+		handle_request(q, e->tag);
+	}
+	r->n_inbox = 0;
 	n_done = r->n_ans;
 	memcpy(done, r->ans, (size_t)n_done * sizeof(*done));
 	r->n_ans = 0;
@@ -2839,9 +2829,12 @@ static uint64_t relay_turn(struct ublkml_queue *q, struct relay *r)
 	}
 	if (r->n_holding || r->posted)
 		next = r->poll_ns;
-	pthread_mutex_unlock(&r->mu);
+	if (q->cdev_fd >= 0)
+		pthread_mutex_unlock(&r->mu);
 	for (int i = 0; i < n_done; i++)
 		complete_io(q, done[i].tag, done[i].result);
+	if (q->cdev_fd < 0)		/* harness: answers are read under mu */
+		pthread_mutex_unlock(&r->mu);
 	return next;
 }
 
@@ -2850,7 +2843,7 @@ static int relay_finished(struct ublkml_queue *q, struct relay *r)
 	int idle;
 
 	pthread_mutex_lock(&r->mu);
-	idle = !r->n_holding && !r->posted && !r->n_ans;
+	idle = !r->n_holding && !r->posted && !r->n_ans && !r->n_inbox && !r->feeding;
 	pthread_mutex_unlock(&r->mu);
 	if (!idle || q->n_pending)
 		return 0;
@@ -2859,37 +2852,11 @@ static int relay_finished(struct ublkml_queue *q, struct relay *r)
 	return queue_done(q);
 }
 
-/* Submit, then sleep until a CQE (or the next look, when wait_ns); handle
- * every ready CQE. */
-static int relay_wait(struct ublkml_queue *q, struct relay *r, uint64_t wait_ns)
+static void reap(struct ublkml_queue *q)
 {
 	struct io_uring_cqe *cqe;
 	unsigned head, n = 0;
-	int ret;
 
-	pthread_mutex_lock(&r->mu);
-	if (r->n_ans) {			/* answers came meanwhile: no sleep */
-		pthread_mutex_unlock(&r->mu);
-		ret = io_uring_submit(&q->ring);
-		return ring_error(ret) ? ret : 0;
-	}
-	r->ring_sleeping = 1;
-	pthread_mutex_unlock(&r->mu);
-	if (wait_ns) {
-		struct __kernel_timespec ts = {
-			.tv_sec = (long long)(wait_ns / 1000000000u),
-			.tv_nsec = (long long)(wait_ns % 1000000000u),
-		};
-
-		ret = io_uring_submit_and_wait_timeout(&q->ring, &cqe, 1, &ts, NULL);
-	} else {
-		ret = io_uring_submit_and_wait(&q->ring, 1);
-	}
-	pthread_mutex_lock(&r->mu);
-	r->ring_sleeping = 0;
-	pthread_mutex_unlock(&r->mu);
-	if (ring_error(ret))
-		return ret;
 	io_uring_for_each_cqe(&q->ring, head, cqe) {
 		handle_cqe(q, cqe);
 		n++;
@@ -2897,6 +2864,42 @@ static int relay_wait(struct ublkml_queue *q, struct relay *r, uint64_t wait_ns)
 	io_uring_cq_advance(&q->ring, n);
 	if (n)
 		q->st.batches++;
+}
+
+/* Nothing out: submit, sleep in the ring until a CQE.  A batch out (wait_ns
+ * > 0): submit and take what the ring has without sleeping, then sleep on
+ * ans_cv until a worker answers or wait_ns passes -- requests that arrive
+ * meanwhile could not be posted anyway while the holder is fresh, and a
+ * futex hand-over is cheaper than waking the ring (eventfd, task work). */
+static int relay_wait(struct ublkml_queue *q, struct relay *r, uint64_t wait_ns)
+{
+	struct timespec ts;
+	uint64_t until;
+	int ret;
+
+	if (q->cdev_fd < 0)		/* harness: requests come from the inbox */
+		wait_ns = wait_ns ? wait_ns : 1000000;
+	if (!wait_ns) {
+		ret = io_uring_submit_and_wait(&q->ring, 1);
+		if (ring_error(ret))
+			return ret;
+		reap(q);
+		return 0;
+	}
+	ret = io_uring_submit_and_get_events(&q->ring);
+	if (ring_error(ret))
+		return ret;
+	reap(q);
+	until = now_ns() + wait_ns;
+	ts.tv_sec = (time_t)(until / 1000000000u);
+	ts.tv_nsec = (long)(until % 1000000000u);
+	pthread_mutex_lock(&r->mu);
+	if (!r->n_ans && !r->n_inbox && !r->closing) {
+		r->ring_waiting = 1;
+		pthread_cond_timedwait(&r->ans_cv, &r->mu, &ts);
+		r->ring_waiting = 0;
+	}
+	pthread_mutex_unlock(&r->mu);
 	return 0;
 }
 
@@ -2912,8 +2915,6 @@ int ublkml_queue_relay(struct ublkml_queue *q)
 
 		if (relay_finished(q, r))
 			break;
-		if (!r->efd_armed && (ret = relay_arm(q, r)) < 0)
-			break;
 		ret = relay_wait(q, r, wait_ns);
 		if (ret < 0)
 			break;
@@ -2924,4 +2925,49 @@ int ublkml_queue_relay(struct ublkml_queue *q)
 	pthread_mutex_unlock(&r->mu);
 	io_uring_submit(&q->ring);
 	return ret < 0 ? ret : 0;
+}
+
+/* Harness: hand a request to a running relay (any thread).  feeding = 1
+ * before the relay starts keeps it from finishing between requests; 0 with
+ * tag < 0 says no more will come. */
+int ublkml_queue_relay_feed(struct ublkml_queue *q, int tag, uint32_t op_flags,
+			    uint64_t start_sector, uint32_t nr_sectors, int feeding)
+{
+	struct relay *r = q->relay;
+	int ret = 0;
+
+	if (!r || q->cdev_fd >= 0 || tag >= q->depth)
+		return -EINVAL;
+	pthread_mutex_lock(&r->mu);
+	r->feeding = feeding;
+	if (tag >= 0) {
+		if (r->n_inbox >= q->depth) {
+			ret = -EBUSY;
+		} else {
+			struct ublkml_event *e = &r->inbox[r->n_inbox++];
+
+			e->tag = (uint16_t)tag;
+			e->op_flags = op_flags;
+			e->start_sector = start_sector;
+			e->nr_sectors = nr_sectors;
+		}
+	}
+	relay_kick(r);
+	pthread_mutex_unlock(&r->mu);
+	return ret;
+}
+
+/* Harness only: the answers so far, while the relay runs (any thread). */
+int ublkml_queue_relay_harvest(struct ublkml_queue *q, struct ublkml_event *out,
+			       int max)
+{
+	struct relay *r = q->relay;
+	int n;
+
+	if (!r || q->cdev_fd >= 0)
+		return -EINVAL;
+	pthread_mutex_lock(&r->mu);
+	n = take_events(q->harvest, &q->n_harvest, out, max);
+	pthread_mutex_unlock(&r->mu);
+	return n;
 }
