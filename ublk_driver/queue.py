@@ -184,6 +184,17 @@ def _op_name(op: int) -> str:
         return str(op)
 
 
+def _pin(cpus: set[int]) -> bool:
+    """Pin the calling thread to ``cpus``; False if that failed (a CPU gone
+    offline, a cpuset changed meanwhile): pinning the relay is a speed-up
+    only, not worth failing a queue for."""
+    try:
+        os.sched_setaffinity(0, cpus)
+    except OSError:
+        return False
+    return True
+
+
 class RelayPool:
     """The plug-in workers of one relayed queue (``relay_init`` done).
 
@@ -219,13 +230,20 @@ class RelayPool:
 
     def run(self, leave_wait: float = 2.0) -> None:
         self.cpu = self._pick_cpu()
-        if self.cpu is not None:
-            os.sched_setaffinity(0, {self.cpu})  # this thread keeps the ring
+        # The caller's own CPUs, given back at the end: a harness runs the
+        # relay on a thread that goes on (pytest's main thread, which would
+        # otherwise stay on one CPU for the rest of the session, and so would
+        # every thread it starts later).
+        before = os.sched_getaffinity(0)
+        if self.cpu is not None and not _pin({self.cpu}):  # this thread keeps the ring
+            self.cpu = None
         for _ in range(2):
             self.start_worker()
         try:
             self.queue.relay()
         finally:
+            if self.cpu is not None:
+                _pin(before)
             self.report_hangs()
             # Idle workers leave at once; one still inside a hung call stays
             # (a daemon thread): the queue's memory waits for it.
@@ -263,7 +281,7 @@ class RelayPool:
             try:
                 _bindings.set_thread_name(f"ublk-q{q_id}-py")
                 if self.cpu is not None:
-                    os.sched_setaffinity(0, {self.cpu})
+                    _pin({self.cpu})
                 worker.serve(handler, on_note)
             except BaseException as e:  # never silent
                 print(f"ublkml: queue {q_id}: plug-in worker failed: {e!r}",

@@ -251,7 +251,7 @@ def test_sigterm_with_io_in_flight_stops_cleanly(kind: str, tmp_path: Path,
 # ---- 100 add/delete cycles: no fd, memory, thread or device left behind -------------
 
 CYCLES = 100
-WARMUP = 20
+WARMUP = 5
 
 
 @pytest.fixture
@@ -322,7 +322,7 @@ def test_100_cycles_in_process_leak_nothing(kind: str, tmp_path: Path,
                                             figures: dict[str, Any]) -> None:
     """Server API, this process: add, start, I/O, shutdown, 100 times.
 
-    Bounds, over the 100 cycles after a warm-up of 20: the same number of open
+    Bounds, over the 100 cycles after a warm-up of 5: the same number of open
     fds and threads; RSS +8 MiB at most (< 84 KiB a cycle: the I/O buffers a
     cycle touches alone are 128 KiB, a queue's descriptors and rings more);
     VmData +16 MiB at most (one queue's buffers are 16 MiB: a leaked set per

@@ -8,6 +8,7 @@ the buffers are the real ones.
 from __future__ import annotations
 
 import errno
+import os
 import random
 import threading
 import time
@@ -309,12 +310,12 @@ def test_requests_fed_while_calls_stall_are_each_answered_once(
                     if tag not in busy:
                         problems.append(f"tag {tag} answered twice")
                         continue
-                    op, data = busy.pop(tag)
+                    op, written = busy.pop(tag)
                     if res != 4096:
                         problems.append(f"tag {tag} {Op(op).name}: result {res}")
                     elif op == Op.WRITE:
-                        assert data is not None
-                        last[tag] = data
+                        assert written is not None
+                        last[tag] = written
                     elif bytes(q.buffer(tag)[:4096]) != last[tag]:
                         problems.append(f"tag {tag}: a read returned wrong data")
                     counts["answered"] += 1
@@ -327,7 +328,9 @@ def test_requests_fed_while_calls_stall_are_each_answered_once(
 
     t = threading.Thread(target=feeder)
     t.start()
+    cpus = os.sched_getaffinity(0)
     r.pool.run(leave_wait=1.0)
+    assert os.sched_getaffinity(0) == cpus  # the pinned ring thread got its CPUs back
     t.join(30)
     assert problems == []
     assert counts["answered"] == 1500
@@ -337,3 +340,55 @@ def test_requests_fed_while_calls_stall_are_each_answered_once(
     assert isinstance(plugin, Jittery)
     assert plugin.max_active >= 2  # slow calls did not hold up the others
     print(f"seed {seed}: {counts['answered']} answered, up to {plugin.max_active} calls at once")
+
+
+def test_requests_that_come_while_every_holder_stalls_are_served_at_once(
+        relayed: list[Relayed]) -> None:
+    """A call hangs (its holder stalled past 20 ms): requests that come one
+    at a time meanwhile are each served by a spare within a few ms, not at
+    the ring thread's next poll (which is 20 ms apart here)."""
+    r = make(Hang(), timeout=5.0)
+    relayed.append(r)
+    q = r.queue
+    plugin = r.backend.plugin
+    assert isinstance(plugin, Hang)
+    q.relay_feed(-1, 0, 0, 0, more=True)
+    delays: list[float] = []
+    problems: list[str] = []
+
+    def wait_for(tag: int, batch: _bindings.EventBatch) -> None:
+        t0 = time.monotonic()
+        got: list[tuple[int, int]] = []
+        while not got and time.monotonic() - t0 < 3:
+            got = q.relay_harvest(batch)
+            time.sleep(0.0002)
+        if got != [(tag, 4096)]:
+            problems.append(f"tag {tag}: {got}")
+
+    def feeder() -> None:
+        batch = _bindings.EventBatch(DEPTH)
+        try:
+            q.relay_feed(0, Op.READ, HANG_AT >> 9, 8)
+            if not plugin.entered.wait(5):
+                problems.append("the hanging call never started")
+                return
+            time.sleep(0.1)  # its holder is stalled now
+            for i in range(20):
+                tag = 1 + i % (DEPTH - 1)
+                t0 = time.monotonic()
+                q.relay_feed(tag, Op.READ, 0, 8)
+                wait_for(tag, batch)
+                delays.append(time.monotonic() - t0)
+            plugin.release.set()
+            wait_for(0, batch)
+        finally:
+            q.relay_feed(-1, 0, 0, 0, more=False)
+
+    t = threading.Thread(target=feeder)
+    t.start()
+    r.pool.run(leave_wait=1.0)
+    t.join(10)
+    assert problems == []
+    assert len(delays) == 20
+    delays.sort()
+    assert delays[10] < 0.005, f"median {delays[10] * 1e3:.1f} ms: {delays}"

@@ -44,6 +44,7 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -939,6 +940,7 @@ enum {
 	KIND_DELAY = 1,		/* the injected delay of a leg I/O ended */
 	KIND_PROBE = 2,		/* a health probe (probe slot) */
 	KIND_PROBE_DELAY = 3,
+	KIND_RELAY = 4,		/* a relay worker handed a batch back */
 };
 
 static uint64_t tgt_ud(uint32_t kind, uint32_t leg, uint32_t idx)
@@ -1048,6 +1050,7 @@ struct ublkml_queue {
 
 static void queue_free_rest(struct ublkml_queue *q);
 static int relay_detach(struct ublkml_queue *q);
+static void relay_cqe(struct ublkml_queue *q);
 
 static size_t round_up(size_t v, size_t a)
 {
@@ -2134,6 +2137,9 @@ static void handle_cqe(struct ublkml_queue *q, const struct io_uring_cqe *cqe)
 			q->tgt_inflight--;
 			probe_finish(q, tag, q->probes[tag].res);
 			break;
+		case KIND_RELAY:
+			relay_cqe(q);
+			break;
 		}
 		return;
 	}
@@ -2291,8 +2297,9 @@ int ublkml_queue_harvest(struct ublkml_queue *q, struct ublkml_event *out,
  *     requests, posts them as a batch, commits the answers;
  *   - workers (Python threads in ublkml_relay_next) take a batch, call the
  *     plug-in per event, write each result into their own event array and
- *     hand the answers back (a condition variable wakes the ring thread
- *     when it waits for them).
+ *     hand the answers back and wake the ring thread if it sleeps (see
+ *     relay_wait: on a condition variable while a batch is out and its
+ *     holder is fresh, else in the ring, woken by an eventfd read).
  *
  * Normally one batch is out at a time, so a queue's plug-in calls run one
  * after the other, as without a relay.  The ring thread watches the
@@ -2345,6 +2352,10 @@ struct relay {
 	pthread_mutex_t mu;
 	pthread_cond_t cv;		/* idle workers wait for a batch */
 	pthread_cond_t ans_cv;		/* the ring thread waits for answers */
+	int efd;			/* workers -> ring thread asleep in the ring */
+	uint64_t efd_val;
+	int efd_armed;			/* ring thread only */
+	int fresh;			/* ring thread only: see relay_wait */
 	uint64_t timeout_ns;
 	uint64_t stall_ns;
 	uint64_t poll_ns;
@@ -2359,6 +2370,7 @@ struct relay {
 	int n_ans;
 	int n_holding;			/* workers holding a batch */
 	int ring_waiting;		/* on ans_cv */
+	int ring_sleeping;		/* in the ring */
 	int closing;			/* workers leave */
 	int dead;			/* queue freed: the last worker frees it */
 	int n_workers, n_idle, n_stuck;
@@ -2407,7 +2419,13 @@ int ublkml_queue_relay_init(struct ublkml_queue *q, uint64_t timeout_ns,
 	r->ans = calloc(q->depth, sizeof(*r->ans));
 	r->inbox = calloc(q->depth, sizeof(*r->inbox));
 	q->tag_buf = calloc(q->depth, sizeof(*q->tag_buf));
-	if (!r->batch || !r->done || !r->back || !r->ans || !r->inbox || !q->tag_buf) {
+	r->efd = eventfd(0, EFD_CLOEXEC);
+	if (!r->batch || !r->done || !r->back || !r->ans || !r->inbox || !q->tag_buf ||
+	    r->efd < 0) {
+		int ret = r->efd < 0 ? -errno : -ENOMEM;
+
+		if (r->efd >= 0)
+			close(r->efd);
 		free(r->inbox);
 		free(r->batch);
 		free(r->done);
@@ -2416,7 +2434,7 @@ int ublkml_queue_relay_init(struct ublkml_queue *q, uint64_t timeout_ns,
 		free(q->tag_buf);
 		q->tag_buf = NULL;
 		free(r);
-		return -ENOMEM;
+		return ret;
 	}
 	for (int i = 0; i < q->depth; i++)
 		q->tag_buf[i] = q->bufs + (size_t)i * q->buf_size;
@@ -2482,6 +2500,7 @@ static void relay_free(struct ublkml_queue *q)
 		free_retired(q, w);
 		free(w);
 	}
+	close(r->efd);
 	pthread_cond_destroy(&r->ans_cv);
 	pthread_cond_destroy(&r->cv);
 	pthread_mutex_destroy(&r->mu);
@@ -2582,13 +2601,29 @@ int ublkml_queue_relay_report(struct ublkml_queue *q,
 	return any;
 }
 
-/* Wake the ring thread if it waits for answers (under mu). */
+/* Wake the ring thread if it sleeps in the ring (under mu): an eventfd
+ * write completes the read it keeps armed there. */
+static void relay_kick_ring(struct relay *r)
+{
+	uint64_t one = 1;
+
+	if (!r->ring_sleeping)
+		return;
+	r->ring_sleeping = 0;
+	/* Cannot block: the counter is far from its limit. */
+	if (write(r->efd, &one, sizeof(one)) < 0)
+		r->ring_sleeping = 1;	/* unreachable; it polls anyway */
+}
+
+/* Wake the ring thread if it waits for answers (under mu): on ans_cv, or
+ * in the ring. */
 static void relay_kick(struct relay *r)
 {
 	if (r->ring_waiting) {
 		r->ring_waiting = 0;
 		pthread_cond_signal(&r->ans_cv);
 	}
+	relay_kick_ring(r);
 }
 
 int ublkml_relay_next(struct ublkml_relay_worker *w, struct ublkml_event *evs,
@@ -2685,6 +2720,23 @@ int ublkml_queue_relay_stats(struct ublkml_queue *q,
 	return 0;
 }
 
+static void relay_cqe(struct ublkml_queue *q)
+{
+	q->relay->efd_armed = 0;	/* re-armed by the loop */
+}
+
+static int relay_arm(struct ublkml_queue *q, struct relay *r)
+{
+	struct io_uring_sqe *sqe = get_sqe(q);
+
+	if (!sqe)
+		return -EBUSY;
+	io_uring_prep_read(sqe, r->efd, &r->efd_val, sizeof(r->efd_val), 0);
+	io_uring_sqe_set_data64(sqe, tgt_ud(KIND_RELAY, 0, 0));
+	r->efd_armed = 1;
+	return 0;
+}
+
 /* Answered prefix of a worker's array (a worker answers in order). */
 static int answered_prefix(const struct ublkml_relay_worker *w)
 {
@@ -2762,7 +2814,8 @@ static int relay_fire(struct ublkml_queue *q, struct relay *r,
 
 /* Collect answers, give up hung workers, post pending requests to an idle
  * worker when none holds a batch or every holder is stalled.  Returns the
- * time to the next look (ns) while batches are out, else 0. */
+ * time to the next look (ns) while batches are out, else 0; r->fresh says
+ * whether a holder is fresh (or an idle worker was just given a batch). */
 static uint64_t relay_turn(struct ublkml_queue *q, struct relay *r)
 {
 	struct ublkml_event *done = r->done;
@@ -2824,9 +2877,12 @@ static uint64_t relay_turn(struct ublkml_queue *q, struct relay *r)
 		r->n_batch = take_events(q->pending, &q->n_pending, r->batch, q->depth);
 		r->posted = 1;
 		r->t_posted = now;
-		if (r->n_idle)
+		if (r->n_idle) {
 			pthread_cond_signal(&r->cv);
+			busy = 1;	/* a worker takes it now: fresh */
+		}
 	}
+	r->fresh = busy;
 	if (r->n_holding || r->posted)
 		next = r->poll_ns;
 	if (q->cdev_fd >= 0)
@@ -2866,40 +2922,77 @@ static void reap(struct ublkml_queue *q)
 		q->st.batches++;
 }
 
-/* Nothing out: submit, sleep in the ring until a CQE.  A batch out (wait_ns
- * > 0): submit and take what the ring has without sleeping, then sleep on
- * ans_cv until a worker answers or wait_ns passes -- requests that arrive
- * meanwhile could not be posted anyway while the holder is fresh, and a
- * futex hand-over is cheaper than waking the ring (eventfd, task work). */
+/* Submit, then sleep until there is something to do, and take every ready
+ * CQE.  Two ways to sleep:
+ *
+ *   - a batch out and its holder fresh (r->fresh): on ans_cv, until a
+ *     worker answers (or wait_ns).  New requests that arrive meanwhile
+ *     could not be posted anyway (they wait for that batch's answers), so
+ *     the ring thread need not wake for them: one futex hand-over per batch
+ *     instead of a wake-up per request and a task-work completion of the
+ *     eventfd read;
+ *   - otherwise (nothing out, or every holder stalled, or a batch nobody
+ *     has taken yet): in the ring, woken by a CQE -- a new request, which
+ *     must be posted at once when the holders are stalled, or the eventfd
+ *     read a worker's answer completes.  (Sleeping on ans_cv here too, as
+ *     bc087af did, left requests that came while every holder was stalled
+ *     unseen until the next poll, and posted only one poll later: up to
+ *     2 * poll_ns instead of at once.)
+ */
 static int relay_wait(struct ublkml_queue *q, struct relay *r, uint64_t wait_ns)
 {
-	struct timespec ts;
-	uint64_t until;
+	struct io_uring_cqe *cqe;
 	int ret;
 
-	if (q->cdev_fd < 0)		/* harness: requests come from the inbox */
-		wait_ns = wait_ns ? wait_ns : 1000000;
-	if (!wait_ns) {
-		ret = io_uring_submit_and_wait(&q->ring, 1);
+	if (wait_ns && r->fresh) {
+		struct timespec ts;
+		uint64_t until;
+
+		ret = io_uring_submit_and_get_events(&q->ring);
+		if (ring_error(ret))
+			return ret;
+		reap(q);
+		until = now_ns() + wait_ns;
+		ts.tv_sec = (time_t)(until / 1000000000u);
+		ts.tv_nsec = (long)(until % 1000000000u);
+		pthread_mutex_lock(&r->mu);
+		/* Not n_inbox: a fed request stands for a CQE, which does
+		 * not end this sleep either. */
+		if (!r->n_ans && !r->closing) {
+			r->ring_waiting = 1;
+			pthread_cond_timedwait(&r->ans_cv, &r->mu, &ts);
+			r->ring_waiting = 0;
+		}
+		pthread_mutex_unlock(&r->mu);
+		return 0;
+	}
+	pthread_mutex_lock(&r->mu);
+	if (r->n_ans || r->n_inbox) {	/* work came meanwhile: no sleep */
+		pthread_mutex_unlock(&r->mu);
+		ret = io_uring_submit_and_get_events(&q->ring);
 		if (ring_error(ret))
 			return ret;
 		reap(q);
 		return 0;
 	}
-	ret = io_uring_submit_and_get_events(&q->ring);
+	r->ring_sleeping = 1;
+	pthread_mutex_unlock(&r->mu);
+	if (wait_ns) {
+		struct __kernel_timespec ts = {
+			.tv_sec = (long long)(wait_ns / 1000000000u),
+			.tv_nsec = (long long)(wait_ns % 1000000000u),
+		};
+
+		ret = io_uring_submit_and_wait_timeout(&q->ring, &cqe, 1, &ts, NULL);
+	} else {
+		ret = io_uring_submit_and_wait(&q->ring, 1);
+	}
+	pthread_mutex_lock(&r->mu);
+	r->ring_sleeping = 0;
+	pthread_mutex_unlock(&r->mu);
 	if (ring_error(ret))
 		return ret;
 	reap(q);
-	until = now_ns() + wait_ns;
-	ts.tv_sec = (time_t)(until / 1000000000u);
-	ts.tv_nsec = (long)(until % 1000000000u);
-	pthread_mutex_lock(&r->mu);
-	if (!r->n_ans && !r->n_inbox && !r->closing) {
-		r->ring_waiting = 1;
-		pthread_cond_timedwait(&r->ans_cv, &r->mu, &ts);
-		r->ring_waiting = 0;
-	}
-	pthread_mutex_unlock(&r->mu);
 	return 0;
 }
 
@@ -2914,6 +3007,8 @@ int ublkml_queue_relay(struct ublkml_queue *q)
 		uint64_t wait_ns = relay_turn(q, r);
 
 		if (relay_finished(q, r))
+			break;
+		if (!r->efd_armed && (ret = relay_arm(q, r)) < 0)
 			break;
 		ret = relay_wait(q, r, wait_ns);
 		if (ret < 0)
@@ -2952,7 +3047,10 @@ int ublkml_queue_relay_feed(struct ublkml_queue *q, int tag, uint32_t op_flags,
 			e->nr_sectors = nr_sectors;
 		}
 	}
-	relay_kick(r);
+	/* Like a new request's CQE: wakes a ring thread asleep in the ring,
+	 * not one waiting on ans_cv (relay_wait), so the harness sees the
+	 * ring thread as late as a device would. */
+	relay_kick_ring(r);
 	pthread_mutex_unlock(&r->mu);
 	return ret;
 }
