@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -25,9 +26,9 @@ JOBS = {"4k-randread-qd32": ["--rw=randread", "--bs=4k", "--iodepth=32"],
         "4k-randread-qd1": ["--rw=randread", "--bs=4k", "--iodepth=1"]}
 
 
-def _ublkml(*args: str) -> str:
+def _ublkml(*args: str, env: dict[str, str] | None = None) -> str:
     out = subprocess.run([sys.executable, "-m", "ublk_driver", *args], capture_output=True,
-                         text=True, check=True, timeout=120)
+                         text=True, check=True, timeout=120, env=env)
     return out.stdout
 
 
@@ -41,32 +42,37 @@ def _fio(job: list[str], runtime: int) -> dict[str, float]:
             / 1000, "clat_p99_us": read["clat_ns"]["percentile"]["99.000000"] / 1000}
 
 
-def measure(rounds: int, runtime: int) -> dict[str, Any]:
+def measure(rounds: int, runtime: int, modes: tuple[str, ...]) -> dict[str, Any]:
     runs: dict[str, dict[str, list[dict[str, float]]]] = {
-        mode: {job: [] for job in JOBS} for mode in ("inline", "relay")}
+        mode: {job: [] for job in JOBS} for mode in modes}
     for r in range(rounds):
-        for mode in ("inline", "relay") if r % 2 == 0 else ("relay", "inline"):
+        for mode in modes if r % 2 == 0 else modes[::-1]:
             timeout = "0" if mode == "inline" else "30"
+            env = dict(os.environ)
+            if mode == "relay-unpinned":
+                env["UBLKML_RELAY_PIN"] = "0"
             _ublkml("add", "-n", str(DEV_ID), "-t", "python", "--plugin",
                     "bench.ramstore:RamStoreTarget", "--plugin-arg", "size=256M",
-                    "--plugin-timeout", timeout)
+                    "--plugin-timeout", timeout, env=env)
             try:
                 for job, args in JOBS.items():
                     res = _fio(args, runtime)
                     runs[mode][job].append(res)
-                    print(f"round {r} {mode:6} {job}: {res['iops']:.0f} IOPS "
+                    print(f"round {r} {mode:14} {job}: {res['iops']:.0f} IOPS "
                           f"p50 {res['clat_p50_us']:.0f} us", flush=True)
             finally:
                 _ublkml("del", "-n", str(DEV_ID))
     summary: dict[str, Any] = {}
     for job in JOBS:
-        med = {m: statistics.median(x["iops"] for x in runs[m][job]) for m in runs}
-        summary[job] = {"inline_iops_median": med["inline"], "relay_iops_median": med["relay"],
-                        "relay_over_inline": med["relay"] / med["inline"],
-                        "inline_iops": [x["iops"] for x in runs["inline"][job]],
-                        "relay_iops": [x["iops"] for x in runs["relay"][job]],
-                        "inline_p50_us": [x["clat_p50_us"] for x in runs["inline"][job]],
-                        "relay_p50_us": [x["clat_p50_us"] for x in runs["relay"][job]]}
+        out: dict[str, Any] = {}
+        for m in modes:
+            out[m] = {"iops_median": statistics.median(x["iops"] for x in runs[m][job]),
+                      "iops": [round(x["iops"]) for x in runs[m][job]],
+                      "p50_us": [round(x["clat_p50_us"]) for x in runs[m][job]],
+                      "p99_us": [round(x["clat_p99_us"]) for x in runs[m][job]]}
+        for m in modes[1:]:
+            out[f"{m}_over_inline"] = out[m]["iops_median"] / out["inline"]["iops_median"]
+        summary[job] = out
     return {"rounds": rounds, "runtime_s": runtime, "jobs": summary}
 
 
@@ -75,8 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--runtime", type=int, default=RUNTIME_S)
     p.add_argument("--out", help="write the results here (JSON)")
+    p.add_argument("--unpinned", action="store_true",
+                   help="also measure the relay without pinning (UBLKML_RELAY_PIN=0)")
     args = p.parse_args(argv)
-    doc = measure(args.rounds, args.runtime)
+    modes = ("inline", "relay", "relay-unpinned") if args.unpinned else ("inline", "relay")
+    doc = measure(args.rounds, args.runtime, modes)
     text = json.dumps(doc, indent=2)
     print(text)
     if args.out:

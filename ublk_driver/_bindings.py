@@ -486,6 +486,19 @@ class Queue:
         _check(lib.ublkml_queue_inject(self._q, tag, op_flags, start_sector, nr_sectors),
                "inject")
 
+    def relay_feed(self, tag: int, op_flags: int, start_sector: int, nr_sectors: int,
+                   more: bool = True) -> None:
+        """Harness: hand a request to the running relay (tag -1: none); ``more``
+        False lets the relay finish once everything is answered."""
+        _check(lib.ublkml_queue_relay_feed(self._q, tag, op_flags, start_sector, nr_sectors,
+                                           int(more)), "relay feed")
+
+    def relay_harvest(self, batch: EventBatch) -> list[tuple[int, int]]:
+        """Harness: (tag, result) answered so far, while the relay runs."""
+        n = _check(lib.ublkml_queue_relay_harvest(self._q, batch.c, batch.size),
+                   "relay harvest")
+        return [(int(batch.c[i].tag), int(batch.c[i].result)) for i in range(n)]
+
     def harvest(self, batch: EventBatch) -> list[tuple[int, int]]:
         """(tag, result) of the requests completed since the last harvest.
 

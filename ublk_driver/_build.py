@@ -318,6 +318,9 @@ int ublkml_relay_next(struct ublkml_relay_worker *w, struct ublkml_event *evs, i
                       int max, struct ublkml_relay_note *note);
 int ublkml_queue_relay_stats(struct ublkml_queue *q, struct ublkml_relay_stats *out);
 int ublkml_queue_relay_report(struct ublkml_queue *q, struct ublkml_relay_note *note);
+int ublkml_queue_relay_feed(struct ublkml_queue *q, int tag, uint32_t op_flags,
+                            uint64_t start_sector, uint32_t nr_sectors, int feeding);
+int ublkml_queue_relay_harvest(struct ublkml_queue *q, struct ublkml_event *out, int max);
 """
 
 ffibuilder = FFI()

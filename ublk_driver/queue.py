@@ -382,6 +382,17 @@ def _op_name(op: int) -> str:
         return str(op)
 
 
+def _pin(cpus: set[int]) -> bool:
+    """Pin the calling thread to ``cpus``; False if that failed (a CPU gone
+    offline, a cpuset changed meanwhile): pinning the relay is a speed-up
+    only, not worth failing a queue for."""
+    try:
+        os.sched_setaffinity(0, cpus)
+    except OSError:
+        return False
+    return True
+
+
 class RelayPool:
     """The plug-in workers of one relayed queue (``relay_init`` done).
 
@@ -398,16 +409,39 @@ class RelayPool:
         self.q_id = q_id
         self.error: BaseException | None = None
         self.stuck_at_exit = 0
+        self.cpu: int | None = None
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
         self._seq = 0
 
+    def _pick_cpu(self) -> int | None:
+        """One CPU for the ring thread and its workers (``UBLKML_RELAY_PIN=0``: none).
+
+        A hand-over between threads on one CPU is a context switch; between
+        CPUs it is a wake-up of another (often idle) CPU, an IPI, which is
+        what made the relay costly where it was measured (docs/reliability.md).
+        """
+        if os.environ.get("UBLKML_RELAY_PIN", "1") == "0":
+            return None
+        cpus = sorted(os.sched_getaffinity(0))
+        return cpus[self.q_id % len(cpus)] if cpus else None
+
     def run(self, leave_wait: float = 2.0) -> None:
+        self.cpu = self._pick_cpu()
+        # The caller's own CPUs, given back at the end: a harness runs the
+        # relay on a thread that goes on (pytest's main thread, which would
+        # otherwise stay on one CPU for the rest of the session, and so would
+        # every thread it starts later).
+        before = os.sched_getaffinity(0)
+        if self.cpu is not None and not _pin({self.cpu}):  # this thread keeps the ring
+            self.cpu = None
         for _ in range(2):
             self.start_worker()
         try:
             self.queue.relay()
         finally:
+            if self.cpu is not None:
+                _pin(before)
             self.report_hangs()
             # Idle workers leave at once; one still inside a hung call stays
             # (a daemon thread): the queue's memory waits for it.
@@ -444,6 +478,8 @@ class RelayPool:
         def serve() -> None:
             try:
                 _bindings.set_thread_name(f"ublk-q{q_id}-py")
+                if self.cpu is not None:
+                    _pin({self.cpu})
                 worker.serve(handler, on_note)
             except BaseException as e:  # never silent
                 print(f"ublkml: queue {q_id}: plug-in worker failed: {e!r}",

@@ -8,6 +8,8 @@ the buffers are the real ones.
 from __future__ import annotations
 
 import errno
+import os
+import random
 import threading
 import time
 from collections.abc import Iterator
@@ -232,3 +234,161 @@ def test_error_watch_logs_new_errors_once(capsys: pytest.CaptureFixture[str]) ->
     assert lines[0].startswith("ublkml: queue 2: 3 I/O error(s) in the last ")
     assert lines[0].endswith("(3 in all); last: ENOSPC on WRITE at offset 8192")
     assert "2 I/O error(s)" in lines[1] and "(5 in all)" in lines[1]
+
+
+class Jittery(RamDisk):
+    """A RAM disk whose calls sometimes take 0-40 ms (some past the relay's
+    20 ms stall threshold: spares take over then), from several threads."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        super().__init__(size)
+        self._rnd = random.Random(seed)
+        self._lock = threading.Lock()
+        self.calls = 0
+        self.active = self.max_active = 0
+
+    def _jitter(self) -> None:
+        with self._lock:
+            self.calls += 1
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+            pause = self._rnd.random() * 0.04 if self._rnd.random() < 0.1 else 0.0
+        if pause:
+            time.sleep(pause)
+
+    def _done(self) -> None:
+        with self._lock:
+            self.active -= 1
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        self._jitter()
+        super().read_into(offset, buf)
+        self._done()
+
+    def write(self, offset: int, data: memoryview) -> None:
+        self._jitter()
+        super().write(offset, data)
+        self._done()
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_requests_fed_while_calls_stall_are_each_answered_once(
+        relayed: list[Relayed], seed: int) -> None:
+    """1500 requests fed as answers come back (at most one per tag), calls
+    sometimes slow: every request answered exactly once, none timed out, and
+    every read returns what its tag last wrote (each tag owns its blocks)."""
+    r = make(Jittery(SIZE, seed), timeout=5.0)
+    relayed.append(r)
+    q = r.queue
+    q.relay_feed(-1, 0, 0, 0, more=True)
+    problems: list[str] = []
+    counts = {"answered": 0}
+
+    def feeder() -> None:  # the ring's own thread (this one's caller) serves
+        rnd = random.Random(seed)
+        batch = _bindings.EventBatch(DEPTH)
+        last: dict[int, bytes] = {}
+        busy: dict[int, tuple[int, bytes | None]] = {}  # tag -> (op, data written)
+        fed = 0
+        deadline = time.monotonic() + 120
+        try:
+            while counts["answered"] < 1500 and not problems:
+                for tag in range(DEPTH):
+                    if tag in busy or fed >= 1500:
+                        continue
+                    sector = tag * 4096 >> 9
+                    if tag in last and rnd.random() < 0.5:
+                        busy[tag] = (Op.READ, None)
+                        q.relay_feed(tag, Op.READ, sector, 8)
+                    else:
+                        data = rnd.randbytes(4096)
+                        q.buffer(tag)[:4096] = data
+                        busy[tag] = (Op.WRITE, data)
+                        q.relay_feed(tag, Op.WRITE, sector, 8)
+                    fed += 1
+                for tag, res in q.relay_harvest(batch):
+                    if tag not in busy:
+                        problems.append(f"tag {tag} answered twice")
+                        continue
+                    op, written = busy.pop(tag)
+                    if res != 4096:
+                        problems.append(f"tag {tag} {Op(op).name}: result {res}")
+                    elif op == Op.WRITE:
+                        assert written is not None
+                        last[tag] = written
+                    elif bytes(q.buffer(tag)[:4096]) != last[tag]:
+                        problems.append(f"tag {tag}: a read returned wrong data")
+                    counts["answered"] += 1
+                if time.monotonic() > deadline:
+                    problems.append(f"stuck: {counts['answered']} answered, tags {sorted(busy)}"
+                                    " still out")
+                time.sleep(0.0005)
+        finally:
+            q.relay_feed(-1, 0, 0, 0, more=False)
+
+    t = threading.Thread(target=feeder)
+    t.start()
+    cpus = os.sched_getaffinity(0)
+    r.pool.run(leave_wait=1.0)
+    assert os.sched_getaffinity(0) == cpus  # the pinned ring thread got its CPUs back
+    t.join(30)
+    assert problems == []
+    assert counts["answered"] == 1500
+    st = q.relay_stats()
+    assert st is not None and st.timeouts == 0 and st.unserved == 0
+    plugin = r.backend.plugin
+    assert isinstance(plugin, Jittery)
+    assert plugin.max_active >= 2  # slow calls did not hold up the others
+    print(f"seed {seed}: {counts['answered']} answered, up to {plugin.max_active} calls at once")
+
+
+def test_requests_that_come_while_every_holder_stalls_are_served_at_once(
+        relayed: list[Relayed]) -> None:
+    """A call hangs (its holder stalled past 20 ms): requests that come one
+    at a time meanwhile are each served by a spare within a few ms, not at
+    the ring thread's next poll (which is 20 ms apart here)."""
+    r = make(Hang(), timeout=5.0)
+    relayed.append(r)
+    q = r.queue
+    plugin = r.backend.plugin
+    assert isinstance(plugin, Hang)
+    q.relay_feed(-1, 0, 0, 0, more=True)
+    delays: list[float] = []
+    problems: list[str] = []
+
+    def wait_for(tag: int, batch: _bindings.EventBatch) -> None:
+        t0 = time.monotonic()
+        got: list[tuple[int, int]] = []
+        while not got and time.monotonic() - t0 < 3:
+            got = q.relay_harvest(batch)
+            time.sleep(0.0002)
+        if got != [(tag, 4096)]:
+            problems.append(f"tag {tag}: {got}")
+
+    def feeder() -> None:
+        batch = _bindings.EventBatch(DEPTH)
+        try:
+            q.relay_feed(0, Op.READ, HANG_AT >> 9, 8)
+            if not plugin.entered.wait(5):
+                problems.append("the hanging call never started")
+                return
+            time.sleep(0.1)  # its holder is stalled now
+            for i in range(20):
+                tag = 1 + i % (DEPTH - 1)
+                t0 = time.monotonic()
+                q.relay_feed(tag, Op.READ, 0, 8)
+                wait_for(tag, batch)
+                delays.append(time.monotonic() - t0)
+            plugin.release.set()
+            wait_for(0, batch)
+        finally:
+            q.relay_feed(-1, 0, 0, 0, more=False)
+
+    t = threading.Thread(target=feeder)
+    t.start()
+    r.pool.run(leave_wait=1.0)
+    t.join(10)
+    assert problems == []
+    assert len(delays) == 20
+    delays.sort()
+    assert delays[10] < 0.005, f"median {delays[10] * 1e3:.1f} ms: {delays}"

@@ -2334,8 +2334,9 @@ int ublkml_queue_harvest(struct ublkml_queue *q, struct ublkml_event *out,
  *     requests, posts them as a batch, commits the answers;
  *   - workers (Python threads in ublkml_relay_next) take a batch, call the
  *     plug-in per event, write each result into their own event array and
- *     hand the answers back (an eventfd read on the ring wakes the ring
- *     thread; written only while it sleeps).
+ *     hand the answers back and wake the ring thread if it sleeps (see
+ *     relay_wait: on a condition variable while a batch is out and its
+ *     holder is fresh, else in the ring, woken by an eventfd read).
  *
  * Normally one batch is out at a time, so a queue's plug-in calls run one
  * after the other, as without a relay.  The ring thread watches the
@@ -2387,9 +2388,11 @@ struct ublkml_relay_worker {
 struct relay {
 	pthread_mutex_t mu;
 	pthread_cond_t cv;		/* idle workers wait for a batch */
-	int efd;			/* workers -> ring thread */
+	pthread_cond_t ans_cv;		/* the ring thread waits for answers */
+	int efd;			/* workers -> ring thread asleep in the ring */
 	uint64_t efd_val;
 	int efd_armed;			/* ring thread only */
+	int fresh;			/* ring thread only: see relay_wait */
 	uint64_t timeout_ns;
 	uint64_t stall_ns;
 	uint64_t poll_ns;
@@ -2403,7 +2406,8 @@ struct relay {
 	struct ublkml_event *ans;	/* answers handed back, not committed */
 	int n_ans;
 	int n_holding;			/* workers holding a batch */
-	int ring_sleeping;
+	int ring_waiting;		/* on ans_cv */
+	int ring_sleeping;		/* in the ring */
 	int closing;			/* workers leave */
 	int dead;			/* queue freed: the last worker frees it */
 	int n_workers, n_idle, n_stuck;
@@ -2414,6 +2418,10 @@ struct relay {
 	struct ublkml_event last;	/* the last event failed by the timeout */
 	uint64_t last_stuck_ns;
 	struct ublkml_relay_worker *workers;
+	/* harness: requests fed while the relay runs (ublkml_queue_relay_feed) */
+	struct ublkml_event *inbox;
+	int n_inbox;
+	int feeding;			/* more may come: do not finish */
 };
 
 static int in_bufs(const struct ublkml_queue *q, const char *p)
@@ -2446,14 +2454,16 @@ int ublkml_queue_relay_init(struct ublkml_queue *q, uint64_t timeout_ns,
 	r->done = calloc(q->depth, sizeof(*r->done));
 	r->back = calloc(q->depth, sizeof(*r->back));
 	r->ans = calloc(q->depth, sizeof(*r->ans));
+	r->inbox = calloc(q->depth, sizeof(*r->inbox));
 	q->tag_buf = calloc(q->depth, sizeof(*q->tag_buf));
 	r->efd = eventfd(0, EFD_CLOEXEC);
-	if (!r->batch || !r->done || !r->back || !r->ans || !q->tag_buf ||
+	if (!r->batch || !r->done || !r->back || !r->ans || !r->inbox || !q->tag_buf ||
 	    r->efd < 0) {
 		int ret = r->efd < 0 ? -errno : -ENOMEM;
 
 		if (r->efd >= 0)
 			close(r->efd);
+		free(r->inbox);
 		free(r->batch);
 		free(r->done);
 		free(r->back);
@@ -2467,6 +2477,14 @@ int ublkml_queue_relay_init(struct ublkml_queue *q, uint64_t timeout_ns,
 		q->tag_buf[i] = q->bufs + (size_t)i * q->buf_size;
 	pthread_mutex_init(&r->mu, NULL);
 	pthread_cond_init(&r->cv, NULL);
+	{
+		pthread_condattr_t a;
+
+		pthread_condattr_init(&a);
+		pthread_condattr_setclock(&a, CLOCK_MONOTONIC);
+		pthread_cond_init(&r->ans_cv, &a);
+		pthread_condattr_destroy(&a);
+	}
 	r->timeout_ns = timeout_ns;
 	/* A call that has not returned after stall_ns no longer holds up new
 	 * requests; one that has not after timeout_ns fails its I/O. */
@@ -2520,12 +2538,14 @@ static void relay_free(struct ublkml_queue *q)
 		free(w);
 	}
 	close(r->efd);
+	pthread_cond_destroy(&r->ans_cv);
 	pthread_cond_destroy(&r->cv);
 	pthread_mutex_destroy(&r->mu);
 	free(r->batch);
 	free(r->done);
 	free(r->back);
 	free(r->ans);
+	free(r->inbox);
 	free(r);
 	q->relay = NULL;
 }
@@ -2618,8 +2638,9 @@ int ublkml_queue_relay_report(struct ublkml_queue *q,
 	return any;
 }
 
-/* Wake the ring thread if it sleeps (under mu). */
-static void relay_kick(struct relay *r)
+/* Wake the ring thread if it sleeps in the ring (under mu): an eventfd
+ * write completes the read it keeps armed there. */
+static void relay_kick_ring(struct relay *r)
 {
 	uint64_t one = 1;
 
@@ -2629,6 +2650,17 @@ static void relay_kick(struct relay *r)
 	/* Cannot block: the counter is far from its limit. */
 	if (write(r->efd, &one, sizeof(one)) < 0)
 		r->ring_sleeping = 1;	/* unreachable; it polls anyway */
+}
+
+/* Wake the ring thread if it waits for answers (under mu): on ans_cv, or
+ * in the ring. */
+static void relay_kick(struct relay *r)
+{
+	if (r->ring_waiting) {
+		r->ring_waiting = 0;
+		pthread_cond_signal(&r->ans_cv);
+	}
+	relay_kick_ring(r);
 }
 
 int ublkml_relay_next(struct ublkml_relay_worker *w, struct ublkml_event *evs,
@@ -2819,7 +2851,8 @@ static int relay_fire(struct ublkml_queue *q, struct relay *r,
 
 /* Collect answers, give up hung workers, post pending requests to an idle
  * worker when none holds a batch or every holder is stalled.  Returns the
- * time to the next look (ns) while batches are out, else 0. */
+ * time to the next look (ns) while batches are out, else 0; r->fresh says
+ * whether a holder is fresh (or an idle worker was just given a batch). */
 static uint64_t relay_turn(struct ublkml_queue *q, struct relay *r)
 {
 	struct ublkml_event *done = r->done;
@@ -2833,6 +2866,16 @@ static uint64_t relay_turn(struct ublkml_queue *q, struct relay *r)
 	 * worker that had just started (seen in CI: ETIMEDOUT after 4 s with a
 	 * 30 s timeout). */
 	now = now_ns();
+	for (int i = 0; i < r->n_inbox; i++) {	/* harness only */
+		struct ublkml_event *e = &r->inbox[i];
+		struct ublksrv_io_desc *iod = &q->iods[e->tag];
+
+		iod->op_flags = e->op_flags;
+		iod->start_sector = e->start_sector;
+		iod->nr_sectors = e->nr_sectors;
+		handle_request(q, e->tag);
+	}
+	r->n_inbox = 0;
 	n_done = r->n_ans;
 	memcpy(done, r->ans, (size_t)n_done * sizeof(*done));
 	r->n_ans = 0;
@@ -2871,14 +2914,20 @@ static uint64_t relay_turn(struct ublkml_queue *q, struct relay *r)
 		r->n_batch = take_events(q->pending, &q->n_pending, r->batch, q->depth);
 		r->posted = 1;
 		r->t_posted = now;
-		if (r->n_idle)
+		if (r->n_idle) {
 			pthread_cond_signal(&r->cv);
+			busy = 1;	/* a worker takes it now: fresh */
+		}
 	}
+	r->fresh = busy;
 	if (r->n_holding || r->posted)
 		next = r->poll_ns;
-	pthread_mutex_unlock(&r->mu);
+	if (q->cdev_fd >= 0)
+		pthread_mutex_unlock(&r->mu);
 	for (int i = 0; i < n_done; i++)
 		complete_io(q, done[i].tag, done[i].result);
+	if (q->cdev_fd < 0)		/* harness: answers are read under mu */
+		pthread_mutex_unlock(&r->mu);
 	return next;
 }
 
@@ -2887,7 +2936,7 @@ static int relay_finished(struct ublkml_queue *q, struct relay *r)
 	int idle;
 
 	pthread_mutex_lock(&r->mu);
-	idle = !r->n_holding && !r->posted && !r->n_ans;
+	idle = !r->n_holding && !r->posted && !r->n_ans && !r->n_inbox && !r->feeding;
 	pthread_mutex_unlock(&r->mu);
 	if (!idle || q->n_pending)
 		return 0;
@@ -2896,19 +2945,72 @@ static int relay_finished(struct ublkml_queue *q, struct relay *r)
 	return queue_done(q);
 }
 
-/* Submit, then sleep until a CQE (or the next look, when wait_ns); handle
- * every ready CQE. */
-static int relay_wait(struct ublkml_queue *q, struct relay *r, uint64_t wait_ns)
+static void reap(struct ublkml_queue *q)
 {
 	struct io_uring_cqe *cqe;
 	unsigned head, n = 0;
+
+	io_uring_for_each_cqe(&q->ring, head, cqe) {
+		handle_cqe(q, cqe);
+		n++;
+	}
+	io_uring_cq_advance(&q->ring, n);
+	if (n)
+		q->st.batches++;
+}
+
+/* Submit, then sleep until there is something to do, and take every ready
+ * CQE.  Two ways to sleep:
+ *
+ *   - a batch out and its holder fresh (r->fresh): on ans_cv, until a
+ *     worker answers (or wait_ns).  New requests that arrive meanwhile
+ *     could not be posted anyway (they wait for that batch's answers), so
+ *     the ring thread need not wake for them: one futex hand-over per batch
+ *     instead of a wake-up per request and a task-work completion of the
+ *     eventfd read;
+ *   - otherwise (nothing out, or every holder stalled, or a batch nobody
+ *     has taken yet): in the ring, woken by a CQE -- a new request, which
+ *     must be posted at once when the holders are stalled, or the eventfd
+ *     read a worker's answer completes.  (Sleeping on ans_cv here too, as
+ *     bc087af did, left requests that came while every holder was stalled
+ *     unseen until the next poll, and posted only one poll later: up to
+ *     2 * poll_ns instead of at once.)
+ */
+static int relay_wait(struct ublkml_queue *q, struct relay *r, uint64_t wait_ns)
+{
+	struct io_uring_cqe *cqe;
 	int ret;
 
-	pthread_mutex_lock(&r->mu);
-	if (r->n_ans) {			/* answers came meanwhile: no sleep */
+	if (wait_ns && r->fresh) {
+		struct timespec ts;
+		uint64_t until;
+
+		ret = io_uring_submit_and_get_events(&q->ring);
+		if (ring_error(ret))
+			return ret;
+		reap(q);
+		until = now_ns() + wait_ns;
+		ts.tv_sec = (time_t)(until / 1000000000u);
+		ts.tv_nsec = (long)(until % 1000000000u);
+		pthread_mutex_lock(&r->mu);
+		/* Not n_inbox: a fed request stands for a CQE, which does
+		 * not end this sleep either. */
+		if (!r->n_ans && !r->closing) {
+			r->ring_waiting = 1;
+			pthread_cond_timedwait(&r->ans_cv, &r->mu, &ts);
+			r->ring_waiting = 0;
+		}
 		pthread_mutex_unlock(&r->mu);
-		ret = io_uring_submit(&q->ring);
-		return ring_error(ret) ? ret : 0;
+		return 0;
+	}
+	pthread_mutex_lock(&r->mu);
+	if (r->n_ans || r->n_inbox) {	/* work came meanwhile: no sleep */
+		pthread_mutex_unlock(&r->mu);
+		ret = io_uring_submit_and_get_events(&q->ring);
+		if (ring_error(ret))
+			return ret;
+		reap(q);
+		return 0;
 	}
 	r->ring_sleeping = 1;
 	pthread_mutex_unlock(&r->mu);
@@ -2927,13 +3029,7 @@ static int relay_wait(struct ublkml_queue *q, struct relay *r, uint64_t wait_ns)
 	pthread_mutex_unlock(&r->mu);
 	if (ring_error(ret))
 		return ret;
-	io_uring_for_each_cqe(&q->ring, head, cqe) {
-		handle_cqe(q, cqe);
-		n++;
-	}
-	io_uring_cq_advance(&q->ring, n);
-	if (n)
-		q->st.batches++;
+	reap(q);
 	return 0;
 }
 
@@ -2961,4 +3057,52 @@ int ublkml_queue_relay(struct ublkml_queue *q)
 	pthread_mutex_unlock(&r->mu);
 	io_uring_submit(&q->ring);
 	return ret < 0 ? ret : 0;
+}
+
+/* Harness: hand a request to a running relay (any thread).  feeding = 1
+ * before the relay starts keeps it from finishing between requests; 0 with
+ * tag < 0 says no more will come. */
+int ublkml_queue_relay_feed(struct ublkml_queue *q, int tag, uint32_t op_flags,
+			    uint64_t start_sector, uint32_t nr_sectors, int feeding)
+{
+	struct relay *r = q->relay;
+	int ret = 0;
+
+	if (!r || q->cdev_fd >= 0 || tag >= q->depth)
+		return -EINVAL;
+	pthread_mutex_lock(&r->mu);
+	r->feeding = feeding;
+	if (tag >= 0) {
+		if (r->n_inbox >= q->depth) {
+			ret = -EBUSY;
+		} else {
+			struct ublkml_event *e = &r->inbox[r->n_inbox++];
+
+			e->tag = (uint16_t)tag;
+			e->op_flags = op_flags;
+			e->start_sector = start_sector;
+			e->nr_sectors = nr_sectors;
+		}
+	}
+	/* Like a new request's CQE: wakes a ring thread asleep in the ring,
+	 * not one waiting on ans_cv (relay_wait), so the harness sees the
+	 * ring thread as late as a device would. */
+	relay_kick_ring(r);
+	pthread_mutex_unlock(&r->mu);
+	return ret;
+}
+
+/* Harness only: the answers so far, while the relay runs (any thread). */
+int ublkml_queue_relay_harvest(struct ublkml_queue *q, struct ublkml_event *out,
+			       int max)
+{
+	struct relay *r = q->relay;
+	int n;
+
+	if (!r || q->cdev_fd >= 0)
+		return -EINVAL;
+	pthread_mutex_lock(&r->mu);
+	n = take_events(q->harvest, &q->n_harvest, out, max);
+	pthread_mutex_unlock(&r->mu);
+	return n;
 }

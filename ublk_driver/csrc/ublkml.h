@@ -308,5 +308,12 @@ int ublkml_queue_relay_stats(struct ublkml_queue *q,
  * one), 0 when none.  Any thread. */
 int ublkml_queue_relay_report(struct ublkml_queue *q,
 			      struct ublkml_relay_note *note);
+/* Harness only: hand a request (tag < 0: none) to a running relay, from any
+ * thread; feeding = 1 keeps the relay from finishing when it runs dry. */
+int ublkml_queue_relay_feed(struct ublkml_queue *q, int tag, uint32_t op_flags,
+			    uint64_t start_sector, uint32_t nr_sectors, int feeding);
+/* Harness only: take the answers so far while the relay runs. */
+int ublkml_queue_relay_harvest(struct ublkml_queue *q, struct ublkml_event *out,
+			       int max);
 
 #endif /* UBLKML_H */
