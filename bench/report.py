@@ -38,10 +38,11 @@ Key = tuple[str, str, int]
 """(device, workload name, queues)"""
 
 #: The devices of each group, baseline first, as the tables show them.
-GROUP_DEVICES: dict[str, tuple[str, str]] = {
+#: group -> (baseline, ublkml device, further ublkml devices compared with it)
+GROUP_DEVICES: dict[str, tuple[str, ...]] = {
     "null": ("null_blk", "ublkml-null"),
     "loop": ("kernel-loop", "ublkml-loop"),
-    "python": ("nbdkit-python", "ublkml-python"),
+    "python": ("nbdkit-python", "ublkml-python", "ublkml-python-proc"),
 }
 GROUP_TITLES = {
     "null": "null: kernel null_blk vs ublkml null target",
@@ -292,10 +293,21 @@ def _workloads(doc: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def _group_tables(doc: dict[str, Any], group: str) -> list[str]:
+    """The group's tables: each ublkml device of the group against the baseline."""
+    base, *ubs = GROUP_DEVICES[group]
+    measured = {r["device"] for r in doc["results"]}
+    lines: list[str] = []
+    for n, ub in enumerate(u for u in ubs if u in measured or u == ubs[0]):
+        title = GROUP_TITLES[group] if n == 0 else f"{group}: {base} vs {ub}"
+        lines += _pair_tables(doc, group, base, ub, title)
+    return lines
+
+
+def _pair_tables(doc: dict[str, Any], group: str, base: str, ub: str,
+                 title: str) -> list[str]:
     idx = index_results(doc)
-    base, ub = GROUP_DEVICES[group]
     keys = sorted({(r["workload"], int(r["queues"])) for r in doc["results"]
-                   if r["group"] == group},
+                   if r["group"] == group and r["device"] in (base, ub)},
                   key=lambda k: ([w for w, _ in _workloads(doc)].index(k[0]), k[1]))
     labels = dict(_workloads(doc))
     perf_rows, lat_rows = [], []
@@ -313,7 +325,7 @@ def _group_tables(doc: dict[str, Any], group: str) -> list[str]:
                                           _lat(idx, (base, w, q), "p50"))),
                          _fmt_ratio(ratio(_lat(idx, (ub, w, q), "p99"),
                                           _lat(idx, (base, w, q), "p99")))])
-    lines = [f"### {GROUP_TITLES[group]}", ""]
+    lines = [f"### {title}", ""]
     lines += _table(["workload", "queues", f"{base} IOPS", f"{ub} IOPS", "ratio",
                      f"{base} MiB/s", f"{ub} MiB/s", "ratio"], perf_rows,
                     ["---", "---:", "---:", "---:", "---:", "---:", "---:", "---:"])
@@ -368,8 +380,13 @@ def _overhead_table(doc: dict[str, Any]) -> list[str]:
                      if _ok(r) and isinstance(r.get("accounting"), dict)})
     lines = ["### overhead: ublkml null plain vs eBPF accounting on vs --score "
              "(4k randread QD32, 1 queue)", "",
-             "Rounds alternate plain, accounting on (the same device), scoring on; ratios "
-             "are on ÷ the plain device of the same round, and of the medians.", ""]
+             "Each round measures the plain device, the same device with accounting on, "
+             "and the scoring device, " + (
+                 "in an order that rotates from round to round"
+                 if doc.get("meta", {}).get("overhead_order") == "rotated" else
+                 "always in that order (the runner before rotation was added; the place in "
+                 "the round can bias the ratios)") +
+             "; ratios are on ÷ the plain device of the same round, and of the medians.", ""]
     lines += _table(["round", f"{OVERHEAD_OFF} IOPS", "accounting on IOPS", "ratio",
                      "--score IOPS", "ratio"], rows)
     if counted:

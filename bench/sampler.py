@@ -29,7 +29,12 @@ RATE = 100
 _WAITING = re.compile(r"^((io_uring_enter|__io_uring_get_cqe|syscall|epoll_wait|poll|"
                       r"__poll|ppoll|select|clock_nanosleep|nanosleep|pthread_cond_wait|"
                       r"pthread_cond_timedwait|__futex_abstimed_wait_common|"
-                      r"futex_wait|sem_wait|read|__libc_read|accept|recv)\b)")
+                      r"futex_wait|sem_wait|sem_clockwait|sem_timedwait|"
+                      r"PyThread_acquire_lock_timed|read|__libc_read|accept|recv)\b)")
+#: How far from the leaf a blocking call may be: stripped libraries (Debian's
+#: libc and liburing) leave the innermost frames or two as bare addresses
+#: (``[libc.so.6]``) under the named function that blocks.
+_WAIT_DEPTH = 3
 _LINE = re.compile(r" \(([^():]+):\d+\)$")
 _ADDR = re.compile(r"^0x[0-9a-f]+ \((.+)\)$")
 
@@ -64,11 +69,26 @@ def parse_collapsed(text: str) -> list[tuple[str, list[str], int]]:
             raise ValueError(f"py-spy output line {n}: no sample count: {line[:80]!r}")
         frames = stack.split(";")
         thread = "?"
+        if frames[0].startswith("process ") and len(frames) > 1:
+            frames = frames[1:]  # --subprocesses: 'process PID:"CMDLINE"' comes first
         if frames[0].startswith("thread (") and "): " in frames[0]:
             thread = frames[0].split("): ", 1)[1]
             frames = frames[1:]
         out.append((thread, frames, int(count)))
     return out
+
+
+def _waiting(names: list[str]) -> bool:
+    """Whether a stack (frame names, root first) is blocked in a call.
+
+    A blocking function within the innermost ``_WAIT_DEPTH`` frames, or a bare
+    address in liburing on top: the only liburing code that takes time is the
+    io_uring_enter system call (the engine's inlined wait shows up that way)."""
+    if not names:
+        return False
+    if names[-1].startswith("[liburing"):
+        return True
+    return any(_WAITING.match(n.lstrip("[")) for n in names[-_WAIT_DEPTH:])
 
 
 def summarize(text: str, top: int = 8) -> dict[str, Any]:
@@ -82,9 +102,9 @@ def summarize(text: str, top: int = 8) -> dict[str, Any]:
     leaf: Counter[str] = Counter()
     python: Counter[str] = Counter()
     for thread, frames, count in stacks:
-        threads[re.sub(r"\d+$", "N", thread)] += count
+        threads[re.sub(r"\d+", "N", thread)] += count  # one row per kind: ublk-qN-py
         names = [frame_name(f) for f in frames]
-        if names and _WAITING.match(names[-1].lstrip("[")):
+        if _waiting(names):
             waiting += count
             continue
         if names:

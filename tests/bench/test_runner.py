@@ -42,10 +42,21 @@ def test_full_plan() -> None:
     assert {(c.device.name, c.queues) for c in na} == {("kernel-loop", 2)}
     # Group by group, queue count, workload; the baseline right before ublkml.
     order = [(c.device.group, c.queues, c.workload.name, c.round, c.device.name)
-             for c in cases]
+             for c in cases if c.device.group != "overhead"]
     assert order == sorted(order, key=lambda t: (
         GROUPS.index(t[0]), t[1], [w.name for w in WORKLOADS].index(t[2]), t[3],
         [d.name for d in DEVICES].index(t[4])))
+    # The overhead group round by round, each round in its own order: every
+    # device takes every place in a round (3 devices: within 6 rounds).
+    rounds: dict[int, list[str]] = {}
+    for c in cases:
+        if c.device.group == "overhead":
+            rounds.setdefault(c.round, []).append(c.device.name)
+    assert sorted(rounds) == list(range(runner.OVERHEAD_ROUNDS_FULL))
+    assert all(sorted(names) == sorted(d.name for d in overhead) for names in rounds.values())
+    first6 = [rounds[r] for r in range(min(6, len(rounds)))]
+    for place in range(len(overhead)):
+        assert {names[place] for names in first6} == {d.name for d in overhead}
     assert [c.title for c in cases[:3]] == ["null_blk 4k randread QD1 q1",
                                             "ublkml-null 4k randread QD1 q1",
                                             "null_blk 4k randread QD32 q1"]

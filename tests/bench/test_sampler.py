@@ -33,12 +33,38 @@ def test_summary_separates_waiting_and_shares_add_up() -> None:
     assert s["samples"] == 100
     assert s["waiting_share"] == 0.6
     assert {t["frame"]: t["share"] for t in s["threads"]} == {"MainThread": 0.6,
-                                                               "ublk-q0-py": 0.4}
+                                                               "ublk-qN-py": 0.4}
     assert s["self"] == [{"frame": "memcpy (libc.so.6)", "share": 0.3},
                          {"frame": "handle_cqe (ublkml.c)", "share": 0.1}]
     # inclusive: both lines of the worker run under handle(); waiting samples are not counted
     py = {p["frame"]: p["share"] for p in s["python"]}
     assert py == {"handle (plugin.py)": 0.4, "read_into (ramdisk.py)": 0.3}
+
+
+#: --subprocesses output from stripped libraries (real shapes, from a test-bed
+#: run): the blocking call is under one or two bare addresses, or is the
+#: engine's inlined io_uring wait that shows as a bare liburing address.
+RAW_STRIPPED = "\n".join([
+    'process 180:"python -m ublk_driver add";thread (182): ublk-q0;0x7fbe8ec (libc.so.6);'
+    "process_batch (ublkml.c:2233);ring_error (ublkml.c:2199);0x7fbeef3a5b95 (liburing.so.2.3)"
+    " 50",
+    'process 190:"python -m ublk_driver add";thread (191): ublk-q1-py;'
+    "ublkml_relay_next (ublkml.c:2693);pthread_cond_wait (libc.so.6);0x7f0df9219f16 (libc.so.6)"
+    " 20",
+    'process 180:"python -m ublk_driver add";thread (183): ublk-q0-err;'
+    "PyThread_acquire_lock_timed (libpython3.11.so.1.0);0x7fbe116 (libc.so.6);"
+    "0x7fbe9f16 (libc.so.6) 20",
+    'process 190:"python -m ublk_driver add";thread (191): ublk-q1-py;'
+    "RamStore.pread (bench/ramstore.py:94);0x7f0df92e6a89 (libc.so.6) 10",
+])
+
+
+def test_stripped_libraries_and_subprocess_lines() -> None:
+    s = sampler.summarize(RAW_STRIPPED)
+    assert s["samples"] == 100 and s["waiting_share"] == 0.9
+    assert {t["frame"] for t in s["threads"]} == {"ublk-qN", "ublk-qN-py", "ublk-qN-err"}
+    assert s["self"] == [{"frame": "[libc.so.6]", "share": 0.1}]  # the copy, on a CPU
+    assert s["python"] == [{"frame": "RamStore.pread (bench/ramstore.py)", "share": 0.1}]
 
 
 def test_output_without_thread_names_and_empty_output() -> None:
