@@ -303,7 +303,6 @@ class Descriptors:
         _check(lib.ublkml_map_descriptors(cdev_fd, q_id, depth, out),
                f"map the descriptors of queue {q_id}")
         self._p: Any = out[0]
-        self.q_id = q_id
         self.depth = depth
 
     def unmap(self) -> None:
@@ -327,7 +326,6 @@ class Queue:
         _check(lib.ublkml_queue_new(out, target.handle, cdev_fd, q_id, depth, buf_size,
                                     int(ioctl_encode), ring_flags, iods),
                f"set up queue {q_id}")
-        self._descriptors = descriptors
         self._q: Any = out[0]
         self._target = target  # keep alive as long as the queue
         self.q_id = q_id

@@ -62,7 +62,7 @@ def check_fork_safe(backend: Backend) -> None:
         raise ConfigError(f"queue processes are for Python plug-in targets: target "
                           f"{backend.name} runs in C, its queue threads already run in "
                           "parallel (drop --queue-processes)")
-    if not getattr(backend.plugin, "fork_safe", False):
+    if not backend.plugin.fork_safe:
         raise ConfigError(f"plug-in {backend.spec} is not fork_safe: each queue process would "
                           "get its own copy of its state, and writes through one queue would "
                           "be unseen by the others; keep the state in shared memory or files "
