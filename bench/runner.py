@@ -106,6 +106,13 @@ VM_CPUS, VM_MEMORY_MB = 2, 4096
 #: Alternations of the overhead group (plain, accounting on, scoring on): the
 #: goals compare medians.  Full: 15 measurements, about 4 min; --quick: 9.
 OVERHEAD_ROUNDS_FULL, OVERHEAD_ROUNDS_QUICK = 5, 3
+#: Rounds of the cases the issue-3 goals are computed from (the headline 4k
+#: randread QD32 on 1 and 2 queues, QD1 on 1 queue), in every pair group: the
+#: goals compare medians, because a single run's ratio moves 10-20 % between
+#: runs under TCG.  Full: about 9 minutes more than one round; --quick: 1.
+GOAL_ROUNDS_FULL, GOAL_ROUNDS_QUICK = 3, 1
+GOAL_CASES: frozenset[tuple[str, int]] = frozenset(
+    {("4k-randread-qd32", 1), ("4k-randread-qd32", 2), ("4k-randread-qd1", 1)})
 OVERHEAD_WORKLOAD, OVERHEAD_QUEUES = "4k-randread-qd32", 1
 #: The kernel agent instance the overhead group attaches (pins under
 #: /sys/fs/bpf/ublkml/<instance>/ while measuring).
@@ -209,12 +216,18 @@ class Case:
     workload: Workload
     queues: int
     round: int = 0
-    """The alternation (0, 1, ...) of an overhead case; 0 for the other groups."""
+    """The alternation (0, 1, ...) of an overhead case or a repeated goal case."""
+    repeated: bool = False
+    """One of several rounds of a goal case (see GOAL_CASES); overhead cases always are."""
+
+    @property
+    def in_rounds(self) -> bool:
+        return self.repeated or self.device.group == "overhead"
 
     @property
     def title(self) -> str:
         title = f"{self.device.name} {self.workload.label} q{self.queues}"
-        return title + (f" round {self.round + 1}" if self.device.group == "overhead" else "")
+        return title + (f" round {self.round + 1}" if self.in_rounds else "")
 
     @property
     def applicable(self) -> bool:
@@ -252,16 +265,34 @@ def overhead_cases(rounds: int) -> list[Case]:
             for d in DEVICES if d.group == "overhead"]
 
 
-def plan_cases(*, quick: bool, skip: Sequence[str] = (), rounds: int | None = None
-               ) -> list[Case]:
+def _goal_rounds(case: Case, goal_rounds: int) -> list[Case]:
+    """``case`` once, or ``goal_rounds`` times if the goals are computed from it.
+
+    Rounds of a pair come one after the other per round (baseline, ublkml;
+    baseline, ublkml; ...: see _order), so each round is a side-by-side pair.
+    A case that cannot be measured (n/a) is recorded once.
+    """
+    if (goal_rounds < 2 or not case.applicable
+            or (case.workload.name, case.queues) not in GOAL_CASES):
+        return [case]
+    return [Case(case.device, case.workload, case.queues, r, repeated=True)
+            for r in range(goal_rounds)]
+
+
+def plan_cases(*, quick: bool, skip: Sequence[str] = (), rounds: int | None = None,
+               goal_rounds: int | None = None) -> list[Case]:
     """Every case of the run, in the order they are measured (n/a ones included)."""
     if quick:
         cases = [Case(device_by_name(d), workload_by_name(w), q) for d, w, q in QUICK_CASES]
+        n_goal = goal_rounds or GOAL_ROUNDS_QUICK
         cases += overhead_cases(rounds or OVERHEAD_ROUNDS_QUICK)
     else:
         cases = [Case(d, w, q) for d in DEVICES if d.group != "overhead"
                  for w in WORKLOADS for q in (1, 2)]
+        n_goal = goal_rounds or GOAL_ROUNDS_FULL
         cases += overhead_cases(rounds or OVERHEAD_ROUNDS_FULL)
+    cases = [r for c in cases for r in
+             (_goal_rounds(c, n_goal) if c.device.group != "overhead" else [c])]
     return sorted((c for c in cases if c.device.group not in skip), key=_order)
 
 
@@ -802,7 +833,7 @@ def measure_case(case: Case, handle: Handle, ctx: Context, *, runtime: float, ra
                  profile: bool) -> dict[str, Any]:
     """fio on the live device; the figures (raises BenchError/FioError)."""
     stem = f"{case.device.name}-{case.workload.name}-q{case.queues}"
-    if case.device.group == "overhead":
+    if case.in_rounds:
         stem += f"-r{case.round + 1}"
     jobs_dir, fio_dir = ctx.outdir / "jobs", ctx.outdir / "fio"
     jobs_dir.mkdir(exist_ok=True)
@@ -905,7 +936,7 @@ def _record(case: Case, meta: dict[str, Any]) -> dict[str, Any]:
         "numjobs": case.queues, "in_flight": w.depth * case.queues,
         "fio_version": meta["fio_version"], "kernel": meta["kernel"],
         "environment": meta["environment"], "date": _now(),
-        **({"round": case.round} if case.device.group == "overhead" else {}),
+        **({"round": case.round} if case.in_rounds else {}),
     }
 
 
@@ -935,7 +966,9 @@ class _Run:
             "runtime_s": self.runtime, "ramp_s": self.ramp, "fio_version": _fio_version(),
             "git_commit": _git_commit(), "git_dirty": _git_dirty(),
             "engine": engine_fingerprint(), "skipped_groups": sorted(args.skip or []),
-            "profile": bool(args.profile), "poll_us": args.poll_us, **env,
+            "profile": bool(args.profile), "poll_us": args.poll_us,
+            "goal_rounds": max((c.round + 1 for c in cases if c.repeated), default=1),
+            **env,
             "devices": {d.name: {"group": d.group, "role": d.role, "baseline": d.baseline,
                                  "description": d.description} for d in DEVICES},
         }
@@ -1119,7 +1152,8 @@ class _Run:
 def measure(args: argparse.Namespace, outdir: Path) -> tuple[dict[str, Any], int]:
     """Measure every case here (ublk must work); returns (results document, exit code)."""
     run = _Run(args, outdir,
-               plan_cases(quick=args.quick, skip=args.skip or (), rounds=args.rounds))
+               plan_cases(quick=args.quick, skip=args.skip or (), rounds=args.rounds,
+                       goal_rounds=args.goal_rounds))
     meta = run.meta
     _say(f"{run.total} measurements ({run.runtime:g} s + {run.ramp:g} s ramp each), about "
          f"{estimate_seconds(run.cases, run.runtime, run.ramp) / 60:.0f} min, on "
@@ -1261,6 +1295,8 @@ def _forwarded(args: argparse.Namespace) -> list[str]:
         out.append("--profile")
     if args.rounds is not None:
         out += ["--rounds", str(args.rounds)]
+    if args.goal_rounds is not None:
+        out += ["--goal-rounds", str(args.goal_rounds)]
     if args.poll_us is not None:
         out += ["--poll-us", str(args.poll_us)]
     return out
@@ -1271,7 +1307,8 @@ def run_in_vm(args: argparse.Namespace, outdir: Path) -> tuple[dict[str, Any] | 
     from ublk_driver import testbed
 
     runtime, ramp = _timing(args)
-    cases = plan_cases(quick=args.quick, skip=args.skip or (), rounds=args.rounds)
+    cases = plan_cases(quick=args.quick, skip=args.skip or (), rounds=args.rounds,
+                       goal_rounds=args.goal_rounds)
     estimate = estimate_seconds(cases, runtime, ramp) + _BOOT_OVERHEAD
     timeout = args.vm_timeout or max(900.0, 2.5 * estimate + 300)
     argv = [sys.executable, "-m", "bench", "--in-vm", "--out", str(outdir), *_forwarded(args)]
@@ -1352,6 +1389,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=_rounds_arg, metavar="N",
                    help=f"rounds of the overhead group (default {OVERHEAD_ROUNDS_FULL}, "
                         f"--quick {OVERHEAD_ROUNDS_QUICK}); more rounds, steadier medians")
+    p.add_argument("--goal-rounds", type=_rounds_arg, metavar="N",
+                   help="rounds of the cases the goals are computed from (4k randread "
+                        "QD32 on 1 and 2 queues, QD1 on 1 queue; baseline and ublkml "
+                        f"alternately), whose medians the goals compare (default "
+                        f"{GOAL_ROUNDS_FULL}, --quick {GOAL_ROUNDS_QUICK})")
     p.add_argument("--vm-timeout", type=float, metavar="S",
                    help="kill the test bed after S seconds (default: from the estimate)")
     p.add_argument("--no-report", action="store_true",

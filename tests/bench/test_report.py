@@ -401,3 +401,71 @@ def test_markdown_bpf_cost_line() -> None:
     assert "implied ratio of at least 0.980" in md
     doc["meta"]["bpf_cost"] = {"error": "cannot enable it"}
     assert "Cost per I/O by bpf_stats: not measured (cannot enable it)." in render_markdown(doc)
+
+
+def _with_goal_rounds(doc: dict[str, Any], rounds: dict[tuple[str, str, int],
+                      tuple[float | None, ...]]) -> dict[str, Any]:
+    """``doc`` with the given cases replaced by records per round (None: failed)."""
+    results = [r for r in doc["results"]
+               if (r["device"], r["workload"], r["queues"]) not in rounds]
+    for (dev, w, q), values in rounds.items():
+        results += [_rec(dev, w, q, v, round_=n, status="ok" if v is not None else "error")
+                    for n, v in enumerate(values)]
+    doc["results"] = results
+    doc["meta"]["goal_rounds"] = max(len(v) for v in rounds.values())
+    return doc
+
+
+def test_goals_compare_medians_of_the_goal_rounds_and_show_each_round() -> None:
+    # Round 2 is an outlier either way; the medians (60k vs 80k) decide.
+    doc = _with_goal_rounds(make_doc(), {
+        ("null_blk", "4k-randread-qd32", 1): (80_000, 40_000, 82_000),
+        ("ublkml-null", "4k-randread-qd32", 1): (60_000, 58_000, 30_000),
+    })
+    g = _by_key(doc)["null-iops"]
+    assert g.ratio == pytest.approx(58_000 / 80_000)
+    assert g.status == "PASS"
+    assert g.detail == ("58,000 vs 80,000 IOPS (median of 3 rounds; per round "
+                        "0.75, 1.45, 0.37)")
+    # The tables show the medians too, and say so.
+    md = render_markdown(doc)
+    assert "| 4k randread QD32 | 1 | 80,000 | 58,000 | 0.72 |" in md
+    assert "ran 3 rounds" in md
+
+
+def test_goal_rounds_medians_of_latency_and_scaling() -> None:
+    doc = _with_goal_rounds(make_doc(), {
+        ("null_blk", "4k-randread-qd1", 1): (10_000, 11_000, 9_000),
+        ("ublkml-null", "4k-randread-qd1", 1): (8_000, 5_000, 7_000),
+        ("ublkml-python", "4k-randread-qd32", 1): (10_000, 9_000, 11_000),
+        ("ublkml-python", "4k-randread-qd32", 2): (9_000, 12_000, 10_500),
+    })
+    goals = _by_key(doc)
+    # make_doc derives p50 from IOPS (p50 = 1e3/iops * depth/32 us): medians
+    # 1/10k vs 1/7k -> 10/7.
+    assert goals["null-qd1-latency"].ratio == pytest.approx(10 / 7)
+    assert goals["null-qd1-latency"].status == "PASS"
+    assert "median of 3 rounds" in goals["null-qd1-latency"].detail
+    assert goals["python-scaling"].ratio == pytest.approx(10_500 / 10_000)
+    assert goals["python-scaling"].detail.endswith("per round 0.90, 1.33, 0.95)")
+
+
+def test_goal_rounds_that_failed_are_left_out_of_the_median() -> None:
+    doc = _with_goal_rounds(make_doc(), {
+        ("null_blk", "4k-randread-qd32", 1): (80_000, 80_000, 80_000),
+        ("ublkml-null", "4k-randread-qd32", 1): (None, 60_000, 64_000),
+    })
+    g = _by_key(doc)["null-iops"]
+    assert g.ratio == pytest.approx(62_000 / 80_000)
+    # Per-round ratios only where both sides of the round succeeded.
+    assert g.detail.endswith("(median of 3 rounds; per round 0.75, 0.80)")
+    idx = report.index_results(doc)
+    rec = idx[("ublkml-null", "4k-randread-qd32", 1)]
+    assert (rec["rounds"], rec["rounds_ok"], rec["status"]) == (3, 2, "ok")
+    # No round at all: the case is an error with the last round's message.
+    doc = _with_goal_rounds(make_doc(), {
+        ("ublkml-null", "4k-randread-qd32", 1): (None, None),
+    })
+    assert _by_key(doc)["null-iops"].status == "n/a"
+    assert report.index_results(doc)[("ublkml-null", "4k-randread-qd32", 1)]["status"] == \
+        "error"
