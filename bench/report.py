@@ -42,7 +42,9 @@ Key = tuple[str, str, int]
 GROUP_DEVICES: dict[str, tuple[str, ...]] = {
     "null": ("null_blk", "ublkml-null"),
     "loop": ("kernel-loop", "ublkml-loop"),
-    "python": ("nbdkit-python", "ublkml-python", "ublkml-python-proc"),
+    # ublkml-python-proc: session 5's explicit --queue-processes (its results files)
+    "python": ("nbdkit-python", "ublkml-python", "ublkml-python-threads",
+               "ublkml-python-proc"),
 }
 GROUP_TITLES = {
     "null": "null: kernel null_blk vs ublkml null target",
@@ -87,11 +89,9 @@ GOALS: tuple[Goal, ...] = (
          "scaling", "ublkml-null", None, HEADLINE, 2, 1.0),
     Goal("loop-scaling", "ublkml loop: 2 queues > 1 queue IOPS (4k randread QD32)",
          "scaling", "ublkml-loop", None, HEADLINE, 2, 1.0),
-    Goal("python-scaling", "ublkml python: 2 queues > 1 queue IOPS (4k randread QD32)",
+    Goal("python-scaling", "ublkml python: 2 queues > 1 queue IOPS (4k randread QD32; "
+         "default queue model)",
          "scaling", "ublkml-python", None, HEADLINE, 2, 1.0),
-    Goal("python-proc-scaling",
-         "ublkml python --queue-processes: 2 queues > 1 queue IOPS (4k randread QD32)",
-         "scaling", "ublkml-python-proc", None, HEADLINE, 2, 1.0),
     Goal("null-qd1-latency",
          "ublkml null QD1 p50 latency <= 1.5 x null_blk (4k randread QD1, 1 queue)",
          "latency_ratio", "ublkml-null", "null_blk", "4k-randread-qd1", 1, 1.5),

@@ -184,10 +184,11 @@ DEVICES: tuple[DeviceSpec, ...] = (
                "-connections 2 for 2 queues"),
     DeviceSpec("ublkml-python", "python", "ublkml", "nbdkit-python", 2, (),
                f"ublkml add -t python --plugin bench.ramstore:RamStoreTarget "
-               f"({RAM_BYTES >> 20} MiB) -q 1|2 -d {DEPTH}"),
-    DeviceSpec("ublkml-python-proc", "python", "ublkml", "nbdkit-python", 2, (),
-               "the same as ublkml-python with --queue-processes: each queue served by "
-               "a process of its own (no GIL shared between queues)"),
+               f"({RAM_BYTES >> 20} MiB) -q 1|2 -d {DEPTH}: the default, a queue thread "
+               "with 1 queue, a process per queue with 2 (RamStore is fork_safe)"),
+    DeviceSpec("ublkml-python-threads", "python", "ublkml", "nbdkit-python", 2, (),
+               "the same as ublkml-python with --queue-threads: every queue a thread of "
+               "the server, the queues' plug-in code taking turns on one GIL"),
     DeviceSpec("ublkml-null-off", "overhead", "baseline", None, 1, (),
                f"ublkml add -t null --size {NULL_GB}G -q 1 -d {DEPTH}, plain: the 'off' "
                "side of both overhead goals"),
@@ -586,10 +587,10 @@ def open_device(spec: DeviceSpec, queues: int, ctx: Context) -> contextlib.Abstr
         return ublkml_device(["-t", "loop", "-f", str(ctx.loop_file), *q], ctx)
     if spec.name == "nbdkit-python":
         return nbdkit_device(queues, ctx)
-    if spec.name in ("ublkml-python", "ublkml-python-proc"):
-        procs = ["--queue-processes"] if spec.name == "ublkml-python-proc" else []
+    if spec.name in ("ublkml-python", "ublkml-python-threads"):
+        threads = ["--queue-threads"] if spec.name == "ublkml-python-threads" else []
         return ublkml_device(["-t", "python", "--plugin", "bench.ramstore:RamStoreTarget",
-                              "--plugin-arg", f"size={RAM_BYTES}", *q, *procs], ctx)
+                              "--plugin-arg", f"size={RAM_BYTES}", *q, *threads], ctx)
     raise KeyError(spec.name)
 
 

@@ -114,9 +114,10 @@ def _make_target(args: argparse.Namespace) -> Backend:
         raise CliError("--leg is for -t mirror (use -f FILE for loop)", 2)
     if t != "python" and args.plugin_timeout is not None:
         raise CliError("--plugin-timeout is for -t python", 2)
-    if t != "python" and args.queue_processes:
-        raise CliError("--queue-processes is for -t python (native targets run in C: their "
-                       "queue threads already run in parallel)", 2)
+    for flag in ("queue_processes", "queue_threads"):
+        if t != "python" and getattr(args, flag):
+            raise CliError(f"--{flag.replace('_', '-')} is for -t python (native targets run "
+                           "in C: their queue threads already run in parallel)", 2)
     if t == "mirror":
         if not args.leg or len(args.leg) < 2:
             raise CliError("-t mirror needs at least two legs: --leg FILE --leg FILE", 2)
@@ -149,6 +150,7 @@ def _device_summary(server: Server) -> dict[str, Any]:
     assert info is not None
     return {"dev_id": info.dev_id, "bdev": bdev_path(info.dev_id), "pid": os.getpid(),
             "queues": info.nr_hw_queues, "depth": info.queue_depth,
+            "queue_processes": server.queue_processes,
             "block_size": server.backend.block_size, **server.backend.describe()}
 
 
@@ -157,7 +159,8 @@ def _print_ready(summary: dict[str, Any], as_json: bool) -> None:
         print(json.dumps(summary), flush=True)
     else:
         print(f"{summary['bdev']}: {summary['target']} {format_size(int(summary['size']))}, "
-              f"{summary['queues']} queue(s) x depth {summary['depth']}, "
+              f"{summary['queues']} queue(s) x depth {summary['depth']}"
+              f"{' (queue processes)' if summary.get('queue_processes') else ''}, "
               f"server pid {summary['pid']}", flush=True)
 
 
@@ -222,7 +225,8 @@ def _config_from(args: argparse.Namespace, dev_id: int) -> ServerConfig:
                           max_io_bytes=args.max_io,
                           record_capacity=1 << 14 if records else 0,
                           summaries=scoring, recovery=args.recovery, poll_us=args.poll_us,
-                          queue_processes=args.queue_processes)
+                          queue_processes=(True if args.queue_processes else
+                                           False if args.queue_threads else None))
     config.validate()
     return config
 
@@ -507,11 +511,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="python: a plug-in call that has not returned after SECONDS fails "
                    "its I/O with ETIMEDOUT and is logged; the device goes on serving "
                    "(default 30; 0: no timeout, calls run on the queue thread)")
-    a.add_argument("--queue-processes", action="store_true",
-                   help="python: serve each queue from its own process, so that the "
-                   "plug-in's code runs on several CPUs at once instead of taking turns "
-                   "on one GIL; the plug-in class must say fork_safe = True (its state in "
-                   "shared memory or files); not with --score")
+    model = a.add_mutually_exclusive_group()
+    model.add_argument("--queue-processes", action="store_true",
+                       help="python: serve each queue from its own process, so that the "
+                       "plug-in's code runs on several CPUs at once instead of taking turns "
+                       "on one GIL; the plug-in class must say fork_safe = True (its state "
+                       "in shared memory or files); not with --score. Default: processes "
+                       "for a fork_safe plug-in with several queues and no --score, "
+                       "threads otherwise")
+    model.add_argument("--queue-threads", action="store_true",
+                       help="python: serve every queue from a thread of the server process "
+                       "even where processes would be the default")
     a.add_argument("--buffered", action="store_true",
                    help="loop, mirror: use the page cache instead of O_DIRECT")
     a.add_argument("--read-only", action="store_true", help="loop: open the file read-only")

@@ -109,6 +109,26 @@ def test_queue_processes_serve_one_disk(tmp_path: Path) -> None:
         assert tot["errors"] == 0 and tot["write"] == 48 << 20 and tot["read"] == 48 << 20
 
 
+@pytest.mark.parametrize("flag", [None, "--queue-threads"])
+def test_python_queue_model_default(flag: str | None) -> None:
+    """A fork_safe plug-in with two queues gets queue processes unless asked
+    for threads (--queue-threads); both serve verified I/O on both queues."""
+    with device("-t", "python", "--plugin", PLUGIN, "--size", str(SIZE), "-q", "2",
+                *([flag] if flag else [])) as d:
+        assert d.info["queue_processes"] is (flag is None)
+        doc = fio(d.bdev, "--rw=randwrite", "--bs=64k", "--iodepth=8", "--size=8M",
+                  "--verify=crc32c", "--verify_fatal=1", "--do_verify=1", "--numjobs=2",
+                  "--cpus_allowed=0-1", "--cpus_allowed_policy=split",
+                  "--offset_increment=8M")
+        tot = job_totals(doc)
+        assert tot["errors"] == 0 and tot["write"] == 16 << 20 and tot["read"] == 16 << 20
+        pids = {q.get("pid") for q in _queue_stats(d.dev_id)}
+        if flag is None:
+            assert len(pids) == 2 and d.info["pid"] not in pids, pids
+        else:
+            assert pids <= {None, d.info["pid"]}, pids
+
+
 @pytest.mark.parametrize("queues", [1, 2])
 def test_null_target_serves_fio(queues: int, tmp_path: Path) -> None:
     with device(*target_args("null", tmp_path), "-q", str(queues)) as d:
