@@ -240,7 +240,10 @@ def _order(case: Case) -> tuple[int, int, int, int, int]:
     # figures of each comparison are taken one right after the other (see
     # _Run.pair), which matters on a machine shared with other VMs.  The
     # overhead group goes round by round, each round in its own order.
+    # Rounds of a goal case reverse the pair's order every other round, for
+    # the reason _overhead_position gives.
     position = (_overhead_position(case) if case.device.group == "overhead"
+                else -DEVICES.index(case.device) if case.repeated and case.round % 2
                 else DEVICES.index(case.device))
     return (GROUPS.index(case.device.group), case.queues, WORKLOADS.index(case.workload),
             case.round, position)
