@@ -176,13 +176,14 @@ def _round_ratios(doc: dict[str, Any], a_key: Key, b_key: Key, pct: str | None =
     return out
 
 
-def _rounds_note(idx: dict[Key, dict[str, Any]], per_round: list[float],
-                 *keys: Key) -> str:
-    """`` (median of 3 rounds; per round 0.78, 0.81, 0.84)`` or '' for single runs."""
-    n = max(int(idx[k].get("rounds", 1)) for k in keys if k in idx)
+def _rounds_note(doc: dict[str, Any], idx: dict[Key, dict[str, Any]], a_key: Key,
+                 b_key: Key, pct: str | None = None) -> str:
+    """`` (median of 3 rounds; per round 0.78, 0.81, 0.84)`` for a goal whose
+    cases ran in rounds (ratios as in :func:`_round_ratios`), '' for single runs."""
+    n = max(int(idx[k].get("rounds", 1)) for k in (a_key, b_key) if k in idx)
     if n < 2:
         return ""
-    spread = ", ".join(f"{r:.2f}" for r in per_round)
+    spread = ", ".join(f"{r:.2f}" for r in _round_ratios(doc, a_key, b_key, pct))
     return f" (median of {n} rounds; per round {spread})"
 
 
@@ -270,8 +271,7 @@ def check_goals(doc: dict[str, Any], goals: Iterable[Goal] = GOALS) -> list[Goal
             a, b = _iops(idx, a_key), _iops(idx, b_key)
             r = ratio(a, b)
             detail = (f"{_fmt_iops(a)} IOPS with 2 queues vs {_fmt_iops(b)} with 1"
-                      + _rounds_note(idx, _round_ratios(doc, a_key, b_key), a_key, b_key)
-                      if r is not None else "")
+                      + _rounds_note(doc, idx, a_key, b_key) if r is not None else "")
             passed = r is not None and r > g.threshold
         elif g.kind in ("iops_ratio", "latency_ratio"):
             assert g.other is not None
@@ -280,15 +280,13 @@ def check_goals(doc: dict[str, Any], goals: Iterable[Goal] = GOALS) -> list[Goal
                 a, b = _iops(idx, a_key), _iops(idx, b_key)
                 r = ratio(a, b)
                 detail = (f"{_fmt_iops(a)} vs {_fmt_iops(b)} IOPS"
-                          + _rounds_note(idx, _round_ratios(doc, a_key, b_key), a_key, b_key)
-                          if r is not None else "")
+                          + _rounds_note(doc, idx, a_key, b_key) if r is not None else "")
                 passed = r is not None and r >= g.threshold
             else:
                 a, b = _lat(idx, a_key, "p50"), _lat(idx, b_key, "p50")
                 r = ratio(a, b)
                 detail = (f"p50 {_fmt_us(a)} vs {_fmt_us(b)} us"
-                          + _rounds_note(idx, _round_ratios(doc, a_key, b_key, "p50"),
-                                         a_key, b_key)
+                          + _rounds_note(doc, idx, a_key, b_key, "p50")
                           if r is not None else "")
                 passed = r is not None and r <= g.threshold
         else:

@@ -68,6 +68,7 @@ from bench.jobs import (
     parse_fio_json,
     workload_by_name,
 )
+from bench.report import GOALS
 
 __all__ = [
     "DEVICES",
@@ -111,8 +112,11 @@ OVERHEAD_ROUNDS_FULL, OVERHEAD_ROUNDS_QUICK = 5, 3
 #: goals compare medians, because a single run's ratio moves 10-20 % between
 #: runs under TCG.  Full: about 9 minutes more than one round; --quick: 1.
 GOAL_ROUNDS_FULL, GOAL_ROUNDS_QUICK = 3, 1
+#: (workload, queues) of those cases, from the goals themselves (a scaling
+#: goal also needs its 1-queue figure; the overhead goals have their rounds).
 GOAL_CASES: frozenset[tuple[str, int]] = frozenset(
-    {("4k-randread-qd32", 1), ("4k-randread-qd32", 2), ("4k-randread-qd1", 1)})
+    case for g in GOALS if g.kind != "median_iops_ratio"
+    for case in ((g.workload, g.queues), *([(g.workload, 1)] if g.kind == "scaling" else [])))
 OVERHEAD_WORKLOAD, OVERHEAD_QUEUES = "4k-randread-qd32", 1
 #: The kernel agent instance the overhead group attaches (pins under
 #: /sys/fs/bpf/ublkml/<instance>/ while measuring).
@@ -287,16 +291,15 @@ def plan_cases(*, quick: bool, skip: Sequence[str] = (), rounds: int | None = No
                goal_rounds: int | None = None) -> list[Case]:
     """Every case of the run, in the order they are measured (n/a ones included)."""
     if quick:
-        cases = [Case(device_by_name(d), workload_by_name(w), q) for d, w, q in QUICK_CASES]
+        pairs = [Case(device_by_name(d), workload_by_name(w), q) for d, w, q in QUICK_CASES]
         n_goal = goal_rounds or GOAL_ROUNDS_QUICK
-        cases += overhead_cases(rounds or OVERHEAD_ROUNDS_QUICK)
+        overhead = overhead_cases(rounds or OVERHEAD_ROUNDS_QUICK)
     else:
-        cases = [Case(d, w, q) for d in DEVICES if d.group != "overhead"
+        pairs = [Case(d, w, q) for d in DEVICES if d.group != "overhead"
                  for w in WORKLOADS for q in (1, 2)]
         n_goal = goal_rounds or GOAL_ROUNDS_FULL
-        cases += overhead_cases(rounds or OVERHEAD_ROUNDS_FULL)
-    cases = [r for c in cases for r in
-             (_goal_rounds(c, n_goal) if c.device.group != "overhead" else [c])]
+        overhead = overhead_cases(rounds or OVERHEAD_ROUNDS_FULL)
+    cases = [r for c in pairs for r in _goal_rounds(c, n_goal)] + overhead
     return sorted((c for c in cases if c.device.group not in skip), key=_order)
 
 
