@@ -572,7 +572,7 @@ def _devices_section(doc: dict[str, Any]) -> list[str]:
             continue
         facts = []
         for q, a in sorted(attrs.get(name, {}).items()):
-            bits = [f"{k}={a[k]}" for k in ("hw_queues", "direct_io", "block_size",
+            bits = [f"{k}={a[k]}" for k in ("hw_queues", "scheduler", "direct_io", "block_size",
                                             "connections") if k in a and a[k] is not None]
             facts.append(f"q{q}: " + ", ".join(bits))
         extra = f" ({'; '.join(facts)})" if facts else ""

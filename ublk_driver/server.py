@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ublk_driver import _bindings
+from ublk_driver.blockdev import check_scheduler, read_scheduler, set_scheduler
 from ublk_driver.control import Control, bdev_path, cdev_path
 from ublk_driver.ctl import ControlServer, socket_path
 from ublk_driver.errors import ConfigError, ControlError, DeviceNotFoundError, UblkError
@@ -94,6 +95,11 @@ class ServerConfig:
     #: different queues then runs in parallel instead of under one GIL.
     #: None (the default) decides per server: see :func:`use_queue_processes`.
     queue_processes: bool | None = None
+    #: the block device's I/O scheduler, set once the device is started:
+    #: "none" (the default) hands requests straight to the queues, as the
+    #: kernel's loop and null_blk do; None keeps the kernel's choice
+    #: (mq-deadline for one queue). See ublk_driver/blockdev.py for why.
+    scheduler: str | None = "none"
 
     def spin_usec(self) -> int:
         """The queue threads' hybrid-polling budget: ``poll_us`` or its default."""
@@ -111,6 +117,7 @@ class ServerConfig:
         cap = self.record_capacity
         if cap and (cap & (cap - 1) or cap > 1 << 24):
             raise ConfigError(f"record capacity must be a power of two up to 2^24, got {cap}")
+        check_scheduler(self.scheduler)
         self.spin_usec()  # a bad value or UBLKML_POLL_US fails here, before the device exists
         if self.recovery not in RECOVERY_FLAGS:
             raise ConfigError(f"recovery must be one of {', '.join(RECOVERY_FLAGS)}, "
@@ -182,6 +189,8 @@ class Server:
         self.config.validate()
         #: queues served by child processes instead of threads
         self.queue_processes = use_queue_processes(backend, self.config)
+        #: the block device's I/O scheduler once started (None: unknown)
+        self.scheduler: str | None = None
         self._own_control = control is None
         self.control = control or Control()
         self.info: DevInfo | None = None
@@ -192,6 +201,7 @@ class Server:
         self._stop_requested = threading.Event()
         self._queues_lock = threading.Lock()
         self._stopped_by_us = False
+        self._shut_down = False
         self._ctl: ControlServer | None = None
         #: more keys for the state file (the CLI keeps its `add` arguments
         #: there, so that `ublkml recover` can build the same target)
@@ -242,11 +252,22 @@ class Server:
             self.backend.bind(info.dev_id, recovering=False)
             self._start_queues(info)
             self.control.start(info.dev_id, os.getpid())
+            self._apply_scheduler()
             self._write_state()
             self._start_control_channel()
         except BaseException:
             self.shutdown()
             raise
+
+    def _apply_scheduler(self, *, recovering: bool = False) -> None:
+        # After START_DEV: the disk, and its sysfs queue, exist only now. A
+        # recovered device kept its disk, and the scheduler it was given.
+        disk = os.path.basename(self.bdev)
+        if self.config.scheduler is not None and not recovering:
+            self.scheduler = set_scheduler(disk, self.config.scheduler)
+        else:
+            with contextlib.suppress(UblkError, OSError):  # only informative here
+                self.scheduler = read_scheduler(disk)[1]
 
     def _start_queues(self, info: DevInfo) -> None:
         self._cdev_fd = self._open_cdev(info.dev_id)
@@ -313,6 +334,7 @@ class Server:
             self._release_without_stop()
             raise
         self.control.end_recovery(dev_id, os.getpid())
+        self._apply_scheduler(recovering=True)
         self._write_state()
         self._start_control_channel()
 
@@ -403,8 +425,13 @@ class Server:
         """Stop, join the queues, close everything, delete the device.
 
         Returns problems met on the way (queue errors) so the caller can report
-        them after the device is gone; never leaves a device behind.
+        them after the device is gone; never leaves a device behind.  A second
+        call does nothing (start() shuts down on its own failure, and then
+        serve_forever's cleanup must not hide that failure behind its own).
         """
+        if self._shut_down:
+            return []
+        self._shut_down = True
         problems: list[str] = []
         if self._ctl is not None:  # first: no request may reach a half torn-down server
             self._ctl.close()

@@ -55,6 +55,7 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
     (["add", "-t", "null", "--poll-us", "20000"], "poll time must be 0..10000 us"),
     (["add", "-t", "null", "--poll-us", "-1"], "poll time must be 0..10000 us"),
     (["add", "-t", "null", "--poll-us", "soon"], "invalid int value"),
+    (["add", "-t", "null", "--scheduler", "Deadline!"], "I/O scheduler must be a name"),
     (["add", "-t", "bogus"], "invalid choice"),
     (["del"], "one of the arguments -n/--number -a/--all is required"),
 ])

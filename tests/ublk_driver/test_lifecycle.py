@@ -25,6 +25,7 @@ from tests.ublk_driver.ublk_helpers import (
     wait_gone,
     write_direct,
 )
+from ublk_driver.blockdev import parse_schedulers
 
 pytestmark = pytest.mark.ublk
 
@@ -59,6 +60,34 @@ def test_duplicate_id_is_refused_and_leaves_the_first_alone() -> None:
         assert len(proc.stderr.strip().splitlines()) == 1
         write_direct(d.bdev, 0, b"\x11" * 4096)
         assert read_direct(d.bdev, 0, 4096) == b"\x11" * 4096
+
+
+def _schedulers(dev_id: int) -> tuple[list[str], str | None]:
+    return parse_schedulers(Path(f"/sys/block/ublkb{dev_id}/queue/scheduler").read_text())
+
+
+def test_io_scheduler_is_none_unless_asked_otherwise() -> None:
+    with device("-t", "null") as d:
+        assert d.info["scheduler"] == "none" and _schedulers(d.dev_id)[1] == "none"
+    # One queue: left alone, the kernel gives the disk mq-deadline (the
+    # slower choice that --scheduler none replaces).
+    with device("-t", "null", "--scheduler", "keep") as d:
+        names, active = _schedulers(d.dev_id)
+        assert active == d.info["scheduler"] == "mq-deadline", names
+    with device("-t", "null", "-q", "2", "--scheduler", "mq-deadline") as d:
+        assert d.info["scheduler"] == "mq-deadline" == _schedulers(d.dev_id)[1]
+
+
+def test_unknown_io_scheduler_is_one_line_and_leaves_no_device() -> None:
+    dev_id = next_dev_id()
+    proc = ublkml("add", "-n", str(dev_id), "-t", "null", "--scheduler", "nosuchsched",
+                  check=False)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "no I/O scheduler 'nosuchsched'" in proc.stderr and "none" in proc.stderr
+    assert wait_gone(f"/dev/ublkb{dev_id}")
+    listed = {r["dev_id"] for r in json.loads(ublkml("list", "--json").stdout)}
+    assert dev_id not in listed
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
