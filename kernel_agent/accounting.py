@@ -33,6 +33,7 @@ from kernel_agent.errors import AgentError, BpfUnavailableError, UnknownDeviceEr
 BPF_DIR = Path(__file__).resolve().parent / "bpf"
 OBJECT_PATH = BPF_DIR / "blkacct.bpf.o"
 BPFFS = "/sys/fs/bpf"
+TRACEFS = "/sys/kernel/tracing"
 PIN_ROOT = f"{BPFFS}/ublkml"
 
 OPS = ("read", "write", "flush", "discard", "other")
@@ -234,6 +235,23 @@ def ensure_bpffs() -> None:
         raise BpfUnavailableError(f"cannot mount bpffs on {BPFFS}: {proc.stderr.strip()}")
 
 
+def ensure_tracefs() -> None:
+    """Mount tracefs on /sys/kernel/tracing if it is not there.
+
+    Attaching to a classic tracepoint needs its id from tracefs, and a freshly
+    booted machine may have neither tracefs nor debugfs mounted (libbpf then
+    fails with a bare ENOENT). tp_btf attachment does not need it.
+    """
+    if Path(TRACEFS, "events").exists() or Path("/sys/kernel/debug/tracing/events").exists():
+        return
+    mount = shutil.which("mount") or "/bin/mount"
+    proc = subprocess.run([mount, "-t", "tracefs", "nodev", TRACEFS], capture_output=True,
+                          text=True, check=False)
+    if proc.returncode != 0:
+        raise BpfUnavailableError(f"cannot mount tracefs on {TRACEFS} (tracepoint attachment "
+                                  f"needs it): {proc.stderr.strip()}")
+
+
 def pin_dir(instance: str) -> str:
     if not instance or "/" in instance or instance.startswith("."):
         raise AgentError(f"bad agent instance name {instance!r}")
@@ -260,9 +278,13 @@ class BpfAccounting:
         errors = []
         for mode in modes:
             try:
+                if mode == "tracepoint":
+                    ensure_tracefs()
                 self._obj = self._load(object_path, mode)
                 self.attach = mode
                 break
+            except BpfUnavailableError as e:
+                errors.append(f"{mode}: {e}")
             except _libbpf.LibbpfError as e:
                 errors.append(f"{mode}: {e}" + (f"\n{e.log.strip()[-2000:]}" if e.log else ""))
         else:
