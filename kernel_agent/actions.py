@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import ClassVar, Literal, Protocol
 
 from kernel_agent.accounting import BlockDevice
+from ublk_driver.blockdev import parse_schedulers
 
 
 class ActionError(Exception):
@@ -69,13 +70,11 @@ class QueueKnob:
     def read(self, bd: BlockDevice) -> str:
         text = self._path(bd).read_text().strip()
         if self.knob == "scheduler":  # "none [mq-deadline] kyber": the active one
-            for word in text.split():
-                if word.startswith("["):
-                    return word.strip("[]")
+            return parse_schedulers(text)[1] or text
         return text
 
     def choices(self, bd: BlockDevice) -> list[str]:
-        return [w.strip("[]") for w in self._path(bd).read_text().split()]
+        return parse_schedulers(self._path(bd).read_text())[0]
 
     def write(self, bd: BlockDevice, value: str) -> None:
         try:
