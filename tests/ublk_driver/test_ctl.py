@@ -392,7 +392,11 @@ def test_stuck_and_dribbling_clients_are_cut_off() -> None:
                 time.sleep(0.1)
             answer = json.loads(c.recv(65536).splitlines()[0])
             assert "no complete request line within 0.5 s" in answer["error"]
-            assert c.recv(100) == b""     # closed
+            try:
+                rest = c.recv(100)
+            except ConnectionResetError:  # closed with our later bytes unread: also closed
+                rest = b""
+            assert rest == b""            # closed
             assert time.monotonic() - t0 < 3
         assert s.client().call("status")["dev_id"] == 7
 
