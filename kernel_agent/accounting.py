@@ -224,15 +224,19 @@ def bpf_unavailable_reason(object_path: Path = OBJECT_PATH) -> str | None:
     return None
 
 
-def ensure_bpffs() -> None:
-    """Mount bpffs on /sys/fs/bpf if nothing is mounted there (needed to pin)."""
-    if os.path.ismount(BPFFS):
-        return
+def _mount(fstype: str, source: str, target: str, name: str, why: str = "") -> None:
     mount = shutil.which("mount") or "/bin/mount"
-    proc = subprocess.run([mount, "-t", "bpf", "bpf", BPFFS], capture_output=True, text=True,
+    proc = subprocess.run([mount, "-t", fstype, source, target], capture_output=True, text=True,
                           check=False)
     if proc.returncode != 0:
-        raise BpfUnavailableError(f"cannot mount bpffs on {BPFFS}: {proc.stderr.strip()}")
+        raise BpfUnavailableError(f"cannot mount {name} on {target}{why}: "
+                                  f"{proc.stderr.strip()}")
+
+
+def ensure_bpffs() -> None:
+    """Mount bpffs on /sys/fs/bpf if nothing is mounted there (needed to pin)."""
+    if not os.path.ismount(BPFFS):
+        _mount("bpf", "bpf", BPFFS, "bpffs")
 
 
 def ensure_tracefs() -> None:
@@ -242,14 +246,9 @@ def ensure_tracefs() -> None:
     booted machine may have neither tracefs nor debugfs mounted (libbpf then
     fails with a bare ENOENT). tp_btf attachment does not need it.
     """
-    if Path(TRACEFS, "events").exists() or Path("/sys/kernel/debug/tracing/events").exists():
-        return
-    mount = shutil.which("mount") or "/bin/mount"
-    proc = subprocess.run([mount, "-t", "tracefs", "nodev", TRACEFS], capture_output=True,
-                          text=True, check=False)
-    if proc.returncode != 0:
-        raise BpfUnavailableError(f"cannot mount tracefs on {TRACEFS} (tracepoint attachment "
-                                  f"needs it): {proc.stderr.strip()}")
+    if not (Path(TRACEFS, "events").exists()
+            or Path("/sys/kernel/debug/tracing/events").exists()):
+        _mount("tracefs", "nodev", TRACEFS, "tracefs", " (tracepoint attachment needs it)")
 
 
 def pin_dir(instance: str) -> str:
