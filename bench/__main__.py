@@ -1,7 +1,7 @@
-"""``python -m bench``: see :mod:`bench.runner` and docs/benchmarks.md."""
+"""``python -m bench ARGS`` = ``ublkml bench ARGS`` (see docs/benchmarks.md)."""
 
 import sys
 
-from bench.runner import main
+from ublk_driver.core.cli import main
 
-sys.exit(main())
+sys.exit(main(["bench", *sys.argv[1:]]))

@@ -1,7 +1,8 @@
 """The fail-slow demonstration: a slow mirror leg found and routed around, end to end.
 
-``python -m bench.failslow`` (or ``ublkml demo failslow``), as root, natively
-where ``/dev/ublk-control`` exists, else in one boot of the qemu test bed:
+``ublkml demo`` (or ``ublkml demo failslow``), as root, natively where
+``/dev/ublk-control`` exists, else in one boot of the qemu test bed
+(:mod:`ublk_driver.testbed.where`):
 
 1. the kernel agent starts (eBPF accounting, or its sysfs fall-back);
 2. a two-leg mirror is created over two files on a RAM file system (ext4 on
@@ -28,12 +29,12 @@ N minutes instead and reports the demotions (the goal is none).
 
 Exit status: 0 when the run completed and fio verified everything (the goals
 are reported, not enforced: this is a benchmark), 1 when something failed,
-2 for usage errors, 125 when the test bed failed.
+2 for usage errors, 125 when the test bed failed.  The command line is
+``bench.demo``; :func:`demonstrate` takes a :class:`FailslowConfig`.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
 import hashlib
@@ -53,10 +54,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ublk_driver.errors import UblkError
+from ublk_driver.core.errors import UblkError
+from ublk_driver.scratch import ScratchUnavailableError, ram_ext4
+from ublk_driver.testbed.where import needs_testbed, run_in_testbed
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LEG_BYTES = 256 << 20
+LEGS_FS_BYTES = 640 << 20    # ext4 on brd for the two legs, with room to spare
 DEV_ID = 620                 # fixed, far from auto-allocated ids
 AGENT_INSTANCE = "failslow"
 GOAL_DETECT_S = 3.0
@@ -139,14 +143,12 @@ def agent(env: dict[str, str], *args: str, check: bool = True) -> subprocess.Com
 @contextlib.contextmanager
 def leg_storage(base: Path) -> Iterator[dict[str, Any]]:
     """A RAM file system for the legs: ext4 on brd (as the benchmark's loop group), else tmpfs."""
-    from bench.runner import BenchError, ram_ext4
-
     mnt = base / "legs"
     try:
-        with ram_ext4(mnt) as facts:
+        with ram_ext4(mnt, LEGS_FS_BYTES) as facts:
             yield {**facts, "dir": str(mnt)}
             return
-    except BenchError as e:
+    except ScratchUnavailableError as e:
         _say(f"ext4 on brd unavailable ({e}): legs on tmpfs")
     d = Path(tempfile.mkdtemp(prefix="failslow-legs", dir="/dev/shm"))
     try:
@@ -160,8 +162,8 @@ def make_legs(paths: Sequence[Path], size: int) -> None:
 
     Not a copy left to writeback: dirty pages of a leg would be written back
     during the run (30 s later) and make its O_DIRECT reads wait for them
-    (io_uring punts them to a worker): in the test bed the first 40 s of a
-    run had twice the read p99 of the rest.
+    (io_uring punts them to a worker), which doubles the read p99 of the
+    run's first 40 s.
     """
     chunk = os.urandom(1 << 20)
     with contextlib.ExitStack() as stack:
@@ -618,7 +620,7 @@ def margin(events: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
 
 
 def goals(doc: dict[str, Any]) -> dict[str, Any]:
-    """The issue's goals, each with the measured value and whether it is met."""
+    """The demonstration's goals, each with the measured value and whether it is met."""
     g: dict[str, Any] = {}
     if "healthy" in doc:
         h = doc["healthy"]
@@ -758,108 +760,84 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-# ---- test bed -----------------------------------------------------------------------
+# ---- native or in the test bed ------------------------------------------------------
 
 
-def run_in_vm(argv: list[str], out: Path, plan: Plan, timeout: float | None) -> int:
-    from ublk_driver import testbed
+@dataclass(frozen=True)
+class FailslowConfig:
+    """What ``ublkml demo failslow`` runs: the plan's knobs that its options set."""
 
-    limit = timeout or max(900.0, 3 * plan.estimate_s() + 300)
-    _say(f"no /dev/ublk-control here: running in the qemu test bed (one boot, about "
-         f"{plan.estimate_s() / 60 + 1:.0f} min; timeout {limit / 60:.0f} min)")
-    try:
-        vm = testbed.run([sys.executable, "-m", "bench.failslow", "--in-vm", "--out", str(out),
-                          *argv], cwd=str(REPO_ROOT), share=str(out), timeout=limit,
-                         stream=sys.stderr, memory_mb=VM_MEMORY_MB, cpus=VM_CPUS)
-    except testbed.TestbedError as e:
-        _say(f"error: the test bed failed: {e}")
-        if e.output:
-            (out / "vm-console.log").write_text(e.output)
-        return 125
-    (out / "vm-console.log").write_text(vm.output)
-    return int(vm.returncode)
+    quick: bool = False
+    slow: float = Plan.slow
+    read_iops: int = Plan.read_iops
+    healthy_minutes: float = 0.0
 
+    def validate(self) -> None:
+        if self.healthy_minutes < 0 or self.slow < 1 or self.read_iops < 1:
+            raise FailslowError("--healthy-minutes must be >= 0, --slow >= 1, "
+                                "--read-iops >= 1")
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m bench.failslow",
-        description="The fail-slow demonstration: a two-leg ublkml mirror under fio load, "
-                    "one leg made 10x slower mid-run; the scorer flags it, the kernel agent "
-                    "demotes it, and re-admits it once the fault is cleared. Reports detection "
-                    "time and read latency percentiles per phase (results.json, report.md, "
-                    "latency.png). Natively where /dev/ublk-control exists (root), else in one "
-                    "boot of the qemu test bed.",
-        epilog="Also `ublkml demo failslow`. See docs/failslow.md.")
-    p.add_argument("--out", metavar="DIR",
-                   help="output directory (default: results/failslow-<timestamp>)")
-    p.add_argument("--json", action="store_true", help="print results.json on stdout")
-    p.add_argument("--quick", action="store_true",
-                   help=f"short phases ({QUICK.before_s:g} s healthy, "
-                        f"{QUICK.runtime_s:g} s run): a smoke test")
-    p.add_argument("--healthy-minutes", type=float, default=0.0, metavar="N",
-                   help="instead: N minutes of bursty mixed load with no fault; reports the "
-                        "demotions (goal: none)")
-    p.add_argument("--slow", type=float, default=10.0, help="slowdown factor (default 10)")
-    p.add_argument("--read-iops", type=int, default=Plan.read_iops,
-                   help=f"read rate (default {Plan.read_iops})")
-    p.add_argument("--vm-timeout", type=float, metavar="S",
-                   help="kill the test bed after S seconds (default: from the estimate)")
-    p.add_argument("--no-report", action="store_true", help="results.json only")
-    p.add_argument("--in-vm", action="store_true", help=argparse.SUPPRESS)
-    return p
+    def plan(self) -> Plan:
+        base = QUICK if self.quick else Plan()
+        return Plan(**{**asdict(base), "slow": self.slow, "read_iops": self.read_iops,
+                       "healthy_minutes": self.healthy_minutes})
+
+    def to_args(self) -> list[str]:
+        """The ``ublkml demo failslow`` options that give this configuration back."""
+        out = ["--slow", f"{self.slow:g}", "--read-iops", str(self.read_iops),
+               "--healthy-minutes", f"{self.healthy_minutes:g}"]
+        return out + (["--quick"] if self.quick else [])
 
 
-def plan_from(args: argparse.Namespace) -> Plan:
-    base = QUICK if args.quick else Plan()
-    return Plan(**{**asdict(base), "slow": args.slow, "read_iops": args.read_iops,
-                   "healthy_minutes": args.healthy_minutes})
+def run_in_vm(config: FailslowConfig, out: Path, timeout: float | None = None) -> int:
+    """The demonstration in one boot of the test bed; the exit status (125: test bed failed)."""
+    plan = config.plan()
+    vm = run_in_testbed(["demo", "failslow"], ["--out", str(out), *config.to_args()],
+                        share=out, doing="running", estimate_s=plan.estimate_s() + 60,
+                        timeout=timeout or max(900.0, 3 * plan.estimate_s() + 300),
+                        memory_mb=VM_MEMORY_MB, cpus=VM_CPUS, stream=sys.stderr,
+                        cwd=REPO_ROOT, say=_say)
+    if vm.error is not None:
+        _say(f"error: {vm.failure()}")
+    return vm.code
 
 
-def _forwarded(args: argparse.Namespace) -> list[str]:
-    out = ["--slow", f"{args.slow:g}", "--read-iops", str(args.read_iops),
-           "--healthy-minutes", f"{args.healthy_minutes:g}"]
-    return out + (["--quick"] if args.quick else [])
+def demonstrate(config: FailslowConfig, out: Path, *, in_vm: bool = False,
+                vm_timeout: float | None = None, report: bool = True,
+                print_json: bool = False) -> int:
+    """Run the demonstration here or in the test bed, then report; the exit status.
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    if args.healthy_minutes < 0 or args.slow < 1 or args.read_iops < 1:
-        _say("error: --healthy-minutes must be >= 0, --slow >= 1, --read-iops >= 1")
-        return 2
-    plan = plan_from(args)
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out = Path(args.out or REPO_ROOT / "results" / f"failslow-{stamp}").resolve()
+    ``in_vm``: this is the re-run inside the test bed (measure, write results.json,
+    leave the report to the host).
+    """
+    config.validate()
     out.mkdir(parents=True, exist_ok=True)
-    from ublk_driver.testbed import in_vm, native_ublk_available
-
     code = 0
-    if args.in_vm or native_ublk_available():
-        try:
-            run_failslow(out, plan)
-        except (FailslowError, UblkError, OSError, subprocess.SubprocessError) as e:
-            _say(f"error: {e}")
-            return 1
-    elif in_vm():
-        _say("error: inside the test bed but /dev/ublk-control is missing (modprobe ublk_drv)")
-        return 2
+    if needs_testbed(in_vm):
+        code = run_in_vm(config, out, vm_timeout)
     else:
-        code = run_in_vm(_forwarded(args), out, plan, args.vm_timeout)
+        try:
+            run_failslow(out, config.plan())
+        except subprocess.SubprocessError as e:  # a command that hung
+            raise FailslowError(str(e)) from None
     results = out / "results.json"
-    if args.in_vm:
+    if in_vm:
         return code
     if not results.exists():
         _say(f"no {results}: the run failed (exit status {code})")
         return code or 1
     doc = json.loads(results.read_text())
-    if not args.no_report:
+    if report:
         _say(f"report: {write_report(doc, out)}")
     _say(f"results: {results}")
     for k, v in doc["goals"].items():
         _say(f"  {k}: {v['value']} (goal {v['goal']}): {'met' if v['met'] else 'NOT met'}")
-    if args.json:
+    if print_json:
         print(json.dumps(doc, indent=1))
     return code
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from ublk_driver.core.cli import main
+
+    sys.exit(main(["demo", "failslow", *sys.argv[1:]]))

@@ -7,12 +7,11 @@ store as the benchmark's python group (``bench.ramstore:RamStoreTarget``),
 alternately, ``--rounds`` times each, with fio 4 KiB random reads at depth 32
 and depth 1.  Needs root and ublk (run it in the test bed)::
 
-    ublkml vm run --share /tmp/pt -- python -m bench.plugin_timeout --out /tmp/pt/pt.json
+    ublkml vm run --share /tmp/pt -- ublkml bench plugin-timeout --json-out /tmp/pt/pt.json
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -76,23 +75,7 @@ def measure(rounds: int, runtime: int, modes: tuple[str, ...]) -> dict[str, Any]
     return {"rounds": rounds, "runtime_s": runtime, "jobs": summary}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.plugin_timeout", description=__doc__)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--runtime", type=int, default=RUNTIME_S)
-    p.add_argument("--out", help="write the results here (JSON)")
-    p.add_argument("--unpinned", action="store_true",
-                   help="also measure the relay without pinning (UBLKML_RELAY_PIN=0)")
-    args = p.parse_args(argv)
-    modes = ("inline", "relay", "relay-unpinned") if args.unpinned else ("inline", "relay")
-    doc = measure(args.rounds, args.runtime, modes)
-    text = json.dumps(doc, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    return 0
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from ublk_driver.core.cli import main
+
+    sys.exit(main(["bench", "plugin-timeout", *sys.argv[1:]]))

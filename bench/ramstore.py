@@ -40,7 +40,7 @@ _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 def parse_size(text: str | int) -> int:
     """``256M`` -> bytes (binary units, optional ``B``/``iB``); ints pass through.
 
-    A standard-library copy of the rule of ``ublk_driver.sizes.parse_size``,
+    A standard-library copy of the rule of ``ublk_driver.core.sizes.parse_size``,
     because nbdkit's embedded interpreter may not be able to import ublk_driver.
     """
     if isinstance(text, int):

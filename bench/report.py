@@ -1,4 +1,4 @@
-"""The benchmark report: Markdown tables, the issues' targets (PASS/FAIL), PNG plots.
+"""The benchmark report: Markdown tables, the performance targets (PASS/FAIL), PNG plots.
 
 Input is the ``results.json`` document the runner writes (see
 docs/benchmarks.md for its fields).  Everything here is pure computation on
@@ -7,13 +7,11 @@ that document except :func:`make_plots`, which needs matplotlib (the optional
 
 Re-render a report from saved results::
 
-    python -m bench.report results/bench-full/results.json [--out report.md] [--no-plots]
+    ublkml bench report results/bench-full/results.json [--out report.md] [--no-plots]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import sys
 from collections.abc import Iterable, Sequence
@@ -42,7 +40,7 @@ Key = tuple[str, str, int]
 GROUP_DEVICES: dict[str, tuple[str, ...]] = {
     "null": ("null_blk", "ublkml-null"),
     "loop": ("kernel-loop", "ublkml-loop"),
-    # ublkml-python-proc: session 5's explicit --queue-processes (its results files)
+    # ublkml-python-proc: explicit --queue-processes, in results that measured it
     "python": ("nbdkit-python", "ublkml-python", "ublkml-python-threads",
                "ublkml-python-proc"),
 }
@@ -60,7 +58,7 @@ OVERHEAD_ON = ("ublkml-null-acct", "ublkml-null-score")
 
 @dataclass(frozen=True)
 class Goal:
-    """One of the issues' performance goals."""
+    """One performance goal: a ratio between two measured figures and its threshold."""
 
     key: str
     text: str
@@ -74,7 +72,6 @@ class Goal:
     workload: str
     queues: int
     threshold: float
-    issue: int = 3
 
 
 GOALS: tuple[Goal, ...] = (
@@ -98,11 +95,11 @@ GOALS: tuple[Goal, ...] = (
     Goal("accounting-overhead",
          "eBPF accounting on >= 0.97 x off IOPS (ublkml null, 4k randread QD32, 1 queue, "
          "median of rounds)",
-         "median_iops_ratio", "ublkml-null-acct", OVERHEAD_OFF, HEADLINE, 1, 0.97, issue=4),
+         "median_iops_ratio", "ublkml-null-acct", OVERHEAD_OFF, HEADLINE, 1, 0.97),
     Goal("scoring-overhead",
          "ublkml null --score >= 0.95 x plain IOPS (4k randread QD32, 1 queue, "
          "median of rounds)",
-         "median_iops_ratio", "ublkml-null-score", OVERHEAD_OFF, HEADLINE, 1, 0.95, issue=5),
+         "median_iops_ratio", "ublkml-null-score", OVERHEAD_OFF, HEADLINE, 1, 0.95),
 )
 
 
@@ -449,8 +446,7 @@ def _overhead_table(doc: dict[str, Any]) -> list[str]:
              "and the scoring device, " + (
                  "in an order that rotates from round to round"
                  if doc.get("meta", {}).get("overhead_order") == "rotated" else
-                 "always in that order (the runner before rotation was added; the place in "
-                 "the round can bias the ratios)") +
+                 "always in that order (the place in the round can bias the ratios)") +
              "; ratios are on ÷ the plain device of the same round, and of the medians.", ""]
     lines += _table(["round", f"{OVERHEAD_OFF} IOPS", "accounting on IOPS", "ratio",
                      "--score IOPS", "ratio"], rows)
@@ -631,7 +627,7 @@ def _header(doc: dict[str, Any]) -> list[str]:
         text = (f"- noise: host load average {before[0]:.2f} before, {after[0]:.2f} after")
         if during:
             text += (f", {during['loadavg_mean']:.2f} on average during the run (max "
-                     f"{during['loadavg_max']:.2f}); another qemu (a colleague's test bed) "
+                     f"{during['loadavg_max']:.2f}); another qemu process "
                      f"was running in {during['other_qemu_share']:.0%} of "
                      f"{during['samples']} samples (at most {during['other_qemu_max']} at once)")
         else:
@@ -654,9 +650,7 @@ def render_markdown(doc: dict[str, Any], plots: Sequence[str] = (),
     goals = check_goals(doc)
     lines = _header(doc)
     counts = {s: sum(1 for g in goals if g.status == s) for s in ("PASS", "FAIL", "n/a")}
-    issues = sorted({g.goal.issue for g in goals})
-    lines += [f"## Targets (issue{'s' if len(issues) > 1 else ''} "
-              f"{', '.join(str(i) for i in issues)})", "",
+    lines += ["## Targets", "",
               f"{counts['PASS']} PASS, {counts['FAIL']} FAIL, {counts['n/a']} n/a "
               "(n/a: a figure it needs was not measured or failed).", ""]
     rows = []
@@ -799,21 +793,7 @@ def write_report(doc: dict[str, Any], outdir: Path, *, plots: bool = True,
     return path
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m bench.report RESULTS_JSON [--out FILE] [--no-plots]``."""
-    p = argparse.ArgumentParser(prog="python -m bench.report",
-                                description="Render report.md (and plots) from results.json.")
-    p.add_argument("results", help="a results.json written by python -m bench")
-    p.add_argument("--out", help="Markdown file to write (default: report.md beside it)")
-    p.add_argument("--no-plots", action="store_true", help="do not draw the PNG charts")
-    args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
-    src = Path(args.results)
-    doc = json.loads(src.read_text())
-    path = write_report(doc, src.parent, plots=not args.no_plots,
-                        out=Path(args.out) if args.out else None)
-    print(path)
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    from ublk_driver.core.cli import main
+
+    sys.exit(main(["bench", "report", *sys.argv[1:]]))

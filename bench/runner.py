@@ -1,9 +1,9 @@
-"""The benchmark runner: ``python -m bench [--quick] [--out DIR] [--json] [--skip GROUP]``.
+"""The benchmark runner behind ``ublkml bench [--quick] [--out DIR] [--json] [--skip GROUP]``.
 
 Three groups, each a ublkml device next to the kernel (or nbdkit) device it
 should be compared with, measured with identical fio jobs (:mod:`bench.jobs`),
 and a fourth, ``overhead``, of ublkml null devices with and without the
-kernel agent's eBPF accounting and the ML scorer (issues 4 and 5):
+kernel agent's eBPF accounting and the ML scorer:
 
 ======== ===================================== =======================================
 group    baseline                              ublkml
@@ -20,10 +20,14 @@ The overhead group measures only 4k randread QD32 on 1 queue, in rounds
 
 Where to measure: the figures of one report must come from one kernel on one
 machine in one sitting, or the ratios mean nothing.  Where ``/dev/ublk-control``
-exists the runner measures right here (as root).  Elsewhere it re-runs itself
-with ``--in-vm`` inside the project's qemu test bed, in *one* boot, with the
-output directory shared into the guest; the guest writes ``results.json``
-and the host then renders the report (matplotlib is slow under TCG).
+exists the runner measures right here (as root).  Elsewhere the command re-runs
+itself with ``--in-vm`` inside the project's qemu test bed, in *one* boot
+(:mod:`ublk_driver.testbed.where`), with the output directory shared into the
+guest; the guest writes ``results.json`` and the host then renders the report
+(matplotlib is slow under TCG).
+
+What to run comes in a :class:`BenchConfig` (``bench.cli`` builds it from the
+command line).
 
 Order: group by group, and within a group the baseline and the ublkml device
 are set up side by side and measured alternately, workload by workload, so
@@ -38,7 +42,6 @@ still leaves what it measured) and the run goes on.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
 import hashlib
@@ -70,19 +73,24 @@ from bench.jobs import (
 )
 from bench.report import GOALS
 from ublk_driver.blockdev import parse_schedulers
+from ublk_driver.core.errors import UblkError
+from ublk_driver.scratch import ScratchUnavailableError, ram_ext4
+from ublk_driver.testbed.where import run_in_testbed
 
 __all__ = [
     "DEVICES",
     "GROUPS",
+    "BenchConfig",
     "BenchError",
     "Case",
     "DeviceSpec",
     "MissingToolError",
     "accounting_attached",
-    "build_parser",
-    "main",
+    "measure",
     "overhead_cases",
     "plan_cases",
+    "run_in_vm",
+    "say",
 ]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -108,7 +116,7 @@ VM_CPUS, VM_MEMORY_MB = 2, 4096
 #: Alternations of the overhead group (plain, accounting on, scoring on): the
 #: goals compare medians.  Full: 15 measurements, about 4 min; --quick: 9.
 OVERHEAD_ROUNDS_FULL, OVERHEAD_ROUNDS_QUICK = 5, 3
-#: Rounds of the cases the issue-3 goals are computed from (the headline 4k
+#: Rounds of the cases the pair groups' goals are computed from (the headline 4k
 #: randread QD32 on 1 and 2 queues, QD1 on 1 queue), in every pair group: the
 #: goals compare medians, because a single run's ratio moves 10-20 % between
 #: runs under TCG.  Full: about 9 minutes more than one round; --quick: 1.
@@ -134,7 +142,7 @@ TOOL_PACKAGES = {
 }
 
 
-class BenchError(Exception):
+class BenchError(UblkError):
     """A set-up or measurement failed; the message is one line for the report."""
 
 
@@ -256,9 +264,9 @@ def _order(case: Case) -> tuple[int, int, int, int, int]:
 
 def _overhead_position(case: Case) -> int:
     """Where a device comes within its overhead round: rotated by one each
-    round and reversed every other round.  A fixed order (off, accounting,
-    scoring) let the place in the round bias the ratios: in an 11-round run
-    the scoring device, always last, came out 6 % *faster* than the plain one."""
+    round and reversed every other round.  With a fixed order (off, accounting,
+    scoring) the place in the round biases the ratios: the device always
+    measured last came out a few percent *faster* than the plain one."""
     names = [d.name for d in DEVICES if d.group == "overhead"]
     k = case.round % len(names)
     order = names[k:] + names[:k]
@@ -311,12 +319,64 @@ def estimate_seconds(cases: Sequence[Case], runtime: float, ramp: float) -> floa
     return len(measured) * (runtime + ramp + _CASE_OVERHEAD) + setups * _SETUP_OVERHEAD
 
 
+@dataclass(frozen=True)
+class BenchConfig:
+    """What one run measures and how (the ``ublkml bench`` options that matter to it)."""
+
+    quick: bool = False
+    """A smoke test of the whole chain (fewer cases, shorter jobs), not figures to quote."""
+    skip: tuple[str, ...] = ()
+    """Groups left out."""
+    runtime: float | None = None
+    """Seconds measured per job (None: FULL_RUNTIME, or QUICK_RUNTIME with ``quick``)."""
+    ramp: float | None = None
+    """Seconds of warm-up per job, not counted (None: by ``quick`` as ``runtime``)."""
+    profile: bool = False
+    """Record the servers' CPU time and sample them with py-spy."""
+    rounds: int | None = None
+    """Rounds of the overhead group (None: by ``quick``)."""
+    goal_rounds: int | None = None
+    """Rounds of the goals' cases (None: by ``quick``)."""
+    poll_us: int | None = None
+    """Hybrid polling for every ublkml device (``ublkml add --poll-us``)."""
+
+    def timing(self) -> tuple[float, float]:
+        """(runtime, ramp) in seconds."""
+        runtime = self.runtime if self.runtime is not None else (
+            QUICK_RUNTIME if self.quick else FULL_RUNTIME)
+        ramp = self.ramp if self.ramp is not None else (QUICK_RAMP if self.quick else FULL_RAMP)
+        return float(runtime), float(ramp)
+
+    def cases(self) -> list[Case]:
+        return plan_cases(quick=self.quick, skip=self.skip, rounds=self.rounds,
+                          goal_rounds=self.goal_rounds)
+
+    def to_args(self) -> list[str]:
+        """The ``ublkml bench`` options that give this configuration back."""
+        out: list[str] = ["--quick"] if self.quick else []
+        for g in self.skip:
+            out += ["--skip", g]
+        if self.runtime is not None:
+            out += ["--runtime", f"{self.runtime:g}"]
+        if self.ramp is not None:
+            out += ["--ramp", f"{self.ramp:g}"]
+        if self.profile:
+            out.append("--profile")
+        if self.rounds is not None:
+            out += ["--rounds", str(self.rounds)]
+        if self.goal_rounds is not None:
+            out += ["--goal-rounds", str(self.goal_rounds)]
+        if self.poll_us is not None:
+            out += ["--poll-us", str(self.poll_us)]
+        return out
+
+
 # ---------------------------------------------------------------------------
 # Small helpers
 # ---------------------------------------------------------------------------
 
 
-def _say(message: str) -> None:
+def say(message: str) -> None:
     print(f"bench: {message}", file=sys.stderr, flush=True)
 
 
@@ -348,6 +408,11 @@ def _child_env() -> dict[str, str]:
             path.append(d)
     env["PATH"] = os.pathsep.join(p for p in path if p)
     return env
+
+
+def check_tool(tool: str) -> None:
+    """Raise :class:`MissingToolError` if ``tool`` is not installed."""
+    _which(tool)
 
 
 def _which(tool: str) -> str:
@@ -433,7 +498,7 @@ def _rmmod(module: str) -> None:
         if proc.returncode == 0:
             return
         time.sleep(0.25)
-    _say(f"warning: could not unload {module}")
+    say(f"warning: could not unload {module}")
 
 
 @contextlib.contextmanager
@@ -489,7 +554,7 @@ def ublkml_device(add_args: Sequence[str], ctx: Context) -> Iterator[Handle]:
         try:
             _ublkml(["del", "-n", str(info["dev_id"])], ctx, "ublkml del")
         except BenchError as e:
-            _say(f"warning: {e}")
+            say(f"warning: {e}")
 
 
 @contextlib.contextmanager
@@ -504,7 +569,7 @@ def kernel_loop_device(queues: int, ctx: Context) -> Iterator[Handle]:
         name = os.path.basename(dev)
         dio = _read(f"/sys/block/{name}/loop/dio") == "1"
         if not dio:
-            _say(f"warning: {dev} runs without direct I/O: the comparison is unfair")
+            say(f"warning: {dev} runs without direct I/O: the comparison is unfair")
         yield Handle(dev, {"direct_io": dio, "backing": str(ctx.loop_file),
                            "hw_queues": _hw_queues(dev),
                            "block_size": int(_read(f"/sys/block/{name}/queue/"
@@ -607,40 +672,8 @@ def open_device(spec: DeviceSpec, queues: int, ctx: Context) -> contextlib.Abstr
 
 
 #: The loop group's file system: ext4 on a RAM block device (brd), a little
-#: larger than the backing file.
+#: larger than the backing file (see ublk_driver.scratch for why not tmpfs).
 LOOP_FS_BYTES = LOOP_BYTES + (128 << 20)
-
-
-@contextlib.contextmanager
-def ram_ext4(mountpoint: Path) -> Iterator[dict[str, Any]]:
-    """ext4 on a brd RAM disk, mounted at ``mountpoint``, for the loop group.
-
-    Why not tmpfs: shmem files have no FMODE_NOWAIT, so io_uring hands
-    every read and write on them to an io-wq worker thread (measured in the
-    test bed: iou-wrk threads appear, ublkml loop 0.55 x kernel loop; on
-    ext4 over brd, no workers, 1.48 x in the same run).  That measures
-    tmpfs's io_uring support, not the loop drivers.  A file system on a
-    block device is also what a loop device is used for.  Yields facts for
-    the report; raises BenchError where brd cannot be had (then the caller
-    falls back to tmpfs and says so).
-    """
-    if Path("/dev/ram0").exists():
-        raise BenchError("/dev/ram0 exists already (brd in use): not touching it")
-    _sh(["modprobe", "brd", "rd_nr=1", f"rd_size={LOOP_FS_BYTES >> 10}"],
-        what="modprobe brd")
-    mounted = False
-    try:
-        _wait_for(lambda: Path("/dev/ram0").exists(), 10, "/dev/ram0")
-        _sh(["mkfs.ext4", "-q", "-F", "/dev/ram0"], what="mkfs.ext4 /dev/ram0")
-        mountpoint.mkdir(parents=True, exist_ok=True)
-        _sh(["mount", "-t", "ext4", "/dev/ram0", str(mountpoint)], what="mount /dev/ram0")
-        mounted = True
-        yield {"filesystem": "ext4", "device": "/dev/ram0 (brd)",
-               "device_bytes": LOOP_FS_BYTES}
-    finally:
-        if mounted:
-            _sh(["umount", str(mountpoint)], what="umount", check=False)
-        _rmmod("brd")
 
 
 def _tmpfs_dir() -> Path:
@@ -918,7 +951,7 @@ def _git_commit() -> str | None:
 
 
 def _git_dirty() -> list[str]:
-    """Files changed from the commit: colleagues may be editing the tree being measured."""
+    """Files changed from the commit: the figures are of the working tree, not the commit."""
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         proc = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain",
                                "--untracked-files=no"],
@@ -964,9 +997,9 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
 class _Run:
     """The state of one measuring run: the results document and the progress count."""
 
-    def __init__(self, args: argparse.Namespace, outdir: Path, cases: list[Case]) -> None:
-        self.args = args
-        self.runtime, self.ramp = _timing(args)
+    def __init__(self, config: BenchConfig, outdir: Path, cases: list[Case]) -> None:
+        self.config = config
+        self.runtime, self.ramp = config.timing()
         self.cases = cases
         self.total = sum(1 for c in cases if c.applicable)
         self.index = 0
@@ -975,11 +1008,11 @@ class _Run:
         self.results_path = outdir / "results.json"
         env = _environment()
         self.meta: dict[str, Any] = {
-            "schema": SCHEMA_VERSION, "date": _now(), "quick": bool(args.quick),
+            "schema": SCHEMA_VERSION, "date": _now(), "quick": config.quick,
             "runtime_s": self.runtime, "ramp_s": self.ramp, "fio_version": _fio_version(),
             "git_commit": _git_commit(), "git_dirty": _git_dirty(),
-            "engine": engine_fingerprint(), "skipped_groups": sorted(args.skip or []),
-            "profile": bool(args.profile), "poll_us": args.poll_us,
+            "engine": engine_fingerprint(), "skipped_groups": sorted(config.skip),
+            "profile": config.profile, "poll_us": config.poll_us,
             "goal_rounds": max((c.round + 1 for c in cases if c.repeated), default=1),
             **env,
             "devices": {d.name: {"group": d.group, "role": d.role, "baseline": d.baseline,
@@ -1015,10 +1048,10 @@ class _Run:
         directory = ctx.scratch
         fs: dict[str, Any] = {}
         try:
-            fs = stack.enter_context(ram_ext4(ctx.scratch / "loopfs"))
+            fs = stack.enter_context(ram_ext4(ctx.scratch / "loopfs", LOOP_FS_BYTES))
             directory = ctx.scratch / "loopfs"
-        except BenchError as e:
-            _say(f"warning: no ext4 on brd for the loop group ({e}); using tmpfs, where "
+        except ScratchUnavailableError as e:
+            say(f"warning: no ext4 on brd for the loop group ({e}); using tmpfs, where "
                  "io_uring punts file I/O to worker threads")
             fs = {"fallback": str(e)}
         try:
@@ -1026,7 +1059,7 @@ class _Run:
             ctx.loop_file_info = {**create_backing_file(ctx.loop_file, LOOP_BYTES), **fs}
             self.meta["loop_backing"] = ctx.loop_file_info
             if not ctx.loop_file_info["o_direct"]:
-                _say("warning: the backing file's file system refuses O_DIRECT")
+                say("warning: the backing file's file system refuses O_DIRECT")
         except (OSError, BenchError) as e:
             return f"cannot create the backing file: {e}"
         return None
@@ -1062,13 +1095,13 @@ class _Run:
                         reason = case.device.single_queue_reason
                         rec = _record(case, self.meta)
                         rec.update(status="n/a", reason=reason)
-                        _say(f"{case.title}: n/a ({reason})")
+                        say(f"{case.title}: n/a ({reason})")
                         self.add(rec)
                     else:
                         name = case.device.name
                         self.one(case, handles.get(name), ctx, errors.get(name))
         except Exception as e:  # a failed tear-down must not stop the other groups
-            _say(f"warning: tearing down the {specs[0].group} devices (q{queues}) failed: {e}")
+            say(f"warning: tearing down the {specs[0].group} devices (q{queues}) failed: {e}")
 
     def overhead(self, cases: list[Case], ctx: Context) -> None:
         """The overhead group: a plain and a ``--score`` ublkml null device side by side.
@@ -1106,7 +1139,7 @@ class _Run:
                     self._bpf_cost(next(c for c in cases if c.device.name == plain.name),
                                    handles[plain.name], ctx)
         except Exception as e:  # a failed tear-down must not stop the run
-            _say(f"warning: tearing down the overhead devices failed: {e}")
+            say(f"warning: tearing down the overhead devices failed: {e}")
 
     def _bpf_cost(self, case: Case, handle: Handle, ctx: Context) -> None:
         print("bpf_stats: cost of the accounting programs per I/O ... ", end="",
@@ -1144,11 +1177,11 @@ class _Run:
                 if accounting:
                     with accounting_attached(handle.path) as acct:
                         figures = measure_case(case, handle, ctx, runtime=self.runtime,
-                                               ramp=self.ramp, profile=self.args.profile)
+                                               ramp=self.ramp, profile=self.config.profile)
                     figures["accounting"] = acct
                 else:
                     figures = measure_case(case, handle, ctx, runtime=self.runtime,
-                                           ramp=self.ramp, profile=self.args.profile)
+                                           ramp=self.ramp, profile=self.config.profile)
                 rec.update(status="ok", **figures)
             except (BenchError, FioError, OSError) as e:
                 rec.update(status="error", error=str(e))
@@ -1165,26 +1198,24 @@ class _Run:
         self.add(rec)
 
 
-def measure(args: argparse.Namespace, outdir: Path) -> tuple[dict[str, Any], int]:
+def measure(config: BenchConfig, outdir: Path) -> tuple[dict[str, Any], int]:
     """Measure every case here (ublk must work); returns (results document, exit code)."""
-    run = _Run(args, outdir,
-               plan_cases(quick=args.quick, skip=args.skip or (), rounds=args.rounds,
-                       goal_rounds=args.goal_rounds))
+    run = _Run(config, outdir, config.cases())
     meta = run.meta
-    _say(f"{run.total} measurements ({run.runtime:g} s + {run.ramp:g} s ramp each), about "
+    say(f"{run.total} measurements ({run.runtime:g} s + {run.ramp:g} s ramp each), about "
          f"{estimate_seconds(run.cases, run.runtime, run.ramp) / 60:.0f} min, on "
          f"{meta['environment']} kernel {meta['kernel']} with {meta['fio_version']}")
     old_term = signal.signal(signal.SIGTERM, _on_sigterm)
     scratch = Path(tempfile.mkdtemp(prefix="ublkml-bench-", dir=_tmpfs_dir()))
     try:
         ctx = Context(outdir=outdir, scratch=scratch,
-                      ublkml_args=() if args.poll_us is None else ("--poll-us",
-                                                                    str(args.poll_us)))
+                      ublkml_args=() if config.poll_us is None else ("--poll-us",
+                                                                      str(config.poll_us)))
         for group in GROUPS:
             run.group(group, ctx)
     except (KeyboardInterrupt, _Terminated):
         meta["interrupted"] = True
-        _say("interrupted: devices torn down, partial results kept")
+        say("interrupted: devices torn down, partial results kept")
         run.code = 130
     finally:
         signal.signal(signal.SIGTERM, old_term)
@@ -1211,21 +1242,14 @@ def _preflight(spec: DeviceSpec) -> str | None:
     return _preflight_cache[spec.name]
 
 
-def _timing(args: argparse.Namespace) -> tuple[float, float]:
-    runtime = args.runtime if args.runtime is not None else (
-        QUICK_RUNTIME if args.quick else FULL_RUNTIME)
-    ramp = args.ramp if args.ramp is not None else (QUICK_RAMP if args.quick else FULL_RAMP)
-    return float(runtime), float(ramp)
-
-
 # ---------------------------------------------------------------------------
 # Host side: re-run in the test bed
 # ---------------------------------------------------------------------------
 
 
 def _count_qemu() -> int:
-    """qemu processes on this host other than our own test bed's (a colleague's
-    test bed competes with ours for the 2 CPUs: the main source of noise)."""
+    """qemu processes on this host other than our own test bed's (another test
+    bed competes with ours for the CPUs: the main source of noise)."""
     n = 0
     me = str(os.getpid())
     for pid in os.listdir("/proc"):
@@ -1241,8 +1265,8 @@ def _count_qemu() -> int:
 class NoiseSampler:
     """Samples the host's load and the other qemu processes while the test bed runs.
 
-    Snapshots before and after miss a colleague's test bed that ran for ten
-    minutes in between; a sample every few seconds does not.
+    Snapshots before and after miss another test bed that ran for ten minutes
+    in between; a sample every few seconds does not.
     """
 
     def __init__(self, interval: float = 5.0) -> None:
@@ -1276,188 +1300,40 @@ class NoiseSampler:
                 "loadavg_max": round(max(loads), 2)}
 
 
-def _rounds_arg(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if not 1 <= n <= 100:
-        raise argparse.ArgumentTypeError(f"rounds must be 1..100, got {text!r}")
-    return n
+def run_in_vm(config: BenchConfig, outdir: Path, timeout: float | None = None
+              ) -> tuple[dict[str, Any] | None, int]:
+    """Measure everything in one boot of the test bed; (results document, exit code).
 
-
-def _poll_us(text: str) -> int:
-    from ublk_driver.errors import ConfigError
-    from ublk_driver.queue import MAX_POLL_US, check_poll_us
-
-    try:
-        return check_poll_us(int(text))
-    except (ValueError, ConfigError):
-        raise argparse.ArgumentTypeError(f"poll time must be 0..{MAX_POLL_US} us, "
-                                         f"got {text!r}") from None
-
-
-def _forwarded(args: argparse.Namespace) -> list[str]:
-    out: list[str] = []
-    if args.quick:
-        out.append("--quick")
-    for g in args.skip or []:
-        out += ["--skip", g]
-    if args.runtime is not None:
-        out += ["--runtime", f"{args.runtime:g}"]
-    if args.ramp is not None:
-        out += ["--ramp", f"{args.ramp:g}"]
-    if args.profile:
-        out.append("--profile")
-    if args.rounds is not None:
-        out += ["--rounds", str(args.rounds)]
-    if args.goal_rounds is not None:
-        out += ["--goal-rounds", str(args.goal_rounds)]
-    if args.poll_us is not None:
-        out += ["--poll-us", str(args.poll_us)]
-    return out
-
-
-def run_in_vm(args: argparse.Namespace, outdir: Path) -> tuple[dict[str, Any] | None, int]:
-    """Boot the test bed once and measure everything in it."""
-    from ublk_driver import testbed
-
-    runtime, ramp = _timing(args)
-    cases = plan_cases(quick=args.quick, skip=args.skip or (), rounds=args.rounds,
-                       goal_rounds=args.goal_rounds)
-    estimate = estimate_seconds(cases, runtime, ramp) + _BOOT_OVERHEAD
-    timeout = args.vm_timeout or max(900.0, 2.5 * estimate + 300)
-    argv = [sys.executable, "-m", "bench", "--in-vm", "--out", str(outdir), *_forwarded(args)]
+    The guest writes results.json into ``outdir`` (shared); the host adds its own
+    facts (load, other qemu processes, boot time).  None when the guest wrote no
+    results (the code then says why: the guest's, or 125 if the test bed failed).
+    """
+    runtime, ramp = config.timing()
+    estimate = estimate_seconds(config.cases(), runtime, ramp) + _BOOT_OVERHEAD
     host: dict[str, Any] = {"kernel": os.uname().release, "cpus": os.cpu_count(),
                             "loadavg_before": list(os.getloadavg()),
                             "other_qemu_before": _count_qemu()}
-    _say(f"no /dev/ublk-control here: measuring in the qemu test bed (one boot, about "
-         f"{estimate / 60:.0f} min; timeout {timeout / 60:.0f} min)")
     results_path = outdir / "results.json"
-    code = 0
-    sampler = NoiseSampler()
-    try:
-        with sampler:
-            vm = testbed.run(argv, cwd=str(REPO_ROOT), share=str(outdir), timeout=timeout,
-                             stream=sys.stderr, memory_mb=VM_MEMORY_MB, cpus=VM_CPUS)
-        (outdir / "logs").mkdir(exist_ok=True)
-        (outdir / "logs" / "vm-console.log").write_text(vm.output)
+    with NoiseSampler() as sampler:
+        vm = run_in_testbed(["bench"], ["--out", str(outdir), *config.to_args()],
+                            share=outdir, doing="measuring", estimate_s=estimate,
+                            timeout=timeout or max(900.0, 2.5 * estimate + 300),
+                            memory_mb=VM_MEMORY_MB, cpus=VM_CPUS, stream=sys.stderr,
+                            console_log=outdir / "logs" / "vm-console.log", cwd=REPO_ROOT,
+                            say=say)
+    if vm.error is not None:
+        say(f"error: {vm.failure()}")
+    else:
         (outdir / "logs" / "vm-dmesg.log").write_text(vm.kernel_log)
         host.update(vm_boot_s=vm.boot_seconds, vm_total_s=vm.total_seconds)
-        code = vm.returncode
-    except testbed.TestbedError as e:
-        _say(f"error: the test bed failed: {e}")
-        if e.output:
-            (outdir / "logs").mkdir(exist_ok=True)
-            (outdir / "logs" / "vm-console.log").write_text(e.output)
-        code = 125
     host.update(loadavg_after=list(os.getloadavg()), other_qemu_after=_count_qemu(),
                 during=sampler.summary())
     if not results_path.exists():
-        _say(f"the guest wrote no {results_path}")
-        return None, code or 1
+        say(f"the guest wrote no {results_path}")
+        return None, vm.code or 1
     doc: dict[str, Any] = json.loads(results_path.read_text())
     doc["meta"]["host"] = host
     doc["meta"]["vm"] = {"accel": "tcg", "cpus": VM_CPUS, "memory_mib": VM_MEMORY_MB,
                          "boot_s": host.get("vm_boot_s"), "total_s": host.get("vm_total_s")}
     _write_json(results_path, doc)
-    return doc, code
-
-
-# ---------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m bench",
-        description="Benchmark ublkml devices against their kernel (and nbdkit) "
-                    "counterparts with identical fio jobs; write results.json, report.md "
-                    "and plots. Runs natively where /dev/ublk-control exists (as root), "
-                    "else in the qemu test bed, in one boot.",
-        epilog="See docs/benchmarks.md.")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke test: 4k randread QD32 on every device, plus 2 queues for "
-                        f"the null group and {OVERHEAD_ROUNDS_QUICK} rounds of the overhead "
-                        f"group; {QUICK_RUNTIME:g} s per job (about 4 min with boot)")
-    p.add_argument("--out", metavar="DIR",
-                   help="output directory (default: results/bench-<timestamp>)")
-    p.add_argument("--json", action="store_true",
-                   help="print results.json on stdout at the end")
-    p.add_argument("--skip", action="append", choices=GROUPS, metavar="GROUP",
-                   help=f"leave a group out (repeatable): {', '.join(GROUPS)}")
-    p.add_argument("--profile", action="store_true",
-                   help="record the CPU time of each server process and thread (ublkml "
-                        "daemons, nbdkit) during each measurement, from /proc, and sample "
-                        "where it goes with py-spy (Python and native frames; extra "
-                        "'bench'); the sampler pauses the server, so take ratios from a "
-                        "run without --profile")
-    p.add_argument("--poll-us", type=_poll_us, metavar="US",
-                   help="hybrid polling for every ublkml device (ublkml add --poll-us); "
-                        "default: none (the daemons' default, off)")
-    p.add_argument("--runtime", type=float, metavar="S",
-                   help=f"seconds measured per job (default {FULL_RUNTIME:g}, "
-                        f"--quick {QUICK_RUNTIME:g})")
-    p.add_argument("--ramp", type=float, metavar="S",
-                   help=f"seconds of warm-up per job, not counted (default {FULL_RAMP:g}, "
-                        f"--quick {QUICK_RAMP:g})")
-    p.add_argument("--rounds", type=_rounds_arg, metavar="N",
-                   help=f"rounds of the overhead group (default {OVERHEAD_ROUNDS_FULL}, "
-                        f"--quick {OVERHEAD_ROUNDS_QUICK}); more rounds, steadier medians")
-    p.add_argument("--goal-rounds", type=_rounds_arg, metavar="N",
-                   help="rounds of the cases the goals are computed from (4k randread "
-                        "QD32 on 1 and 2 queues, QD1 on 1 queue; baseline and ublkml "
-                        f"alternately), whose medians the goals compare (default "
-                        f"{GOAL_ROUNDS_FULL}, --quick {GOAL_ROUNDS_QUICK})")
-    p.add_argument("--vm-timeout", type=float, metavar="S",
-                   help="kill the test bed after S seconds (default: from the estimate)")
-    p.add_argument("--no-report", action="store_true",
-                   help="write results.json only (no report.md, no plots)")
-    p.add_argument("--in-vm", action="store_true", help=argparse.SUPPRESS)
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m bench``; returns the exit status.
-
-    0: every measurement succeeded; 1: some failed (recorded in the results);
-    2: usage error; 125: the test bed itself failed; 130: interrupted.
-    """
-    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    if args.runtime is not None and args.runtime <= 0:
-        _say("error: --runtime must be positive")
-        return 2
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    outdir = Path(args.out or Path("results") / f"bench-{stamp}").resolve()
-    outdir.mkdir(parents=True, exist_ok=True)
-    try:
-        _which("fio")
-    except MissingToolError as e:
-        _say(f"error: {e}")
-        return 2
-    from ublk_driver.testbed import in_vm, native_ublk_available
-
-    doc: dict[str, Any] | None
-    if args.in_vm or native_ublk_available():
-        if os.geteuid() != 0:
-            _say("error: the benchmark creates block devices and loads modules: run it as root")
-            return 2
-        doc, code = measure(args, outdir)
-    elif in_vm():
-        _say("error: inside the test bed but /dev/ublk-control is missing (modprobe ublk_drv)")
-        return 2
-    else:
-        doc, code = run_in_vm(args, outdir)
-    if doc is None:
-        return code
-    if not args.in_vm and not args.no_report:
-        from bench.report import write_report
-
-        report = write_report(doc, outdir)
-        _say(f"report: {report}")
-    if not args.in_vm:
-        _say(f"results: {outdir / 'results.json'}")
-    if args.json:
-        print(json.dumps(doc, indent=2))
-    return code
+    return doc, vm.code

@@ -2,6 +2,6 @@
 
 import sys
 
-from kernel_agent.cli import agent_main
+from ublk_driver.core.cli import main
 
-sys.exit(agent_main(sys.argv[1:]))
+sys.exit(main(["agent", *sys.argv[1:]]))

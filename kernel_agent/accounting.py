@@ -1,7 +1,7 @@
 """Kernel-side accounting of block devices: eBPF, or ``/sys/block`` as a fall-back.
 
-:class:`BpfAccounting` loads ``bpf/blkacct.bpf.o`` (compiled by
-``scripts/setup.sh``, never here), attaches it to the block tracepoints
+:class:`BpfAccounting` loads ``bpf/blkacct.bpf.o`` (compiled when the package
+is built, by setup.py's ``build_bpf``; never here), attaches it to the block tracepoints
 (``tp_btf`` where the kernel has BTF, else the classic trace events) and pins
 its maps under ``/sys/fs/bpf/ublkml/<instance>/``: the agent's sysfs-like
 interface, readable by any root process (:class:`PinnedAccounting`, or
@@ -30,8 +30,13 @@ from typing import Any
 from kernel_agent import _libbpf
 from kernel_agent.errors import AgentError, BpfUnavailableError, UnknownDeviceError
 
+#: The objects sit next to this module: in site-packages for an installed wheel,
+#: in the source tree for a checkout or an editable install (libbpf opens a real
+#: file, so a path rather than an importlib.resources Traversable).
 BPF_DIR = Path(__file__).resolve().parent / "bpf"
 OBJECT_PATH = BPF_DIR / "blkacct.bpf.o"
+#: Written instead of the objects by a build with UBLKML_NO_BPF=1 (setup.py's NO_BPF_NOTE).
+NO_BPF_NOTE = BPF_DIR / "NO_BPF"
 BPFFS = "/sys/fs/bpf"
 TRACEFS = "/sys/kernel/tracing"
 PIN_ROOT = f"{BPFFS}/ublkml"
@@ -208,13 +213,30 @@ class BlockEvent:
                 "error": self.error, "ktime_ns": self.ts_ns}
 
 
+def _missing_object_reason(object_path: Path = OBJECT_PATH) -> str | None:
+    """Why the compiled eBPF object is absent and how to get it, or None if it is there."""
+    if object_path.exists():
+        return None
+    needs = "with clang, libbpf-dev and bpftool installed"
+    note = object_path.parent / NO_BPF_NOTE.name
+    if note.exists():
+        return (f"{object_path} is missing: {note.read_text().strip()}; "
+                f"rebuild without UBLKML_NO_BPF, {needs}")
+    checkout = object_path.parent.parent.parent
+    if (checkout / "setup.py").exists():
+        return (f"{object_path} is missing: build it with `python setup.py build_bpf --inplace` "
+                f"in {checkout} ({needs}; scripts/setup.sh does this)")
+    return (f"{object_path} is missing from this installation: rebuild and reinstall the "
+            f"ublkml wheel {needs} (its build compiles the object)")
+
+
 def bpf_unavailable_reason(object_path: Path = OBJECT_PATH) -> str | None:
     """Why eBPF accounting cannot work here, or None if it may."""
+    missing = _missing_object_reason(object_path)
+    if missing:
+        return missing
     if os.geteuid() != 0:
         return "not root (loading BPF programs needs CAP_BPF and CAP_PERFMON)"
-    if not object_path.exists():
-        return (f"{object_path} is missing: run scripts/setup.sh (it compiles the eBPF "
-                "objects with clang)")
     if not _libbpf.libbpf_available():
         return "libbpf.so.1 not found (Debian: apt-get install libbpf1)"
     if not Path("/sys/kernel/btf/vmlinux").exists() and not Path(

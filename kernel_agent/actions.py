@@ -16,7 +16,7 @@ recommendation.
 * Driver actions (``demote_leg``, ``promote_leg``; the value is the leg)
   go to the server of the device through a :class:`ControlChannel`.  By
   default a ublk device ``ublkbN`` is reached through its server's control
-  socket (:class:`UblkControlChannel`, :mod:`ublk_driver.ctl`); any other
+  socket (:class:`UblkControlChannel`, :mod:`ublk_driver.admin`); any other
   device, or a ublk device whose server has no socket, has no channel and the
   recommendation is rejected with "unsupported: no control channel".
   ``promote_leg`` is applied once the resync has *started*: the agent's one
@@ -164,7 +164,7 @@ class ControlChannel(Protocol):
 
 
 class UblkControlChannel:
-    """The control socket of a ublkml server (``ublk_driver.ctl``)."""
+    """The control socket of a ublkml server (``ublk_driver.admin``)."""
 
     LEG_STATES: ClassVar[dict[str, str]] = {"demote_leg": "demoted", "promote_leg": "active"}
 
@@ -176,15 +176,15 @@ class UblkControlChannel:
     def perform(self, bd: BlockDevice, action: str, value: str) -> str:
         """Set the leg named by ``value``; the leg's previous state ("" if unknown)."""
         # Imported here: ublk_driver loads its compiled engine on import.
-        from ublk_driver.ctl import ControlClient
-        from ublk_driver.errors import UblkError
+        from ublk_driver.admin import AdminClient
+        from ublk_driver.core.errors import UblkError
 
         state = self.LEG_STATES.get(action)
         if state is None:
             raise ActionError(f"unsupported: the ublk server has no action {action!r}")
         try:
             leg = int(value)
-            out = ControlClient(self.dev_id, self.timeout, self.state_dir).call(
+            out = AdminClient(self.dev_id, self.timeout, self.state_dir).call(
                 "leg_set", leg=leg, state=state)
         except ValueError:
             raise ActionError(f"{action} needs a leg number, got {value!r}") from None
@@ -198,7 +198,7 @@ def ublk_channel_for(bd: BlockDevice, state_dir: str | None = None) -> ControlCh
     m = re.fullmatch(r"ublkb(\d+)", bd.name)
     if m is None:
         return None
-    from ublk_driver.ctl import fallback_path, socket_path
+    from ublk_driver.admin import fallback_path, socket_path
 
     dev_id = int(m.group(1))
     path = socket_path(dev_id, state_dir)

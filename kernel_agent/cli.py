@@ -32,24 +32,7 @@ from kernel_agent.errors import AgentError, BpfUnavailableError, UnknownDeviceEr
 from kernel_agent.registry import CLASSES, Registry, state_dir
 from kernel_agent.ring import Channel, Recommendation, Status
 from kernel_agent.validator import Mode
-
-PROG = "ublkml agent"
-
-
-class UsageError(AgentError, ValueError):
-    pass
-
-
-def _one_line(e: object) -> str:
-    """Control characters escaped: an error may echo an argv word holding a newline."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(e))
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line, like every other error here."""
-
-    def error(self, message: str) -> Any:  # argparse's signature says NoReturn
-        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see `{self.prog} --help`)\n")
+from ublk_driver.core.cli import Subparsers, UsageError, add_group
 
 
 def _params(items: list[str]) -> dict[str, str]:
@@ -251,10 +234,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="The kernel agent: eBPF accounting of "
-                "block devices, extension registry, validated recommendations.")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+def register(sub: Subparsers) -> None:
+    """``ublkml agent ...`` (an entry point of ``ublkml.commands``)."""
+    _, sub = add_group(sub, "agent", help="the kernel agent: eBPF accounting, extensions, "
+                       "recommendations",
+                       description="The kernel agent: eBPF accounting of block devices, "
+                       "extension registry, validated recommendations.")
 
     a = sub.add_parser("add", help="register an extension instance",
                        description="Register an instance of CLASS with key=value params: "
@@ -323,26 +308,3 @@ def build_parser() -> argparse.ArgumentParser:
     st.set_defaults(func=cmd_stop)
     ss = sub.add_parser("status", help="the running agent's state (JSON)")
     ss.set_defaults(func=cmd_status)
-    return p
-
-
-def agent_main(argv: list[str]) -> int:
-    """Entry point for ``ublkml agent ARGV...`` and ``python -m kernel_agent ARGV...``."""
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:
-        return int(e.code or 0)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
-    try:
-        return int(args.func(args))
-    except UsageError as e:
-        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
-        return 2
-    except (AgentError, OSError) as e:
-        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130

@@ -1,6 +1,6 @@
 """The exceptions the kernel agent raises.
 
-One root (:class:`AgentError`, itself a :class:`ublk_driver.errors.UblkError`
+One root (:class:`AgentError`, itself a :class:`ublk_driver.core.errors.UblkError`
 so that the ``ublkml`` command line prints it as one line); each subclass also
 inherits the builtin it refines, so callers can catch either.  Messages say
 what to do.
@@ -8,7 +8,7 @@ what to do.
 
 from __future__ import annotations
 
-from ublk_driver.errors import UblkError
+from ublk_driver.core.errors import UblkError
 
 
 class AgentError(UblkError):

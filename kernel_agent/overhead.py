@@ -5,7 +5,7 @@
 
 Rounds alternate off/on (off, on, off, on, ...) so that drifts of the machine
 hit both sides alike, and the medians are compared: ``ratio`` = median IOPS on
-/ median IOPS off (the issue's target: >= 0.97).  Without ``--device`` a loop
+/ median IOPS off (the goal: >= 0.97).  Without ``--device`` a loop
 device over a file in /dev/shm is created and removed afterwards: RAM-backed,
 so the block layer (and thus the accounting) is a large share of the cost.
 "On" means the real thing: programs attached, the device watched, slow-I/O

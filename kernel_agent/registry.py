@@ -36,8 +36,8 @@ from typing import Any
 from kernel_agent.errors import RegistryError
 from kernel_agent.ring import Channel
 from kernel_agent.validator import Mode
-from ublk_driver.errors import ConfigError
-from ublk_driver.sizes import parse_size
+from ublk_driver.core.errors import ConfigError
+from ublk_driver.core.sizes import parse_size
 
 DEFAULT_STATE_DIR = "/run/ublkml/agent"
 CLASSES = ("ublk-server", "ml-extension")

@@ -7,9 +7,9 @@ rings live in one memory-mapped file per extension, created by the agent at
 registration (``ublkml agent add``) under ``<state dir>/rings/<id>.ring``.
 
 A BPF arena would let eBPF programs read the rings too, but it needs clang 19
-and a libbpf newer than this machine's 1.1, and nothing kernel-side consumes
-recommendations yet; a shared file has the same layout discipline and works
-everywhere.
+and a libbpf newer than Debian 12's 1.1 (docs/ebpf.md), and nothing
+kernel-side consumes recommendations; a shared file has the same layout
+discipline and works everywhere.
 
 File layout (little endian; every index on its own 64-byte cache line)::
 

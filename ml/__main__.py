@@ -1,7 +1,8 @@
-"""``python -m ml model ...`` and ``python -m ml detect|train|synth|smart ...``."""
+"""``python -m ml model ...`` = ``ublkml model ...``; otherwise ``ublkml ml ...``."""
 
 import sys
 
-from ml.cli import main
+from ublk_driver.core.cli import main
 
-sys.exit(main())
+argv = sys.argv[1:]
+sys.exit(main(argv if argv[:1] == ["model"] else ["ml", *argv]))

@@ -1,66 +1,43 @@
 """Command-line entry points: ``ublkml model ...`` and ``ublkml ml ...``.
 
-``model_main(argv)`` and ``ml_main(argv)`` take the arguments after the verb
-and return an exit status: 0 success, 1 a failed operation (bad model, bad
-telemetry, ...), 2 a usage error.  Every error is one line on stderr; progress
-of long work goes to stderr too, so that ``--json`` output stays clean.
-``python -m ml model ...`` / ``python -m ml detect ...`` run them without the
-main CLI.
+Both are entry points of ``ublkml.commands`` (:func:`register_model`,
+:func:`register_ml`); errors go through the one error path of
+:mod:`ublk_driver.core.cli`.  A ``ValueError`` from reading a user's data
+(telemetry, labels, models) is an error of that input: one line, exit 1.
+Progress of long work goes to stderr, so that ``--json`` output stays clean.
+The models' modules (numpy, onnxruntime, scikit-learn) are imported by the
+commands that use them, so that ``ublkml --help`` and shell completion, which
+build every command's parser, stay fast.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
-import signal
 import sys
-import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
-from ublk_driver.errors import UblkError
-
-PROG = "ublkml"
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that returns status 2 with a one-line error instead of exiting."""
-
-    def error(self, message: str) -> Any:  # argparse's signature says NoReturn
-        raise _UsageError(f"{self.prog}: error: {_one_line(message)}")
+from ublk_driver.core.cli import PROG, CliError, Handler, Subparsers, add_group
+from ublk_driver.core.errors import UblkError
 
 
-def _one_line(e: object) -> str:
-    """Control characters escaped: an error may echo an argv word holding a newline."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(e))
+def _input_errors(func: Handler) -> Handler:
+    """A ValueError while a command reads the user's data is an error of that data."""
 
+    @functools.wraps(func)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except CliError:
+            raise
+        except ValueError as e:
+            raise CliError(str(e)) from None
 
-class _UsageError(Exception):
-    pass
+    return run
 
-
-def _run(parser: argparse.ArgumentParser, argv: Sequence[str]) -> int:
-    try:
-        args = parser.parse_args(list(argv))
-    except _UsageError as e:
-        print(str(e), file=sys.stderr)
-        return 2
-    except SystemExit as e:  # --help: return instead of exiting the caller's process
-        return e.code if isinstance(e.code, int) else 0
-    func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
-    if func is None:
-        parser.print_help(sys.stderr)
-        return 2
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `... | head`: end quietly, as ublkml
-    try:
-        return int(func(args))
-    except (UblkError, ValueError, OSError) as e:
-        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
 
 
 def _progress(enabled: bool, what: str) -> Callable[[int, int], None] | None:
@@ -138,7 +115,7 @@ def cmd_model_use(args: argparse.Namespace) -> int:
         running = sorted(int(n[:-5]) for n in (os.listdir(sd) if os.path.isdir(sd) else [])
                          if n.endswith(".json") and n[:-5].isdigit())
         if len(running) != 1:
-            raise _Fail(f"{len(running)} devices in {sd}: say which one with -n DEV")
+            raise CliError(f"{len(running)} devices in {sd}: say which one with -n DEV")
         dev = running[0]
     if not os.path.exists(os.path.join(sd, f"{dev}.json")):
         print(f"{PROG}: warning: no running device {dev} known in {sd}; its scorer picks "
@@ -157,19 +134,16 @@ def cmd_model_use(args: argparse.Namespace) -> int:
     return 0
 
 
-class _Fail(UblkError, ValueError):
-    pass
-
-
-def model_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=f"{PROG} model", description="List, validate and switch the ONNX "
-                "models that score a device's completion paths (contract: docs/models.md).")
-    sub = p.add_subparsers(dest="verb", metavar="VERB")
+def register_model(sub: Subparsers) -> None:
+    """``ublkml model list|validate FILE|use FILE [-n DEV]``."""
+    _, sub = add_group(sub, "model", help="ONNX drive-health models: list, validate, use",
+                       description="List, validate and switch the ONNX models that score a "
+                       "device's completion paths (contract: docs/models.md).")
     ls = sub.add_parser("list", help="packaged models and the model each device uses",
                         description="Show the packaged reference models and, per device, "
                         "the model chosen with `model use`.")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
-    ls.set_defaults(func=cmd_model_list)
+    ls.set_defaults(func=_input_errors(cmd_model_list))
     v = sub.add_parser("validate", help="check a model against the plug-in contract",
                        description="Load FILE as the scorer would (onnx checker, metadata, "
                        "input/output shapes and dtypes, a trial run); exit 1 with the reason "
@@ -177,7 +151,7 @@ def model_parser() -> argparse.ArgumentParser:
     v.add_argument("file", metavar="FILE")
     v.add_argument("--kind", choices=["fail_slow", "failure"], help="also require this kind")
     v.add_argument("--json", action="store_true", help="machine-readable output")
-    v.set_defaults(func=cmd_model_validate)
+    v.set_defaults(func=_input_errors(cmd_model_validate))
     u = sub.add_parser("use", help="hot-swap a running device's fail-slow model",
                        description="Validate FILE, then point the device's scorer at it "
                        "($UBLKML_STATE_DIR/<dev>.model, default /run/ublkml); the scorer "
@@ -185,13 +159,7 @@ def model_parser() -> argparse.ArgumentParser:
     u.add_argument("file", metavar="FILE")
     u.add_argument("-n", "--number", type=int, help="device id (default: the only device)")
     u.add_argument("--json", action="store_true", help="machine-readable output")
-    u.set_defaults(func=cmd_model_use)
-    return p
-
-
-def model_main(argv: Sequence[str]) -> int:
-    """``ublkml model list|validate FILE|use FILE [-n DEV]``."""
-    return _run(model_parser(), argv)
+    u.set_defaults(func=_input_errors(cmd_model_use))
 
 
 # ---- ublkml ml ----------------------------------------------------------------------
@@ -204,7 +172,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
     quiet = args.json or args.quiet
     if args.window is not None and not args.window > 0:
-        raise _Fail(f"--window must be positive, got {args.window}")
+        raise CliError(f"--window must be positive, got {args.window}")
     hosts = read_tree(args.dir, progress=_progress(not quiet, "read hosts"))
     labels = read_labels(args.labels) if args.labels else None
     model = load_model(args.model, expect_kind="fail_slow") if args.model else None
@@ -268,7 +236,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     try:
         seeds = [int(x) for x in args.synthetic_seeds.split(",")]
     except ValueError:
-        raise _Fail(f"--synthetic-seeds {args.synthetic_seeds!r}: give seeds like 2,3,4"
+        raise CliError(f"--synthetic-seeds {args.synthetic_seeds!r}: give seeds like 2,3,4"
                     ) from None
     rep = compare_recorded(args.train, args.heldout, seed=args.seed, synthetic_seeds=seeds,
                            save_dir=args.save, quiet=args.quiet or args.json)
@@ -283,9 +251,18 @@ def cmd_record(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from ml.train import train_main
+    from ml.train import TrainRequest, train
 
-    return train_main(args)
+    report = train(TrainRequest(
+        what=args.what, data_dir=args.dir, out=args.out, labels=args.labels, seed=args.seed,
+        window_s=args.window, add=tuple(args.add), horizon_days=args.horizon,
+        version=args.version, evaluate=not args.no_eval, quiet=args.quiet or args.json))
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for k, v in report.items():
+            print(f"{k}: {v}")
+    return 0
 
 
 def cmd_smart(args: argparse.Namespace) -> int:
@@ -313,14 +290,16 @@ def cmd_smart(args: argparse.Namespace) -> int:
     return 0
 
 
-def ml_parser() -> argparse.ArgumentParser:
+def register_ml(sub: Subparsers) -> None:
+    """``ublkml ml detect|train|synth|record|compare|smart ...``."""
     from ml.detect import DEFAULT_WINDOW_S, METHODS
+    from ml.record import add_arguments
     from ml.synth import PRESETS, SMART_PRESETS
     from ml.train import HORIZON_DAYS
 
-    p = _Parser(prog=f"{PROG} ml", description="Drive-health models: fail-slow detection on "
-                "telemetry, training, synthetic data, SMART failure scores.")
-    sub = p.add_subparsers(dest="verb", metavar="VERB")
+    _, sub = add_group(sub, "ml", help="detection and training on drive telemetry",
+                       description="Drive-health models: fail-slow detection on telemetry, "
+                       "training, synthetic data, SMART failure scores.")
 
     d = sub.add_parser("detect", help="per-drive fail-slow verdicts for a telemetry tree",
                        description="Read DIR/<host>/*.csv (columns ts,disk_id,throughput,"
@@ -341,7 +320,7 @@ def ml_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", metavar="CSV", help="write the verdicts here instead of stdout")
     d.add_argument("--json", action="store_true", help="machine-readable output")
     d.add_argument("-q", "--quiet", action="store_true", help="no progress")
-    d.set_defaults(func=cmd_detect)
+    d.set_defaults(func=_input_errors(cmd_detect))
 
     t = sub.add_parser("train", help="train a model and export it as ONNX (extra: train)",
                        description="Seeded training. `reference` rebuilds the packaged "
@@ -366,7 +345,7 @@ def ml_parser() -> argparse.ArgumentParser:
                    "evaluation")
     t.add_argument("--json", action="store_true", help="machine-readable report")
     t.add_argument("-q", "--quiet", action="store_true", help="no progress")
-    t.set_defaults(func=_check_train)
+    t.set_defaults(func=_input_errors(cmd_train))
 
     s = sub.add_parser("synth", help="generate labelled data (telemetry or SMART history)",
                        description="Write a Perseus-layout telemetry tree with injected "
@@ -383,7 +362,7 @@ def ml_parser() -> argparse.ArgumentParser:
     s.add_argument("--slow-fraction", type=float, help="telemetry: fraction of slow drives")
     s.add_argument("--json", action="store_true", help="machine-readable summary")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress")
-    s.set_defaults(func=cmd_synth)
+    s.set_defaults(func=_input_errors(cmd_synth))
 
     r = sub.add_parser("record", help="record labelled telemetry from a mirror with "
                        "injected faults (in the test bed if needed)",
@@ -396,10 +375,8 @@ def ml_parser() -> argparse.ArgumentParser:
                        "natively where /dev/ublk-control exists (root), else in one boot of "
                        "the qemu test bed.", epilog="See docs/models.md, 'Recorded "
                        "telemetry'.")
-    from ml.record import add_arguments
-
     add_arguments(r)
-    r.set_defaults(func=cmd_record)
+    r.set_defaults(func=_input_errors(cmd_record))
 
     c = sub.add_parser("compare", help="models and baselines on held-out recorded telemetry "
                        "(extra: train)",
@@ -416,7 +393,7 @@ def ml_parser() -> argparse.ArgumentParser:
     c.add_argument("--save", metavar="DIR", help="also write the trained models there")
     c.add_argument("--json", action="store_true", help="machine-readable report")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress")
-    c.set_defaults(func=cmd_compare)
+    c.set_defaults(func=_input_errors(cmd_compare))
 
     m = sub.add_parser("smart", help="failure score of a drive from smartctl --json",
                        description="Run `smartctl --json -a DEVICE` (or read its saved "
@@ -426,28 +403,4 @@ def ml_parser() -> argparse.ArgumentParser:
     g.add_argument("--from-json", metavar="FILE", help="saved smartctl --json output")
     m.add_argument("--model", metavar="FILE", help="a failure ONNX model (default: packaged)")
     m.add_argument("--json", action="store_true", help="machine-readable output")
-    m.set_defaults(func=cmd_smart)
-    return p
-
-
-def _check_train(args: argparse.Namespace) -> int:
-    if args.what != "reference" and not args.dir:
-        raise _Fail(f"train {args.what} needs DIR")
-    if args.what != "reference" and not args.out:
-        raise _Fail(f"train {args.what} needs --out FILE")
-    if args.add and args.what != "fail-slow":
-        raise _Fail("--add is for train fail-slow")
-    return cmd_train(args)
-
-
-def ml_main(argv: Sequence[str]) -> int:
-    """``ublkml ml detect|train|synth|smart ...``."""
-    return _run(ml_parser(), argv)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m ml``: ``model ...`` goes to model_main, the rest to ml_main."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "model":
-        return model_main(argv[1:])
-    return ml_main(argv)
+    m.set_defaults(func=_input_errors(cmd_smart))

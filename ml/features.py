@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from ublk_driver.errors import UblkError
+from ublk_driver.core.errors import UblkError
 from ublk_driver.records import COMPLETION_DTYPE
 
 FloatArray = npt.NDArray[np.float64]

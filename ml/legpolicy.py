@@ -16,7 +16,7 @@ Three layers, each testable alone:
   (``demote_leg`` / ``promote_leg``, value = the leg, confidence, model, ttl)
   to its submission ring and reads the agent's decisions from the
   completion ring.  The agent validates them in the device's mode (observe,
-  recommend, enforce) and applies them through the server's control socket.
+  recommend, enforce) and applies them through the server's admin socket.
   Without a running agent nothing is sent; that is said once, and scoring
   goes on.
 * :class:`LegController` -- the glue run by the scorer's hooks
@@ -39,10 +39,10 @@ throughput says nothing about its health).
 Why only the probed user reads: a probe and its user read are submitted
 together; where reads complete inside the submission (a RAM disk, the qemu
 test bed) the pair takes about twice as long as a lone read, and both
-records say so.  Measured in the test bed with the demoted leg healthy:
-probes p50 156 us, all user reads 75 us (the model flags a median ratio of
-2, so the leg was never re-admitted), probed user reads 189 us next to
-their probes' 191 us.
+records say so.  In the test bed, with the demoted leg healthy: probes p50
+156 us, all user reads 75 us (a median ratio of 2, which the model flags: a
+healthy leg would never be re-admitted), probed user reads 189 us next to
+their probes' 191 us (docs/failslow.md).
 """
 
 from __future__ import annotations
@@ -61,9 +61,14 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from kernel_agent.agent import read_agent_state
+from kernel_agent.errors import AgentError
+from kernel_agent.registry import Registry
+from kernel_agent.ring import Channel, Recommendation
 from ml.features import FEATURE_INDEX, Summary, select, summarize, summary_features
-from ublk_driver.errors import UblkError
-from ublk_driver.records import RECORD_PROBED
+from ml.scorer import state_dir
+from ublk_driver.core.errors import UblkError
+from ublk_driver.records import COMPLETION_DTYPE, RECORD_PROBED
 
 log = logging.getLogger("ublkml.ml.legpolicy")
 
@@ -100,7 +105,8 @@ class PolicyConfig:
     #: slow next to a peer's reads; a leg that just took over every read
     #: looks slow next to its old self.  Counted in ticks too because on a
     #: starved machine (the test bed under load) ticks come late and the
-    #: window spans seconds: a relapse 1.5 s after a promotion came from that.
+    #: window spans seconds: counted in time alone, a re-admitted leg could
+    #: be demoted again within 1.5 s.
     settle_s: float = 1.0
     settle_ticks: int = 10
     min_active: int = 1            # never fewer active legs than this
@@ -412,12 +418,6 @@ class AgentSink:
         if now - self._tried < self.retry_s:
             return self._why
         self._tried = now
-        # Imported here: the kernel agent's package is not needed to score.
-        from kernel_agent.agent import read_agent_state
-        from kernel_agent.errors import AgentError
-        from kernel_agent.registry import Registry
-        from kernel_agent.ring import Channel
-
         reg = Registry(self.agent_dir)
         if read_agent_state(reg.root) is None:
             self._why = (f"no kernel agent is running (state dir {reg.root}): leg "
@@ -434,8 +434,6 @@ class AgentSink:
         return None
 
     def submit(self, req: Request, model: str) -> str | None:
-        from kernel_agent.ring import Recommendation
-
         why = self._connect()
         if why is not None:
             return why
@@ -464,9 +462,6 @@ class AgentSink:
             self._channel.close()
             self._channel = None
         if self.ext_id is not None:
-            from kernel_agent.errors import AgentError
-            from kernel_agent.registry import Registry
-
             with contextlib.suppress(AgentError, OSError):
                 Registry(self.agent_dir).remove(self.ext_id)
             self.ext_id = None
@@ -488,8 +483,6 @@ class ModelLike(Protocol):
 
 
 def legs_log_file(dev_id: int, directory: str | None = None) -> str:
-    from ml.scorer import state_dir
-
     return os.path.join(directory or state_dir(), f"{dev_id}.legs.jsonl")
 
 
@@ -772,8 +765,6 @@ class LegController:
 
 
 def _empty_dtype() -> np.dtype[Any]:
-    from ublk_driver.records import COMPLETION_DTYPE
-
     return COMPLETION_DTYPE
 
 

@@ -42,7 +42,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ml.features import FEATURE_NAMES, IO_FEATURES, SMART_FEATURES
-from ublk_driver.errors import UblkError
+from ublk_driver.core.errors import UblkError
 
 KINDS = ("fail_slow", "failure")
 META_KEYS = ("ublkml.kind", "ublkml.features", "ublkml.output", "ublkml.threshold",

@@ -63,8 +63,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ublk_driver.errors import UblkError
+from ublk_driver.core.errors import UblkError
 from ublk_driver.faults import FaultSpec
+from ublk_driver.scratch import ScratchUnavailableError, ram_ext4
+from ublk_driver.testbed.where import needs_testbed, run_in_testbed
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FORMAT = 1
@@ -76,6 +78,7 @@ TAIL_S = 1.0                # and this long after it
 DRAIN_S = 0.1               # how often the reader drains the completion records
 RECORD_CAPACITY = 1 << 16   # records kept per queue between drains
 LEG_MIB = 64
+LEGS_FS_BYTES = 640 << 20   # ext4 on brd for the legs; more legs than fit go on tmpfs
 KINDS = ("healthy", "hiccup", "const", "burst", "ramp", "delay")
 SLOW_KINDS = ("const", "burst", "ramp", "delay", "given")
 VM_CPUS, VM_MEMORY_MB = 2, 4096
@@ -365,15 +368,13 @@ def _make_leg(path: Path, size: int) -> None:
 def leg_storage(work: Path, need: int, say: Callable[[str], None]) -> Iterator[dict[str, Any]]:
     """A RAM file system for the legs: ext4 on brd (no io-wq workers, as a
     real file system on a block device), else tmpfs."""
-    from bench.runner import LOOP_FS_BYTES, BenchError, ram_ext4
-
-    if need <= LOOP_FS_BYTES - (64 << 20):
+    if need <= LEGS_FS_BYTES - (64 << 20):
         mnt = work / "legs"
         try:
-            with ram_ext4(mnt) as facts:
+            with ram_ext4(mnt, LEGS_FS_BYTES) as facts:
                 yield {**facts, "dir": str(mnt)}
                 return
-        except BenchError as e:
+        except ScratchUnavailableError as e:
             say(f"ext4 on brd unavailable ({e}): legs on tmpfs")
     else:
         say(f"{need >> 20} MiB of legs do not fit the brd disk: legs on tmpfs")
@@ -738,7 +739,7 @@ def config_from(args: argparse.Namespace) -> RecordConfig:
 def _forwarded(args: argparse.Namespace, out: Path) -> list[str]:
     argv = [str(out), "--hosts", str(args.hosts), "--legs", str(args.legs),
             "--minutes", repr(args.minutes), "--seed", str(args.seed), "--mix", args.mix,
-            "--leg-mib", str(args.leg_mib), "--in-vm"]
+            "--leg-mib", str(args.leg_mib)]
     for f in args.fault:
         argv += ["--fault", f]
     if args.resume:
@@ -753,8 +754,6 @@ def estimate_s(cfg: RecordConfig) -> float:
 
 def main(args: argparse.Namespace) -> int:
     """``ublkml ml record``: here, or in the test bed when this kernel has no ublk."""
-    from ublk_driver.testbed import in_vm, native_ublk_available
-
     quiet = args.quiet or args.json
 
     def say(msg: str) -> None:
@@ -764,13 +763,10 @@ def main(args: argparse.Namespace) -> int:
     cfg = config_from(args)
     cfg.validate()
     out = Path(args.out).resolve()
-    if args.in_vm or native_ublk_available():
-        result = record(out, cfg, args.resume, say)
-    elif in_vm():
-        raise RecordError("inside the test bed but /dev/ublk-control is missing "
-                          "(modprobe ublk_drv)")
-    else:
+    if needs_testbed(args.in_vm):
         result = _in_testbed(args, cfg, out, quiet, say)
+    else:
+        result = record(out, cfg, args.resume, say)
     if args.in_vm:
         return 0
     if args.json:
@@ -782,30 +778,14 @@ def main(args: argparse.Namespace) -> int:
 
 def _in_testbed(args: argparse.Namespace, cfg: RecordConfig, out: Path, quiet: bool,
                 say: Callable[[str], None]) -> dict[str, Any]:
-    from ublk_driver import testbed
-
     out.mkdir(parents=True, exist_ok=True)
     if (out / "recording.json").exists() and not args.resume:
         raise RecordError(f"{out} already holds a recording: --resume to continue it, or "
                           "choose another directory")
-    limit = args.vm_timeout or 2 * estimate_s(cfg) + 600
-    say(f"no /dev/ublk-control here: recording in the qemu test bed (about "
-        f"{estimate_s(cfg) / 60:.0f} min; timeout {limit / 60:.0f} min)")
-    try:
-        vm = testbed.run([sys.executable, "-m", "ml", "record", *_forwarded(args, out)],
-                         cwd=str(REPO_ROOT), share=str(out), timeout=limit,
-                         stream=False if quiet else sys.stderr, memory_mb=VM_MEMORY_MB,
-                         cpus=VM_CPUS)
-    except testbed.TestbedError as e:
-        if e.output:
-            (out / "vm-console.log").write_text(e.output)
-        raise RecordError(f"the test bed failed: {e}") from None
-    if vm.returncode != 0:
-        (out / "vm-console.log").write_text(vm.output)
-        last = [ln for ln in vm.output.strip().splitlines() if "error" in ln.lower()][-1:]
-        raise RecordError(f"recording in the test bed failed ({vm.returncode})"
-                          + (f": {last[0].strip()}" if last else "")
-                          + f"; console in {out / 'vm-console.log'}")
+    run_in_testbed(["ml", "record"], _forwarded(args, out), share=out, doing="recording",
+                   estimate_s=estimate_s(cfg),
+                   timeout=args.vm_timeout or 2 * estimate_s(cfg) + 600,
+                   memory_mb=VM_MEMORY_MB, cpus=VM_CPUS, stream=None if quiet else sys.stderr,
+                   keep_console=False, cwd=REPO_ROOT, say=say).check()
     state = json.loads((out / "recording.json").read_text())
     return summary(out, state)
-

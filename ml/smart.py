@@ -27,7 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ml.features import SMART_FEATURES
-from ublk_driver.errors import UblkError
+from ublk_driver.core.errors import UblkError
 
 #: smartctl exit-status bits that mean there is no data (see smartctl(8))
 _FATAL_BITS = {0: "the command line did not parse", 1: "the device could not be opened"}
@@ -56,8 +56,8 @@ class SmartReading:
 def _int(v: Any, what: str, where: str) -> float:
     """A counter from the JSON: a finite number >= 0 (SMART raw values are unsigned).
 
-    JSON allows NaN, Infinity and integers of any size; each of them used to
-    escape as a bare OverflowError/ValueError (or reach the model as NaN).
+    JSON allows NaN, Infinity and integers of any size; each must become a
+    SmartError, not a bare OverflowError/ValueError (or a NaN for the model).
     """
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise SmartError(f"{where}: {what} is {_short(v)}, not a number")

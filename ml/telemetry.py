@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from ublk_driver.errors import UblkError
+from ublk_driver.core.errors import UblkError
 
 COLUMNS = ("ts", "disk_id", "throughput", "latency")
 

@@ -24,8 +24,6 @@ data (:mod:`ml.synth`, preset ``train``, seed 1) and evaluates them on the
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import tempfile
@@ -454,41 +452,62 @@ def format_comparison(rep: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m ml.train``: the same as ``ublkml ml train``."""
-    from ml.cli import ml_main
+    from ublk_driver.core.cli import main as ublkml_main
 
-    return ml_main(["train", *(sys.argv[1:] if argv is None else argv)])
+    return ublkml_main(["ml", "train", *(sys.argv[1:] if argv is None else argv)])
 
 
-def train_main(args: argparse.Namespace) -> int:
-    """The ``train`` verb (parsed by ml.cli)."""
-    say = _say(args.quiet or args.json)
-    if args.what == "reference":
-        report = reference(args.out or MODELS_DIR, quiet=args.quiet or args.json,
-                           evaluate=not args.no_eval)
-    elif args.what == "fail-slow":
+@dataclass(frozen=True)
+class TrainRequest:
+    """``ublkml ml train``: what to train, from where, into which file."""
+
+    what: str                      # reference | fail-slow | failure
+    data_dir: str | None = None    # training data (not for reference)
+    out: str | None = None         # the model file (reference: a directory)
+    labels: str | None = None      # fail-slow: default DIR/labels.csv
+    seed: int = 0
+    window_s: float | None = None  # fail-slow: default from the tree
+    add: tuple[str, ...] = ()      # fail-slow: more labelled trees
+    horizon_days: int = HORIZON_DAYS
+    version: str = "1"
+    evaluate: bool = True          # reference: the held-out evaluation
+    quiet: bool = False
+
+    def validate(self) -> None:
+        if self.what not in ("reference", "fail-slow", "failure"):
+            raise TrainError(f"unknown model to train: {self.what!r}")
+        if self.what != "reference" and not self.data_dir:
+            raise TrainError(f"train {self.what} needs DIR")
+        if self.what != "reference" and not self.out:
+            raise TrainError(f"train {self.what} needs --out FILE")
+        if self.add and self.what != "fail-slow":
+            raise TrainError("--add is for train fail-slow")
+
+
+def train(req: TrainRequest) -> dict[str, Any]:
+    """Train what ``req`` asks for and write the model; the training report."""
+    req.validate()
+    say = _say(req.quiet)
+    if req.what == "reference":
+        return reference(req.out or MODELS_DIR, quiet=req.quiet, evaluate=req.evaluate)
+    assert req.data_dir is not None and req.out is not None
+    if req.what == "fail-slow":
         def progress(i: int, n: int) -> None:
             if i == n or i % 10 == 0:
                 say(f"read {i}/{n} hosts")
 
-        main_set = load_training_set(args.dir, args.labels, args.window, progress)
-        extra = [load_training_set(d, progress=progress) for d in args.add]
-        data, report = train_fail_slow(main_set.hosts, main_set.labels, seed=args.seed,
-                                       window_s=main_set.window_s, version=args.version,
+        main_set = load_training_set(req.data_dir, req.labels, req.window_s, progress)
+        extra = [load_training_set(d, progress=progress) for d in req.add]
+        data, report = train_fail_slow(main_set.hosts, main_set.labels, seed=req.seed,
+                                       window_s=main_set.window_s, version=req.version,
                                        extra=extra)
-        _write(args.out, data)
-        report["path"] = args.out
     else:
-        h = read_backblaze(args.dir)
-        data, report = train_failure(h, seed=args.seed, horizon_days=args.horizon,
-                                     version=args.version)
-        _write(args.out, data)
-        report["path"] = args.out
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        for k, v in report.items():
-            print(f"{k}: {v}")
-    return 0
+        h = read_backblaze(req.data_dir)
+        data, report = train_failure(h, seed=req.seed, horizon_days=req.horizon_days,
+                                     version=req.version)
+    _write(req.out, data)
+    report["path"] = req.out
+    return report
 
 
 def _write(path: str, data: bytes) -> None:

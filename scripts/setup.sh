@@ -55,27 +55,14 @@ else
 fi
 
 # ---- kernel agent: eBPF objects (compiled here, never at run time) ----------
-# vmlinux.h comes from the running kernel's BTF (CO-RE: the objects then load
-# on other kernels with BTF too, e.g. the test bed's 6.12). Rebuilt only when
-# a source is newer than its object.
-BPF_DIR=kernel_agent/bpf
-if [ ! -s "$BPF_DIR/vmlinux.h" ]; then
-  if [ -r /sys/kernel/btf/vmlinux ]; then
-    say "generating $BPF_DIR/vmlinux.h from this kernel's BTF"
-    bpftool btf dump file /sys/kernel/btf/vmlinux format c > "$BPF_DIR/vmlinux.h.tmp"
-    mv "$BPF_DIR/vmlinux.h.tmp" "$BPF_DIR/vmlinux.h"
-  else
-    say "no /sys/kernel/btf/vmlinux: cannot build the eBPF objects (the agent will use sysfs)"
-  fi
+# setup.py's build_bpf, the same step that `pip install`/`pip wheel`/`python -m
+# build` run: clang -target bpf against a vmlinux.h generated from this
+# kernel's BTF (CO-RE: the objects then load on other kernels with BTF too,
+# e.g. the test bed's 6.12). --inplace puts them next to their sources; it
+# recompiles only what is older than its inputs. (The editable install above
+# runs it too, but only when the install's own inputs change.)
+if ! .venv/bin/python -c 'import setuptools, sys; sys.exit(int(setuptools.__version__.split(".")[0]) < 77)'; then
+  .venv/bin/pip install -q 'setuptools>=77' >&2   # pyproject's licence expression needs it
 fi
-if [ -s "$BPF_DIR/vmlinux.h" ]; then
-  for src in "$BPF_DIR"/*.bpf.c; do
-    obj="${src%.c}.o"
-    if [ ! -f "$obj" ] || [ "$src" -nt "$obj" ] || [ "$BPF_DIR/vmlinux.h" -nt "$obj" ]; then
-      say "compiling $src"
-      clang -g -O2 -target bpf -D__TARGET_ARCH_x86 -I"$BPF_DIR" -Wall -c "$src" -o "$obj.tmp"
-      mv "$obj.tmp" "$obj"
-    fi
-  done
-fi
+.venv/bin/python setup.py build_bpf --inplace >&2
 say "ready"

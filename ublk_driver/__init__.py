@@ -1,17 +1,20 @@
 """ublk_driver: Linux ublk block devices served from Python.
 
-Layers, each with one job:
+Layers, each with one job (docs/architecture.md):
 
+- :mod:`ublk_driver.core` — errors, sizes and CLI plumbing, at the bottom;
 - :mod:`ublk_driver.uapi` — the kernel's structures and opcodes, as bytes;
 - :mod:`ublk_driver._bindings` — the only user of cffi (engine in ``csrc/``);
 - :mod:`ublk_driver.control` — ``/dev/ublk-control`` commands;
 - :mod:`ublk_driver.queue` — one thread and io_uring per queue;
 - :mod:`ublk_driver.server` — a device's lifecycle around a target;
-- :mod:`ublk_driver.targets` — null, mem, loop and the Python plug-in API.
+- :mod:`ublk_driver.targets` — null, mem, loop, mirror and the Python plug-in API;
+- :mod:`ublk_driver.admin` — the server's admin socket;
+- :mod:`ublk_driver.hooks` — server hooks found through entry points.
 """
 
 from ublk_driver.control import Control, bdev_path, cdev_path, driver_available
-from ublk_driver.errors import (
+from ublk_driver.core.errors import (
     ConfigError,
     ControlError,
     DeviceNotFoundError,
@@ -21,8 +24,8 @@ from ublk_driver.errors import (
     TargetError,
     UblkError,
 )
+from ublk_driver.core.sizes import format_size, parse_size
 from ublk_driver.server import Server, ServerConfig
-from ublk_driver.sizes import format_size, parse_size
 from ublk_driver.targets import (
     Capabilities,
     LoopTarget,

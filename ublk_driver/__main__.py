@@ -1,5 +1,7 @@
+"""``python -m ublk_driver ARGV...`` = ``ublkml ARGV...``."""
+
 import sys
 
-from ublk_driver.cli import main
+from ublk_driver.core.cli import main
 
 sys.exit(main())

@@ -15,7 +15,7 @@ import errno
 import os
 import re
 
-from ublk_driver.errors import ConfigError, UblkError
+from ublk_driver.core.errors import ConfigError, UblkError
 
 SYSFS_BLOCK = "/sys/block"
 

@@ -1,57 +1,37 @@
-"""The ``ublkml`` command line.
+"""The device commands of ``ublkml``: ``add``, ``recover``, ``list``, ``del``, ``features``.
 
 Verbs follow ublksrv's (``add -t TYPE``, ``del -n ID | --all``, ``list``,
-``features``) so that users of the C server feel at home.  Every error is a
-single line on stderr and a non-zero exit: 1 for a failed operation, 2 for a
-usage error.
+``features``) so that users of the C server feel at home.  Each command is an
+entry point of the group ``ublkml.commands`` (see :mod:`ublk_driver.core.cli`,
+which also owns the one error path); optional behaviour of ``add`` such as
+scoring comes from server hooks (:mod:`ublk_driver.hooks`).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import json
 import os
 import select
-import signal
 import sys
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import Any
 
 from ublk_driver.blockdev import KEEP
 from ublk_driver.control import Control, bdev_path
-from ublk_driver.errors import ConfigError, DeviceNotFoundError, UblkError
+from ublk_driver.core.cli import PROG, CliError, Parser, Subparsers, UsageError, build_parser
+from ublk_driver.core.errors import ConfigError, DeviceNotFoundError, UblkError
+from ublk_driver.core.sizes import format_size, parse_size
+from ublk_driver.faults import FaultSpec
+from ublk_driver.hooks import ServerHook, hook_classes
 from ublk_driver.server import STATE_DIR, Server, ServerConfig, read_state
-from ublk_driver.sizes import format_size, parse_size
+from ublk_driver.targets import LoopTarget, MemTarget, MirrorTarget, NullTarget, load_plugin
 from ublk_driver.targets.base import Backend
+from ublk_driver.targets.plugin import check_timeout
 from ublk_driver.uapi import DEV_ID_AUTO, DevState, Feature, feature_names
 
-if TYPE_CHECKING:
-    from ublk_driver.faults import FaultSpec
-
-PROG = "ublkml"
-
-
-class CliError(Exception):
-    """An error to print as one line, with an exit code."""
-
-    def __init__(self, message: str, code: int = 1) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def one_line(text: object) -> str:
-    """``text`` with control characters escaped: an argv word may hold a newline,
-    and an error that echoes it must still be one line."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line (the usage block is `--help`'s job)."""
-
-    def error(self, message: str) -> Any:  # argparse's signature says NoReturn
-        self.exit(2, f"{self.prog}: error: {one_line(message)} (see `{self.prog} --help`)\n")
+TARGET_TYPES = ("null", "mem", "loop", "mirror", "python")
 
 
 def _size_arg(text: str) -> int:
@@ -62,8 +42,6 @@ def _size_arg(text: str) -> int:
 
 
 def _timeout_arg(text: str) -> float:
-    from ublk_driver.targets.plugin import check_timeout
-
     try:
         value = float(text)
     except ValueError:
@@ -82,21 +60,8 @@ def _kv_arg(text: str) -> tuple[str, str]:
     return key, value
 
 
-# ---- add ------------------------------------------------------------------
-
-
-def make_backend(args: argparse.Namespace) -> Backend:
-    """Build (and so validate) the target before any device exists."""
-    backend = _make_target(args)
-    for path, spec in args.fault or []:
-        backend.set_fault(path, spec)   # kept, applied when the device starts
-    return backend
-
-
 def _fault_arg(text: str) -> tuple[int, FaultSpec]:
     """``SPEC`` (path 0) or ``LEG:SPEC``, for ``add --fault``."""
-    from ublk_driver.faults import FaultSpec
-
     head, sep, rest = text.partition(":")
     path = 0
     if sep and head.strip().isdigit():
@@ -107,43 +72,71 @@ def _fault_arg(text: str) -> tuple[int, FaultSpec]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _make_target(args: argparse.Namespace) -> Backend:
-    from ublk_driver.targets import LoopTarget, MemTarget, MirrorTarget, NullTarget, load_plugin
+# ---- add ------------------------------------------------------------------
 
-    t = args.type
-    if t != "mirror" and args.leg:
-        raise CliError("--leg is for -t mirror (use -f FILE for loop)", 2)
-    if t != "python" and args.plugin_timeout is not None:
-        raise CliError("--plugin-timeout is for -t python", 2)
-    for flag in ("queue_processes", "queue_threads"):
-        if t != "python" and getattr(args, flag):
-            raise CliError(f"--{flag.replace('_', '-')} is for -t python (native targets run "
-                           "in C: their queue threads already run in parallel)", 2)
+
+@dataclass(frozen=True)
+class TargetOptions:
+    """What ``ublkml add`` says about the target: the typed form of its options."""
+
+    type: str
+    file: str | None = None
+    legs: tuple[str, ...] = ()
+    size: int | None = None
+    plugin: str | None = None
+    plugin_args: tuple[tuple[str, str], ...] = ()
+    plugin_timeout: float | None = None
+    buffered: bool = False
+    read_only: bool = False
+    faults: tuple[tuple[int, FaultSpec], ...] = field(default=())
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> TargetOptions:
+        return cls(type=args.type, file=args.file, legs=tuple(args.leg or ()), size=args.size,
+                   plugin=args.plugin, plugin_args=tuple(args.plugin_arg or ()),
+                   plugin_timeout=args.plugin_timeout, buffered=args.buffered,
+                   read_only=args.read_only, faults=tuple(args.fault or ()))
+
+
+def make_backend(opts: TargetOptions) -> Backend:
+    """Build (and so validate) the target before any device exists."""
+    backend = _make_target(opts)
+    for path, spec in opts.faults:
+        backend.set_fault(path, spec)   # kept, applied when the device starts
+    return backend
+
+
+def _make_target(opts: TargetOptions) -> Backend:
+    t = opts.type
+    if t != "mirror" and opts.legs:
+        raise UsageError("--leg is for -t mirror (use -f FILE for loop)")
+    if t != "python" and opts.plugin_timeout is not None:
+        raise UsageError("--plugin-timeout is for -t python")
     if t == "mirror":
-        if not args.leg or len(args.leg) < 2:
-            raise CliError("-t mirror needs at least two legs: --leg FILE --leg FILE", 2)
-        return MirrorTarget(args.leg, size=args.size, direct=not args.buffered)
+        if len(opts.legs) < 2:
+            raise UsageError("-t mirror needs at least two legs: --leg FILE --leg FILE")
+        return MirrorTarget(list(opts.legs), size=opts.size, direct=not opts.buffered)
     if t == "null":
-        return NullTarget(args.size if args.size is not None else 250 << 30)
+        return NullTarget(opts.size if opts.size is not None else 250 << 30)
     if t == "mem":
-        if args.size is None:
-            raise CliError("-t mem needs --size (for example --size 1G)", 2)
-        return MemTarget(args.size)
+        if opts.size is None:
+            raise UsageError("-t mem needs --size (for example --size 1G)")
+        return MemTarget(opts.size)
     if t == "loop":
-        if not args.file:
-            raise CliError("-t loop needs -f FILE (a file or block device)", 2)
-        return LoopTarget(args.file, size=args.size, direct=not args.buffered,
-                          read_only=args.read_only)
+        if not opts.file:
+            raise UsageError("-t loop needs -f FILE (a file or block device)")
+        return LoopTarget(opts.file, size=opts.size, direct=not opts.buffered,
+                          read_only=opts.read_only)
     if t == "python":
-        if not args.plugin:
-            raise CliError("-t python needs --plugin MODULE:CLASS", 2)
-        plugin_args = dict(args.plugin_arg or [])
-        if args.size is not None and "size" not in plugin_args:
-            plugin_args["size"] = str(args.size)
-        if args.plugin_timeout is None:
-            return load_plugin(args.plugin, plugin_args)
-        return load_plugin(args.plugin, plugin_args, timeout=args.plugin_timeout)
-    raise CliError(f"unknown target type {t!r}", 2)
+        if not opts.plugin:
+            raise UsageError("-t python needs --plugin MODULE:CLASS")
+        plugin_args = dict(opts.plugin_args)
+        if opts.size is not None and "size" not in plugin_args:
+            plugin_args["size"] = str(opts.size)
+        if opts.plugin_timeout is None:
+            return load_plugin(opts.plugin, plugin_args)
+        return load_plugin(opts.plugin, plugin_args, timeout=opts.plugin_timeout)
+    raise UsageError(f"unknown target type {t!r}")
 
 
 def _device_summary(server: Server) -> dict[str, Any]:
@@ -166,81 +159,69 @@ def _print_ready(summary: dict[str, Any], as_json: bool) -> None:
               f"server pid {summary['pid']}", flush=True)
 
 
-def _check_model(args: argparse.Namespace) -> None:
-    """Validate --score's model before any device exists (clear error, nothing created)."""
-    if args.score is None:
-        return
-    from ml.model import load_model, reference_model
+@dataclass(frozen=True)
+class ServeOptions:
+    """How ``ublkml add`` serves the device: the typed form of its other options."""
 
-    if args.score == "default":
-        reference_model("fail_slow")
-    else:
-        load_model(args.score, expect_kind="fail_slow")
+    queues: int = 1
+    depth: int = 128
+    number: int | None = None
+    max_io: int = 512 * 1024
+    recovery: str = "off"
+    poll_us: int | None = None
+    queue_processes: bool | None = None
+    scheduler: str = "none"
+    foreground: bool = False
+    json: bool = False
 
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ServeOptions:
+        if args.type != "python" and (args.queue_processes or args.queue_threads):
+            flag = "--queue-processes" if args.queue_processes else "--queue-threads"
+            raise UsageError(f"{flag} is for -t python (native targets run in C: their "
+                             "queue threads already run in parallel)")
+        return cls(queues=args.queues, depth=args.depth, number=args.number,
+                   max_io=args.max_io, recovery=args.recovery, poll_us=args.poll_us,
+                   queue_processes=(True if args.queue_processes else
+                                    False if args.queue_threads else None),
+                   scheduler=args.scheduler, foreground=args.foreground, json=args.json)
 
-class _ScoringHooks:
-    """Starts the ML scorer once the device is live, stops it after the server.
-
-    On a mirror, the scorer also drives the leg policy (ml.legpolicy): slow
-    legs are demoted and healthy ones re-admitted through the kernel agent,
-    unless --no-leg-policy.
-    """
-
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.model = None if args.score in (None, "default") else args.score
-        self.enabled = args.score is not None
-        self.leg_policy = not getattr(args, "no_leg_policy", False)
-        self.scorer: Any = None
-        self.legs: Any = None
-
-    def started(self, server: Server) -> None:
-        if self.enabled:
-            from ml.scorer import Scorer
-
-            # Peers (mirror legs) are what a fail-slow verdict compares; a
-            # device with one path has none, so it is scored once a second
-            # over a 1-s window instead of ten times (each tick's features
-            # and model call cost ~10 ms of CPU in the TCG test bed).
-            peers = server.backend.paths > 1
-            self.scorer = Scorer(server, self.model, dev_id=server.dev_id,
-                                 interval_s=0.1 if peers else 1.0,
-                                 window_ticks=10 if peers else 1)
-            if self.leg_policy and server.backend.name == "mirror":
-                from ml.legpolicy import controller_for
-
-                self.legs = controller_for(server, self.scorer)
-            self.scorer.start()
-
-    def stopped(self) -> None:
-        if self.scorer is not None:
-            self.scorer.stop()
-        if self.legs is not None:
-            self.legs.close()
+    def server_config(self, dev_id: int) -> ServerConfig:
+        config = ServerConfig(queues=self.queues, depth=self.depth, dev_id=dev_id,
+                              max_io_bytes=self.max_io, recovery=self.recovery,
+                              poll_us=self.poll_us, queue_processes=self.queue_processes,
+                              scheduler=None if self.scheduler == KEEP else self.scheduler)
+        config.validate()
+        return config
 
 
-def _config_from(args: argparse.Namespace, dev_id: int) -> ServerConfig:
-    scoring = args.score is not None
-    # The scorer reads per-path summaries that the queue threads count; only
-    # the mirror's leg policy also wants the records themselves (probes).
-    records = scoring and args.type == "mirror" and not args.no_leg_policy
-    config = ServerConfig(queues=args.queues, depth=args.depth, dev_id=dev_id,
-                          max_io_bytes=args.max_io,
-                          record_capacity=1 << 14 if records else 0,
-                          summaries=scoring, recovery=args.recovery, poll_us=args.poll_us,
-                          queue_processes=(True if args.queue_processes else
-                                           False if args.queue_threads else None),
-                          scheduler=None if args.scheduler == KEEP else args.scheduler)
+@dataclass
+class AddRequest:
+    """Everything one ``add`` (or ``recover``) needs, checked before any device exists."""
+
+    backend: Backend
+    config: ServerConfig
+    hooks: list[ServerHook]
+    serve: ServeOptions
+
+
+def _request(args: argparse.Namespace, dev_id: int) -> AddRequest:
+    serve = ServeOptions.from_args(args)
+    config = serve.server_config(dev_id)
+    hooks = [h for h in (cls.from_args(args, args.type) for cls in hook_classes())
+             if h is not None]
+    backend = make_backend(TargetOptions.from_args(args))
+    for hook in hooks:
+        config = hook.configure(config, backend)
     config.validate()
-    return config
+    return AddRequest(backend, config, hooks, serve)
 
 
 def cmd_add(args: argparse.Namespace) -> int:
-    config = _config_from(args, DEV_ID_AUTO if args.number is None else args.number)
-    _check_model(args)
-    backend = make_backend(args)
+    req = _request(args, DEV_ID_AUTO if args.number is None else args.number)
     # What `ublkml recover` needs to build the same target after a crash.
     extra = {"add_args": list(getattr(args, "argv", [])), "cwd": os.getcwd()}
-    return _serve(backend, config, args, extra, None)
+    return _serve(req, extra, None)
 
 
 def cmd_recover(args: argparse.Namespace) -> int:
@@ -258,7 +239,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
                        f"({os.path.join(STATE_DIR, f'{dev_id}.json')} is missing or was not "
                        "written by `ublkml add`): cannot rebuild its target")
     try:
-        add_args = build_parser().parse_args(["add", *map(str, state["add_args"])])
+        add_args = build_parser(["add"]).parse_args(["add", *map(str, state["add_args"])])
     except SystemExit:
         raise CliError(f"the recorded arguments of device {dev_id} no longer parse: "
                        f"{' '.join(map(str, state['add_args']))}") from None
@@ -266,37 +247,42 @@ def cmd_recover(args: argparse.Namespace) -> int:
     # Relative paths in the recorded arguments are relative to where `add` ran.
     with contextlib.suppress(OSError):
         os.chdir(str(state.get("cwd", "/")))
-    config = _config_from(add_args, dev_id)
-    _check_model(add_args)
-    backend = make_backend(add_args)
+    req = _request(add_args, dev_id)
     extra = {"add_args": state["add_args"], "cwd": state.get("cwd", "/"),
              "recovered": int(state.get("recovered", 0)) + 1}
-    return _serve(backend, config, add_args, extra, dev_id)
+    return _serve(req, extra, dev_id)
 
 
-def _serve(backend: Backend, config: ServerConfig, args: argparse.Namespace,
-           extra: dict[str, Any], recover: int | None) -> int:
-    if args.foreground:
-        server = Server(backend, config)
-        server.state_extra = extra
-        hooks = _ScoringHooks(args)
-
-        def ready(s: Server) -> None:
-            hooks.started(s)
-            _print_ready(_device_summary(s), args.json)
-
-        try:
-            problems = server.serve_forever(on_ready=ready, recover=recover)
-        finally:
-            hooks.stopped()
-        for p in problems:
-            print(f"{PROG}: {p}", file=sys.stderr)
-        return 1 if problems else 0
-    return _add_daemon(backend, config, args, extra, recover)
+def _started(hooks: list[ServerHook], server: Server) -> None:
+    for hook in hooks:
+        hook.started(server)
 
 
-def _add_daemon(backend: Backend, config: ServerConfig, args: argparse.Namespace,
-                extra: dict[str, Any], recover: int | None) -> int:
+def _stopped(hooks: list[ServerHook]) -> None:
+    for hook in reversed(hooks):
+        hook.stopped()
+
+
+def _serve(req: AddRequest, extra: dict[str, Any], recover: int | None) -> int:
+    if not req.serve.foreground:
+        return _add_daemon(req, extra, recover)
+    server = Server(req.backend, req.config)
+    server.state_extra = extra
+
+    def ready(s: Server) -> None:
+        _started(req.hooks, s)
+        _print_ready(_device_summary(s), req.serve.json)
+
+    try:
+        problems = server.serve_forever(on_ready=ready, recover=recover)
+    finally:
+        _stopped(req.hooks)
+    for p in problems:
+        print(f"{PROG}: {p}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+def _add_daemon(req: AddRequest, extra: dict[str, Any], recover: int | None) -> int:
     """Fork a server that outlives this command; report once the device is live."""
     rfd, wfd = os.pipe()
     pid = os.fork()
@@ -315,21 +301,19 @@ def _add_daemon(backend: Backend, config: ServerConfig, args: argparse.Namespace
             os.close(null_fd)
             os.close(log_fd)
 
-            hooks = _ScoringHooks(args)
-
             def ready(server: Server) -> None:
-                hooks.started(server)
+                _started(req.hooks, server)
                 summary = _device_summary(server)
                 summary["log"] = log_path
                 os.write(wfd, json.dumps({"ok": True, **summary}).encode() + b"\n")
                 os.close(wfd)
 
-            server = Server(backend, config)
+            server = Server(req.backend, req.config)
             server.state_extra = extra
             try:
                 problems = server.serve_forever(on_ready=ready, recover=recover)
             finally:
-                hooks.stopped()
+                _stopped(req.hooks)
             for p in problems:
                 print(f"{PROG}: {p}", file=sys.stderr, flush=True)
             code = 1 if problems else 0
@@ -357,7 +341,7 @@ def _add_daemon(backend: Backend, config: ServerConfig, args: argparse.Namespace
     if not msg.pop("ok"):
         os.waitpid(pid, 0)
         raise CliError(msg["error"])
-    _print_ready(msg, args.json)
+    _print_ready(msg, req.serve.json)
     return 0
 
 
@@ -386,9 +370,16 @@ def _device_record(ctrl: Control, dev_id: int) -> dict[str, Any]:
 def cmd_list(args: argparse.Namespace) -> int:
     with Control() as ctrl:
         records = []
-        for dev_id in ctrl.list_ids():
-            with contextlib.suppress(DeviceNotFoundError):
-                records.append(_device_record(ctrl, dev_id))
+        if args.number is not None:
+            try:
+                records.append(_device_record(ctrl, args.number))
+            except DeviceNotFoundError:
+                raise CliError(f"no ublk device with id {args.number} (see `ublkml list`)"
+                               ) from None
+        else:
+            for dev_id in ctrl.list_ids():
+                with contextlib.suppress(DeviceNotFoundError):
+                    records.append(_device_record(ctrl, dev_id))
     if args.json:
         print(json.dumps(records, indent=2))
         return 0
@@ -470,24 +461,17 @@ def cmd_features(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---- parser -------------------------------------------------------------------
+# ---- the commands' parsers (entry points of ublkml.commands) -----------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog=PROG,
-        description="Serve Linux block devices from Python through the kernel's ublk driver.",
-        epilog="Run `ublkml COMMAND --help` for a command's options. Needs root and the "
-               "ublk_drv module; on machines without it, `ublkml vm run -- CMD` runs CMD in "
-               "the project's qemu test bed.")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-
-    a = sub.add_parser("add", help="create a ublk device and start its server",
-                       description="Create a ublk device served by this process. By default "
-                       "the server goes to the background once /dev/ublkbN is live and this "
-                       "command prints the device; `ublkml del -n ID` removes it.")
+def register_add(sub: Subparsers) -> None:
+    a: Parser = sub.add_parser(
+        "add", help="create a ublk device and start its server",
+        description="Create a ublk device served by this process. By default the server goes "
+        "to the background once /dev/ublkbN is live and this command prints the device; "
+        "`ublkml del -n ID` removes it.")
     a.add_argument("-t", "--type", required=True,
-                   choices=["null", "mem", "loop", "mirror", "python"],
+                   choices=TARGET_TYPES,
                    help="target: null (discards everything), mem (RAM disk), loop (a file "
                    "or block device, O_DIRECT), mirror (RAID1 over --leg files or devices), "
                    "python (a plug-in class)")
@@ -528,13 +512,6 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--buffered", action="store_true",
                    help="loop, mirror: use the page cache instead of O_DIRECT")
     a.add_argument("--read-only", action="store_true", help="loop: open the file read-only")
-    a.add_argument("--score", nargs="?", const="default", metavar="MODEL",
-                   help="score every completion path with an ONNX fail-slow model (the "
-                   "packaged one, or MODEL); `ublkml model use` hot-swaps it; on a mirror "
-                   "it also runs the leg policy: slow legs demoted and healthy ones "
-                   "re-admitted through the kernel agent (docs/failslow.md)")
-    a.add_argument("--no-leg-policy", action="store_true",
-                   help="mirror with --score: score the legs but never ask for leg changes")
     a.add_argument("--recovery", choices=["off", "reissue", "fail"], default="off",
                    help="if the server dies: off (default: the device goes away), reissue "
                    "(the device waits for `ublkml recover`; I/O the dead server had taken "
@@ -554,120 +531,47 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--foreground", action="store_true",
                    help="serve from this process until SIGINT/SIGTERM")
     a.add_argument("--json", action="store_true", help="print the device as JSON")
+    for hook in hook_classes():
+        hook.add_arguments(a)
     a.set_defaults(func=cmd_add)
 
-    r = sub.add_parser("recover", help="re-attach a server to a device whose server died",
-                       description="Start a new server for device ID, added with --recovery "
-                       "reissue|fail, after its server died (crash, SIGKILL). The target is "
-                       "rebuilt from the arguments `ublkml add` recorded in the state file; a "
-                       "mirror's leg states and dirty regions come from its journal. I/O "
-                       "waits meanwhile and flows again once this returns.")
+
+def register_recover(sub: Subparsers) -> None:
+    r: Parser = sub.add_parser(
+        "recover", help="re-attach a server to a device whose server died",
+        description="Start a new server for device ID, added with --recovery reissue|fail, "
+        "after its server died (crash, SIGKILL). The target is rebuilt from the arguments "
+        "`ublkml add` recorded in the state file; a mirror's leg states and dirty regions "
+        "come from its journal. I/O waits meanwhile and flows again once this returns.")
     r.add_argument("-n", "--number", type=int, required=True, help="device id")
     r.add_argument("--foreground", action="store_true",
                    help="serve from this process until SIGINT/SIGTERM")
     r.add_argument("--json", action="store_true", help="print the device as JSON")
     r.set_defaults(func=cmd_recover)
 
-    ls = sub.add_parser("list", help="list ublk devices",
-                        description="List the ublk devices the kernel knows, with their "
-                        "state, target and server.")
+
+def register_list(sub: Subparsers) -> None:
+    ls: Parser = sub.add_parser("list", help="list ublk devices",
+                                description="List the ublk devices the kernel knows, with "
+                                "their state, target and server.")
+    ls.add_argument("-n", "--number", type=int, help="only device ID")
     ls.add_argument("-v", "--verbose", action="store_true", help="show feature flags too")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
     ls.set_defaults(func=cmd_list)
 
-    d = sub.add_parser("del", help="delete ublk devices",
-                       description="Stop and delete a device; its server flushes the target "
-                       "and exits before this returns.")
+
+def register_del(sub: Subparsers) -> None:
+    d: Parser = sub.add_parser("del", help="delete ublk devices",
+                               description="Stop and delete a device; its server flushes the "
+                               "target and exits before this returns.")
     g = d.add_mutually_exclusive_group(required=True)
     g.add_argument("-n", "--number", type=int, help="device id")
     g.add_argument("-a", "--all", action="store_true", help="every ublk device")
     d.add_argument("--json", action="store_true", help="machine-readable output")
     d.set_defaults(func=cmd_del)
 
-    f = sub.add_parser("features", help="what the running kernel's ublk driver supports")
+
+def register_features(sub: Subparsers) -> None:
+    f: Parser = sub.add_parser("features", help="what the running kernel's ublk driver supports")
     f.add_argument("--json", action="store_true", help="machine-readable output")
     f.set_defaults(func=cmd_features)
-
-    for name, text in (
-        ("demo", "the main job: loop device, fio verify, ext4, summary"),
-        ("bench", "fio benchmarks against kernel and peer baselines"),
-        ("agent", "the kernel agent: eBPF accounting, extensions, recommendations"),
-        ("model", "ONNX drive-health models: list, validate, use"),
-        ("ml", "detection and training on drive telemetry"),
-        ("vm", "the qemu test bed (a real ublk kernel): provision, run, info"),
-        ("status", "ask a running server about its device (control channel)"),
-        ("fault", "inject or clear faults on a running device"),
-        ("leg", "list, demote, fail or promote the legs of a running mirror"),
-    ):
-        sub.add_parser(name, help=text, add_help=False)
-    return p
-
-
-# Command groups that live in other packages: (module, function). Imported
-# only when used, so `ublkml add` does not pay for onnxruntime or libbpf.
-DELEGATED = {
-    "demo": ("ublk_driver.demo", "main"),
-    "vm": ("ublk_driver.testbed", "vm_main"),
-    "bench": ("bench", "main"),
-    "agent": ("kernel_agent.cli", "agent_main"),
-    "model": ("ml.cli", "model_main"),
-    "ml": ("ml.cli", "ml_main"),
-    "status": ("ublk_driver.ctl_cli", "status_main"),
-    "fault": ("ublk_driver.ctl_cli", "fault_main"),
-    "leg": ("ublk_driver.ctl_cli", "leg_main"),
-}
-
-
-def run_delegated(name: str, argv: list[str], where: tuple[str, str] | None = None) -> int:
-    import importlib
-
-    module, func = where or DELEGATED[name]
-    try:
-        entry = getattr(importlib.import_module(module), func)
-    except (ImportError, AttributeError) as e:
-        print(f"{PROG}: error: `{PROG} {name}` is not available in this installation ({e})",
-              file=sys.stderr)
-        return 1
-    return int(entry(argv))
-
-
-#: Sub-commands of a group that live elsewhere: `ublkml demo failslow`.
-SUB_DELEGATED = {("demo", "failslow"): ("bench.failslow", "main")}
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if tuple(argv[:2]) in SUB_DELEGATED:
-        return run_delegated(" ".join(argv[:2]), argv[2:], SUB_DELEGATED[(argv[0], argv[1])])
-    if argv and argv[0] in DELEGATED:
-        return run_delegated(argv[0], argv[1:])
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # usage error (2) or --help (0): a status, not an exit
-        return e.code if isinstance(e.code, int) else 2
-    args.argv = argv[1:]  # `add` records its arguments for `recover`
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    try:
-        return int(args.func(args))
-    except CliError as e:
-        print(f"{PROG}: error: {one_line(e)}", file=sys.stderr)
-        return e.code
-    except UblkError as e:
-        print(f"{PROG}: error: {one_line(e)}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        if e.errno == errno.EPERM or e.errno == errno.EACCES:
-            print(f"{PROG}: error: {one_line(e)} (ublk needs root)", file=sys.stderr)
-        else:
-            print(f"{PROG}: error: {one_line(e)}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -14,7 +14,7 @@ import re
 from types import TracebackType
 
 from ublk_driver import _bindings
-from ublk_driver.errors import ControlError, DeviceNotFoundError, DriverUnavailableError
+from ublk_driver.core.errors import ControlError, DeviceNotFoundError, DriverUnavailableError
 from ublk_driver.uapi import (
     DEV_INFO_SIZE,
     PARAMS_SIZE,

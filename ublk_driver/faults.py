@@ -7,7 +7,7 @@ command line's compact form::
 
     delay=2ms,slow=10,burst=1s/200ms,errors=0.01,ops=read+write,errno=EIO,seed=1
 
-and travels as JSON (``to_dict``/``from_dict``) over the control channel.
+and travels as JSON (``to_dict``/``from_dict``) over the admin socket.
 Values are kept at the engine's resolution (delay in microseconds, schedule
 in milliseconds, errors in parts per million, slowdown in thousandths), so
 ``parse(str(spec)) == spec`` and ``from_dict(to_dict(spec)) == spec``.
@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from ublk_driver.errors import ConfigError
+from ublk_driver.core.errors import ConfigError
 from ublk_driver.uapi import Op
 
 MODES = ("const", "burst", "ramp")

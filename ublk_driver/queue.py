@@ -31,7 +31,7 @@ import time
 from typing import Any
 
 from ublk_driver import _bindings
-from ublk_driver.errors import ConfigError, UblkError
+from ublk_driver.core.errors import ConfigError, UblkError
 from ublk_driver.targets.base import Backend
 from ublk_driver.targets.plugin import MAX_STUCK, PluginBackend
 from ublk_driver.uapi import Op
@@ -419,7 +419,7 @@ class RelayPool:
 
         A hand-over between threads on one CPU is a context switch; between
         CPUs it is a wake-up of another (often idle) CPU, an IPI, which is
-        what made the relay costly where it was measured (docs/reliability.md).
+        what made the relay costly where it was measured (docs/architecture.md).
         """
         if os.environ.get("UBLKML_RELAY_PIN", "1") == "0":
             return None

@@ -22,10 +22,10 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from ublk_driver import _bindings
+from ublk_driver.admin import AdminServer, socket_path
 from ublk_driver.blockdev import check_scheduler, read_scheduler, set_scheduler
 from ublk_driver.control import Control, bdev_path, cdev_path
-from ublk_driver.ctl import ControlServer, socket_path
-from ublk_driver.errors import ConfigError, ControlError, DeviceNotFoundError, UblkError
+from ublk_driver.core.errors import ConfigError, ControlError, DeviceNotFoundError, UblkError
 from ublk_driver.queue import QueueProcess, QueueWorker, check_poll_us, default_spin_usec
 from ublk_driver.targets.base import Backend
 from ublk_driver.targets.plugin import PluginBackend, check_fork_safe
@@ -135,10 +135,10 @@ def use_queue_processes(backend: Backend, config: ServerConfig) -> bool:
     An explicit ``config.queue_processes`` decides (True is checked:
     :func:`check_fork_safe`).  Unset, processes serve a Python plug-in that
     declares ``fork_safe`` when there are several queues and no scoring: with
-    threads, two queues' plug-in code takes turns on one GIL and two queues
-    served fewer IOPS than one (0.86x in the session-5 benchmark; processes
-    1.08x, and 1.5x in a side-by-side comparison); one queue gains nothing
-    from a process, and scoring reads the queue threads' in-process records.
+    threads, the queues' plug-in code takes turns on one GIL (two queues served
+    by processes gave 1.5x the IOPS of two queue threads in the test bed,
+    docs/architecture.md); one queue gains nothing from a process, and scoring
+    reads the queue threads' in-process records.
     """
     if config.queue_processes is not None:
         if config.queue_processes:
@@ -201,7 +201,7 @@ class Server:
         self._queues_lock = threading.Lock()
         self._stopped_by_us = False
         self._shut_down = False
-        self._ctl: ControlServer | None = None
+        self._ctl: AdminServer | None = None
         #: more keys for the state file (the CLI keeps its `add` arguments
         #: there, so that `ublkml recover` can build the same target)
         self.state_extra: dict[str, Any] = {}
@@ -378,9 +378,9 @@ class Server:
         self._descriptors.clear()
 
     def _start_control_channel(self) -> None:
-        """The socket of `ublkml status/fault/leg` (ublk_driver/ctl.py)."""
+        """The socket of `ublkml status/fault/leg` (ublk_driver/admin/)."""
         try:
-            self._ctl = ControlServer(self, socket_path(self.dev_id, STATE_DIR)).start()
+            self._ctl = AdminServer(self, socket_path(self.dev_id, STATE_DIR)).start()
         except OSError as e:  # the device serves without it; the log says why it is missing
             print(f"ublkml: device {self.dev_id} has no control channel: {e}",
                   file=sys.stderr, flush=True)

@@ -10,8 +10,9 @@
  *
  * Why slots and arrays, not hash maps keyed by dev_t: these programs run
  * twice per I/O of every block device on the machine.  With hash maps the
- * two lookups per program (config, counters) were most of their cost
- * (measured with kernel.bpf_stats_enabled: ~1.5 us per I/O under TCG).
+ * two lookups per program (config, counters) are most of their cost
+ * (measured with kernel.bpf_stats_enabled: ~1.5 us per I/O under TCG;
+ * docs/ebpf.md).
  * Array lookups are inlined by the verifier into a bounds check and an
  * address computation, and a watched device is found by comparing its
  * dev_t with KA_MAX_DEVS slots of one array value.  User space keeps the
@@ -26,12 +27,12 @@
  *   - tracepoint/block/block_rq_{issue,complete}: the classic trace events,
  *     for kernels without BTF; start times keyed by (dev, sector).
  *
- * Counters live in a PERCPU_HASH so the hot path needs no atomics; user space
+ * Counters live in a PERCPU_ARRAY so the hot path needs no atomics; user space
  * sums the CPUs.  In-flight is +1 on one CPU and -1 on another: only the sum
  * means anything.  I/Os and bytes are counted at completion, so an I/O issued
  * before the device was registered is not counted (consistent: no negative
- * in-flight).  The layouts below are mirrored in kernel_agent/_bpf.py; keep
- * them in sync (a test checks the sizes against this file's BTF).
+ * in-flight).  The layouts below are mirrored in kernel_agent/accounting.py;
+ * keep them in sync (a test checks the sizes against this file's BTF).
  */
 #include "vmlinux.h"
 #include <bpf/bpf_core_read.h>

@@ -143,7 +143,7 @@ def test_goals_and_report(tmp_path: Path) -> None:
 
 
 def test_cli_help_and_usage_errors() -> None:
-    run = [sys.executable, "-m", "bench.failslow"]
+    run = [sys.executable, "-m", "ublk_driver", "demo"]
     out = subprocess.run([*run, "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--healthy-minutes" in out.stdout
     bad = subprocess.run([*run, "--slow", "0.5"], capture_output=True, text=True)

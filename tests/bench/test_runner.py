@@ -5,6 +5,7 @@ The devices and fio are replaced by stand-ins here; test_vm.py runs the real thi
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -15,20 +16,33 @@ from typing import Any
 import pytest
 
 from bench import runner
+from bench.cli import config_from
 from bench.jobs import WORKLOADS
 from bench.runner import (
     DEVICES,
     GROUPS,
+    BenchConfig,
     BenchError,
     Case,
     Context,
     Handle,
     MissingToolError,
-    build_parser,
     cpu_profile,
     estimate_seconds,
     plan_cases,
 )
+from ublk_driver.core import cli
+from ublk_driver.scratch import ScratchUnavailableError
+from ublk_driver.testbed import where
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    """``ublkml bench ARGV``'s arguments, as the one parser tree gives them."""
+    return cli.build_parser(["bench"]).parse_args(["bench", *argv])
+
+
+def config(argv: list[str]) -> BenchConfig:
+    return config_from(parse(argv))
 
 
 def test_full_plan() -> None:
@@ -81,8 +95,7 @@ def test_full_plan() -> None:
 def test_time_budget() -> None:
     """The full run's estimate stays under 40 min of VM time (the python group
     has threads and processes; the goals' cases run 3 rounds; the estimate is
-    pessimistic: session 5 measured 21 min for an estimate of 26), --quick in
-    ~3-4 min with boot."""
+    pessimistic), --quick in ~3-4 min with boot."""
     full = estimate_seconds(plan_cases(quick=False), runner.FULL_RUNTIME, runner.FULL_RAMP)
     quick = estimate_seconds(plan_cases(quick=True), runner.QUICK_RUNTIME, runner.QUICK_RAMP)
     assert 15 * 60 <= full <= 40 * 60
@@ -98,7 +111,7 @@ def test_quick_plan_and_skip() -> None:
     assert {c.device.group for c in skipped} == {"null", "overhead"}
     assert {c.device.group for c in plan_cases(quick=True, skip=["overhead"])} == {
         "null", "loop", "python"}
-    assert build_parser().parse_args(["--skip", "overhead"]).skip == ["overhead"]
+    assert parse(["--skip", "overhead"]).skip == ["overhead"]
 
 
 def test_overhead_plan_alternates_off_and_on_round_by_round() -> None:
@@ -115,13 +128,11 @@ def test_overhead_plan_alternates_off_and_on_round_by_round() -> None:
 
 
 def test_parser_and_forwarding() -> None:
-    args = build_parser().parse_args(["--quick", "--skip", "python", "--runtime", "3",
-                                      "--profile", "--out", "x"])
-    assert runner._forwarded(args) == ["--quick", "--skip", "python", "--runtime", "3",
-                                       "--profile"]
-    assert runner._timing(args) == (3.0, runner.QUICK_RAMP)
+    args = config(["--quick", "--skip", "python", "--runtime", "3", "--profile", "--out", "x"])
+    assert args.to_args() == ["--quick", "--skip", "python", "--runtime", "3", "--profile"]
+    assert args.timing() == (3.0, runner.QUICK_RAMP)
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["--skip", "nonsense"])
+        parse(["--skip", "nonsense"])
 
 
 def test_missing_tool_names_the_debian_package() -> None:
@@ -134,7 +145,7 @@ def test_missing_tool_names_the_debian_package() -> None:
 def test_main_without_fio(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                           capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))  # nothing on it
-    assert runner.main(["--out", str(tmp_path / "out")]) == 2
+    assert cli.main(["bench", "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "fio not found: install the Debian package fio" in err
 
@@ -235,9 +246,9 @@ def _fake_env(monkeypatch: pytest.MonkeyPatch, lab: FakeLab) -> None:
     monkeypatch.setattr(runner, "bpf_cost", bpf_cost)
 
     @contextlib.contextmanager
-    def no_brd(mountpoint: Path) -> Iterator[dict[str, Any]]:
+    def no_brd(mountpoint: Path, size: int) -> Iterator[dict[str, Any]]:
         # Never load brd or run mkfs on the machine running the unit tests.
-        raise runner.BenchError("brd not loaded in unit tests")
+        raise ScratchUnavailableError("brd not loaded in unit tests")
         yield {}
 
     monkeypatch.setattr(runner, "ram_ext4", no_brd)
@@ -249,7 +260,7 @@ def test_measure_records_failures_and_tears_everything_down(
     lab = FakeLab(fail_setup={("null_blk", 2)},
                   fail_measure={"ublkml-python 4k randread QD32 q1"})
     _fake_env(monkeypatch, lab)
-    args = build_parser().parse_args(["--quick", "--in-vm"])
+    args = config(["--quick", "--in-vm"])
     doc, code = runner.measure(args, tmp_path)
     assert code == 1
     assert lab.live == []  # every device torn down
@@ -294,7 +305,7 @@ def test_measure_marks_single_queue_devices_na(tmp_path: Path,
                         goal_rounds=None: [
         c for c in plan_cases(quick=False, skip=["null", "python", "overhead"], goal_rounds=1)
         if c.workload.name == "4k-randread-qd1"])
-    args = build_parser().parse_args(["--in-vm"])
+    args = config(["--in-vm"])
     doc, code = runner.measure(args, tmp_path)
     assert code == 0
     kl2 = next(r for r in doc["results"] if r["device"] == "kernel-loop" and r["queues"] == 2)
@@ -316,7 +327,7 @@ def test_interrupt_keeps_partial_results(tmp_path: Path,
         return lab.measure(case, handle, ctx, **kw)
 
     monkeypatch.setattr(runner, "measure_case", measure)
-    doc, code = runner.measure(build_parser().parse_args(["--quick", "--in-vm"]), tmp_path)
+    doc, code = runner.measure(config(["--quick", "--in-vm"]), tmp_path)
     assert code == 130
     assert doc["meta"]["interrupted"] is True
     assert len(doc["results"]) == 2
@@ -333,7 +344,7 @@ def test_host_runs_everything_in_one_boot(tmp_path: Path, monkeypatch: pytest.Mo
     def fake_run(argv: list[str], **kw: Any) -> testbed.VmResult:
         boots.append({"argv": argv, **kw})
         outdir = Path(kw["share"])
-        assert argv[1:4] == ["-m", "bench", "--in-vm"]
+        assert argv[1:5] == ["-m", "ublk_driver", "bench", "--in-vm"]
         from tests.bench.test_report import make_doc
 
         (outdir / "results.json").write_text(json.dumps(make_doc()))
@@ -341,11 +352,11 @@ def test_host_runs_everything_in_one_boot(tmp_path: Path, monkeypatch: pytest.Mo
                                 total_seconds=60.0, share_dir=str(outdir))
 
     monkeypatch.setattr(runner, "_which", lambda tool: f"/usr/bin/{tool}")
-    monkeypatch.setattr(testbed, "native_ublk_available", lambda: False)
-    monkeypatch.setattr(testbed, "in_vm", lambda: False)
-    monkeypatch.setattr(testbed, "run", fake_run)
+    monkeypatch.setattr(where, "native_ublk_available", lambda: False)
+    monkeypatch.setattr(where, "in_vm", lambda: False)
+    monkeypatch.setattr(where, "run", fake_run)
     out = tmp_path / "out"
-    code = runner.main(["--quick", "--skip", "python", "--out", str(out), "--json"])
+    code = cli.main(["bench", "--quick", "--skip", "python", "--out", str(out), "--json"])
     assert code == 0
     assert len(boots) == 1
     assert boots[0]["share"] == str(out)
@@ -354,7 +365,7 @@ def test_host_runs_everything_in_one_boot(tmp_path: Path, monkeypatch: pytest.Mo
     assert printed["meta"]["vm"]["total_s"] == 60.0
     assert printed["meta"]["host"]["other_qemu_before"] >= 0
     assert (out / "logs" / "vm-console.log").read_text() == "guest says hi"
-    assert "## Targets (issues 3, 4, 5)" in (out / "report.md").read_text()
+    assert "## Targets" in (out / "report.md").read_text()
 
 
 def test_host_reports_a_failed_test_bed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -365,10 +376,10 @@ def test_host_reports_a_failed_test_bed(tmp_path: Path, monkeypatch: pytest.Monk
         raise testbed.TestbedError("qemu-system-x86_64 not found", output="")
 
     monkeypatch.setattr(runner, "_which", lambda tool: f"/usr/bin/{tool}")
-    monkeypatch.setattr(testbed, "native_ublk_available", lambda: False)
-    monkeypatch.setattr(testbed, "in_vm", lambda: False)
-    monkeypatch.setattr(testbed, "run", broken)
-    assert runner.main(["--quick", "--out", str(tmp_path)]) == 125
+    monkeypatch.setattr(where, "native_ublk_available", lambda: False)
+    monkeypatch.setattr(where, "in_vm", lambda: False)
+    monkeypatch.setattr(where, "run", broken)
+    assert cli.main(["bench", "--quick", "--out", str(tmp_path)]) == 125
     assert "the test bed failed: qemu-system-x86_64 not found" in capsys.readouterr().err
 
 

@@ -28,10 +28,10 @@ with atheris.instrument_imports():
         decode_submission,
         encode_submission,
     )
-    from ublk_driver.ctl import BadRequest, parse_request
-    from ublk_driver.errors import ConfigError
+    from ublk_driver.admin.protocol import BadRequest, parse_request
+    from ublk_driver.core.errors import ConfigError
+    from ublk_driver.core.sizes import parse_size
     from ublk_driver.faults import FaultSpec
-    from ublk_driver.sizes import parse_size
 
 
 def _with_crc(data: bytes, crc_offset: int) -> bytes:

@@ -1,8 +1,8 @@
-"""Driver actions (demote_leg, promote_leg) reach a ublk server through its control socket.
+"""Driver actions (demote_leg, promote_leg) reach a ublk server through its admin socket.
 
-The socket is real and served by ublk_driver.ctl's ControlServer thread; behind
-it is tests/ublk_driver/test_ctl.py's FakeServer (the real Server's leg
-methods are being added for issue 6).  Device ``ublkb7`` is named, not opened:
+The socket is real and served by ublk_driver.admin's AdminServer thread; behind
+it is tests/ublk_driver/admin/doubles.py's FakeServer (the real server is in
+tests/ublk_driver/admin/test_admin_ublk.py).  Device ``ublkb7`` is named, not opened:
 nothing here needs the ublk driver.
 """
 
@@ -22,7 +22,7 @@ from kernel_agent.actions import (
     default_actions,
     ublk_channel_for,
 )
-from tests.ublk_driver.test_ctl import Served, serve
+from tests.ublk_driver.admin.doubles import Served, serve
 
 UBLKB7 = BlockDevice("ublkb7", 259, 7)
 

@@ -69,3 +69,17 @@ def batch(n: int, paths: int = 1, lat_ns: float = 50_000, slow_path: int | None 
     r["length"] = 4096
     r["result"] = 4096
     return r
+
+
+def ml_main(argv: list[str]) -> int:
+    """``ublkml ml ARGV...`` in this process; its exit status."""
+    from ublk_driver.core.cli import main
+
+    return main(["ml", *argv])
+
+
+def model_main(argv: list[str]) -> int:
+    """``ublkml model ARGV...`` in this process; its exit status."""
+    from ublk_driver.core.cli import main
+
+    return main(["model", *argv])

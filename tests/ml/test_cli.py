@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from ml.cli import main, ml_main, model_main
 from ml.model import REFERENCE_MODELS
-from tests.ml.helpers import sigmoid_model
+from tests.ml.helpers import ml_main, model_main, sigmoid_model
+from ublk_driver.core.cli import main
 
 
 @pytest.fixture

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from ml import detect, synth
-from ml.cli import ml_main
 from ml.model import MODELS_DIR, reference_model
 from ml.telemetry import HostData, read_labels, read_tree, tree_window
 from ml.train import HELDOUT_SEED
+from tests.ml.helpers import ml_main
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """The leg policy's state machine (hypothesis) and its road through the kernel agent.
 
 The agent and its rings are real (``kernel_agent.agent.Agent`` without eBPF);
-behind the control socket is tests/ublk_driver/test_ctl.py's FakeServer, as
+behind the control socket is tests/ublk_driver/admin/doubles.py's FakeServer, as
 in tests/kernel_agent/test_control_channel.py.  The watched device is one of
 this host's block devices (the agent reads its /sys/block stat); its driver
 actions go to the fake's socket: nothing here needs the ublk driver.
@@ -35,7 +35,7 @@ from ml.legpolicy import (
     read_events,
     summary,
 )
-from tests.ublk_driver.test_ctl import Served, serve
+from tests.ublk_driver.admin.doubles import Served, serve
 from ublk_driver.records import COMPLETION_DTYPE, RECORD_PROBED
 
 CFG = PolicyConfig(demote_after=3, readmit_hold_s=5.0, min_health_samples=5, min_dwell_s=10.0,

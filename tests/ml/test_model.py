@@ -14,7 +14,7 @@ from onnx import TensorProto
 
 from ml.model import REFERENCE_MODELS, ModelError, load_model, load_model_bytes, parse_metadata
 from tests.ml.helpers import GOOD_META, sigmoid_model
-from ublk_driver.errors import UblkError
+from ublk_driver.core.errors import UblkError
 
 
 def write(tmp_path: Path, data: bytes, name: str = "m.onnx") -> str:

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from ml import record
-from ml.cli import ml_main
 from ml.record import (
     MIXES,
     Aggregator,
@@ -24,6 +23,7 @@ from ml.record import (
     write_host,
 )
 from ml.telemetry import read_labels, read_tree, tree_window
+from tests.ml.helpers import ml_main
 from ublk_driver.faults import FaultSpec
 from ublk_driver.records import COMPLETION_DTYPE
 

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from ml import detect
-from ml.cli import ml_main
 from ml.model import reference_model
 from ml.telemetry import read_labels, read_tree, tree_window
+from tests.ml.helpers import ml_main
 
 pytestmark = pytest.mark.ublk
 

@@ -11,10 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ml.cli import ml_main
 from ml.features import SMART_FEATURES
 from ml.smart import SmartError, parse_smartctl_json, read_backblaze, read_smart
 from ml.synth import SmartConfig, make_smart
+from tests.ml.helpers import ml_main
 
 
 def ata(**over: Any) -> dict[str, Any]:

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ml.cli import ml_main
 from ml.telemetry import TelemetryError, read_file, read_labels, read_tree
+from tests.ml.helpers import ml_main
 
 GOOD = "ts,disk_id,throughput,latency\n0,d0,10,100\n0,d1,12,110\n60,d0,11,105\n60,d1,9,98\n"
 

@@ -10,7 +10,6 @@ import pytest
 import skl2onnx  # type: ignore[import-untyped]  # noqa: F401  (extra "train"; `make setup` installs it, no silent skip)
 
 from ml import detect, synth
-from ml.cli import ml_main
 from ml.model import load_model, load_model_bytes
 from ml.smart import read_backblaze
 from ml.telemetry import read_labels, read_tree
@@ -25,6 +24,7 @@ from ml.train import (
     train_fail_slow,
     train_failure,
 )
+from tests.ml.helpers import ml_main
 
 
 @pytest.fixture(scope="module")

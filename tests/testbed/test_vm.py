@@ -24,7 +24,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ublk_driver.testbed as testbed
-from ublk_driver.testbed import _vm
+from ublk_driver.core.cli import main as ublkml
+from ublk_driver.testbed import _vm, where
 
 pytest_plugins = ["pytester"]
 
@@ -45,10 +46,11 @@ NASTY_WORDS = ["", " ", "a b", "it's", '"q"', "$HOME", "`id`", "\\", "*", "a\nb"
 def test_public_api_is_pinned() -> None:
     assert sorted(testbed.__all__) == sorted([
         "TestbedError", "TestbedImage", "TestbedTimeout", "VmResult", "cache_dir",
-        "find_image", "in_vm", "native_ublk_available", "provision", "run", "vm_main",
+        "find_image", "in_vm", "info", "native_ublk_available", "provision", "run",
+        "TESTBED_FAILED", "TestbedRun", "TestbedRunError", "needs_testbed", "run_in_testbed",
     ])
     for name in testbed.__all__:
-        assert getattr(testbed, name) is getattr(_vm, name)
+        assert getattr(testbed, name) is getattr(_vm if name in _vm.__all__ else where, name)
     assert issubclass(testbed.TestbedTimeout, testbed.TestbedError)
     assert issubclass(testbed.TestbedTimeout, TimeoutError)
 
@@ -269,17 +271,17 @@ def test_console_drops_power_off_noise_and_crlf() -> None:
 
 
 def test_cli_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
-    assert testbed.vm_main(["run"]) == 2
+    assert ublkml(["vm", "run"]) == 2
     assert "a command is needed" in capsys.readouterr().err
-    assert testbed.vm_main(["bogus"]) == 2
-    assert testbed.vm_main(["run", "--help"]) == 0
+    assert ublkml(["vm", "bogus"]) == 2
+    assert ublkml(["vm", "run", "--help"]) == 0
     assert "--share DIR" in capsys.readouterr().out
 
 
 def test_cli_info_json(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
                        tmp_path: Path) -> None:
     monkeypatch.setenv("UBLKML_CACHE", str(tmp_path))
-    assert testbed.vm_main(["info", "--json"]) == 0
+    assert ublkml(["vm", "info", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["provisioned"] is False
     assert info["cache_dir"] == str(tmp_path / "testbed")
@@ -289,9 +291,9 @@ def test_cli_info_json(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.M
 def test_cli_run_failure_is_125(capsys: pytest.CaptureFixture[str],
                                 monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     _empty_path(monkeypatch, tmp_path)
-    assert testbed.vm_main(["run", "--", "true"]) == 125
+    assert ublkml(["vm", "run", "--", "true"]) == 125
     err = capsys.readouterr().err
-    assert err.startswith("ublkml vm: error: ") and err.count("\n") == 1
+    assert err.startswith("ublkml: error: ") and err.count("\n") == 1
 
 
 def test_in_vm_follows_the_marker(monkeypatch: pytest.MonkeyPatch) -> None:

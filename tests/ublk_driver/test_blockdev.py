@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ublk_driver.blockdev import check_scheduler, parse_schedulers, read_scheduler, set_scheduler
-from ublk_driver.errors import ConfigError, UblkError
+from ublk_driver.core.errors import ConfigError, UblkError
 from ublk_driver.server import ServerConfig
 
 names = st.from_regex(r"[a-z0-9][a-z0-9_-]{0,31}", fullmatch=True)

@@ -2,7 +2,7 @@
 
 Hypothesis builds argv for ``ublkml`` and its delegated groups (``agent``,
 ``model``, ``ml``) from the real options, plausible values and random text,
-and runs ``cli.main`` in-process (fast).  The control device is pointed at a
+and runs ``ublkml``'s ``main`` in-process (fast).  The control device is pointed at a
 path that does not exist, so device verbs fail exactly as on a machine without
 ``ublk_drv`` even where the driver is loaded; state directories are temporary.
 
@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 
 from ublk_driver import cli, server
 from ublk_driver.control import Control
+from ublk_driver.core.cli import main
 
 FUZZ = settings(max_examples=300, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -58,7 +59,7 @@ def hermetic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 def run_main(argv: list[str]) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = cli.main(argv)
+        code = main(argv)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # as Python starts; main() changes it
     return code, out.getvalue(), err.getvalue()
 
@@ -90,7 +91,7 @@ MAIN_OPTS = ["-t", "null", "mem", "loop", "python", "mirror", "-f", "--file", "-
              "--queues", "-d", "--depth", "-n", "--number", "--max-io", "--plugin",
              "--plugin-arg", "size=1M", "x=y", "=", "--buffered", "--read-only", "--score",
              "--foreground", "--json", "-v", "--verbose", "-a", "--all",
-             "ublk_driver.targets.ramdisk:RamDisk", "os:system", "nosuch:X", ":", "a.py:B",
+             "examples.ramdisk:RamDisk", "os:system", "nosuch:X", ":", "a.py:B",
              "--help"]
 
 

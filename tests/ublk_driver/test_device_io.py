@@ -26,7 +26,7 @@ from tests.ublk_driver.ublk_helpers import (
 pytestmark = pytest.mark.ublk
 
 SIZE = 64 << 20
-PLUGIN = "ublk_driver.targets.ramdisk:RamDisk"
+PLUGIN = "examples.ramdisk:RamDisk"
 
 
 def target_args(kind: str, tmp_path: Path) -> list[str]:

@@ -18,14 +18,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from examples.ramdisk import RamDisk
 from ublk_driver import _bindings
-from ublk_driver.errors import ConfigError
+from ublk_driver.core.errors import ConfigError
 from ublk_driver.faults import OPS, FaultSpec
 from ublk_driver.queue import default_ring_flags
 from ublk_driver.records import COMPLETION_DTYPE
 from ublk_driver.targets import LoopTarget, MemTarget, NullTarget, PluginBackend
 from ublk_driver.targets.base import Backend
-from ublk_driver.targets.ramdisk import RamDisk
 from ublk_driver.uapi import Op
 
 # ---- the spec ---------------------------------------------------------------------

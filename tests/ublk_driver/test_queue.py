@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import pytest
 
+from examples.ramdisk import RamDisk
 from ublk_driver import _bindings
 from ublk_driver.queue import ErrorWatch, RelayPool, default_ring_flags
 from ublk_driver.targets import PluginBackend
-from ublk_driver.targets.ramdisk import RamDisk
 from ublk_driver.uapi import IoFlag, Op
 
 DEPTH = 8

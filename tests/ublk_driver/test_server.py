@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from ublk_driver.errors import ConfigError
+from examples.ramdisk import RamDisk
+from examples.zeros import ReadOnlyZeros
+from ublk_driver.core.errors import ConfigError
 from ublk_driver.server import ServerConfig, use_queue_processes
 from ublk_driver.targets import NullTarget, PluginBackend
-from ublk_driver.targets.ramdisk import RamDisk, ReadOnlyZeros
 
 SIZE = 1 << 20
 

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from ublk_driver import _bindings, uapi
 
 # Sizes and offsets from include/uapi/linux/ublk_cmd.h (Linux 6.12), as
-# measured with a C compiler (../shared/notes/ublk-uapi.md).
+# measured with a C compiler (docs/ublk-uapi.md).
 LAYOUT = {
     "struct ublksrv_ctrl_cmd": (32, {"dev_id": 0, "queue_id": 4, "len": 6, "addr": 8,
                                      "data": 16, "dev_path_len": 24}),
@@ -30,7 +30,7 @@ LAYOUT = {
     "struct ublk_params": (112, {"len": 0, "types": 4, "basic": 8, "discard": 40,
                                  "devt": 60, "zoned": 76}),
     # zoned sits at 76 (all its members are u32); the 4 bytes of padding are at
-    # the end (108..112), not before zoned as ../shared/notes/ublk-uapi.md says.
+    # the end (108..112), not before zoned.
 }
 
 

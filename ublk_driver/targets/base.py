@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ublk_driver import _bindings
-from ublk_driver.errors import ConfigError, UblkError
+from ublk_driver.core.errors import ConfigError, UblkError
 
 if TYPE_CHECKING:
     from ublk_driver.faults import FaultSpec

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 
 from ublk_driver import _bindings
-from ublk_driver.errors import ConfigError, TargetError, UblkError
+from ublk_driver.core.errors import ConfigError, TargetError, UblkError
 from ublk_driver.targets.base import Backend, Capabilities
 from ublk_driver.targets.native import Backing, _check_size, open_backing
 
@@ -107,7 +107,7 @@ class MirrorTarget(Backend):
         """Keep leg states, dirty regions and writes in flight in a journal
         (``<state dir>/<dev_id>.mirror``), so that a server started by
         ``ublkml recover`` after a crash knows which legs hold good data."""
-        from ublk_driver.ctl import default_state_dir, local_path
+        from ublk_driver.admin.paths import default_state_dir, local_path
 
         self.journal = local_path(os.path.join(default_state_dir(), f"{dev_id}.mirror"))
         self._recovering = recovering

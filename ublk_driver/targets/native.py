@@ -8,7 +8,7 @@ import stat
 from dataclasses import dataclass
 
 from ublk_driver import _bindings
-from ublk_driver.errors import ConfigError, TargetError
+from ublk_driver.core.errors import ConfigError, TargetError
 from ublk_driver.targets.base import Backend, Capabilities
 
 

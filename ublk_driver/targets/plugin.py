@@ -7,7 +7,7 @@ an operation the plug-in cannot serve.
 
 Plug-in methods may hang.  With a timeout (the default, 30 s) the queue's
 ring thread never runs plug-in code: worker threads do (the relay, see
-``csrc/ublkml.c``).  A call that is slow (20 ms, or a quarter of the timeout
+``csrc/target_relay.c``).  A call that is slow (20 ms, or a quarter of the timeout
 if less) no longer holds up new requests: a spare worker takes them.  A call
 that has not returned within the timeout fails its I/O with ETIMEDOUT, and
 the requests batched behind it go to a spare.
@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ublk_driver import _bindings
-from ublk_driver.errors import ConfigError, PluginError
+from ublk_driver.core.errors import ConfigError, PluginError
 from ublk_driver.targets.base import Backend, Capabilities, ShortReadError, Target
 from ublk_driver.uapi import IoFlag, Op
 

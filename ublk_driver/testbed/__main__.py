@@ -1,8 +1,7 @@
-"""``python -m ublk_driver.testbed provision|run|info`` (same as ``ublkml vm ...``)."""
+"""``python -m ublk_driver.testbed provision|run|info`` = ``ublkml vm ...``."""
 
 import sys
 
-from ublk_driver.testbed._vm import vm_main
+from ublk_driver.core.cli import main
 
-if __name__ == "__main__":
-    sys.exit(vm_main(sys.argv[1:], prog="python -m ublk_driver.testbed"))
+sys.exit(main(["vm", *sys.argv[1:]]))

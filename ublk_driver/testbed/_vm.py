@@ -27,7 +27,6 @@ the ``returncode`` of the :class:`VmResult`.
 
 from __future__ import annotations
 
-import argparse
 import codecs
 import contextlib
 import ctypes
@@ -62,10 +61,10 @@ __all__ = [
     "cache_dir",
     "find_image",
     "in_vm",
+    "info",
     "native_ublk_available",
     "provision",
     "run",
-    "vm_main",
 ]
 
 #: The kernel series the test bed boots: Debian 12's 6.12 (its config has
@@ -88,7 +87,7 @@ _GUEST_CTL = "/run/ublkml"
 # the watchdog can judge the TSC unstable; the kernel then flips the
 # sched_clock_stable static key, i.e. patches live kernel text with int3, and
 # multi-threaded TCG once let the other vCPU trap on that int3 ("Oops: int3" in
-# sched_clock_cpu, a panic in CI's test bed during session 4). The guest's
+# sched_clock_cpu, a kernel panic seen in CI's test bed). The guest's
 # clock is the host's TSC either way.
 _KERNEL_CMDLINE = "console=ttyS0 quiet panic=-1 tsc=reliable ublkml.testbed=1"
 _CMDLINE_MARKER = "ublkml.testbed=1"
@@ -994,13 +993,15 @@ def in_vm() -> bool:
 
 
 # --------------------------------------------------------------------------
-# CLI: ublkml vm ...
+# The test bed's state
 # --------------------------------------------------------------------------
 
 
-def _info() -> dict[str, Any]:
+def info() -> dict[str, Any]:
+    """The test bed's state for ``ublkml vm info``: kernel version, cache path,
+    whether it is provisioned; asks no network."""
     image = find_image(os.environ.get("UBLKML_TESTBED_KERNEL") or None)
-    info: dict[str, Any] = {
+    state: dict[str, Any] = {
         "provisioned": image is not None,
         "cache_dir": str(cache_dir()),
         "kernel_version": image.kernel_version if image else None,
@@ -1015,117 +1016,7 @@ def _info() -> dict[str, Any]:
         with contextlib.suppress(TestbedError):
             package = _newest_package(_apt_search())
             if package:
-                info["package"] = package
+                state["package"] = package
                 m = _PACKAGE_RE.match(package)
-                info["kernel_version"] = m.group(1) if m else None
-    return info
-
-
-def _parser(prog: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description=(
-            "The ublkml test bed: Debian's 6.12 kernel (with the ublk driver) booted "
-            "under qemu (TCG) with the host's file system shared, for hosts whose "
-            "kernel lacks ublk."
-        ),
-    )
-    sub = parser.add_subparsers(dest="verb", required=True, metavar="{provision,run,info}")
-    p = sub.add_parser(
-        "provision",
-        help="download and prepare the test-bed kernel (cached; a no-op when done)",
-        description=(
-            "Download the newest linux-image-6.12.*+deb*-amd64-unsigned with apt, run "
-            "depmod and build the initramfs, into "
-            "${UBLKML_CACHE:-${XDG_CACHE_HOME:-~/.cache}/ublkml}/testbed/<kernel-version>/. "
-            "Does nothing if an image is already cached (unless --force)."
-        ),
-    )
-    p.add_argument("--force", action="store_true",
-                   help="look up the newest kernel package again and rebuild the image")
-    p.add_argument("--json", action="store_true", help="print the image description as JSON")
-    r = sub.add_parser(
-        "run",
-        help="boot the test bed and run a command in it",
-        description=(
-            "Boot the test bed, run CMD through /bin/sh -c in the current directory (same "
-            "path in the guest) with this virtualenv first on PATH, and power off. The exit "
-            "status is CMD's; 125 means the test bed itself failed."
-        ),
-        epilog="example: %(prog)s --timeout 600 -- python -m pytest -m ublk",
-    )
-    r.add_argument("--timeout", type=float, default=1800, metavar="S",
-                   help="kill the guest after S seconds, boot included (default: %(default)g)")
-    r.add_argument("--memory", type=int, default=4096, metavar="MB",
-                   help="guest memory in MiB (default: %(default)s)")
-    r.add_argument("--cpus", type=int, default=2, metavar="N",
-                   help="guest vCPUs (default: %(default)s)")
-    r.add_argument("--share", metavar="DIR",
-                   help="host directory the guest may write to, mounted at the same path")
-    r.add_argument("--cwd", metavar="DIR",
-                   help="directory to run CMD in (default: the current directory)")
-    r.add_argument("-e", "--env", action="append", default=[], metavar="NAME=VALUE",
-                   help="set an environment variable in the guest (repeatable)")
-    r.add_argument("-q", "--quiet", action="store_true",
-                   help="do not stream the guest console (timings still go to stderr)")
-    r.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ...",
-                   help="the command to run in the guest")
-    i = sub.add_parser("info", help="show the kernel version, cache path and state",
-                       description="Show the test bed's kernel version, cache path and "
-                                   "whether it is provisioned; asks no network.")
-    i.add_argument("--json", action="store_true", help="print as JSON")
-    return parser
-
-
-def vm_main(argv: list[str] | None = None, *, prog: str = "ublkml vm") -> int:
-    """``ublkml vm provision|run|info``; returns the process exit status.
-
-    For ``run`` that is the guest command's exit status, or 125 (with a one-line
-    error on stderr) when the test bed itself failed.
-    """
-    parser = _parser(prog)
-    try:
-        args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    except SystemExit as exc:  # --help, or a usage error (status 2)
-        return exc.code if isinstance(exc.code, int) else 2
-    try:
-        if args.verb == "provision":
-            image = provision(force=args.force)
-            if args.json:
-                print(json.dumps(image.to_dict(), indent=2))
-            else:
-                print(f"{image.kernel_version} at {image.path}")
-            return 0
-        if args.verb == "info":
-            info = _info()
-            if args.json:
-                print(json.dumps(info, indent=2))
-            else:
-                for key, value in info.items():
-                    print(f"{key}: {value}")
-            return 0
-        command = list(args.command)
-        if command[:1] == ["--"]:
-            command = command[1:]
-        if not command:
-            parser.error("run: a command is needed (after --)")
-        env: dict[str, str] = {}
-        for item in args.env:
-            name, sep, value = item.partition("=")
-            if not sep:
-                parser.error(f"--env {item!r}: expected NAME=VALUE")
-            env[name] = value
-        result = run(command, cwd=args.cwd, env=env, timeout=args.timeout,
-                     memory_mb=args.memory, cpus=args.cpus, stream=not args.quiet,
-                     share=args.share)
-        print(f"ublkml vm: exit status {result.returncode}; boot {result.boot_seconds:.1f} s, "
-              f"total {result.total_seconds:.1f} s", file=sys.stderr)
-        return result.returncode
-    except SystemExit as exc:  # parser.error above
-        return exc.code if isinstance(exc.code, int) else 2
-    except (TestbedError, ValueError) as exc:
-        print(f"ublkml vm: error: {exc}", file=sys.stderr)
-        return 125
-    except KeyboardInterrupt:
-        print("ublkml vm: interrupted", file=sys.stderr)
-        return 130
+                state["kernel_version"] = m.group(1) if m else None
+    return state

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ublk_driver.errors import TargetError
+from ublk_driver.core.errors import TargetError
 from ublk_driver.targets import MirrorTarget
 
 HEADER = 128

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 
 from tests.ublk_driver.targets.model import Model, operations, payload
 from ublk_driver import _bindings
-from ublk_driver.errors import ConfigError, TargetError
+from ublk_driver.core.errors import ConfigError, TargetError
 from ublk_driver.queue import default_ring_flags
 from ublk_driver.targets import LoopTarget, MemTarget, NullTarget
 from ublk_driver.targets.base import Backend

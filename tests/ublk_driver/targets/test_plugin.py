@@ -12,12 +12,14 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 
+from examples.ramdisk import RamDisk
+from examples.zeros import ReadOnlyZeros
+from tests.ublk_driver.targets.doubles import Faulty
 from tests.ublk_driver.targets.model import Model, operations, payload
 from ublk_driver import _bindings
-from ublk_driver.errors import ConfigError, PluginError
+from ublk_driver.core.errors import ConfigError, PluginError
 from ublk_driver.targets import PluginBackend, Target, load_plugin
 from ublk_driver.targets.plugin import DEFAULT_TIMEOUT, check_timeout
-from ublk_driver.targets.ramdisk import Faulty, RamDisk, ReadOnlyZeros
 from ublk_driver.uapi import IoFlag, Op
 
 SIZE = 1 << 20
@@ -98,7 +100,7 @@ def test_plugin_contract_is_checked() -> None:
 
 
 def test_load_plugin_from_module_and_file(tmp_path: Path) -> None:
-    b = load_plugin("ublk_driver.targets.ramdisk:RamDisk", {"size": "2M"})
+    b = load_plugin("examples.ramdisk:RamDisk", {"size": "2M"})
     assert b.size == 2 << 20
     f = tmp_path / "myplug.py"
     f.write_text("from ublk_driver import Target\n"
@@ -112,8 +114,8 @@ def test_load_plugin_from_module_and_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("spec", "message"), [
     ("nocolon", "MODULE:CLASS"),
     ("no_such_module_xyz:C", "cannot import"),
-    ("ublk_driver.targets.ramdisk:Nope", "has no class"),
-    ("ublk_driver.errors:UblkError", "not a subclass"),
+    ("examples.ramdisk:Nope", "has no class"),
+    ("ublk_driver.core.errors:UblkError", "not a subclass"),
     ("/does/not/exist.py:C", "does not exist"),
 ])
 def test_load_plugin_errors(spec: str, message: str) -> None:
@@ -123,7 +125,7 @@ def test_load_plugin_errors(spec: str, message: str) -> None:
 
 def test_load_plugin_bad_args() -> None:
     with pytest.raises(PluginError, match="cannot create"):
-        load_plugin("ublk_driver.targets.ramdisk:RamDisk", {"colour": "red"})
+        load_plugin("examples.ramdisk:RamDisk", {"colour": "red"})
 
 
 @pytest.mark.parametrize("bad", [-1, -0.5, 0.0005, 86401, float("nan"), float("inf"), True,
@@ -137,9 +139,9 @@ def test_timeout_must_be_zero_or_a_sane_number_of_seconds(bad: object) -> None:
 
 def test_timeout_defaults_and_is_described() -> None:
     assert PluginBackend(RamDisk(SIZE)).timeout == DEFAULT_TIMEOUT == 30.0
-    b = load_plugin("ublk_driver.targets.ramdisk:RamDisk", {"size": "1M"}, timeout=2.5)
+    b = load_plugin("examples.ramdisk:RamDisk", {"size": "1M"}, timeout=2.5)
     assert b.timeout == 2.5 and b.describe()["plugin_timeout"] == 2.5
-    assert load_plugin("ublk_driver.targets.ramdisk:RamDisk", timeout=0).timeout == 0
+    assert load_plugin("examples.ramdisk:RamDisk", timeout=0).timeout == 0
     assert check_timeout(1) == 1.0 and check_timeout(0.001) == 0.001
 
 

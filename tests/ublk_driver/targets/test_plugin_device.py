@@ -1,7 +1,7 @@
 """A plug-in that hangs, through the real driver: the timeout fails that I/O, not the device.
 
 Marked ``ublk``: natively where the driver exists, else in the test bed.
-``ublk_driver.targets.ramdisk:Sleepy`` never returns from calls that touch
+``tests.ublk_driver.targets.doubles:Sleepy`` never returns from calls that touch
 [hang_from, hang_to); the device is served with ``--plugin-timeout 2``.
 """
 
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.ublk
 
 MIB = 1 << 20
 TIMEOUT = 2.0
-SLEEPY = ["-t", "python", "--plugin", "ublk_driver.targets.ramdisk:Sleepy",
+SLEEPY = ["-t", "python", "--plugin", "tests.ublk_driver.targets.doubles:Sleepy",
           "--plugin-arg", "size=16M", "--plugin-arg", "hang_from=8M",
           "--plugin-arg", "hang_to=8200K", "--plugin-timeout", str(TIMEOUT)]
 
@@ -92,7 +92,7 @@ def test_a_hung_call_fails_its_io_and_the_device_serves_on(queues: int) -> None:
 
 def test_without_a_timeout_the_relay_is_not_used() -> None:
     """--plugin-timeout 0: calls run on the queue thread (no worker threads)."""
-    with device("-t", "python", "--plugin", "ublk_driver.targets.ramdisk:RamDisk",
+    with device("-t", "python", "--plugin", "examples.ramdisk:RamDisk",
                 "--size", "16M", "--plugin-timeout", "0") as d:
         write_direct(d.bdev, 0, b"\x17" * 4096)
         assert read_direct(d.bdev, 0, 4096) == b"\x17" * 4096
