@@ -3,16 +3,49 @@
 Tests marked ``ublk`` need the kernel's ublk driver: they run natively where
 ``/dev/ublk-control`` exists and otherwise inside the project's qemu test bed
 (see ublk_driver/testbed/pytest_plugin.py); they never silently skip.
+
+Soak-sized counts (hundreds of add/delete cycles, tens of SIGKILLs) run only
+with ``--soak`` (``make soak``); without it the same tests run smaller counts
+(``make test``).  A test asks for its count with the ``soak_count`` fixture,
+which also marks it ``soak``: ``pytest --soak -m soak`` runs exactly those
+tests, soak-sized.  The test bed's guest pytest gets ``--soak`` too.
 """
 
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
 pytest_plugins = ["ublk_driver.testbed.pytest_plugin"]
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--soak", action="store_true", default=False,
+        help="run the soak-sized counts of the tests that have them (marked soak; "
+        "`make soak`); without it they run their smaller counts",
+    )
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "soak_count" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.soak)
+
+
+@pytest.fixture
+def soak_count(request: pytest.FixtureRequest) -> Callable[[int, int], int]:
+    """``soak_count(small, large)``: ``large`` with ``--soak``, else ``small``."""
+    soak = bool(request.config.getoption("soak"))
+
+    def count(small: int, large: int) -> int:
+        assert 0 < small <= large, (small, large)
+        return large if soak else small
+
+    return count
 
 
 @pytest.fixture(autouse=True)

@@ -15,6 +15,7 @@ bytes); none can pass when the loop does not close.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,15 +56,17 @@ def test_slow_leg_demoted_through_the_agent_and_readmitted(tmp_path: Path) -> No
     assert doc["meta"]["legs_identical"] is True
 
 
-def test_no_demotion_in_a_healthy_minute(tmp_path: Path) -> None:
-    doc = run_failslow(tmp_path, Plan(healthy_minutes=1.0))
+def test_no_demotion_while_healthy(tmp_path: Path,
+                                   soak_count: Callable[[int, int], int]) -> None:
+    seconds = soak_count(30, 600)   # make soak: the 10 healthy minutes docs/failslow.md quotes
+    doc = run_failslow(tmp_path, Plan(healthy_minutes=seconds / 60))
     h = doc["healthy"]
     print(h["margin"])
     assert h["demotions"] == 0 and h["requests"] == 0, _steps(doc)
     # The scorer judged both legs all along (else "no demotion" means nothing):
     # 10 ticks a second when the test bed has the machine to itself, at least 2
     # a second per leg here (a starved test bed was seen at 4.4).
-    assert h["margin"]["ticks"] >= 2 * 2 * 60, h["margin"]
-    assert h["margin"]["seconds_logged"] >= 50, h["margin"]
+    assert h["margin"]["ticks"] >= 2 * 2 * seconds, h["margin"]
+    assert h["margin"]["seconds_logged"] >= seconds - 10, h["margin"]
     assert all(j["error"] == 0 for j in h["fio"].values())
     assert doc["meta"]["legs_identical"] is True

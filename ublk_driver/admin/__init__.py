@@ -11,8 +11,8 @@ mirror legs.  It is the server's own socket, not the kernel's
 - :mod:`~ublk_driver.admin.server`: :class:`AdminServer`, run by the server;
 - :mod:`~ublk_driver.admin.client`: :class:`AdminClient`.
 
-The former ``ublk_driver.ctl`` named these ``Control*`` (``ControlServer``,
-``ControlClient``, ``ControlChannelError``...); those names remain as aliases.
+``ControlServer``, ``ControlClient``, ``ControlChannelError``... are aliases of
+these names, kept for existing callers.
 """
 
 from ublk_driver.admin.client import AdminClient, ControlClient

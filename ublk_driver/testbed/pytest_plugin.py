@@ -20,7 +20,8 @@ Semantics:
 
 Options: ``--ublk-vm-timeout S`` (default 4200) and ``--no-ublk-vm`` (ublk tests
 fail instead of booting the test bed; for debugging).  The guest's console
-(its pytest output) is saved to a log file whose path is printed.
+(its pytest output) is saved to a log file whose path is printed.  The guest's
+pytest gets the host's ``--soak`` (an option of the project's conftest) too.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("ublk", "ublk test bed (ublk_driver.testbed)")
     group.addoption(
         # 70 min: the whole test bed took 26 min on one CI machine and 50 on a
-        # slower one (session 7); CI's own limit is 90 min for everything.
+        # slower one; CI's own limit is 90 min for everything.
         "--ublk-vm-timeout", type=float, default=4200.0, metavar="S",
         help="on hosts without the ublk driver, ublk tests run in a qemu test bed: "
         "kill it after S seconds, boot included (default: %(default)g)",
@@ -234,6 +235,10 @@ class _UblkRunner:
             argv.append(f"--capture={opt.capture}")
         if getattr(opt, "strict_markers", False):
             argv.append("--strict-markers")
+        # The project's conftest defines --soak (soak-sized counts); the guest
+        # loads the same conftest, so the option means the same there.
+        if getattr(opt, "soak", False):
+            argv.append("--soak")
         argv += [f"--junitxml={junit}", "-o", "junit_logging=all",
                  "-o", "junit_log_passing_tests=false", "-o", "junit_family=xunit2"]
         return argv + nodeids

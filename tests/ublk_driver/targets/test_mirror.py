@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from tests.ublk_driver.targets.model import Model, payload
 from tests.ublk_driver.ublk_helpers import sparse_files
 from ublk_driver import _bindings
-from ublk_driver.errors import ConfigError, TargetError
+from ublk_driver.core.errors import ConfigError, TargetError
 from ublk_driver.faults import FaultSpec
 from ublk_driver.queue import default_ring_flags
 from ublk_driver.records import COMPLETION_DTYPE, RECORD_PROBED
