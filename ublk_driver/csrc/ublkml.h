@@ -244,7 +244,7 @@ int ublkml_queue_harvest(struct ublkml_queue *q, struct ublkml_event *out,
  * (ublkml_queue_relay) and worker threads call the plug-in
  * (ublkml_relay_next); a call that does not return within the timeout
  * fails its I/O with -ETIMEDOUT and the next worker takes over.  See
- * "event targets: the relay" in ublkml.c. */
+ * "the relay" in target_relay.c. */
 
 /* An event the ring thread took back from a stuck worker: the handler
  * must not serve it (answer UBLKML_RELAY_CANCELLED). */
