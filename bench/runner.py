@@ -74,7 +74,7 @@ from bench.jobs import (
 from bench.report import GOALS
 from ublk_driver.blockdev import parse_schedulers
 from ublk_driver.core.errors import UblkError
-from ublk_driver.scratch import ScratchUnavailableError, ram_ext4
+from ublk_driver.scratch import ScratchUnavailableError, ram_ext4, unload_module, with_sbin
 from ublk_driver.testbed.where import run_in_testbed
 
 __all__ = [
@@ -402,12 +402,7 @@ def _child_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
-    path = env.get("PATH", "").split(os.pathsep)
-    for d in ("/usr/local/sbin", "/usr/sbin", "/sbin"):
-        if d not in path:
-            path.append(d)
-    env["PATH"] = os.pathsep.join(p for p in path if p)
-    return env
+    return with_sbin(env)
 
 
 def check_tool(tool: str) -> None:
@@ -490,15 +485,8 @@ class Context:
 
 
 def _rmmod(module: str) -> None:
-    # The last opener may take a moment to let go (udev, a closing fio).
-    for _ in range(20):
-        if not Path(f"/sys/module/{module}").exists():
-            return
-        proc = _sh(["rmmod", module], what=f"rmmod {module}", check=False)
-        if proc.returncode == 0:
-            return
-        time.sleep(0.25)
-    say(f"warning: could not unload {module}")
+    if not unload_module(module):
+        say(f"warning: could not unload {module}")
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ from typing import Any
 
 from ublk_driver.core.errors import UblkError
 
-__all__ = ["RAM_DISK", "ScratchUnavailableError", "ram_ext4"]
+__all__ = ["RAM_DISK", "ScratchUnavailableError", "ram_ext4", "unload_module", "with_sbin"]
 
 #: The brd disk this module creates (``rd_nr=1``): it refuses to run if it exists.
 RAM_DISK = "/dev/ram0"
@@ -33,8 +33,8 @@ class ScratchUnavailableError(UblkError):
     """ext4 on brd cannot be set up here (the message says why)."""
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
+def with_sbin(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with the sbin directories on PATH (modprobe, mkfs, losetup live there)."""
     path = env.get("PATH", "").split(os.pathsep)
     env["PATH"] = os.pathsep.join(p for p in [*path, *(d for d in _SBIN if d not in path)] if p)
     return env
@@ -43,7 +43,7 @@ def _env() -> dict[str, str]:
 def _sh(argv: Sequence[str], what: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     try:
         proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=120,
-                              check=False, env=_env())
+                              check=False, env=with_sbin(dict(os.environ)))
     except FileNotFoundError:
         raise ScratchUnavailableError(f"{argv[0]} not found") from None
     except subprocess.TimeoutExpired:
@@ -54,14 +54,16 @@ def _sh(argv: Sequence[str], what: str, check: bool = True) -> subprocess.Comple
     return proc
 
 
-def _rmmod(module: str) -> None:
+def unload_module(module: str) -> bool:
+    """rmmod ``module``, retrying for 5 s; whether it is gone."""
     # The last opener may take a moment to let go (udev, a closing fio).
     for _ in range(20):
         if not Path(f"/sys/module/{module}").exists():
-            return
+            return True
         if _sh(["rmmod", module], f"rmmod {module}", check=False).returncode == 0:
-            return
+            return True
         time.sleep(0.25)
+    return False
 
 
 @contextlib.contextmanager
@@ -90,4 +92,4 @@ def ram_ext4(mountpoint: Path, size: int) -> Iterator[dict[str, Any]]:
     finally:
         if mounted:
             _sh(["umount", str(mountpoint)], "umount", check=False)
-        _rmmod("brd")
+        unload_module("brd")
