@@ -107,7 +107,8 @@ def _entry_points() -> dict[str, metadata.EntryPoint]:
     return {n: eps[n] for n in sorted(eps, key=lambda n: (rank.get(n, len(rank)), n))}
 
 
-def build_parser(names: Iterable[str] | None = None) -> Parser:
+def build_parser(names: Iterable[str] | None = None, *,
+                 commands: dict[str, metadata.EntryPoint] | None = None) -> Parser:
     """The parser tree with the commands ``names`` (default: every registered one).
     A command whose package cannot be imported is left out of the tree with a note
     in the epilog: the others still work."""
@@ -120,7 +121,7 @@ def build_parser(names: Iterable[str] | None = None) -> Parser:
         "qemu test bed.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
-    eps = _entry_points()
+    eps = _entry_points() if commands is None else commands
     broken = []
     for name in eps if names is None else [n for n in names if n in eps]:
         try:
@@ -155,8 +156,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``ublkml ARGV...``: parse, dispatch, return the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     first = argv[0] if argv else None
-    names = [first] if first in _entry_points() and "_ARGCOMPLETE" not in os.environ else None
-    parser = build_parser(names)
+    commands = _entry_points()
+    names = [first] if first in commands and "_ARGCOMPLETE" not in os.environ else None
+    parser = build_parser(names, commands=commands)
     try:
         import argcomplete
     except ImportError:  # completion is optional: the command works without it
