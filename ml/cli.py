@@ -168,7 +168,7 @@ def register_model(sub: Subparsers) -> None:
 def cmd_detect(args: argparse.Namespace) -> int:
     from ml import detect
     from ml.model import load_model
-    from ml.telemetry import read_labels, read_tree, tree_window
+    from ml.telemetry import dropped_rows, read_labels, read_tree, tree_window
 
     quiet = args.json or args.quiet
     if args.window is not None and not args.window > 0:
@@ -185,8 +185,9 @@ def cmd_detect(args: argparse.Namespace) -> int:
             f.writelines(f"{v.host},{v.disk_id},{int(v.flagged)},{v.score:.6g}\n"
                          for v in verdicts)
         os.replace(tmp, args.out)
+    na = dropped_rows(hosts)
     result: dict[str, Any] = {"method": args.method, "drives": len(verdicts),
-                              "flagged": sum(v.flagged for v in verdicts)}
+                              "flagged": sum(v.flagged for v in verdicts), "na": na}
     if labels is not None:
         result["metrics"] = detect.metrics(verdicts, labels)
     if args.json:
@@ -199,6 +200,11 @@ def cmd_detect(args: argparse.Namespace) -> int:
         for v in verdicts:
             print(f"{v.host},{v.disk_id},{int(v.flagged)},{v.score:.6g}")
     print(f"{args.method}: {result['flagged']} of {result['drives']} drives flagged",
+          file=sys.stderr if not args.out else sys.stdout)
+    dropped, rows, files = na["dropped"], na["rows"], na["files_with_dropped"]
+    print(f"rows: {rows} read, {dropped} dropped for NA or empty values "
+          f"({100 * dropped / max(rows, 1):.2f} %, in {len(files)} of {na['files']} files"
+          + ("; --json lists them" if files else "") + ")",
           file=sys.stderr if not args.out else sys.stdout)
     if labels is not None:
         m = result["metrics"]
@@ -251,14 +257,20 @@ def cmd_record(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from ml.train import TrainRequest, train
+    from ml.train import TrainRequest, format_drive_report, train
 
+    if args.cv < 2:
+        raise CliError(f"--cv must be at least 2, got {args.cv}")
     report = train(TrainRequest(
         what=args.what, data_dir=args.dir, out=args.out, labels=args.labels, seed=args.seed,
         window_s=args.window, add=tuple(args.add), horizon_days=args.horizon,
-        version=args.version, evaluate=not args.no_eval, quiet=args.quiet or args.json))
+        version=args.version, evaluate=not args.no_eval, quiet=args.quiet or args.json,
+        cv=args.cv, loco=args.loco, self_baseline=args.self_baseline))
     if args.json:
         print(json.dumps(report, indent=2))
+    elif args.what == "drive-fail-slow":
+        print(format_drive_report(report))
+        print(f"wrote {report['path']}")
     else:
         for k, v in report.items():
             print(f"{k}: {v}")
@@ -295,22 +307,26 @@ def register_ml(sub: Subparsers) -> None:
     from ml.detect import DEFAULT_WINDOW_S, METHODS
     from ml.record import add_arguments
     from ml.synth import PRESETS, SMART_PRESETS
-    from ml.train import HORIZON_DAYS
+    from ml.train import DRIVE_FOLDS, HORIZON_DAYS, TRAINABLE
 
     _, sub = add_group(sub, "ml", help="detection and training on drive telemetry",
                        description="Drive-health models: fail-slow detection on telemetry, "
                        "training, synthetic data, SMART failure scores.")
 
     d = sub.add_parser("detect", help="per-drive fail-slow verdicts for a telemetry tree",
-                       description="Read DIR/<host>/*.csv (columns ts,disk_id,throughput,"
-                       "latency; the drives of a host are peers) and write one verdict per "
-                       "drive: host,disk_id,flagged,score. With --labels, print precision, "
-                       "recall, F1 and MCC.")
+                       description="Read DIR/<host>/*.csv, or a nested tree such as "
+                       "DIR/<cluster>/<host>/*.csv (a host is its directory's path; columns "
+                       "ts,disk_id,throughput,latency, quoted or not, rows in any order; the "
+                       "drives of a host are peers; NA or empty values drop their row and "
+                       "are counted) and write one verdict per drive: host,disk_id,flagged,"
+                       "score. With --labels (host,disk_id or Perseus' slow_drive_info.csv), "
+                       "print precision, recall, F1 and MCC.")
     d.add_argument("dir", metavar="DIR")
     d.add_argument("--labels", metavar="CSV", help="slow drives (host,disk_id) to score "
                    "the verdicts against")
     d.add_argument("--model", metavar="FILE", help="a fail_slow ONNX model (default: the "
-                   "packaged one)")
+                   "packaged drive model, ml/models/drive_fail_slow.onnx, trained on real "
+                   "fleet telemetry)")
     d.add_argument("--method", choices=METHODS, default="model",
                    help="model (default), peer2x (2x peer-median rule) or perseus "
                    "(latency-vs-throughput regression)")
@@ -325,8 +341,13 @@ def register_ml(sub: Subparsers) -> None:
     t = sub.add_parser("train", help="train a model and export it as ONNX (extra: train)",
                        description="Seeded training. `reference` rebuilds the packaged "
                        "models from generated data; `fail-slow DIR` trains on a telemetry "
-                       "tree with labels; `failure DIR` on Backblaze-layout SMART CSVs.")
-    t.add_argument("what", choices=["reference", "fail-slow", "failure"])
+                       "tree with labels; `drive-fail-slow DIR` trains the drive model on "
+                       "real fleet telemetry (DIR/<cluster>/<host>/*.csv, labels "
+                       "DIR/labels.csv or DIR/slow_drive_info.csv) and cross-validates it by "
+                       "host against both baselines; `failure DIR` on Backblaze-layout "
+                       "SMART CSVs.", epilog="The packaged drive model: see docs/models.md, "
+                       "'Fail-slow detection over telemetry', for the exact command.")
+    t.add_argument("what", choices=list(TRAINABLE))
     t.add_argument("dir", nargs="?", metavar="DIR", help="training data (not for reference)")
     t.add_argument("--labels", metavar="CSV", help="fail-slow: labels (default DIR/labels.csv)")
     t.add_argument("--out", metavar="PATH", help="the model file (reference: a directory, "
@@ -343,6 +364,13 @@ def register_ml(sub: Subparsers) -> None:
     t.add_argument("--version", default="1", help="the model's ublkml.version (default 1)")
     t.add_argument("--no-eval", action="store_true", help="reference: skip the held-out "
                    "evaluation")
+    t.add_argument("--cv", type=int, default=DRIVE_FOLDS, metavar="K",
+                   help=f"drive-fail-slow: folds by host (default {DRIVE_FOLDS}); the report "
+                   "has the cross-validated table of the model and both baselines")
+    t.add_argument("--loco", action="store_true", help="drive-fail-slow: also leave one "
+                   "cluster (first directory level) out")
+    t.add_argument("--self-baseline", action="store_true", help="drive-fail-slow: also "
+                   "judge each held-out drive against its own first 24 h instead of peers")
     t.add_argument("--json", action="store_true", help="machine-readable report")
     t.add_argument("-q", "--quiet", action="store_true", help="no progress")
     t.set_defaults(func=_input_errors(cmd_train))

@@ -4,12 +4,14 @@ Three detectors, each giving one verdict per drive (``host, disk_id, flagged,
 score``):
 
 ``model`` (default)
-    An ONNX fail-slow model (the packaged reference one unless ``--model``)
-    scores every (drive, window) row of :func:`ml.features.telemetry_features`;
-    a drive's score is the 90th percentile of its window scores (it must look
-    slow in at least a tenth of its windows: one bad window is noise, a fault
-    that starts late or comes in episodes still counts), flagged at the
-    model's threshold.
+    An ONNX fail-slow model (the packaged drive model,
+    :data:`ml.model.DRIVE_MODEL`, unless ``--model``) scores every (drive,
+    window) row of :func:`ml.features.telemetry_features` that has all its
+    features; a drive's score is a quantile of its window scores - the
+    model's ``ublkml.drive_quantile`` metadata, else the 90th percentile (it
+    must look slow in at least a tenth of its windows: one bad window is
+    noise, a fault that starts late or comes in episodes still counts) -
+    flagged at the model's threshold.
 ``peer2x``
     The 2x peer-median rule: a drive whose median latency over the whole
     period is at least twice the median of its host peers' medians.  Score:
@@ -25,13 +27,13 @@ score``):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
-from ml.features import missing_in_telemetry, select, telemetry_features
+from ml.features import Baseline, missing_in_telemetry, select, telemetry_features
 from ml.model import Model, ModelError
 from ml.telemetry import HostData
 
@@ -60,14 +62,33 @@ def drive_scores_from_windows(drive: npt.NDArray[np.int64], scores: npt.NDArray[
     return out
 
 
-def window_scores(host: HostData, model: Model,
-                  window_s: float = DEFAULT_WINDOW_S) -> tuple[npt.NDArray[np.int64],
-                                                               npt.NDArray[np.float32]]:
-    """(drive, score) for each window row of one host."""
-    tw = telemetry_features(host.ts, host.drive, host.latency, host.throughput, window_s)
-    if tw.x.shape[0] == 0:
-        return tw.drive, np.empty(0, dtype=np.float32)
-    return tw.drive, model.score(select(tw.x, model.features))
+def drive_quantile(model: Model) -> float:
+    """The quantile of its window scores that makes a drive's score, for ``model``."""
+    raw = dict(model.info.extra).get("ublkml.drive_quantile")
+    if raw is None:
+        return DRIVE_QUANTILE
+    try:
+        q = float(raw)
+    except ValueError:
+        q = math.nan
+    if not 0 <= q <= 1:
+        raise ModelError(f"{model.info.path}: ublkml.drive_quantile must be in [0, 1], "
+                         f"got {raw!r}")
+    return q
+
+
+def window_scores(host: HostData, model: Model, window_s: float = DEFAULT_WINDOW_S,
+                  baselines: Mapping[int, Baseline] | None = None
+                  ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+    """(drive, score) for each window row of one host that has all the model's
+    features (a drive without peers or baseline has no ``fit_*`` features)."""
+    tw = telemetry_features(host.ts, host.drive, host.latency, host.throughput, window_s,
+                            baselines=baselines)
+    x = select(tw.x, model.features)
+    ok = ~np.isnan(x).any(axis=1)
+    if not ok.any():
+        return tw.drive[ok], np.empty(0, dtype=np.float32)
+    return tw.drive[ok], model.score(x[ok])
 
 
 def detect_model(hosts: Iterable[HostData], model: Model, window_s: float = DEFAULT_WINDOW_S,
@@ -80,10 +101,11 @@ def detect_model(hosts: Iterable[HostData], model: Model, window_s: float = DEFA
         raise ModelError(f"{model.info.path}: needs {', '.join(missing)}, which drive "
                          "telemetry does not have")
     hosts = list(hosts)
+    q = drive_quantile(model)
     out = []
     for i, h in enumerate(hosts):
         drive, s = window_scores(h, model, window_s)
-        ds = drive_scores_from_windows(drive, s, len(h.disk_ids))
+        ds = drive_scores_from_windows(drive, s, len(h.disk_ids), q)
         out += [Verdict(h.host, d, bool(ds[j] >= model.threshold), float(ds[j]))
                 for j, d in enumerate(h.disk_ids)]
         if progress is not None:
@@ -161,9 +183,9 @@ def run(method: str, hosts: list[HostData], model: Model | None = None,
     """One detector over hosts read with :func:`ml.telemetry.read_tree`."""
     if method == "model":
         if model is None:
-            from ml.model import reference_model
+            from ml.model import drive_model
 
-            model = reference_model("fail_slow")
+            model = drive_model()
         return detect_model(hosts, model, window_s, progress)
     if method == "peer2x":
         return detect_peer2x(hosts)

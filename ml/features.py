@@ -25,6 +25,7 @@ IOPS, queue depth or errors); :func:`select` refuses a model that needs them.
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,19 +67,32 @@ FEATURES: dict[str, str] = {
     "smart_194_raw": "SMART 194: temperature, Celsius",
     "smart_197_raw": "SMART 197: current pending sectors",
     "smart_198_raw": "SMART 198: offline uncorrectable sectors",
+    # Latency against a latency-vs-throughput reference curve (see fit_curve):
+    # the peers' curve of the same window, or the drive's own healthy baseline.
+    "fit_lat_ratio_p10": "10th percentile, over the window's samples, of latency / the "
+                         "reference latency at the sample's throughput; reference: a robust "
+                         "curve fitted to the peers' samples of the window (the drive "
+                         "excluded), or the drive's own baseline (fit_baseline); NaN without "
+                         "either (telemetry only)",
+    "fit_lat_ratio_p50": "median of the same per-sample ratio, as fit_lat_ratio_p10",
+    "fit_lat_ratio_p90": "90th percentile of the same per-sample ratio, as fit_lat_ratio_p10",
 }
 FEATURE_NAMES: tuple[str, ...] = tuple(FEATURES)
 FEATURE_INDEX: dict[str, int] = {name: i for i, name in enumerate(FEATURE_NAMES)}
-#: features computed from I/O (records or telemetry) by this module
-IO_FEATURES: tuple[str, ...] = FEATURE_NAMES[:FEATURE_INDEX["samples"] + 1]
 #: features read from a drive's SMART attributes (ml.smart, Backblaze CSVs)
 SMART_FEATURES: tuple[str, ...] = tuple(n for n in FEATURE_NAMES if n.startswith("smart_"))
+#: features computed from I/O (records or telemetry) by this module
+IO_FEATURES: tuple[str, ...] = tuple(n for n in FEATURE_NAMES if n not in SMART_FEATURES)
+#: the latency-vs-throughput fit features (per-sample throughput needed)
+FIT_FEATURES: tuple[str, ...] = tuple(n for n in FEATURE_NAMES if n.startswith("fit_"))
 #: the I/O features drive telemetry cannot provide (NaN in telemetry_features)
 NOT_IN_TELEMETRY: frozenset[str] = frozenset({"iops", "queue_depth", "error_rate"})
+#: the I/O features completion-record summaries cannot provide (NaN in summary_features):
+#: a summary keeps no per-interval throughput to fit latency against
+NOT_IN_RECORDS: frozenset[str] = frozenset(FIT_FEATURES)
 #: ratios are clipped to this, so that an idle peer cannot make them infinite
 RATIO_CAP = 100.0
 
-_N_IO = len(IO_FEATURES)
 _QS = np.array([0.5, 0.9, 0.99])
 
 
@@ -349,12 +363,20 @@ def _grouped_quantiles(group: IntArray, values: FloatArray, n_groups: int,
 
 def telemetry_features(ts: FloatArray, drive: IntArray, latency: FloatArray,
                        throughput: FloatArray, window_s: float = 1800.0,
-                       min_samples: int = 3) -> TelemetryWindows:
+                       min_samples: int = 3,
+                       baselines: Mapping[int, Baseline] | None = None) -> TelemetryWindows:
     """Feature rows per (drive, window) for the drives of one host (peers).
 
     ``drive`` holds indices 0..D-1; windows are ``window_s`` long from the
-    host's first timestamp.  Rows with fewer than ``min_samples`` samples are
-    dropped; peer ratios only use windows the peer has too.
+    host's first timestamp.  Samples can come at any interval (15-s telemetry
+    rows, 1-s samples of a live drive).  Rows with fewer than ``min_samples``
+    samples are dropped; peer ratios only use windows the peer has too.
+
+    The ``fit_*`` features compare each sample's latency with a reference
+    latency at the sample's throughput: the curve of the drive's peers in the
+    same window, or, for a drive in ``baselines`` (drive index -> its own
+    :func:`fit_baseline`), that baseline - so a drive without peers is judged
+    against its own healthy past by the same model.  NaN with neither.
     """
     if window_s <= 0:
         raise FeatureError(f"window must be positive, got {window_s}")
@@ -386,12 +408,155 @@ def telemetry_features(ts: FloatArray, drive: IntArray, latency: FloatArray,
     x[~keep, :] = np.nan  # so that peers ignore thin windows
     x3 = x.reshape(n_drives, n_win, len(FEATURE_NAMES))
     _fill_peer_columns(x3)
+    _fill_fit_columns(x3, ts, drive.astype(np.int64), w, latency.astype(np.float64),
+                      throughput.astype(np.float64), keep, dict(baselines or {}))
     x = x3.reshape(n_groups, len(FEATURE_NAMES))
     idx = np.flatnonzero(keep)
     if idx.size == 0:
         return empty
     return TelemetryWindows(drive=(idx // n_win).astype(np.int64),
                             window=(idx % n_win).astype(np.int64), x=x[idx])
+
+
+# ---- latency against throughput ------------------------------------------------
+
+#: reference curves have at most this many throughput bins ...
+MAX_FIT_BINS = 8
+#: ... and at least this many samples (per drive) in a bin on average
+MIN_BIN_SAMPLES = 4
+_FIT_QS = np.array([0.1, 0.5, 0.9])
+_FIT_DST = [FEATURE_INDEX[n] for n in FIT_FEATURES]
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """A latency-vs-throughput curve: ``latency`` at ``throughput`` (both ascending in
+    throughput), linear in between, flat beyond the ends.  Units are those of the
+    samples it was fitted to; the ratios it gives are unit-free."""
+
+    throughput: FloatArray
+    latency: FloatArray
+
+    def __call__(self, throughput: FloatArray) -> FloatArray:
+        out: FloatArray = np.interp(throughput, self.throughput, self.latency)
+        return out
+
+
+def _n_bins(samples_per_drive: float, max_bins: int = MAX_FIT_BINS) -> int:
+    return int(np.clip(samples_per_drive // MIN_BIN_SAMPLES, 1, max_bins))
+
+
+def _bin_of(tput: FloatArray, n_bins: int) -> IntArray:
+    """Bins of equal counts by throughput (quantile edges: scale-free)."""
+    if n_bins <= 1:
+        return np.zeros(tput.size, dtype=np.int64)
+    edges = np.quantile(tput, np.linspace(0, 1, n_bins + 1)[1:-1])
+    b: IntArray = np.searchsorted(edges, tput, side="right").astype(np.int64)
+    return b
+
+
+def _curve(x: FloatArray, y: FloatArray) -> Baseline | None:
+    """The curve through (x, y) points of the bins that have both, sorted by x."""
+    ok = ~(np.isnan(x) | np.isnan(y))
+    if not ok.any():
+        return None
+    order = np.argsort(x[ok], kind="stable")
+    return Baseline(np.ascontiguousarray(x[ok][order]), np.ascontiguousarray(y[ok][order]))
+
+
+def fit_curve(throughput: FloatArray, latency: FloatArray,
+              max_bins: int = 2 * MAX_FIT_BINS) -> Baseline:
+    """A robust latency-vs-throughput curve of one set of samples: the samples in
+    up to ``max_bins`` bins of equal counts by throughput, each bin's median
+    throughput and median latency (medians: a burst of slow samples does not move
+    it), joined linearly."""
+    tput = np.asarray(throughput, dtype=np.float64)
+    lat = np.asarray(latency, dtype=np.float64)
+    ok = np.isfinite(tput) & np.isfinite(lat)
+    tput, lat = tput[ok], lat[ok]
+    if tput.size == 0:
+        raise FeatureError("a baseline needs at least one sample with a finite throughput "
+                           "and latency")
+    k = _n_bins(tput.size, max_bins)
+    b = _bin_of(tput, k)
+    q = _grouped_quantiles(b, tput, k, np.array([0.5]))[:, 0]
+    m = _grouped_quantiles(b, lat, k, np.array([0.5]))[:, 0]
+    curve = _curve(q, m)
+    assert curve is not None  # every sample is in some bin
+    return curve
+
+
+def fit_baseline(throughput: FloatArray, latency: FloatArray) -> Baseline:
+    """A drive's own latency-vs-throughput curve, learned from samples taken while it
+    was healthy (:func:`fit_curve`); :func:`telemetry_features` judges the drive
+    against it (``baselines=``) instead of against its peers."""
+    return fit_curve(throughput, latency)
+
+
+def _ratios(lat: FloatArray, ref: FloatArray) -> FloatArray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = lat / ref
+    r[(ref <= 0) & (lat <= 0)] = 1.0
+    r[(ref <= 0) & (lat > 0)] = RATIO_CAP
+    out: FloatArray = np.minimum(r, RATIO_CAP)
+    return out
+
+
+def _peer_curves(drive: IntArray, tput: FloatArray, lat: FloatArray,
+                 n_drives: int) -> list[Baseline | None]:
+    """For each drive of one window, the curve of its peers: bins by throughput
+    over all drives' samples; per drive and bin the median throughput and
+    latency; per bin the median of the *other* drives' medians (a peer with
+    many samples, or one slow peer, does not drag it)."""
+    counts = np.bincount(drive, minlength=n_drives)
+    present = counts[counts > 0]
+    k = _n_bins(float(np.median(present)) if present.size else 0.0)
+    b = _bin_of(tput, k)
+    g = drive * k + b
+    q = _grouped_quantiles(g, tput, n_drives * k, np.array([0.5]))[:, 0].reshape(n_drives, k)
+    m = _grouped_quantiles(g, lat, n_drives * k, np.array([0.5]))[:, 0].reshape(n_drives, k)
+    px, py = peer_median(q), peer_median(m)
+    return [_curve(px[d], py[d]) for d in range(n_drives)]
+
+
+def fit_ratio_quantiles(throughput: FloatArray, latency: FloatArray,
+                        curve: Baseline) -> FloatArray:
+    """[p10, p50, p90] of latency / curve(throughput) over some samples."""
+    r = _ratios(np.asarray(latency, np.float64), curve(np.asarray(throughput, np.float64)))
+    out: FloatArray = np.quantile(r, _FIT_QS) if r.size else np.full(3, np.nan)
+    return out
+
+
+def _fill_fit_columns(x3: FloatArray, ts: FloatArray, drive: IntArray, w: IntArray,
+                      latency: FloatArray, throughput: FloatArray, keep: npt.NDArray[np.bool_],
+                      baselines: dict[int, Baseline]) -> None:
+    """fit_* columns of x3 ([drives, windows, features]) for the kept windows: each
+    sample's ratio to its reference curve, then quantiles per (drive, window)."""
+    n_drives, n_win = x3.shape[:2]
+    usable = keep.reshape(n_drives, n_win)[drive, w]  # samples of kept (drive, window)s
+    ratio = np.full(ts.size, np.nan)
+    order = np.argsort(w, kind="stable")
+    bounds = np.searchsorted(w[order], np.arange(n_win + 1))
+    for win in range(n_win):
+        idx = order[bounds[win]:bounds[win + 1]]
+        idx = idx[usable[idx]]
+        if idx.size == 0:
+            continue
+        d, t, y = drive[idx], throughput[idx], latency[idx]
+        present = np.unique(d).tolist()
+        curves = (_peer_curves(d, t, y, n_drives) if any(dd not in baselines for dd in present)
+                  else [])
+        for dd in present:
+            c = baselines.get(dd) or (curves[dd] if curves else None)
+            if c is not None:
+                mine = d == dd
+                ratio[idx[mine]] = _ratios(y[mine], c(t[mine]))
+    ok = ~np.isnan(ratio)
+    if not ok.any():
+        return
+    g = drive[ok] * n_win + w[ok]
+    q = _grouped_quantiles(g, ratio[ok], n_drives * n_win, _FIT_QS)
+    x3[:, :, _FIT_DST] = q.reshape(n_drives, n_win, _FIT_QS.size)
 
 
 # ---- model input ------------------------------------------------------------

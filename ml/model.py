@@ -54,6 +54,10 @@ MODELS_DIR = os.path.join(os.path.dirname(__file__), "models")
 #: the models shipped in the package, by kind (made by ``python -m ml.train reference``)
 REFERENCE_MODELS = {"fail_slow": os.path.join(MODELS_DIR, "fail_slow.onnx"),
                     "failure": os.path.join(MODELS_DIR, "failure.onnx")}
+#: the packaged drive model: fail_slow, trained on real fleet telemetry (docs/models.md,
+#: "Fail-slow detection over telemetry"); judges a drive against its peers' or its own
+#: latency-vs-throughput curve (ml.features ``fit_*``)
+DRIVE_MODEL = os.path.join(MODELS_DIR, "drive_fail_slow.onnx")
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
 
 
@@ -75,6 +79,8 @@ class ModelInfo:
     input_name: str
     score_output: str
     score_column: int  # -1: the output is [N] or [N, 1]
+    #: metadata_props beyond the contract's keys (e.g. ``ublkml.drive_quantile``)
+    extra: tuple[tuple[str, str], ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         return {"path": self.path, "kind": self.kind, "features": list(self.features),
@@ -315,7 +321,9 @@ def _bind_contract(sess: Any, data: bytes, where: str, expect_kind: str | None) 
                          f"(probability of class 1 in column 1), has {odims}")
     info = ModelInfo(path=where, kind=kind, features=names, output=output, threshold=threshold,
                      version=version, sha256=hashlib.sha256(data).hexdigest(),
-                     input_name=inp.name, score_output=out.name, score_column=column)
+                     input_name=inp.name, score_output=out.name, score_column=column,
+                     extra=tuple(sorted((k, v) for k, v in meta.items()
+                                        if k not in META_KEYS)))
     model = Model(info, sess)
     # A trial run catches what static shapes do not say (e.g. a fixed batch size
     # inside the graph, or raw scores instead of probabilities).
@@ -344,6 +352,12 @@ def load_model(path: str | os.PathLike[str], expect_kind: str | None = None) -> 
         raise ModelError(f"{where}: larger than the {MAX_MODEL_BYTES >> 20} MiB a scoring "
                          "model may have")
     return load_model_bytes(data, where, expect_kind)
+
+
+def drive_model() -> Model:
+    """The packaged drive model (:data:`DRIVE_MODEL`): what ``ublkml ml detect`` uses
+    on drive telemetry by default."""
+    return load_model(DRIVE_MODEL, expect_kind="fail_slow")
 
 
 def reference_model(kind: str = "fail_slow") -> Model:

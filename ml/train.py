@@ -24,6 +24,7 @@ data (:mod:`ml.synth`, preset ``train``, seed 1) and evaluates them on the
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import tempfile
@@ -36,14 +37,23 @@ import numpy as np
 import numpy.typing as npt
 
 from ml import detect, synth
-from ml.features import SMART_FEATURES, select, telemetry_features
+from ml.features import SMART_FEATURES, fit_baseline, select, telemetry_features
 from ml.model import MODELS_DIR, ModelError, load_model_bytes
 from ml.smart import SmartHistory, failure_labels, read_backblaze
-from ml.telemetry import HostData, read_labels, read_tree, tree_window
+from ml.telemetry import (
+    HostData,
+    dropped_rows,
+    find_labels,
+    read_labels,
+    read_tree,
+    tree_window,
+)
 
 FAIL_SLOW_FEATURES = ("peer_lat_ratio", "peer_p90_ratio", "peer_p99_ratio", "peer_tput_ratio")
 FAILURE_FEATURES = SMART_FEATURES
 HORIZON_DAYS = 7
+#: what ``ublkml ml train`` can train
+TRAINABLE = ("reference", "fail-slow", "drive-fail-slow", "failure")
 REFERENCE_SEED = 1
 HELDOUT_SEED = 2
 
@@ -90,7 +100,7 @@ def _fit(seed: int, x: npt.NDArray[np.float32], y: npt.NDArray[np.int64]) -> Any
 
 
 def export_onnx(clf: Any, features: Sequence[str], kind: str, output: str, threshold: float,
-                version: str, doc: str = "") -> bytes:
+                version: str, doc: str = "", extra: dict[str, str] | None = None) -> bytes:
     """A fitted binary classifier as ONNX bytes with the ublkml metadata."""
     _sklearn()
     from skl2onnx import to_onnx
@@ -101,7 +111,14 @@ def export_onnx(clf: Any, features: Sequence[str], kind: str, output: str, thres
                     target_opset={"": 17, "ai.onnx.ml": 3})
     meta = {"ublkml.kind": kind, "ublkml.features": ",".join(features),
             "ublkml.output": output, "ublkml.threshold": f"{threshold:.6g}",
-            "ublkml.version": version}
+            "ublkml.version": version, **(extra or {})}
+    # skl2onnx lists the opsets in set order, which varies between processes: fix it
+    # (ai.onnx.ml first, as in the packaged files) so that a seed gives the same bytes.
+    opsets = sorted(((o.domain, o.version) for o in proto.opset_import), reverse=True)
+    del proto.opset_import[:]
+    for domain, op_version in opsets:
+        entry = proto.opset_import.add()
+        entry.domain, entry.version = domain, op_version
     del proto.metadata_props[:]
     for k, v in meta.items():
         entry = proto.metadata_props.add()
@@ -225,6 +242,312 @@ def train_fail_slow(hosts: list[HostData], labels: set[tuple[str, str]], seed: i
                            "slow_drives": len(ts.labels), "window_s": ts.window_s}
                           for ts in sets]
     return data, report
+
+
+# ---- the drive model: real fleet telemetry, folds by host ------------------------
+
+#: what the drive model reads: each window's latency against its peers' (or its own
+#: baseline's) latency-vs-throughput curve, median and both tails
+DRIVE_FEATURES = ("fit_lat_ratio_p10", "fit_lat_ratio_p50", "fit_lat_ratio_p90")
+#: a drive's score is the median of its window scores: a real fleet's healthy drives
+#: have bad hours (a tenth of a noisy drive's windows can look slow), slow drives are
+#: slow for days
+DRIVE_MODEL_QUANTILE = 0.5
+DRIVE_SEED = 1
+DRIVE_FOLDS = 5
+#: slowdowns injected into the healthy drives (after their first day) to see what the
+#: self-baseline catches: the mild end and the middle of the fleet's slow drives
+SELF_BASELINE_INJECT = (1.2, 1.5)
+
+
+def cluster_of(host: str) -> str:
+    """The group of a host: the first part of its path (``cluster_A/host_1``), else ''."""
+    return host.split("/", 1)[0] if "/" in host else ""
+
+
+@dataclass
+class DriveRows:
+    """Window rows of a labelled tree for the drive model; drives numbered globally."""
+
+    x: npt.NDArray[np.float32]
+    drive: npt.NDArray[np.int64]           # row -> drive
+    host_of: npt.NDArray[np.int64]         # drive -> host index
+    truth: npt.NDArray[np.bool_]           # drive -> labelled slow
+    names: list[tuple[str, str]]           # drive -> (host, disk_id)
+    hosts: list[str]
+
+
+def drive_rows(hosts: Sequence[HostData], labels: set[tuple[str, str]],
+               window_s: float = detect.DEFAULT_WINDOW_S,
+               baselines_from_first_day: bool = False, inject: float = 1.0,
+               progress: Callable[[int, int], None] | None = None) -> DriveRows:
+    """The drive model's rows.  With ``baselines_from_first_day`` every drive is
+    judged against its own baseline (:func:`ml.features.fit_baseline`) fitted
+    to its first 24 h, on the samples after them (peers unused); ``inject``
+    then multiplies the later latencies of the unlabelled drives (a slowdown
+    injected into real healthy drives)."""
+    xs, ds, host_of, truth, names = [], [], [], [], []
+    base = 0
+    for i, h in enumerate(hosts):
+        ts, drive, lat, tput = h.ts, h.drive, h.latency, h.throughput
+        baselines = None
+        if baselines_from_first_day:
+            first = ts < ts.min() + 86400
+            baselines = {d: fit_baseline(tput[first & (drive == d)], lat[first & (drive == d)])
+                         for d in np.unique(drive[first]).tolist()}
+            ts, drive, lat, tput = ts[~first], drive[~first], lat[~first], tput[~first]
+            if inject != 1.0:
+                healthy = np.array([(h.host, d) not in labels for d in h.disk_ids])
+                lat = np.where(healthy[drive], lat * inject, lat)
+        n = len(h.disk_ids)
+        if ts.size:
+            tw = telemetry_features(ts, drive, lat, tput, window_s, baselines=baselines)
+            x = select(tw.x, DRIVE_FEATURES)
+            ok = ~np.isnan(x).any(axis=1)
+            xs.append(x[ok])
+            ds.append(tw.drive[ok] + base)
+        host_of += [i] * n
+        truth += [(h.host, d) in labels for d in h.disk_ids]
+        names += [(h.host, d) for d in h.disk_ids]
+        base += n
+        if progress is not None:
+            progress(i + 1, len(hosts))
+    return DriveRows(np.concatenate(xs) if xs else np.empty((0, len(DRIVE_FEATURES)),
+                                                            np.float32),
+                     np.concatenate(ds) if ds else np.empty(0, np.int64),
+                     np.array(host_of, dtype=np.int64), np.array(truth, dtype=np.bool_),
+                     names, [h.host for h in hosts])
+
+
+def host_folds(hosts: Sequence[str], slow_hosts: set[str], k: int, seed: int
+               ) -> npt.NDArray[np.int64]:
+    """Fold of each host: hosts never split.  Hosts with a slow drive first, then the
+    others, each cluster's hosts in a seeded shuffle, dealt round-robin: every fold
+    gets slow drives (when there are ``k`` such hosts) and each cluster's share."""
+    rng = np.random.default_rng(seed)
+    fold = np.zeros(len(hosts), dtype=np.int64)
+    dealt = 0
+    strata: dict[tuple[str, bool], list[int]] = {}
+    for i, h in enumerate(hosts):
+        strata.setdefault((cluster_of(h), h in slow_hosts), []).append(i)
+    for key in sorted(strata, key=lambda s: (not s[1], s[0])):
+        members = strata[key]
+        for j in rng.permutation(len(members)):
+            fold[members[j]] = dealt % k
+            dealt += 1
+    return fold
+
+
+def midpoint_threshold(scores: npt.NDArray[np.float64],
+                       truth: npt.NDArray[np.bool_]) -> tuple[float, float]:
+    """(threshold, MCC): the best-MCC cut of ``scores``, placed halfway between the
+    lowest flagged score and the highest score below it (not on a drive's score,
+    where the next fleet's drive would fall on either side by chance)."""
+    values = np.unique(scores)
+    best_t, best = float(values[-1]) if values.size else 0.5, -1.0
+    for t in values:
+        f = scores >= t
+        tp, fp = float(np.sum(f & truth)), float(np.sum(f & ~truth))
+        fn, tn = float(np.sum(~f & truth)), float(np.sum(~f & ~truth))
+        den = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+        mcc = (tp * tn - fp * fn) / den if den else 0.0
+        if mcc > best:
+            best_t, best = float(t), mcc
+    below = values[values < best_t]
+    t = (best_t + float(below[-1])) / 2 if below.size else best_t
+    return float(min(max(t, 1e-6), 1.0)), best
+
+
+def _drive_scores(clf: Any, rows: DriveRows, drives: npt.NDArray[np.bool_]
+                  ) -> npt.NDArray[np.float64]:
+    """Scores of the chosen drives (0 for a drive without windows), others NaN."""
+    out = np.full(rows.truth.size, np.nan)
+    out[drives] = 0.0
+    sel = drives[rows.drive]
+    if sel.any():
+        p = clf.predict_proba(rows.x[sel])[:, 1].astype(np.float32)
+        ds = detect.drive_scores_from_windows(rows.drive[sel], p, rows.truth.size,
+                                              DRIVE_MODEL_QUANTILE)
+        have = np.zeros(rows.truth.size, dtype=np.bool_)
+        have[rows.drive[sel]] = True
+        out[drives & have] = ds[drives & have]
+    return out
+
+
+def _oof(rows: DriveRows, fold_of_drive: npt.NDArray[np.int64], seed: int,
+         train_drives: npt.NDArray[np.bool_]) -> npt.NDArray[np.float64]:
+    """Out-of-fold drive scores over ``train_drives`` (NaN elsewhere)."""
+    out = np.full(rows.truth.size, np.nan)
+    for k in np.unique(fold_of_drive[train_drives]):
+        test = train_drives & (fold_of_drive == k)
+        fit_on = (train_drives & ~test)[rows.drive]
+        if not fit_on.any() or rows.truth[train_drives & ~test].all() \
+                or not rows.truth[train_drives & ~test].any():
+            raise TrainError("a training fold has no slow (or no healthy) drive: use fewer "
+                             "folds")
+        clf = _fit(seed, rows.x[fit_on], rows.truth[rows.drive[fit_on]].astype(np.int64))
+        s = _drive_scores(clf, rows, test)
+        out[test] = s[test]
+    return out
+
+
+def _evaluate_split(rows: DriveRows, outer: npt.NDArray[np.int64], inner_k: int, seed: int,
+                    slow_hosts: set[str], extra: Sequence[DriveRows] = ()
+                    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.bool_],
+                               list[npt.NDArray[np.bool_]]]:
+    """Nested evaluation for an outer split of the drives (``outer``: drive -> group).
+    Per outer group: the threshold from out-of-fold scores of the training hosts
+    (``inner_k`` folds by host), the model from all training hosts; returns the
+    held-out scores, flags, and the flags of each ``extra`` row set (the same
+    drives judged otherwise, e.g. against their own baseline)."""
+    scores = np.full(rows.truth.size, np.nan)
+    flags = np.zeros(rows.truth.size, dtype=np.bool_)
+    extra_flags = [np.zeros(rows.truth.size, dtype=np.bool_) for _ in extra]
+    for g in np.unique(outer):
+        test = outer == g
+        train_hosts = sorted({int(h) for h in rows.host_of[~test]})
+        inner_host = host_folds([rows.hosts[h] for h in train_hosts], slow_hosts, inner_k, seed)
+        fold_of_host = np.full(len(rows.hosts), -1, dtype=np.int64)
+        fold_of_host[train_hosts] = inner_host
+        inner = _oof(rows, fold_of_host[rows.host_of], seed, ~test)
+        threshold, _ = midpoint_threshold(inner[~test], rows.truth[~test])
+        fit_on = (~test)[rows.drive]
+        clf = _fit(seed, rows.x[fit_on], rows.truth[rows.drive[fit_on]].astype(np.int64))
+        s = _drive_scores(clf, rows, test)
+        scores[test] = s[test]
+        flags[test] = s[test] >= threshold
+        for e, ef in zip(extra, extra_flags, strict=True):
+            es = _drive_scores(clf, e, test)
+            ef[test] = es[test] >= threshold
+    return scores, flags, extra_flags
+
+
+def _table(names: list[tuple[str, str]], labels: set[tuple[str, str]],
+           flags: dict[str, npt.NDArray[np.bool_]]) -> dict[str, dict[str, dict[str, float]]]:
+    """method -> cluster ('all' first) -> metrics."""
+    clusters = ["all", *sorted({cluster_of(h) for h, _ in names})]
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for method, f in flags.items():
+        out[method] = {}
+        for c in clusters:
+            v = [detect.Verdict(h, d, bool(f[i]), 0.0) for i, (h, d) in enumerate(names)
+                 if c == "all" or cluster_of(h) == c]
+            out[method][c] = detect.metrics(v, labels)
+    return out
+
+
+def train_drive_model(hosts: list[HostData], labels: set[tuple[str, str]], seed: int = DRIVE_SEED,
+                      window_s: float = detect.DEFAULT_WINDOW_S, folds: int = DRIVE_FOLDS,
+                      loco: bool = False, self_baseline: bool = False, version: str = "1",
+                      quiet: bool = True) -> tuple[bytes, dict[str, Any]]:
+    """(ONNX bytes, report) of the drive model, with its cross-validated evaluation.
+
+    Evaluation of record: ``folds`` folds by host (stratified: every fold has slow
+    drives), nested - each outer fold's threshold comes from out-of-fold scores of
+    its training hosts only; both baselines on the same drives, per cluster.
+    ``loco``: also leave one cluster out (the first part of the host path).
+    ``self_baseline``: also judge every held-out drive against its own first day
+    instead of its peers, with the same outer models and thresholds.
+    The shipped threshold is the midpoint threshold of the (non-nested) out-of-fold
+    scores over all hosts; the shipped model is fitted on all hosts.
+    """
+    say = _say(quiet)
+    if folds < 2:
+        raise TrainError(f"--cv needs at least 2 folds, got {folds}")
+    say(f"features of {len(hosts)} hosts ({window_s:g}-s windows)")
+    rows = drive_rows(hosts, labels, window_s)
+    if not rows.truth.any() or rows.truth.all():
+        raise TrainError("the labels must name some, but not all, drives of the telemetry")
+    unknown = labels - set(rows.names)
+    if unknown:
+        say(f"warning: {len(unknown)} labelled drives are not in the telemetry")
+    slow_hosts = {h for (h, _), t in zip(rows.names, rows.truth, strict=True) if t}
+    fold_of_host = host_folds(rows.hosts, slow_hosts, folds, seed)
+    say(f"{folds}-fold cross-validation by host (nested threshold)")
+    extra = []
+    if self_baseline:
+        say("self-baseline rows (first 24 h of each drive; also with "
+            + ", ".join(f"{f:g}x" for f in SELF_BASELINE_INJECT) + " injected)")
+        extra = [drive_rows(hosts, labels, window_s, baselines_from_first_day=True,
+                            inject=f) for f in (1.0, *SELF_BASELINE_INJECT)]
+    scores, flags, extra_flags = _evaluate_split(rows, fold_of_host[rows.host_of],
+                                                 max(folds - 1, 2), seed, slow_hosts, extra)
+    base = {m: np.array([v.flagged for v in detect.run(m, hosts)]) for m in ("peer2x",
+                                                                              "perseus")}
+    table = {"model": flags, **base}
+    report: dict[str, Any] = {
+        "kind": "fail_slow", "model": "drive", "features": list(DRIVE_FEATURES),
+        "window_s": window_s, "drive_quantile": DRIVE_MODEL_QUANTILE, "seed": seed,
+        "hosts": len(hosts), "drives": int(rows.truth.size),
+        "slow_drives": int(rows.truth.sum()), "windows": int(rows.drive.size),
+        "cv": {"folds": folds, "grouping": "host", "threshold": "nested",
+               "metrics": _table(rows.names, labels, table),
+               "slow_drive_scores": {f"{h}:{d}": round(float(scores[i]), 4)
+                                     for i, (h, d) in enumerate(rows.names) if rows.truth[i]},
+               "max_healthy_score": round(float(np.nanmax(scores[~rows.truth])), 4)}}
+    if self_baseline:
+        healthy = ~rows.truth
+        report["self_baseline"] = {
+            "baseline": "each drive's first 24 h; judged on the rest, peers unused",
+            "metrics": _table(rows.names, labels, {"model": extra_flags[0]})["model"],
+            "injected": {f"{f:g}": {"healthy_drives": int(healthy.sum()),
+                                    "flagged": int(np.sum(fl & healthy))}
+                         for f, fl in zip(SELF_BASELINE_INJECT, extra_flags[1:],
+                                          strict=True)}}
+    if loco:
+        clusters = sorted({cluster_of(h) for h in rows.hosts})
+        if len(clusters) < 2:
+            raise TrainError("--loco needs hosts in at least two clusters "
+                             "(DIR/<cluster>/<host>/)")
+        say(f"leave one cluster out ({', '.join(clusters)})")
+        group = np.array([clusters.index(cluster_of(rows.hosts[h])) for h in rows.host_of])
+        _, lflags, _ = _evaluate_split(rows, group, folds, seed, slow_hosts)
+        report["leave_one_cluster_out"] = _table(rows.names, labels,
+                                                 {"model": lflags, **base})
+    say("threshold from out-of-fold scores; final model on all hosts")
+    oof = _oof(rows, fold_of_host[rows.host_of], seed, np.ones(rows.truth.size, np.bool_))
+    threshold, oof_mcc = midpoint_threshold(oof, rows.truth)
+    clf = _fit(seed, rows.x, rows.truth[rows.drive].astype(np.int64))
+    data = export_onnx(
+        clf, DRIVE_FEATURES, "fail_slow",
+        "probability that the drive's window looks like that of a fail-slow drive, from its "
+        "latency against its peers' (or its own baseline's) latency-vs-throughput curve "
+        "(class 1 of a gradient-boosted classifier); a drive's score is the "
+        f"{DRIVE_MODEL_QUANTILE:g} quantile of its window scores", threshold, version,
+        doc=f"ublkml drive fail-slow model, seed {seed}, window {window_s:g} s, "
+            f"{len(hosts)} hosts", extra={"ublkml.drive_quantile": f"{DRIVE_MODEL_QUANTILE:g}"})
+    report.update({"threshold": threshold, "oof_drive_mcc": oof_mcc, "bytes": len(data),
+                   "sha256": hashlib.sha256(data).hexdigest()})
+    return data, report
+
+
+def format_drive_report(rep: dict[str, Any]) -> str:
+    """The cross-validation tables of :func:`train_drive_model`, as text."""
+    lines = [f"drive model: {rep['hosts']} hosts, {rep['drives']} drives, {rep['slow_drives']} "
+             f"slow, {rep['windows']} windows of {rep['window_s']:g} s; threshold "
+             f"{rep['threshold']:.4g} (out-of-fold MCC {rep['oof_drive_mcc']:.3f}), "
+             f"{rep['bytes']} bytes, sha256 {rep['sha256']}"]
+
+    def table(title: str, t: dict[str, dict[str, dict[str, float]]]) -> None:
+        lines.append(title)
+        lines.append(f"  {'method':<8} {'cluster':<10} {'MCC':>6} {'precision':>9} "
+                     f"{'recall':>6}   tp/fp/fn/tn")
+        for method, per in t.items():
+            for c, m in per.items():
+                lines.append(f"  {method:<8} {c:<10} {m['mcc']:6.3f} {m['precision']:9.3f} "
+                             f"{m['recall']:6.3f}   {m['tp']}/{m['fp']}/{m['fn']}/{m['tn']}")
+
+    table(f"{rep['cv']['folds']}-fold cross-validation by host (nested threshold):",
+          rep["cv"]["metrics"])
+    if "leave_one_cluster_out" in rep:
+        table("leave one cluster out:", rep["leave_one_cluster_out"])
+    if "self_baseline" in rep:
+        table("self-baseline (first 24 h), same folds:", {"model": rep["self_baseline"]
+                                                          ["metrics"]})
+        for f, r in rep["self_baseline"]["injected"].items():
+            lines.append(f"  healthy drives slowed {f}x after their first day: "
+                         f"{r['flagged']} of {r['healthy_drives']} flagged")
+    return "\n".join(lines)
 
 
 # ---- failure -------------------------------------------------------------------
@@ -461,7 +784,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 class TrainRequest:
     """``ublkml ml train``: what to train, from where, into which file."""
 
-    what: str                      # reference | fail-slow | failure
+    what: str                      # one of TRAINABLE
     data_dir: str | None = None    # training data (not for reference)
     out: str | None = None         # the model file (reference: a directory)
     labels: str | None = None      # fail-slow: default DIR/labels.csv
@@ -472,9 +795,12 @@ class TrainRequest:
     version: str = "1"
     evaluate: bool = True          # reference: the held-out evaluation
     quiet: bool = False
+    cv: int = DRIVE_FOLDS          # drive-fail-slow: folds by host
+    loco: bool = False             # drive-fail-slow: also leave one cluster out
+    self_baseline: bool = False    # drive-fail-slow: also judge drives by their first day
 
     def validate(self) -> None:
-        if self.what not in ("reference", "fail-slow", "failure"):
+        if self.what not in TRAINABLE:
             raise TrainError(f"unknown model to train: {self.what!r}")
         if self.what != "reference" and not self.data_dir:
             raise TrainError(f"train {self.what} needs DIR")
@@ -482,6 +808,8 @@ class TrainRequest:
             raise TrainError(f"train {self.what} needs --out FILE")
         if self.add and self.what != "fail-slow":
             raise TrainError("--add is for train fail-slow")
+        if (self.loco or self.self_baseline) and self.what != "drive-fail-slow":
+            raise TrainError("--loco and --self-baseline are for train drive-fail-slow")
 
 
 def train(req: TrainRequest) -> dict[str, Any]:
@@ -491,11 +819,24 @@ def train(req: TrainRequest) -> dict[str, Any]:
     if req.what == "reference":
         return reference(req.out or MODELS_DIR, quiet=req.quiet, evaluate=req.evaluate)
     assert req.data_dir is not None and req.out is not None
-    if req.what == "fail-slow":
-        def progress(i: int, n: int) -> None:
-            if i == n or i % 10 == 0:
-                say(f"read {i}/{n} hosts")
+    def progress(i: int, n: int) -> None:
+        if i == n or i % 10 == 0:
+            say(f"read {i}/{n} hosts")
 
+    if req.what == "drive-fail-slow":
+        hosts = read_tree(req.data_dir, progress=progress)
+        labels = req.labels or find_labels(req.data_dir)
+        if labels is None:
+            raise TrainError(f"{req.data_dir}: no labels.csv or slow_drive_info.csv; give "
+                             "--labels CSV")
+        data, report = train_drive_model(
+            hosts, read_labels(labels), seed=req.seed,
+            window_s=req.window_s or tree_window(req.data_dir) or detect.DEFAULT_WINDOW_S,
+            folds=req.cv, loco=req.loco, self_baseline=req.self_baseline,
+            version=req.version, quiet=req.quiet)
+        report["na"] = {k: v for k, v in dropped_rows(hosts).items()
+                        if k != "files_with_dropped"}
+    elif req.what == "fail-slow":
         main_set = load_training_set(req.data_dir, req.labels, req.window_s, progress)
         extra = [load_training_set(d, progress=progress) for d in req.add]
         data, report = train_fail_slow(main_set.hosts, main_set.labels, seed=req.seed,

@@ -13,12 +13,14 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ml import detect, synth
-from ml.model import MODELS_DIR, reference_model
+from ml.features import fit_baseline
+from ml.model import DRIVE_MODEL, MODELS_DIR, drive_model, reference_model
 from ml.telemetry import HostData, read_labels, read_tree, tree_window
-from ml.train import HELDOUT_SEED
+from ml.train import DRIVE_FEATURES, HELDOUT_SEED
 from tests.ml.helpers import ml_main
 
 
@@ -99,9 +101,11 @@ def test_model_beats_both_baselines_on_the_recorded_heldout_set(recorded_heldout
 
 def test_cli_detect_reads_the_recordings_window(recorded_heldout: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """The per-path model (ml/models/fail_slow.onnx, the in-server scorer's) on the
+    recording, with the recording's 30-s window."""
     root = str(recorded_heldout)
     assert ml_main(["detect", root, "--labels", os.path.join(root, "labels.csv"),
-                    "--json"]) == 0
+                    "--model", os.path.join(MODELS_DIR, "fail_slow.onnx"), "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     hosts = read_tree(root)
     labels = read_labels(os.path.join(root, "labels.csv"))
@@ -109,4 +113,90 @@ def test_cli_detect_reads_the_recordings_window(recorded_heldout: Path,
               for w in (30.0, detect.DEFAULT_WINDOW_S)}
     assert scores[30.0] != scores[detect.DEFAULT_WINDOW_S]
     assert [v["score"] for v in res["verdicts"]] == pytest.approx(scores[30.0])
-    assert res["metrics"] == detect.metrics(detect.run("model", hosts, None, 30.0), labels)
+    assert res["metrics"] == detect.metrics(detect.run("model", hosts, reference_model(),
+                                                       30.0), labels)
+
+
+# ---- the packaged drive model on real fleet telemetry ---------------------------------
+
+SUBSET = Path(__file__).parent / "data" / "perseus-subset"
+
+
+def test_packaged_drive_model_on_the_real_subset() -> None:
+    """Two real host-days (tests/ml/data/perseus-subset): the packaged drive model
+    flags both labelled slow drives of cluster_C/host_21 - disk2 is mild, about
+    1.27x its peers' latency - and none of the 22 healthy drives.  (Both hosts
+    were among the 95 it was trained on: this checks the packaged pipeline end to
+    end; docs/models.md has the cross-validated figures.)"""
+    hosts = read_tree(str(SUBSET))
+    labels = read_labels(str(SUBSET / "slow_drive_info.csv"))
+    model = drive_model()
+    assert Path(model.info.path) == Path(DRIVE_MODEL) and model.features == DRIVE_FEATURES
+    verdicts = detect.run("model", hosts)                 # the default model
+    assert {(v.host, v.disk_id) for v in verdicts if v.flagged} == labels
+    assert len(verdicts) == 24
+    healthy = max(v.score for v in verdicts if (v.host, v.disk_id) not in labels)
+    slow = min(v.score for v in verdicts if (v.host, v.disk_id) in labels)
+    assert healthy < model.threshold <= slow
+    # the 2x rule misses the mild drive
+    p2 = {(v.host, v.disk_id) for v in detect.run("peer2x", hosts) if v.flagged}
+    assert ("cluster_C/host_21", "disk2") not in p2
+
+
+def test_cli_detect_on_the_real_subset(capsys: pytest.CaptureFixture[str]) -> None:
+    assert ml_main(["detect", str(SUBSET), "--labels", str(SUBSET / "slow_drive_info.csv"),
+                    "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["method"] == "model" and res["drives"] == 24 and res["flagged"] == 2
+    m = res["metrics"]
+    assert (m["tp"], m["fp"], m["fn"], m["tn"]) == (2, 0, 0, 22) and m["mcc"] == 1.0
+    na = res["na"]
+    assert na["rows"] == 17292 and na["dropped"] == 20 and na["files"] == 2
+    assert sorted(Path(p).parent.name for p in na["files_with_dropped"]) == ["host_1",
+                                                                            "host_21"]
+    assert ml_main(["detect", str(SUBSET), "-q"]) == 0
+    cap = capsys.readouterr()
+    assert "rows: 17292 read, 20 dropped for NA or empty values" in cap.err
+    assert cap.out.splitlines()[0] == "host,disk_id,flagged,score"
+    assert "cluster_C/host_21,disk2,1," in cap.out
+
+
+def test_a_lone_drive_is_judged_against_its_own_baseline() -> None:
+    """The drive model scores a drive without peers through its own baseline:
+    the real disk2 of the subset (mild) against a baseline fitted to a healthy
+    peer's samples, and that healthy peer against its own first half."""
+    (host,) = [h for h in read_tree(str(SUBSET)) if h.host == "cluster_C/host_21"]
+    model = drive_model()
+    idx = {d: i for i, d in enumerate(host.disk_ids)}
+
+    def lone(disk: str, base_disk: str, half: bool) -> float:
+        mine = host.drive == idx[disk]
+        ref = host.drive == idx[base_disk]
+        cut = np.median(host.ts)
+        if half:
+            ref &= host.ts < cut
+            mine &= host.ts >= cut
+        base = fit_baseline(host.throughput[ref], host.latency[ref])
+        h = HostData("lone", (disk,), host.ts[mine], np.zeros(int(mine.sum()), np.int64),
+                     host.throughput[mine], host.latency[mine])
+        drive, s = detect.window_scores(h, model, baselines={0: base})
+        assert drive.size and s.size == drive.size
+        return float(np.quantile(s, detect.drive_quantile(model)))
+
+    assert lone("disk2", "disk5", half=False) >= model.threshold
+    assert lone("disk5", "disk5", half=True) < model.threshold
+
+
+def test_drive_quantile_comes_from_the_model() -> None:
+    """A hand-made model (tests.ml.helpers) with and without ublkml.drive_quantile."""
+    from ml.model import ModelError, load_model_bytes
+    from tests.ml.helpers import GOOD_META, sigmoid_model
+
+    assert detect.drive_quantile(load_model_bytes(sigmoid_model())) == detect.DRIVE_QUANTILE
+    m = load_model_bytes(sigmoid_model({**GOOD_META, "ublkml.drive_quantile": "0.25"}))
+    assert detect.drive_quantile(m) == 0.25
+    assert detect.drive_quantile(drive_model()) == 0.5
+    for bad in ("2", "x", "nan"):
+        m = load_model_bytes(sigmoid_model({**GOOD_META, "ublkml.drive_quantile": bad}))
+        with pytest.raises(ModelError, match="drive_quantile must be in"):
+            detect.drive_quantile(m)

@@ -134,3 +134,95 @@ def test_select_orders_columns_and_refuses_unknown() -> None:
     assert list(out[0]) == [F.FEATURE_INDEX["peer_tput_ratio"], 0]
     with pytest.raises(F.FeatureError, match="nope"):
         F.select(x, ["nope"])
+
+
+# ---- latency against throughput: the fit_* features ----------------------------------
+
+
+def _host(rng: np.random.Generator, n_drives: int, n: int, slope: float, icept: float,
+          slow: dict[int, float], t_scale: float = 1.0) -> tuple[np.ndarray, ...]:
+    """Samples of one host whose drives all follow latency = icept + slope * tput
+    (noise-free), drive d slowed by slow[d]; 15-s rows."""
+    ts = np.repeat(np.arange(n) * 15.0, n_drives)
+    d = np.tile(np.arange(n_drives), n)
+    tput = rng.uniform(1, 100, ts.size) * t_scale
+    lat = (icept + slope * tput / t_scale) * np.array([slow.get(int(i), 1.0) for i in d])
+    return ts, d, lat, tput
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 12), st.floats(0.5, 5), st.floats(0.01, 10), st.floats(1, 1000),
+       st.integers(0, 2**32 - 1), st.sampled_from([1e-3, 1.0, 1e6]))
+def test_fit_ratio_is_the_slowdown_against_peers(n_drives: int, k: float, slope: float,
+                                                 icept: float, seed: int,
+                                                 t_scale: float) -> None:
+    """A drive k times slower than its peers at the same throughput has fit ratios of
+    k in every window, whatever the throughput unit; its peers (the drive itself
+    excluded from each one's reference) have 1 - with 4 or more drives, where every
+    healthy drive has at least two healthy peers, so the slow one is not their median
+    (with 3, a healthy drive's two peers' median is the mean of the slow and the
+    healthy curve)."""
+    rng = np.random.default_rng(seed)
+    ts, d, lat, tput = _host(rng, n_drives, 240, slope, icept, {0: k}, t_scale)
+    tw = F.telemetry_features(ts, d, lat, tput, window_s=1800)
+    fit = tw.x[:, [F.FEATURE_INDEX[n] for n in F.FIT_FEATURES]]
+    # the peers' curve is exact inside their throughput range, flat beyond it
+    inside = tw.drive == 0
+    np.testing.assert_allclose(fit[inside, 1], k, rtol=0.05)
+    if n_drives >= 4:
+        np.testing.assert_allclose(fit[~inside, 1], 1.0, rtol=0.05)
+    # unit-free: the same host in other units gives the same features
+    tw2 = F.telemetry_features(ts, d, lat * 1e3, tput * 8, window_s=1800)
+    np.testing.assert_allclose(tw2.x[:, [F.FEATURE_INDEX[n] for n in F.FIT_FEATURES]], fit,
+                               rtol=1e-9)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.floats(0.5, 5), st.integers(0, 2**32 - 1), st.sampled_from([1.0, 15.0]))
+def test_self_baseline_judges_a_lone_drive(k: float, seed: int, interval: float) -> None:
+    """A drive without peers: NaN fit features, unless it has a baseline from its
+    healthy past, against which a k-times slowdown reads k, at any sampling interval."""
+    rng = np.random.default_rng(seed)
+    n = 600
+    tput = rng.uniform(10, 500, n)
+    healthy = 50 + 0.2 * tput
+    base = F.fit_baseline(tput, healthy)
+    assert np.all(np.diff(base.throughput) >= 0)
+    ts = np.arange(n) * interval
+    d = np.zeros(n, dtype=np.int64)
+    later = rng.uniform(10, 500, n)
+    lone = F.telemetry_features(ts, d, k * (50 + 0.2 * later), later, window_s=60 * interval)
+    assert np.all(np.isnan(lone.x[:, F.FEATURE_INDEX["fit_lat_ratio_p50"]]))
+    judged = F.telemetry_features(ts, d, k * (50 + 0.2 * later), later,
+                                  window_s=60 * interval, baselines={0: base})
+    p50 = judged.x[:, F.FEATURE_INDEX["fit_lat_ratio_p50"]]
+    np.testing.assert_allclose(p50, k, rtol=0.03)
+    assert np.all(judged.x[:, F.FEATURE_INDEX["fit_lat_ratio_p10"]] <= p50 + 1e-12)
+    assert np.all(judged.x[:, F.FEATURE_INDEX["fit_lat_ratio_p90"]] >= p50 - 1e-12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 1e9), st.floats(0, 1e6)), min_size=1, max_size=200))
+def test_fit_curve_is_monotone_in_throughput_and_within_the_data(
+        pts: list[tuple[float, float]]) -> None:
+    t, y = (np.array(c) for c in zip(*pts, strict=True))
+    c = F.fit_curve(t, y)
+    assert 1 <= c.throughput.size <= 2 * F.MAX_FIT_BINS
+    assert np.all(np.diff(c.throughput) >= 0)
+    assert c.latency.min() >= y.min() and c.latency.max() <= y.max()
+    r = F.fit_ratio_quantiles(t, y, c)
+    assert np.all((r >= 0) & (r <= F.RATIO_CAP)) and r[0] <= r[1] <= r[2]
+
+
+def test_fit_baseline_needs_a_sample() -> None:
+    with pytest.raises(F.FeatureError, match="at least one sample"):
+        F.fit_baseline(np.array([np.nan]), np.array([1.0]))
+
+
+def test_fit_features_are_appended_and_not_in_records() -> None:
+    assert F.FEATURE_NAMES[-3:] == F.FIT_FEATURES == (
+        "fit_lat_ratio_p10", "fit_lat_ratio_p50", "fit_lat_ratio_p90")
+    assert F.FEATURE_NAMES.index("smart_198_raw") < F.FEATURE_NAMES.index("fit_lat_ratio_p10")
+    assert set(F.FIT_FEATURES) <= set(F.IO_FEATURES)
+    _, x = F.record_features(batch(1000, paths=2))
+    assert np.all(np.isnan(x[:, [F.FEATURE_INDEX[n] for n in F.FIT_FEATURES]]))
