@@ -13,6 +13,7 @@ APT_PACKAGES=(
   liburing-dev                                # io_uring (the extension links it)
   fio e2fsprogs util-linux                    # tests, demo and benchmarks
   qemu-system-x86 busybox-static cpio kmod xz-utils   # the test bed
+  smartmontools dmsetup                       # the test bed's emulated drives (SMART, dm-delay)
   nbdkit nbdkit-plugin-python nbd-client qemu-utils   # the benchmarks' peer baseline
   clang libbpf-dev bpftool                    # the kernel agent's eBPF objects (built below)
 )

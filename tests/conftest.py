@@ -18,6 +18,9 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from ublk_driver.testbed import emulator
+from ublk_driver.testbed.emulator import EmulatedDrive
+
 pytest_plugins = ["ublk_driver.testbed.pytest_plugin"]
 
 
@@ -60,3 +63,20 @@ def _sigpipe_ignored() -> Iterator[None]:
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     yield
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+
+
+@pytest.fixture
+def emulated_drives() -> list[EmulatedDrive]:
+    """The test bed's emulated drives (two NVMe, one SATA; see
+    ublk_driver.testbed.emulator).  Use it in ``@pytest.mark.ublk`` tests.
+
+    Where they are missing (the host, or a guest booted without them) the
+    test fails, never skips: a test that asks for real drives must get them.
+    A test that turns a drive critical sets it back to 0: the session's tests
+    share the drives.
+    """
+    try:
+        return emulator.emulated_drives()
+    except emulator.EmulatorError as exc:
+        message = str(exc)
+    pytest.fail(message, pytrace=False)

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 import ublk_driver.testbed as testbed
 from ublk_driver.core.cli import main as ublkml
-from ublk_driver.testbed import _vm, where
+from ublk_driver.testbed import _vm, emulator, where
 
 pytest_plugins = ["pytester"]
 
@@ -48,9 +48,12 @@ def test_public_api_is_pinned() -> None:
         "TestbedError", "TestbedImage", "TestbedTimeout", "VmResult", "cache_dir",
         "find_image", "in_vm", "info", "native_ublk_available", "provision", "run",
         "TESTBED_FAILED", "TestbedRun", "TestbedRunError", "needs_testbed", "run_in_testbed",
+        "EMULATED_DRIVES", "DriveSpec", "EmulatedDrive", "EmulatorError", "emulated_drives",
+        "qmp_execute", "set_smart_critical_warning", "smart_critical_warning",
     ])
     for name in testbed.__all__:
-        assert getattr(testbed, name) is getattr(_vm if name in _vm.__all__ else where, name)
+        home = next(m for m in (_vm, where, emulator) if name in m.__all__)
+        assert getattr(testbed, name) is getattr(home, name)
     assert issubclass(testbed.TestbedTimeout, testbed.TestbedError)
     assert issubclass(testbed.TestbedTimeout, TimeoutError)
 

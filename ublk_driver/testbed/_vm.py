@@ -54,6 +54,9 @@ from pathlib import Path
 from typing import Any, TextIO
 
 __all__ = [
+    "EMULATED_DRIVES",
+    "QMP_PORT_NAME",
+    "DriveSpec",
     "TestbedError",
     "TestbedImage",
     "TestbedTimeout",
@@ -94,6 +97,12 @@ _CMDLINE_MARKER = "ublkml.testbed=1"
 _HERE = Path(__file__).resolve().parent
 _INIT_SCRIPT = _HERE / "guest-init.sh"
 _STAGE2_SCRIPT = _HERE / "guest-stage2.sh"
+
+#: Where the guest finds the emulator's manifest (the control share).
+GUEST_EMULATOR_MANIFEST = f"{_GUEST_CTL}/emulator.json"
+#: Name of the virtio-serial port that carries qemu's QMP monitor into the guest.
+QMP_PORT_NAME = "org.ublkml.qmp"
+_MIB = 1 << 20
 
 #: Which Debian package provides each host tool, for error messages.
 _TOOL_PACKAGES = {
@@ -180,6 +189,42 @@ class TestbedImage:
             "initrd": str(self.initrd),
             "modules_dir": str(self.modules_dir),
         }
+
+
+@dataclass(frozen=True)
+class DriveSpec:
+    """One drive qemu emulates for the guest (see :data:`EMULATED_DRIVES`)."""
+
+    id: str
+    """qemu's device id; its QOM path is ``/machine/peripheral/<id>``."""
+    kind: str
+    """``"nvme"`` (an NVMe controller with one namespace) or ``"ata"`` (a SATA
+    disk on an AHCI controller)."""
+    serial: str
+    """The serial number the guest sees (sysfs, smartctl); at most 20 characters."""
+    size_bytes: int
+    """Size of the sparse raw backing file, hence of the guest's disk."""
+
+    @property
+    def qom_path(self) -> str:
+        """Where QMP's ``qom-get``/``qom-set`` find the device."""
+        return f"/machine/peripheral/{self.id}"
+
+    def to_dict(self) -> dict[str, object]:
+        """The drive's entry in the manifest the guest reads."""
+        return {"id": self.id, "kind": self.kind, "serial": self.serial,
+                "size_bytes": self.size_bytes, "qom_path": self.qom_path}
+
+
+#: The drives every boot gets: two NVMe controllers (one namespace each;
+#: qemu's NVMe SMART/health log can be turned critical at run time) and one
+#: SATA disk, so that ATA SMART exists too.  Backed by sparse files in a
+#: per-run host directory, created empty for each boot and removed after it.
+EMULATED_DRIVES: tuple[DriveSpec, ...] = (
+    DriveSpec("nvme0", "nvme", "UBLKML-NVME0", 512 * _MIB),
+    DriveSpec("nvme1", "nvme", "UBLKML-NVME1", 512 * _MIB),
+    DriveSpec("sata0", "ata", "UBLKML-SATA0", 256 * _MIB),
+)
 
 
 @dataclass(frozen=True)
@@ -729,8 +774,14 @@ def qemu_command(
     cpus: int = 2,
     qemu: str = _QEMU,
     security_model: str = "passthrough",
+    emulator_dir: str | None = None,
+    drives: Sequence[DriveSpec] = EMULATED_DRIVES,
 ) -> list[str]:
-    """The qemu command line for one run (see docs/testbed.md for each choice)."""
+    """The qemu command line for one run (see docs/testbed.md for each choice).
+
+    With ``emulator_dir`` (filled by :func:`prepare_emulator`), the guest also
+    gets ``drives`` and the QMP port (:func:`emulator_arguments`).
+    """
     p = _qemu_path_arg
 
     def share(fs_id: str, tag: str, path: str | Path, *, readonly: bool) -> list[str]:
@@ -760,7 +811,103 @@ def qemu_command(
     argv += share("ctl", "ctl", ctl_dir, readonly=False)
     if share_dir is not None:
         argv += share("share", "share", share_dir, readonly=False)
+    if emulator_dir is not None:
+        argv += emulator_arguments(emulator_dir, drives)
     return argv
+
+
+def _qmp_socket(emulator_dir: str | Path) -> str:
+    return os.path.join(emulator_dir, "qmp.sock")
+
+
+def emulator_arguments(emulator_dir: str, drives: Sequence[DriveSpec]) -> list[str]:
+    """qemu options for the emulated drives and for the guest's QMP port.
+
+    Each drive is a raw file ``<emulator_dir>/<id>.img``: an NVMe controller
+    (``-device nvme``, one namespace) or an ``ide-hd`` on one AHCI controller.
+    ``cache=unsafe``: the files are scratch, and host fsyncs would only slow
+    down the other users of the machine; ``discard=unmap`` keeps them sparse.
+
+    QMP reaches the guest without any host-side relay: qemu's QMP monitor
+    listens on ``qmp.sock`` and a second chardev, qemu's own client of that
+    socket (created after the listener, so its synchronous connect succeeds),
+    is the back end of the virtio-serial port ``org.ublkml.qmp``.  A guest
+    process that opens ``/dev/vportNpM`` talks to the monitor directly.
+    """
+    p = _qemu_path_arg
+    argv: list[str] = []
+    ata = [d for d in drives if d.kind == "ata"]
+    if len(ata) > 6:
+        raise ValueError("one AHCI controller has 6 ports")
+    if ata:
+        argv += ["-device", "ahci,id=ahci0"]
+    for d in drives:
+        image = os.path.join(emulator_dir, f"{d.id}.img")
+        argv += ["-drive", f"file={p(image)},if=none,id={d.id}-disk,format=raw,"
+                 "cache=unsafe,discard=unmap"]
+        if d.kind == "nvme":
+            argv += ["-device", f"nvme,id={d.id},serial={d.serial},drive={d.id}-disk"]
+        elif d.kind == "ata":
+            argv += ["-device", f"ide-hd,id={d.id},bus=ahci0.{ata.index(d)},"
+                     f"drive={d.id}-disk,serial={d.serial}"]
+        else:
+            raise ValueError(f"unknown drive kind {d.kind!r} (nvme or ata)")
+    sock = p(_qmp_socket(emulator_dir))
+    argv += [
+        "-chardev", f"socket,id=qmp-monitor,path={sock},server=on,wait=off",
+        "-mon", "chardev=qmp-monitor,mode=control",
+        "-chardev", f"socket,id=qmp-guest,path={sock}",
+        "-device", "virtio-serial-pci,id=vser0",
+        "-device", f"virtserialport,bus=vser0.0,chardev=qmp-guest,name={QMP_PORT_NAME}",
+    ]
+    return argv
+
+
+def prepare_emulator(
+    ctl: Path, drives_dir: Path, drives: Sequence[DriveSpec] = EMULATED_DRIVES
+) -> None:
+    """Create the drives' sparse backing files in ``drives_dir`` (where qemu's
+    QMP socket goes too) and write what the guest reads into the control
+    directory ``ctl``: the manifest (``emulator.json``, in the guest
+    :data:`GUEST_EMULATOR_MANIFEST`) and the drivers to load (``emulator.modules``).
+
+    ``drives_dir`` is not shared with the guest: its disks' backing files and
+    the monitor's socket are none of its business.
+    """
+    # The kernel's limit for a Unix socket path (sun_path) is 108 bytes.
+    if len(os.fsencode(_qmp_socket(drives_dir))) >= 108:
+        raise TestbedError(
+            f"the run's directory {drives_dir} is too long a path for qemu's QMP socket: "
+            "set TMPDIR to a shorter directory (e.g. /tmp)"
+        )
+    for d in drives:
+        with open(drives_dir / f"{d.id}.img", "wb") as f:
+            f.truncate(d.size_bytes)
+    (ctl / "emulator.json").write_text(emulator_manifest(drives))
+    (ctl / "emulator.modules").write_text("".join(f"{line}\n" for line in guest_modules(drives)))
+
+
+def guest_modules(drives: Sequence[DriveSpec]) -> list[str]:
+    """The ``modprobe`` command lines stage 2 runs for ``drives``' drivers.
+
+    sd_mod before ahci, so the disks get block devices as soon as they are
+    found; ahci probes only the ports in use (each empty port costs a link
+    probe, and AHCI has six).
+    """
+    lines: list[str] = []
+    if any(d.kind == "nvme" for d in drives):
+        lines.append("nvme")
+    ata = sum(d.kind == "ata" for d in drives)
+    if ata:
+        lines += ["sd_mod", f"ahci mask_port_map={(1 << ata) - 1:#x}"]
+    return lines
+
+
+def emulator_manifest(drives: Sequence[DriveSpec]) -> str:
+    """The JSON the guest reads to find the drives and the QMP port
+    (:func:`ublk_driver.testbed.emulator.parse_manifest` reads it back)."""
+    manifest = {"qmp_port": QMP_PORT_NAME, "drives": [d.to_dict() for d in drives]}
+    return json.dumps(manifest, indent=2) + "\n"
 
 
 def _set_parent_death_signal() -> None:
@@ -830,6 +977,7 @@ def run(
     cpus: int = 2,
     stream: bool | TextIO = True,
     share: str | None = None,
+    emulated_drives: bool = True,
 ) -> VmResult:
     """Boot the test bed and run ``argv`` in it; return when the guest is off.
 
@@ -843,6 +991,9 @@ def run(
     in ``share``: a host directory mounted writable at the same absolute path in
     the guest.  ``stream`` sends the console live to ``sys.stdout`` (True), to
     a given text file, or nowhere (False); it is always in ``VmResult.output``.
+
+    The guest has the :data:`EMULATED_DRIVES` (``emulated_drives=False``
+    leaves them out) and their QMP port: see :mod:`ublk_driver.testbed.emulator`.
 
     Provisions the image first if needed.  Raises :class:`TestbedError` if the
     test bed fails and :class:`TestbedTimeout` (qemu killed) after ``timeout``
@@ -871,15 +1022,22 @@ def run(
     else:
         sink = stream
 
-    with tempfile.TemporaryDirectory(prefix="ublkml-vm-") as ctl_name:
+    with (tempfile.TemporaryDirectory(prefix="ublkml-vm-") as ctl_name,
+          contextlib.ExitStack() as cleanup):
         ctl = Path(ctl_name)
         shutil.copyfile(_STAGE2_SCRIPT, ctl / "stage2.sh")
         (ctl / "job.sh").write_text(job)
         if share_dir is not None:
             (ctl / "share").write_text(share_dir + "\n")
+        emulator_dir = None
+        if emulated_drives:
+            # Removed with the run: the drives start empty and healthy each boot.
+            emulator_dir = cleanup.enter_context(
+                tempfile.TemporaryDirectory(prefix="ublkml-drives-"))
+            prepare_emulator(ctl, Path(emulator_dir))
         cmd = qemu_command(
             image, ctl_dir=ctl_name, share_dir=share_dir, memory_mb=memory_mb, cpus=cpus,
-            qemu=qemu,
+            qemu=qemu, emulator_dir=emulator_dir,
             # Without root, qemu cannot give files the guest's owners: "none"
             # makes it ignore that instead of failing the write.
             security_model="passthrough" if os.geteuid() == 0 else "none",

@@ -6,12 +6,16 @@
 #   job.sh   the user's command (cd, exported environment, exec /bin/sh -c ...)
 #   share    optional: absolute path of a host directory to mount writable at
 #            the same path in the guest (9p tag "share")
+#   emulator.json  optional: the emulated drives and the QMP port's name
+#            (ublk_driver.testbed.emulator reads it)
+#   emulator.modules  optional: the modprobe command lines for their drivers
 # and where this script leaves:
 #   started  created just before job.sh runs (the host times the boot with it)
 #   rc       the exit code of job.sh -- the host reads it from here, never
 #            from the console
 #   error    a one-line message if the test bed itself failed
 #   kernel.log  the guest's dmesg after the command
+#   emulator.error  a one-line message if the drives' drivers failed to load
 #
 # Runs under the host's /bin/sh (dash on Debian), with the host's tools.
 # It prints nothing unless something fails.
@@ -58,6 +62,24 @@ if ! out=$(modprobe ublk_drv 2>&1); then
     fail "modprobe ublk_drv failed: $out"
 fi
 [ -c /dev/ublk-control ] || fail "modprobe ublk_drv succeeded but /dev/ublk-control is missing"
+
+# The emulated drives' drivers: without udev nothing loads them on demand.
+# The host lists one modprobe command line per line in emulator.modules (nvme;
+# sd_mod, then ahci limited to the ports in use).  They load in the background:
+# that takes ~2 s under TCG, mostly on the otherwise idle second vCPU while the
+# command starts; ublk_driver.testbed.emulator waits for the drives, and finds
+# a failure in emulator.error.
+if [ -r "$CTL/emulator.modules" ]; then
+    (
+        while read -r line; do
+            # $line unquoted on purpose: a module name and its parameters.
+            if ! out=$(modprobe $line 2>&1); then
+                printf '%s\n' "modprobe $line failed: $out" > "$CTL/emulator.error"
+                break
+            fi
+        done < "$CTL/emulator.modules"
+    ) &
+fi
 
 if [ -r "$CTL/share" ]; then
     IFS= read -r share < "$CTL/share"
