@@ -10,6 +10,7 @@ Layers, each with one job (docs/architecture.md):
 - :mod:`ublk_driver.server` — a device's lifecycle around a target;
 - :mod:`ublk_driver.targets` — null, mem, loop, mirror and the Python plug-in API;
 - :mod:`ublk_driver.admin` — the server's admin socket;
+- :mod:`ublk_driver.drives` — which drives a path (a backing file) lands on;
 - :mod:`ublk_driver.hooks` — server hooks found through entry points.
 """
 
@@ -25,6 +26,7 @@ from ublk_driver.core.errors import (
     UblkError,
 )
 from ublk_driver.core.sizes import format_size, parse_size
+from ublk_driver.drives import Drive, DriveLookupError, drives_of, why_no_drive
 from ublk_driver.server import Server, ServerConfig
 from ublk_driver.targets import (
     Capabilities,
@@ -42,6 +44,8 @@ __all__ = [
     "Control",
     "ControlError",
     "DeviceNotFoundError",
+    "Drive",
+    "DriveLookupError",
     "DriverUnavailableError",
     "IoError",
     "LoopTarget",
@@ -57,7 +61,9 @@ __all__ = [
     "bdev_path",
     "cdev_path",
     "driver_available",
+    "drives_of",
     "format_size",
     "load_plugin",
     "parse_size",
+    "why_no_drive",
 ]

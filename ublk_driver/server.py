@@ -27,7 +27,7 @@ from ublk_driver.blockdev import check_scheduler, read_scheduler, set_scheduler
 from ublk_driver.control import Control, bdev_path, cdev_path
 from ublk_driver.core.errors import ConfigError, ControlError, DeviceNotFoundError, UblkError
 from ublk_driver.queue import QueueProcess, QueueWorker, check_poll_us, default_spin_usec
-from ublk_driver.targets.base import Backend
+from ublk_driver.targets.base import Backend, CompletionPath
 from ublk_driver.targets.plugin import PluginBackend, check_fork_safe
 from ublk_driver.uapi import (
     DEV_ID_AUTO,
@@ -202,6 +202,7 @@ class Server:
         self._stopped_by_us = False
         self._shut_down = False
         self._ctl: AdminServer | None = None
+        self._paths: list[CompletionPath] | None = None
         #: more keys for the state file (the CLI keeps its `add` arguments
         #: there, so that `ublkml recover` can build the same target)
         self.state_extra: dict[str, Any] = {}
@@ -379,10 +380,15 @@ class Server:
 
     def _start_control_channel(self) -> None:
         """The socket of `ublkml status/fault/leg` (ublk_driver/admin/)."""
+        try:  # the drives, while the backing files are open (status shows them)
+            self.completion_paths()
+        except Exception as e:  # a plug-in's bug must not stop a device that serves
+            print(f"ublkml: device {self.dev_id}: cannot tell its drives: {e}",
+                  file=sys.stderr, flush=True)
         try:
             self._ctl = AdminServer(self, socket_path(self.dev_id, STATE_DIR)).start()
         except OSError as e:  # the device serves without it; the log says why it is missing
-            print(f"ublkml: device {self.dev_id} has no control channel: {e}",
+            print(f"ublkml: device {self.dev_id} has no admin socket: {e}",
                   file=sys.stderr, flush=True)
 
     @staticmethod
@@ -554,6 +560,18 @@ class Server:
     def promote_leg(self, leg: int) -> None:
         """Resync ``leg`` and make it active (blocking: call it from a thread)."""
         self._mirror().promote(leg)
+
+    def completion_paths(self) -> list[CompletionPath]:
+        """Per completion path (the ``path`` of completion records, summaries and
+        faults: a mirror's leg, else 0): its name, backing file and drives.
+
+        Read from sysfs once (when the device starts, or at the first call) and
+        kept: a stack of block devices rarely changes under a running device.
+        """
+        paths = self._paths
+        if paths is None:
+            paths = self._paths = self.backend.completion_paths()
+        return list(paths)
 
     def stats(self) -> dict[str, Any]:
         """Per queue: ops, errors (and the last one), batches; live while serving."""

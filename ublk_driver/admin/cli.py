@@ -93,6 +93,8 @@ def _status(args: argparse.Namespace) -> int:
             line += (f"; plug-in calls: {plugin['timeouts']} timed out, {plugin['stuck']} "
                      f"stuck now, {plugin['late']} returned late")
         print(line)
+    for path in st.get("paths") or []:
+        print("  " + _path_line(path))
     if st.get("legs"):
         _print_legs(st["legs"])
     for path, spec in sorted((st.get("faults") or {}).items()):
@@ -103,12 +105,21 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _path_line(path: dict[str, Any]) -> str:
+    """``path 0 leg0  /data/leg0.img -> sda (8:0)``, or ``-> no drive (why)``."""
+    drives = ", ".join(f"{d['name']} ({d['dev']})" for d in path.get("drives") or [])
+    where = drives or f"no drive ({path.get('no_drive') or 'unknown'})"
+    return (f"path {path.get('index')} {path.get('name')}  {path.get('backing') or '-'} "
+            f"-> {where}")
+
+
 def register_status(sub: Subparsers) -> None:
     p: Parser = sub.add_parser(
-        "status", help="ask a running server about its device (control channel)",
-        description="Ask a running server for its device: target, queues, I/O counts, mirror "
-        "legs, injected faults and promotion jobs (through its control channel, "
-        "$UBLKML_STATE_DIR/ID.sock; root or the server's owner only).")
+        "status", help="ask a running server about its device (admin socket)",
+        description="Ask a running server for its device: target, queues, I/O counts, its "
+        "completion paths (path 0, or one per mirror leg) with their backing files and the "
+        "drives under them, mirror legs, injected faults and promotion jobs (through its "
+        "admin socket, $UBLKML_STATE_DIR/ID.sock; root or the server's owner only).")
     _common(p)
     p.set_defaults(func=_status)
 

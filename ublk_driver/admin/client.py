@@ -51,7 +51,7 @@ class AdminClient:
                     f"{self.timeout:g} s") from None
             except OSError as e:
                 raise ServerUnreachableError(
-                    f"lost the control channel of ublk device {self.dev_id}: "
+                    f"lost the connection to the admin socket of ublk device {self.dev_id}: "
                     f"{e.strerror or e}") from None
         try:
             answer = json.loads(text)
@@ -76,7 +76,7 @@ class AdminClient:
                 s.connect(fallback_path(self.path))
         except (FileNotFoundError, NotADirectoryError, ConnectionRefusedError):
             raise ServerUnreachableError(
-                f"no control channel for ublk device {self.dev_id} ({self.path}): is the "
+                f"no admin socket for ublk device {self.dev_id} ({self.path}): is the "
                 "server running? see `ublkml list`") from None
         except PermissionError:
             raise AdminAccessError(
@@ -98,8 +98,8 @@ class AdminClient:
                 chunk = b""
             if not chunk:
                 raise ServerUnreachableError(
-                    f"the server of ublk device {self.dev_id} closed the control channel "
-                    "without answering (is it stopping?)")
+                    f"the server of ublk device {self.dev_id} closed the admin socket "
+                    "connection without answering (is it stopping?)")
             buf += chunk
         return buf.partition(b"\n")[0].decode("utf-8", "replace")
 

@@ -8,7 +8,10 @@ One UTF-8 JSON object per line, both ways, each request line at most
 ``busy``, ``bad_request``, ``failed``.  A connection may carry several requests
 in turn.  Ops (:data:`OPS`):
 
-* ``status``: device id, target, queues, stats, legs (if any), faults, jobs;
+* ``status``: device id, target, queues, stats, legs (if any), faults, jobs,
+  and ``paths``: per completion path (the ``path`` of records, summaries and
+  faults) ``{"index": int, "name": str, "backing": str | null, "drives":
+  [{"name": "sda", "dev": "8:0"}], "no_drive": null | "why there is none"}``;
 * ``fault_set`` ``{path: int = 0, spec: FaultSpec dict}``;
 * ``fault_clear`` ``{path: int | null = null}`` (null: every path);
 * ``leg_set`` ``{leg: int, state: "active" | "demoted" | "failed"}``.
@@ -26,7 +29,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypedDict
 
 from ublk_driver.core.errors import UblkError
 
@@ -68,6 +71,26 @@ class RequestFailedError(AdminError):
 ControlChannelError = AdminError
 ControlAccessError = AdminAccessError
 ControlTimeoutError = AdminTimeoutError
+
+
+# ---- status's "paths" -------------------------------------------------------------------
+
+
+class StatusDrive(TypedDict):
+    """A drive under a completion path: ``{"name": "sda", "dev": "8:0"}``."""
+
+    name: str      # the whole disk as in /sys/block
+    dev: str       # "MAJ:MIN"
+
+
+class StatusPath(TypedDict):
+    """One entry of ``status``'s ``paths`` (ublk_driver.drives resolves the drives)."""
+
+    index: int                  # the ``path`` of completion records, summaries, faults
+    name: str                   # "leg0"... for a mirror, else the target's name
+    backing: str | None         # the file or block device behind the path
+    drives: list[StatusDrive]   # empty when there is none
+    no_drive: str | None        # why ``drives`` is empty; null when it is not
 
 
 # ---- requests (server side) ---------------------------------------------------------

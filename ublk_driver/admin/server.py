@@ -41,11 +41,13 @@ from ublk_driver.admin.paths import fallback_path
 from ublk_driver.admin.protocol import (
     MAX_LINE,
     BadRequest,
+    StatusPath,
     encode,
     error_answer,
     one_line,
     parse_request,
 )
+from ublk_driver.core.priority import raise_thread_priority
 
 if TYPE_CHECKING:
     from ublk_driver.faults import FaultSpec
@@ -75,6 +77,9 @@ class Administered(Protocol):
     """The parts of :class:`ublk_driver.server.Server` the admin socket uses.
 
     What the three setters return is ignored (``object``: any return type fits).
+    Optional, looked up at run time: ``faults()`` (path -> FaultSpec) and
+    ``completion_paths()`` (``CompletionPath`` objects, or mappings of the same
+    keys: ``status`` lists them as ``paths``).
     """
 
     @property
@@ -215,6 +220,11 @@ class AdminServer:
     def _accept_loop(self) -> None:
         listener = self._listener
         assert listener is not None
+        # Connection threads inherit this priority: a demotion asked by the
+        # agent is applied here, and must not wait behind CPU-bound processes.
+        why = raise_thread_priority()
+        if why is not None:
+            self._log(f"admin socket: {why}")
         while not self._stop.is_set():
             try:
                 # A short poll rather than a blocking accept: close() can stop
@@ -239,7 +249,7 @@ class AdminServer:
         if uid not in (0, self.owner_uid):
             self._refused(pid, uid, gid)
             self._send_quietly(conn, error_answer(
-                f"permission denied: uid {uid} may not use this control channel (only root "
+                f"permission denied: uid {uid} may not use this admin socket (only root "
                 f"and uid {self.owner_uid}, the server's owner)", "denied"))
             conn.close()
             return
@@ -353,6 +363,27 @@ class AdminServer:
         out["faults"] = self._current_faults()
         with self._lock:
             out["jobs"] = [j.as_dict() for j in self._jobs.values()]
+        out["paths"] = self._paths()
+        return out
+
+    def _paths(self) -> list[StatusPath]:
+        """The server's completion paths and their drives (``status``'s ``paths``):
+        ``[{"index", "name", "backing", "drives": [{"name", "dev"}], "no_drive"}]``.
+        Empty for a server that does not know them (no ``completion_paths()``)."""
+        getter = getattr(self.server, "completion_paths", None)
+        if not callable(getter):
+            return []
+        try:
+            paths = list(getter())
+        except Exception as e:   # status still answers; the log says what broke
+            self._log(f"status: cannot list the completion paths: {one_line(str(e))}")
+            return []
+        out: list[StatusPath] = []
+        for p in paths:
+            d = p.to_dict() if hasattr(p, "to_dict") else dict(p)
+            out.append({"index": d["index"], "name": d["name"], "backing": d["backing"],
+                        "drives": [{"name": x["name"], "dev": x["dev"]} for x in d["drives"]],
+                        "no_drive": d["no_drive"]})
         return out
 
     def _current_faults(self) -> dict[str, Any]:

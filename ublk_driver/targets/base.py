@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import abc
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ublk_driver import _bindings
 from ublk_driver.core.errors import ConfigError, UblkError
+from ublk_driver.drives import Drive, DriveLookupError, resolve, resolve_fd
 
 if TYPE_CHECKING:
     from ublk_driver.faults import FaultSpec
@@ -32,6 +34,37 @@ class Capabilities:
     write_zeroes: bool = False
     discard_zeroes: bool = False  # discarded ranges read back as zeros
     rotational: bool = False
+
+
+@dataclass(frozen=True)
+class CompletionPath:
+    """One completion path of a target and the drives under it.
+
+    ``index`` is the ``path`` of the completion records and per-path summaries
+    (``ublk_driver.records``) and of fault injection: the leg of a mirror, 0
+    for every other target.
+    """
+
+    index: int
+    name: str                     # "leg0" for a mirror leg, else the target's name
+    backing: str | None           # the file or block device behind it, if any
+    drives: tuple[Drive, ...] = ()
+    no_drive: str | None = None   # why ``drives`` is empty
+
+    @classmethod
+    def resolved(cls, index: int, name: str, backing: str, fd: int = -1) -> CompletionPath:
+        """The path whose drives are those under ``backing``, open as ``fd`` when
+        ``fd >= 0`` (then the open file counts, even if renamed since)."""
+        try:
+            r = resolve_fd(fd, backing) if fd >= 0 else resolve(backing)
+        except DriveLookupError as e:
+            return cls(index, name, backing, (), str(e))
+        return cls(index, name, backing, r.drives, r.reason)
+
+    def to_dict(self) -> dict[str, object]:
+        """As the admin socket's ``status`` shows it (its ``paths`` list)."""
+        return {"index": self.index, "name": self.name, "backing": self.backing,
+                "drives": [d.to_dict() for d in self.drives], "no_drive": self.no_drive}
 
 
 class Backend(abc.ABC):
@@ -73,6 +106,16 @@ class Backend(abc.ABC):
     def describe(self) -> dict[str, object]:
         """A JSON-able description for ``ublkml list``."""
         return {"target": self.name, "size": self.size}
+
+    def completion_paths(self) -> list[CompletionPath]:
+        """Each completion path with its backing file and drives (sysfs is read
+        on every call: the server keeps the answer).  Never raises: a path whose
+        drives cannot be found says why in ``no_drive``.
+
+        The default: one path, 0, with no backing and no drive.
+        """
+        return [CompletionPath(0, self.name, None, (),
+                               f"target {self.name} has no backing file or device")]
 
     # ---- fault injection (native targets) -------------------------------------
 
@@ -181,6 +224,13 @@ class Target:
 
     def write_zeroes(self, offset: int, length: int) -> None:
         raise NotImplementedError
+
+    def drives(self) -> Sequence[str | Drive]:
+        """Where this plug-in's I/O lands, for ``ublkml status``: paths (files,
+        directories or block devices, resolved like a loop target's backing
+        file: :mod:`ublk_driver.drives`) or :class:`~ublk_driver.drives.Drive`
+        objects.  The default is none; the server asks once, after start."""
+        return ()
 
     def close(self) -> None:
         """Called once when the device goes away."""

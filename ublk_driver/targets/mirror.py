@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from ublk_driver import _bindings
 from ublk_driver.core.errors import ConfigError, TargetError, UblkError
-from ublk_driver.targets.base import Backend, Capabilities
+from ublk_driver.targets.base import Backend, Capabilities, CompletionPath
 from ublk_driver.targets.native import Backing, _check_size, open_backing
 
 LEG_STATES = {"active": _bindings.LEG_ACTIVE, "demoted": _bindings.LEG_DEMOTED,
@@ -155,6 +155,12 @@ class MirrorTarget(Backend):
         with contextlib.suppress(UblkError):
             out["leg_states"] = [leg.state for leg in self.leg_info()]
         return out
+
+    def completion_paths(self) -> list[CompletionPath]:
+        """One path per leg (path = leg index), named ``leg0``, ``leg1``...,
+        with the drives under the leg's file or block device."""
+        return [CompletionPath.resolved(i, f"leg{i}", leg, b.fd)
+                for i, (leg, b) in enumerate(zip(self.legs, self._backings, strict=True))]
 
     def close(self) -> None:
         try:

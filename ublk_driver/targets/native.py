@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from ublk_driver import _bindings
 from ublk_driver.core.errors import ConfigError, TargetError
-from ublk_driver.targets.base import Backend, Capabilities
+from ublk_driver.targets.base import Backend, Capabilities, CompletionPath
 
 
 def _check_size(size: int, block_size: int) -> int:
@@ -43,6 +43,10 @@ class NullTarget(Backend):
     def attach(self) -> _bindings.CTarget:
         return self._attached(_bindings.CTarget(_bindings.TGT_NULL, self._size))
 
+    def completion_paths(self) -> list[CompletionPath]:
+        return [CompletionPath(0, self.name, None, (),
+                               "the null target stores nothing: its I/O reaches no drive")]
+
 
 class MemTarget(Backend):
     """A RAM disk: anonymous memory, zero until written, gone when stopped."""
@@ -70,6 +74,10 @@ class MemTarget(Backend):
             raise TargetError(e.errno or errno.ENOMEM,
                               f"cannot reserve {self._size} bytes of memory: {e.strerror}"
                               ) from None
+
+    def completion_paths(self) -> list[CompletionPath]:
+        return [CompletionPath(0, self.name, None, (),
+                               "the mem target keeps its data in the server's memory")]
 
 
 @dataclass(frozen=True)
@@ -174,6 +182,10 @@ class LoopTarget(Backend):
     def describe(self) -> dict[str, object]:
         return {"target": self.name, "size": self.size, "backing": self.path,
                 "direct_io": self.direct}
+
+    def completion_paths(self) -> list[CompletionPath]:
+        """Path 0: the backing file, or block device, and the drives under it."""
+        return [CompletionPath.resolved(0, self.name, self.path, self._fd)]
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -28,7 +28,14 @@ from typing import Any
 
 from ublk_driver import _bindings
 from ublk_driver.core.errors import ConfigError, PluginError
-from ublk_driver.targets.base import Backend, Capabilities, ShortReadError, Target
+from ublk_driver.drives import Drive, DriveLookupError, resolve
+from ublk_driver.targets.base import (
+    Backend,
+    Capabilities,
+    CompletionPath,
+    ShortReadError,
+    Target,
+)
 from ublk_driver.uapi import IoFlag, Op
 
 #: seconds a plug-in call may take before its I/O fails (``--plugin-timeout``)
@@ -125,6 +132,38 @@ class PluginBackend(Backend):
     def describe(self) -> dict[str, object]:
         return {"target": self.name, "size": self.size, "plugin": self.spec,
                 "plugin_timeout": self.timeout}
+
+    def completion_paths(self) -> list[CompletionPath]:
+        """Path 0 (every plug-in I/O completes on it), with the drives the
+        plug-in declares (:meth:`Target.drives`; none by default)."""
+        try:
+            declared = list(self.plugin.drives())
+        except Exception as e:
+            return [CompletionPath(0, self.name, None, (),
+                                   f"plug-in {self.spec}: drives() raised {e!r}")]
+        drives: dict[Drive, None] = {}
+        reasons: list[str] = []
+        for item in declared:
+            if isinstance(item, Drive):
+                drives[item] = None
+            elif isinstance(item, str):
+                try:
+                    r = resolve(item)
+                except DriveLookupError as e:
+                    reasons.append(str(e))
+                    continue
+                drives.update(dict.fromkeys(r.drives))
+                if r.reason:
+                    reasons.append(r.reason)
+            else:
+                reasons.append(f"plug-in {self.spec}: drives() returned {item!r}, neither "
+                               "a path nor a ublk_driver.drives.Drive")
+        if drives:
+            found = tuple(sorted(drives, key=lambda d: (d.major, d.minor)))
+            return [CompletionPath(0, self.name, None, found, None)]
+        why = "; ".join(reasons) or (f"plug-in {self.spec} declares no drives (its class "
+                                     "may define drives())")
+        return [CompletionPath(0, self.name, None, (), why)]
 
     def method_of(self, op: int, op_flags: int = 0) -> str:
         """The plug-in method(s) that serve ``op``, for messages."""

@@ -3,8 +3,10 @@
 :func:`serve` runs a real :class:`~ublk_driver.admin.AdminServer` (socket,
 threads, SO_PEERCRED) in front of :class:`FakeServer`, a stand-in for
 :class:`ublk_driver.server.Server` with the methods the socket calls
-(``set_fault``, ``set_leg_state``, ``leg_info``, ``promote_leg``).  The kernel
-agent's and the leg policy's tests use it too.
+(``set_fault``, ``set_leg_state``, ``leg_info``, ``promote_leg``,
+``completion_paths``).  The kernel agent's and the leg policy's tests use it too.
+Its completion paths are fixed data (:data:`FAKE_PATHS`), not read from sysfs:
+test_drives.py tests the resolution.
 """
 
 from __future__ import annotations
@@ -18,7 +20,17 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ublk_driver.admin import AdminClient, AdminServer, socket_path
+from ublk_driver.drives import Drive
+from ublk_driver.targets import CompletionPath
 from ublk_driver.uapi import DevInfo
+
+#: the two legs' paths: one on a drive, one on a file system without one
+FAKE_PATHS = (
+    CompletionPath(0, "leg0", "/data/leg0.img", (Drive("sda", 8, 0),), None),
+    CompletionPath(1, "leg1", "/dev/shm/leg1.img", (),
+                   "/dev/shm/leg1.img is on tmpfs (device 0:27), a file system with no "
+                   "block device of its own"),
+)
 
 
 @dataclass
@@ -49,6 +61,7 @@ class FakeServer:
     calls: list[tuple[str, object, object]] = field(default_factory=list)
     promote_gate: threading.Event = field(default_factory=threading.Event)
     promote_error: str | None = None
+    paths: list[Any] | Exception = field(default_factory=lambda: list(FAKE_PATHS))
 
     def __post_init__(self) -> None:
         self.promote_gate.set()
@@ -76,6 +89,11 @@ class FakeServer:
 
     def leg_info(self) -> list[FakeLeg]:
         return list(self.legs)
+
+    def completion_paths(self) -> list[Any]:
+        if isinstance(self.paths, Exception):
+            raise self.paths
+        return list(self.paths)
 
     def promote_leg(self, leg: int) -> None:
         self._check_leg(leg)

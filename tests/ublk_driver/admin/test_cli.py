@@ -46,8 +46,14 @@ def test_status_text_and_json(served: Served) -> None:
     assert "queue 0: 7 I/Os, 0 errors, 5 batches\n" in proc.stdout
     assert ("queue 1: 2 I/Os, 2 errors, 1 batches (last error: ETIMEDOUT on WRITE at 4096); "
             "plug-in calls: 1 timed out, 1 stuck now, 0 returned late\n") in proc.stdout
+    assert ("  path 0 leg0  /data/leg0.img -> sda (8:0)\n"
+            "  path 1 leg1  /dev/shm/leg1.img -> no drive (/dev/shm/leg1.img is on tmpfs "
+            "(device 0:27), a file system with no block device of its own)\n") in proc.stdout
     doc = json.loads(run(served, "status", "-n", "7", "--json").stdout)
     assert doc["dev_id"] == 7 and len(doc["legs"]) == 2
+    assert doc["paths"][0] == {"index": 0, "name": "leg0", "backing": "/data/leg0.img",
+                               "drives": [{"name": "sda", "dev": "8:0"}], "no_drive": None}
+    assert [p["index"] for p in doc["paths"]] == [0, 1]
 
 
 def test_leg_list_demote_fail_promote(served: Served) -> None:
@@ -116,7 +122,7 @@ def test_bad_input(served: Served, args: list[str], code: int, message: str) -> 
 
 def test_no_server_is_a_clear_error() -> None:
     proc = run(None, "status", "-n", "3")
-    one_line_error(proc, 1, "ublkml: error: no control channel for ublk device 3 "
+    one_line_error(proc, 1, "ublkml: error: no admin socket for ublk device 3 "
                    "(/nonexistent-ublkml-state/3.sock): is the server running? see `ublkml list`")
 
 
@@ -125,3 +131,12 @@ def test_help(cmd: list[str]) -> None:
     proc = run(None, *cmd, "--help")
     assert proc.returncode == 0
     assert proc.stdout.startswith(f"usage: ublkml {' '.join(cmd)}") and "--json" in proc.stdout
+
+
+def test_path_line_with_several_drives_and_no_backing() -> None:
+    from ublk_driver.admin.cli import _path_line
+
+    assert _path_line({"index": 0, "name": "python", "backing": None,
+                       "drives": [{"name": "sda", "dev": "8:0"},
+                                  {"name": "nvme0n1", "dev": "259:0"}],
+                       "no_drive": None}) == "path 0 python  - -> sda (8:0), nvme0n1 (259:0)"

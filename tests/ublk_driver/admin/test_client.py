@@ -21,7 +21,7 @@ def test_client_without_a_server() -> None:
         stale = socket.socket(socket.AF_UNIX)      # a file nobody listens on
         stale.bind(socket_path(3, d))
         stale.close()
-        with pytest.raises(ServerUnreachableError, match="no control channel for ublk device 3"):
+        with pytest.raises(ServerUnreachableError, match="no admin socket for ublk device 3"):
             AdminClient(3, 1, d).call("status")
     finally:
         shutil.rmtree(d, ignore_errors=True)
@@ -44,7 +44,7 @@ def test_client_timeout_and_silent_hangup() -> None:
                 conn.close()
             t = threading.Thread(target=hang_up)
             t.start()
-            with pytest.raises(ServerUnreachableError, match="closed the control channel"):
+            with pytest.raises(ServerUnreachableError, match="closed the admin socket connection"):
                 AdminClient(5, 5, d).call("status")
             t.join()
     finally:

@@ -15,6 +15,7 @@ import socket
 import stat
 import tempfile
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -98,6 +99,44 @@ def test_status_without_legs(served: Served) -> None:
     served.fake.legs = []
     assert "legs" not in served.client().call("status")
     assert served.client().call("leg_info") == {"legs": []}
+
+
+def test_status_paths(served: Served) -> None:
+    assert served.client().call("status")["paths"] == [
+        {"index": 0, "name": "leg0", "backing": "/data/leg0.img",
+         "drives": [{"name": "sda", "dev": "8:0"}], "no_drive": None},
+        {"index": 1, "name": "leg1", "backing": "/dev/shm/leg1.img", "drives": [],
+         "no_drive": "/dev/shm/leg1.img is on tmpfs (device 0:27), a file system with no "
+                     "block device of its own"}]
+
+
+def test_status_paths_as_mappings_keep_only_the_schema(served: Served) -> None:
+    served.fake.paths = [{"index": 0, "name": "python", "backing": None, "extra": 1,
+                          "drives": [{"name": "nvme0n1", "dev": "259:0", "model": "x"}],
+                          "no_drive": None}]
+    assert served.client().call("status")["paths"] == [
+        {"index": 0, "name": "python", "backing": None,
+         "drives": [{"name": "nvme0n1", "dev": "259:0"}], "no_drive": None}]
+
+
+def test_status_paths_when_the_server_cannot_tell(served: Served) -> None:
+    served.fake.paths = OSError("sysfs is gone")
+    st_ = served.client().call("status")
+    assert st_["paths"] == [] and st_["dev_id"] == 7          # the rest still answers
+    assert any("cannot list the completion paths: sysfs is gone" in m for m in served.log)
+
+
+@dataclass
+class _Older(FakeServer):
+    """A server without completion_paths() (the Administered protocol's optional part)."""
+
+    completion_paths = None  # type: ignore[assignment]
+
+
+def test_status_paths_of_a_server_without_them() -> None:
+    with serve(_Older()) as s:
+        st_ = s.client().call("status")
+        assert st_["paths"] == [] and st_["target"] == {"target": "mirror", "size": 64 << 20}
 
 
 def test_demote_and_fail(served: Served) -> None:
@@ -266,7 +305,7 @@ def test_another_uid_is_refused_by_the_file_mode_and_by_so_peercred() -> None:
         os.chmod(s.path, 0o666)
         cls, msg = _as_nobody(s.state_dir)
         assert cls == AdminAccessError.__name__
-        assert msg == (f"permission denied: uid {NOBODY} may not use this control channel "
+        assert msg == (f"permission denied: uid {NOBODY} may not use this admin socket "
                        f"(only root and uid 0, the server's owner)")
         assert any("refused a connection from pid" in line and f"uid {NOBODY}" in line
                    for line in s.log)
