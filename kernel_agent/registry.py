@@ -9,6 +9,8 @@
   recovering server), ``mode`` for the watched device.
 * ``ml-extension``: a process sending recommendations (a model).  Params:
   ``pid`` (required), ``memory``, ``files``, ``model``.
+* ``monitor``: the host-wide drive monitor (``ublkml monitor run``), one per
+  host; the same params as ``ml-extension``.
 
 Each class has limits (instances, queues, depth, memory, files); a
 registration over a limit is refused with the limit named.  Limits come from
@@ -40,7 +42,7 @@ from ublk_driver.core.errors import ConfigError
 from ublk_driver.core.sizes import parse_size
 
 DEFAULT_STATE_DIR = "/run/ublkml/agent"
-CLASSES = ("ublk-server", "ml-extension")
+CLASSES = ("ublk-server", "ml-extension", "monitor")
 POLICIES = ("remove", "keep")
 
 
@@ -60,6 +62,8 @@ class Limits:
 DEFAULT_LIMITS: dict[str, Limits] = {
     "ublk-server": Limits(instances=64, queues=32, depth=4096, memory=16 << 30, files=256),
     "ml-extension": Limits(instances=16, queues=0, depth=0, memory=4 << 30, files=64),
+    # One monitor watches every drive of the host: a second would judge the same drives.
+    "monitor": Limits(instances=1, queues=0, depth=0, memory=4 << 30, files=64),
 }
 
 

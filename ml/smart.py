@@ -7,6 +7,14 @@ caller can say so.  NVMe drives have no ATA attribute table: their health log
 maps power-on hours (9), temperature (194) and media errors (to 187, the
 nearest ATA counter: uncorrectable errors); the rest is missing.
 
+Beside the attributes, a reading carries the drive's own verdict: ATA's
+overall health (``smart_status.passed``, and smartctl's exit-status bit 3,
+"DISK FAILING") and NVMe's ``critical_warning`` bits (spare below threshold,
+temperature, reliability degraded, read-only, volatile backup failed,
+persistent memory read-only).  :func:`assess` puts that verdict next to a
+failure model's risk: a drive that says it is failing is critical whatever the
+model thinks.
+
 Output that cannot be used (not JSON, smartctl could not open the device, no
 attributes at all) raises :class:`SmartError` with one line.
 """
@@ -21,7 +29,7 @@ import shutil
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -29,10 +37,19 @@ import numpy.typing as npt
 from ml.features import SMART_FEATURES
 from ublk_driver.core.errors import UblkError
 
+if TYPE_CHECKING:
+    from ml.model import Model
+
 #: smartctl exit-status bits that mean there is no data (see smartctl(8))
 _FATAL_BITS = {0: "the command line did not parse", 1: "the device could not be opened"}
 _FAILING_BIT = 3  # SMART status check returned "DISK FAILING"
 SMART_IDS = tuple(int(n.split("_")[1]) for n in SMART_FEATURES)
+#: NVMe SMART / Health log, byte 0 (Critical Warning), bit -> meaning (NVMe base spec)
+NVME_CRITICAL_BITS = {0: "available spare below threshold", 1: "temperature out of range",
+                      2: "reliability degraded (media or internal errors)",
+                      3: "media placed in read-only mode",
+                      4: "volatile memory backup failed",
+                      5: "persistent memory region read-only"}
 
 
 class SmartError(UblkError, ValueError):
@@ -47,6 +64,26 @@ class SmartReading:
     passed: bool | None               # the drive's own overall verdict, if given
     features: dict[str, float]        # SMART_FEATURES -> raw value (0 when missing)
     missing: tuple[str, ...] = field(default=())
+    critical_warning: int | None = None  # NVMe Critical Warning byte (None: not NVMe)
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """What the drive itself reports as wrong, in words (empty: nothing)."""
+        out = []
+        if self.critical_warning:
+            out += [f"NVMe critical warning: {what}" for bit, what in NVME_CRITICAL_BITS.items()
+                    if self.critical_warning & (1 << bit)]
+            unknown = self.critical_warning & ~((1 << len(NVME_CRITICAL_BITS)) - 1)
+            if unknown:
+                out.append(f"NVMe critical warning bits {unknown:#x}")
+        if self.passed is False and not out:
+            out.append("SMART overall-health self-assessment: FAILED")
+        return tuple(out)
+
+    @property
+    def critical(self) -> bool:
+        """The drive reports itself failing (ATA FAILED, any NVMe critical warning)."""
+        return self.passed is False or bool(self.critical_warning)
 
     def vector(self, names: tuple[str, ...]) -> npt.NDArray[np.float32]:
         """One input row for a model declaring ``names`` (other features 0)."""
@@ -120,6 +157,7 @@ def parse_smartctl_json(text: str | bytes, where: str = "smartctl") -> SmartRead
     if status & (1 << _FAILING_BIT):
         passed = False
     values: dict[str, float] = {}
+    critical_warning: int | None = None
     table = doc.get("ata_smart_attributes", {})
     nvme = doc.get("nvme_smart_health_information_log")
     if isinstance(table, dict) and "table" in table:
@@ -143,6 +181,11 @@ def parse_smartctl_json(text: str | bytes, where: str = "smartctl") -> SmartRead
                     v = float(int(v) & 0xFF)  # the low byte is the current temperature
                 values[f"smart_{aid}_raw"] = v
     elif isinstance(nvme, dict):
+        if "critical_warning" in nvme:
+            cw = _int(nvme["critical_warning"], "critical_warning", where)
+            if cw > 255:
+                raise SmartError(f"{where}: critical_warning is {int(cw)}, not a byte")
+            critical_warning = int(cw)
         for key, name in (("power_on_hours", "smart_9_raw"), ("temperature", "smart_194_raw"),
                           ("media_errors", "smart_187_raw")):
             if key in nvme:
@@ -157,7 +200,39 @@ def parse_smartctl_json(text: str | bytes, where: str = "smartctl") -> SmartRead
     feats = {n: values.get(n, 0.0) for n in SMART_FEATURES}
     return SmartReading(device=device, model=str(doc.get("model_name", "")),
                         serial=str(doc.get("serial_number", "")), passed=passed,
-                        features=feats, missing=missing)
+                        features=feats, missing=missing, critical_warning=critical_warning)
+
+
+@dataclass(frozen=True)
+class SmartAssessment:
+    """A drive's SMART verdict: its own (``critical``) beside the model's (``risk``)."""
+
+    risk: float | None        # the failure model's score (None: no model)
+    threshold: float | None
+    critical: bool            # the drive reports itself failing
+    flagged: bool             # critical, or risk at or above the threshold
+    reason: str               # one line: why flagged, or "healthy"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"risk": self.risk, "threshold": self.threshold, "critical": self.critical,
+                "flagged": self.flagged, "reason": self.reason}
+
+
+def assess(reading: SmartReading, model: Model | None = None) -> SmartAssessment:
+    """The drive's own verdict and, with a ``failure`` model, its risk score."""
+    risk: float | None = None
+    threshold: float | None = None
+    at_risk = False
+    if model is not None:
+        scores, flags = model.predict(reading.vector(model.features))
+        risk, threshold, at_risk = float(scores[0]), model.threshold, bool(flags[0])
+    reasons = list(reading.warnings)
+    if at_risk:
+        reasons.append(f"failure risk {risk:.2f} at or above the model's threshold "
+                       f"{threshold:g}")
+    return SmartAssessment(risk=risk, threshold=threshold, critical=reading.critical,
+                           flagged=reading.critical or at_risk,
+                           reason="; ".join(reasons) if reasons else "healthy")
 
 
 def read_smart(device: str, timeout: float = 30.0,

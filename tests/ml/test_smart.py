@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ml.features import SMART_FEATURES
-from ml.smart import SmartError, parse_smartctl_json, read_backblaze, read_smart
+from ml.smart import SmartError, assess, parse_smartctl_json, read_backblaze, read_smart
 from ml.synth import SmartConfig, make_smart
 from tests.ml.helpers import ml_main
 
@@ -127,3 +130,91 @@ def test_backblaze_round_trip(tmp_path: Path) -> None:
     (tmp_path / "2024-01-01.csv").write_text("date,serial_number\n")
     with pytest.raises(SmartError, match=r"missing column.*failure"):
         read_backblaze(str(tmp_path))
+
+
+# ---- the drive's own verdict, and the failure model beside it ----------------------------
+
+
+def nvme(critical_warning: Any = 0, passed: bool | None = True, status: int = 0,
+         media_errors: int = 0) -> dict[str, Any]:
+    """The fields smartctl 7.3 gives for an NVMe drive (-a --json)."""
+    doc: dict[str, Any] = {
+        "smartctl": {"version": [7, 3], "exit_status": status},
+        "device": {"name": "/dev/nvme0", "type": "nvme", "protocol": "NVMe"},
+        "model_name": "QEMU NVMe Ctrl", "serial_number": "UBLKML-NVME0",
+        "nvme_smart_health_information_log": {
+            "critical_warning": critical_warning, "temperature": 50, "available_spare": 100,
+            "power_on_hours": 5, "media_errors": media_errors}}
+    if passed is not None:
+        doc["smart_status"] = {"passed": passed, "nvme": {"value": critical_warning}}
+    return doc
+
+
+def test_nvme_critical_warning_is_the_drives_own_verdict() -> None:
+    ok = parse_smartctl_json(json.dumps(nvme()))
+    assert ok.critical_warning == 0 and not ok.critical and ok.warnings == ()
+    # What smartctl says of a drive whose controller sets bit 2: FAILED, exit bit 3.
+    bad = parse_smartctl_json(json.dumps(nvme(4, passed=False, status=8)))
+    assert bad.critical and bad.critical_warning == 4 and bad.passed is False
+    assert bad.warnings == ("NVMe critical warning: reliability degraded (media or internal "
+                            "errors)",)
+    # The byte alone is enough, whatever smart_status says.
+    assert parse_smartctl_json(json.dumps(nvme(2, passed=None))).critical
+    with pytest.raises(SmartError, match="not a byte"):
+        parse_smartctl_json(json.dumps(nvme(256)))
+    with pytest.raises(SmartError, match="critical_warning"):
+        parse_smartctl_json(json.dumps(nvme("high")))
+
+
+def test_ata_failed_is_critical() -> None:
+    r = parse_smartctl_json(json.dumps(ata(smart_status={"passed": False})))
+    assert r.critical and r.critical_warning is None
+    assert r.warnings == ("SMART overall-health self-assessment: FAILED",)
+    assert not parse_smartctl_json(json.dumps(ata())).critical
+
+
+@given(st.integers(0, 255))
+def test_every_critical_warning_byte(cw: int) -> None:
+    r = parse_smartctl_json(json.dumps(nvme(cw, passed=cw == 0)))
+    assert r.critical == (cw != 0)
+    named = bin(cw & 0x3F).count("1")
+    assert len(r.warnings) == named + (1 if cw & 0xC0 else 0)
+
+
+def test_assess_with_the_packaged_failure_model() -> None:
+    from ml.model import reference_model
+
+    model = reference_model("failure")
+    healthy = assess(parse_smartctl_json(json.dumps(ata())), model)
+    assert healthy.risk is not None and healthy.risk < model.threshold
+    assert not healthy.flagged and healthy.reason == "healthy"
+    rows = ata()["ata_smart_attributes"]["table"] + [
+        {"id": 187, "raw": {"value": 50}}, {"id": 198, "raw": {"value": 40}}]
+    rows = [r if r["id"] not in (5, 197) else {**r, "raw": {"value": 300}} for r in rows]
+    risky = assess(parse_smartctl_json(json.dumps(ata(ata_smart_attributes={"table": rows}))),
+                   model)
+    assert risky.flagged and not risky.critical and risky.risk is not None
+    assert risky.risk >= model.threshold and "failure risk" in risky.reason
+    critical = assess(parse_smartctl_json(json.dumps(nvme(8, passed=False, status=8))), model)
+    assert critical.flagged and critical.critical and "read-only" in critical.reason
+    # Without a model the drive's own word still counts.
+    alone = assess(parse_smartctl_json(json.dumps(nvme(1, passed=False))))
+    assert alone.risk is None and alone.flagged and "spare" in alone.reason
+
+
+def test_real_smartctl_on_a_loop_device(tmp_path: Path) -> None:
+    """A loop device has no SMART: the real smartctl says so, as one SmartError line."""
+    if shutil.which("smartctl") is None:
+        pytest.fail("smartctl is missing: install smartmontools (scripts/setup.sh does)")
+    if os.geteuid() != 0:
+        pytest.fail("this test needs root (a loop device)")
+    img = tmp_path / "d.img"
+    img.write_bytes(b"\0" * (1 << 20))
+    dev = subprocess.run(["losetup", "-f", "--show", str(img)], capture_output=True,
+                         text=True, check=True).stdout.strip()
+    try:
+        with pytest.raises(SmartError) as e:
+            read_smart(dev)
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)
+    assert "Unable to detect device type" in str(e.value) and "\n" not in str(e.value)

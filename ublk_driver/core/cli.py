@@ -98,7 +98,7 @@ def _version() -> str:
 #: The order of ``ublkml --help``: a device's life first, then the parts above it;
 #: commands of other packages follow in name order.
 HELP_ORDER = ("add", "del", "list", "recover", "features", "status", "fault", "leg", "demo",
-              "bench", "agent", "model", "ml", "vm")
+              "bench", "agent", "model", "ml", "monitor", "vm")
 
 
 def _entry_points() -> dict[str, metadata.EntryPoint]:

@@ -21,7 +21,7 @@ from ublk_driver.core.errors import ConfigError
 from ublk_driver.hooks import hook_classes
 
 EVERY_COMMAND = ("add", "del", "list", "recover", "features", "status", "fault", "leg", "demo",
-                 "bench", "agent", "model", "ml", "vm")
+                 "bench", "agent", "model", "ml", "monitor", "vm")
 
 
 def ublkml(*args: str, **kw: object) -> subprocess.CompletedProcess[str]:

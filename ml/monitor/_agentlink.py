@@ -1,0 +1,155 @@
+"""The monitor's link to the kernel agent: registration, recommendations, the alert log.
+
+The monitor registers as an extension of class ``monitor`` (one per host:
+:data:`kernel_agent.registry.DEFAULT_LIMITS`), lazily and again after a
+failure, since the agent may start after the monitor.  A registration left
+behind by a monitor that died while no agent ran to unregister it is removed
+first (its pid no longer runs the process that registered).
+
+Recommendations (``demote_leg`` of a mirror leg whose drive fails) go through
+the extension's ring and are validated by the agent like any other; the
+submission record has no room for prose, so the reason travels in its
+``model`` field in short (``monitor:smart``) and in full in the alert log,
+``<agent dir>/monitor.jsonl`` (:class:`kernel_agent.eventlog.JsonLinesLog`,
+next to the agent's ``events.jsonl`` and ``audit.jsonl``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from kernel_agent.agent import read_agent_state
+from kernel_agent.errors import AgentError
+from kernel_agent.eventlog import JsonLinesLog
+from kernel_agent.registry import Registry, proc_starttime
+from kernel_agent.ring import Channel, Recommendation
+
+log = logging.getLogger("ublkml.ml.monitor")
+
+CLASS = "monitor"
+
+
+@dataclass
+class Sent:
+    seq: int
+    device: str
+    action: str
+    value: str
+    drive: str
+    status: str = "sent"
+    reason: str = ""
+
+
+class AgentLink:
+    """Registration with the agent, its ring, and the alert log."""
+
+    def __init__(self, agent_dir: str | None = None, ttl_ms: int = 10_000,
+                 retry_s: float = 10.0, enabled: bool = True) -> None:
+        self.registry = Registry(agent_dir)
+        self.ttl_ms = ttl_ms
+        self.retry_s = retry_s
+        self.enabled = enabled
+        self.ext_id: int | None = None
+        self._channel: Channel | None = None
+        self._tried = float("-inf")
+        self.note = "not registered with the kernel agent yet" if enabled else \
+            "recommendations disabled (--no-agent)"
+        self.sent: dict[int, Sent] = {}
+        self._log: JsonLinesLog | None = None
+        self.log_path: str | None = None
+        try:
+            self._log = JsonLinesLog(self.registry.root / "monitor.jsonl")
+            self.log_path = str(self.registry.root / "monitor.jsonl")
+        except OSError as e:
+            log.warning("monitor: no alert log in %s: %s", self.registry.root, e)
+
+    def write_log(self, record: dict[str, Any]) -> None:
+        if self._log is not None:
+            try:
+                self._log.write(record)
+            except OSError as e:
+                log.warning("monitor: cannot write the alert log: %s", e)
+
+    def connect(self, model: str) -> bool:
+        if not self.enabled:
+            return False
+        if self._channel is not None:
+            return True
+        now = time.monotonic()
+        if now - self._tried < self.retry_s:
+            return False
+        self._tried = now
+        if read_agent_state(self.registry.root) is None:
+            self.note = (f"no kernel agent is running (state dir {self.registry.root}): "
+                         "recommendations are not sent; start one with `ublkml agent start`")
+            return False
+        try:
+            for e in self.registry.extensions():  # a monitor that died unregistered
+                if e.cls == CLASS and e.state == "live" and \
+                        proc_starttime(e.pid) != e.starttime:
+                    self.registry.remove(e.id)
+            ext = self.registry.add(CLASS, {"pid": str(os.getpid()), "model": model[:60]})
+            self._channel = Channel.open(ext.ring)
+        except (AgentError, OSError) as e:
+            self.note = f"cannot register with the kernel agent: {e}"
+            return False
+        self.ext_id = ext.id
+        self.note = f"registered with the kernel agent as extension {ext.id}"
+        self.write_log({"type": "monitor", "what": "registered", "ext": ext.id,
+                        "pid": os.getpid()})
+        return True
+
+    def recommend(self, device: str, action: str, value: str, confidence: float,
+                  why: str, drive: str, model: str) -> Sent | str:
+        """Submit one recommendation; what was sent, or why nothing was."""
+        if not self.connect(model):
+            return self.note
+        assert self._channel is not None
+        rec = self._channel.submit(Recommendation(
+            device=device, action=action, value=value,
+            confidence=max(0.5, min(1.0, confidence)), model=f"monitor:{why}"[:64],
+            ttl_ms=self.ttl_ms, ext_id=self.ext_id or 0))
+        if rec is None:
+            return "the agent's submission ring is full (is the agent stuck?)"
+        sent = Sent(int(rec.seq), device, action, value, drive)
+        self.sent[sent.seq] = sent
+        while len(self.sent) > 256:  # answers that never came: keep the newest
+            self.sent.pop(next(iter(self.sent)))
+        return sent
+
+    def answers(self) -> list[Sent]:
+        """Recommendations the agent answered since the last call."""
+        if self._channel is None:
+            return []
+        out = []
+        try:
+            completions = self._channel.completions()
+        except (AgentError, OSError) as e:
+            self.note = f"the agent's ring became unusable: {e}"
+            self._channel.close()
+            self._channel = None
+            return []
+        for c in completions:
+            s = self.sent.get(c.seq)
+            if s is None:
+                continue
+            s.status, s.reason = c.status.name.lower(), c.reason
+            out.append(s)
+        return out
+
+    def close(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+        if self.ext_id is not None:
+            with contextlib.suppress(AgentError, OSError):
+                self.registry.remove(self.ext_id)
+            self.ext_id = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
