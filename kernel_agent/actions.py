@@ -15,10 +15,10 @@ recommendation.
   every process not in a child group); ``0`` removes it.
 * Driver actions (``demote_leg``, ``promote_leg``; the value is the leg)
   go to the server of the device through a :class:`ControlChannel`.  By
-  default a ublk device ``ublkbN`` is reached through its server's control
+  default a ublk device ``ublkbN`` is reached through its server's admin
   socket (:class:`UblkControlChannel`, :mod:`ublk_driver.admin`); any other
   device, or a ublk device whose server has no socket, has no channel and the
-  recommendation is rejected with "unsupported: no control channel".
+  recommendation is rejected with "unsupported: no admin socket".
   ``promote_leg`` is applied once the resync has *started*: the agent's one
   thread must not wait minutes for it.
 """
@@ -157,14 +157,15 @@ class Throttle:
 
 
 class ControlChannel(Protocol):
-    """A ublk server's control channel: performs a driver action."""
+    """The way to a ublk server (a ublkml server's admin socket): performs a driver
+    action."""
 
     def perform(self, bd: BlockDevice, action: str, value: str) -> str:
         """Do it; return the previous value (for rollback) or raise ActionError."""
 
 
 class UblkControlChannel:
-    """The control socket of a ublkml server (``ublk_driver.admin``)."""
+    """The admin socket of a ublkml server (``ublk_driver.admin``)."""
 
     LEG_STATES: ClassVar[dict[str, str]] = {"demote_leg": "demoted", "promote_leg": "active"}
 
@@ -194,7 +195,7 @@ class UblkControlChannel:
 
 
 def ublk_channel_for(bd: BlockDevice, state_dir: str | None = None) -> ControlChannel | None:
-    """The control channel of ``/dev/ublkbN``'s server, if it has one."""
+    """The admin socket of ``/dev/ublkbN``'s server, if it has one."""
     m = re.fullmatch(r"ublkb(\d+)", bd.name)
     if m is None:
         return None
@@ -217,7 +218,7 @@ class DriverAction:
 
     def available(self, bd: BlockDevice) -> str | None:
         if self.channel_for(bd) is None:
-            return f"unsupported: no control channel to the server of {bd.name}"
+            return f"unsupported: no admin socket to the server of {bd.name}"
         return None
 
     def read(self, bd: BlockDevice) -> str:
@@ -226,7 +227,7 @@ class DriverAction:
     def write(self, bd: BlockDevice, value: str) -> None:
         ch = self.channel_for(bd)
         if ch is None:
-            raise ActionError(f"unsupported: no control channel to the server of {bd.name}")
+            raise ActionError(f"unsupported: no admin socket to the server of {bd.name}")
         ch.perform(bd, self.action, value)
 
 

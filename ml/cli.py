@@ -59,13 +59,30 @@ def _describe(info: dict[str, Any]) -> str:
             f"  output: {info['output']}")
 
 
+def _packaged() -> list[tuple[str, str, str]]:
+    """The packaged models: (name, file, what it is for); the name is the file's stem."""
+    from ml.model import DRIVE_MODEL, REFERENCE_MODELS
+
+    return [
+        ("fail_slow", REFERENCE_MODELS["fail_slow"],
+         "the in-server scorer: each completion path of a device against its peers "
+         "(`ublkml add --score`, `ublkml model use`; the host monitor's default)"),
+        ("drive_fail_slow", DRIVE_MODEL,
+         "drive telemetry and the host monitor: a drive's latency against its peers' or "
+         "its own latency-vs-throughput curve (`ublkml ml detect`, `ublkml monitor run "
+         "--model`); not for the in-server scorer, whose summaries lack its fit_* features"),
+        ("failure", REFERENCE_MODELS["failure"],
+         "SMART failure risk (`ublkml ml smart`, the host monitor's SMART checks)"),
+    ]
+
+
 def cmd_model_list(args: argparse.Namespace) -> int:
-    from ml.model import REFERENCE_MODELS, load_model
+    from ml.model import load_model
     from ml.scorer import model_file, state_dir
 
     models = []
-    for kind, path in REFERENCE_MODELS.items():
-        entry: dict[str, Any] = {"kind": kind, "path": path, "packaged": True}
+    for name, path, use in _packaged():
+        entry: dict[str, Any] = {"name": name, "path": path, "packaged": True, "for": use}
         try:
             entry.update(load_model(path).info.as_dict())
         except UblkError as e:
@@ -82,8 +99,9 @@ def cmd_model_list(args: argparse.Namespace) -> int:
         print(json.dumps({"models": models, "devices": devices}, indent=2))
         return 0
     for m in models:
-        print(f"packaged {m['kind']}: " + (_describe(m) if "error" not in m
+        print(f"packaged {m['name']}: " + (_describe(m) if "error" not in m
                                            else f"{m['path']}: {m['error']}"))
+        print(f"  for: {m['for']}")
     for d in devices:
         print(f"device {d['dev_id']} uses {d['model']}")
     if not devices:
@@ -104,11 +122,11 @@ def cmd_model_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_model_use(args: argparse.Namespace) -> int:
-    from ml.model import load_model
-    from ml.scorer import model_file, state_dir
+    from ml.scorer import load_scorer_model, model_file, state_dir
 
     path = os.path.abspath(args.file)
-    info = load_model(path, expect_kind="fail_slow").info  # never hand a bad one over
+    # Never hand over a model the scorer would refuse (bad, or features it lacks).
+    info = load_scorer_model(path).info
     sd = state_dir()
     dev = args.number
     if dev is None:
@@ -140,8 +158,10 @@ def register_model(sub: Subparsers) -> None:
                        description="List, validate and switch the ONNX models that score a "
                        "device's completion paths (contract: docs/models.md).")
     ls = sub.add_parser("list", help="packaged models and the model each device uses",
-                        description="Show the packaged reference models and, per device, "
-                        "the model chosen with `model use`.")
+                        description="Show the packaged models (fail_slow for the in-server "
+                        "scorer, drive_fail_slow for drive telemetry and the host monitor, "
+                        "failure for SMART), what each is for, and, per device, the model "
+                        "chosen with `model use`.")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
     ls.set_defaults(func=_input_errors(cmd_model_list))
     v = sub.add_parser("validate", help="check a model against the plug-in contract",
@@ -155,7 +175,9 @@ def register_model(sub: Subparsers) -> None:
     u = sub.add_parser("use", help="hot-swap a running device's fail-slow model",
                        description="Validate FILE, then point the device's scorer at it "
                        "($UBLKML_STATE_DIR/<dev>.model, default /run/ublkml); the scorer "
-                       "swaps within a tick and keeps its old model if the new one fails.")
+                       "swaps within a tick and keeps its old model if the new one fails. "
+                       "A model that needs features the scorer's per-path summaries lack "
+                       "(fit_*, as drive_fail_slow) is refused.")
     u.add_argument("file", metavar="FILE")
     u.add_argument("-n", "--number", type=int, help="device id (default: the only device)")
     u.add_argument("--json", action="store_true", help="machine-readable output")

@@ -49,13 +49,11 @@ class ScoringHook(ServerHook):
         score = getattr(args, "score", None)
         if score is None:
             return None
-        from ml.model import load_model, reference_model
+        from ml.scorer import load_scorer_model
 
-        # Checked now, before any device exists: a bad model creates nothing.
-        if score == "default":
-            reference_model("fail_slow")
-        else:
-            load_model(score, expect_kind="fail_slow")
+        # Checked now, before any device exists: a bad model, or one whose
+        # features the scorer cannot compute, creates nothing.
+        load_scorer_model(None if score == "default" else score)
         leg_policy = target_type == "mirror" and not getattr(args, "no_leg_policy", False)
         return cls(None if score == "default" else score, leg_policy)
 

@@ -16,8 +16,9 @@ seconds of old completions and slow every verdict down.
 The thread never stops the device: every error (a model that fails, a
 callback that raises, a state file that cannot be written) is logged and
 counted, and the next tick runs.  Hot-swapping: :meth:`Scorer.swap_model`
-validates a model before it replaces the current one; with a ``dev_id`` the
-thread also watches ``$UBLKML_STATE_DIR/<dev_id>.model`` (written by
+validates a model before it replaces the current one, and refuses one that
+needs features the per-path summaries lack (:func:`check_model`); with a
+``dev_id`` the thread also watches ``$UBLKML_STATE_DIR/<dev_id>.model`` (written by
 ``ublkml model use``) and swaps when its mtime changes.  The latest verdicts
 are in :meth:`Scorer.verdicts` and in ``$UBLKML_STATE_DIR/<dev_id>.verdicts.json``.
 
@@ -46,13 +47,15 @@ import numpy.typing as npt
 
 from ml.features import (
     FEATURE_NAMES,
+    NOT_IN_RECORDS,
     Summary,
     select,
     summarize,
     summary_features,
     summary_from_counts,
 )
-from ml.model import Model, ModelError, load_model, reference_model
+from ml.model import REFERENCE_MODELS, Model, ModelError, load_model, reference_model
+from ublk_driver.core.priority import raise_thread_priority
 from ublk_driver.records import COMPLETION_DTYPE
 
 log = logging.getLogger("ublkml.ml.scorer")
@@ -74,6 +77,34 @@ def model_file(dev_id: int, directory: str | None = None) -> str:
 
 def verdicts_file(dev_id: int, directory: str | None = None) -> str:
     return os.path.join(directory or state_dir(), f"{dev_id}.verdicts.json")
+
+
+def check_model(model: Model) -> Model:
+    """``model`` if the scorer can feed it; else :class:`ModelError`, one line.
+
+    The scorer has per-path summaries (counts, latency histograms), not the
+    per-interval throughput samples that the ``fit_*`` features fit latency
+    against (:data:`ml.features.NOT_IN_RECORDS`): those columns would be NaN in
+    every window, and the model's verdicts meaningless.
+    """
+    if model.kind != "fail_slow":
+        raise ModelError(f"{model.info.path}: a {model.kind} model; the scorer needs "
+                         "a fail_slow model")
+    missing = [n for n in model.features if n in NOT_IN_RECORDS]
+    if missing:
+        raise ModelError(f"{model.info.path}: needs {', '.join(missing)}, which the "
+                         "scorer's per-path summaries do not have (a drive-telemetry model, "
+                         "for `ublkml ml detect` and `ublkml monitor`); use a per-path "
+                         f"model such as the packaged {REFERENCE_MODELS['fail_slow']}")
+    return model
+
+
+def load_scorer_model(path: str | None = None) -> Model:
+    """The fail_slow model at ``path`` (None: the packaged one), if the scorer can
+    feed it (:func:`check_model`)."""
+    if path is None:
+        return check_model(reference_model("fail_slow"))
+    return check_model(load_model(path, expect_kind="fail_slow"))
 
 
 class CompletionSource(Protocol):
@@ -113,14 +144,8 @@ class Scorer:
         if interval_s <= 0 or window_ticks < 1:
             raise ValueError("interval_s must be > 0 and window_ticks >= 1")
         self.source = source
-        if model is None:
-            model = reference_model("fail_slow")
-        elif isinstance(model, str):
-            model = load_model(model, expect_kind="fail_slow")
-        if model.kind != "fail_slow":
-            raise ModelError(f"{model.info.path}: a {model.kind} model; the scorer needs "
-                             "a fail_slow model")
-        self._model = model
+        self._model = (load_scorer_model(model) if model is None or isinstance(model, str)
+                       else check_model(model))
         self.interval_s = interval_s
         self.window_ticks = window_ticks
         self.window_s = window_ticks * interval_s
@@ -159,8 +184,9 @@ class Scorer:
         return self._model
 
     def swap_model(self, path: str) -> Model:
-        """Validate ``path`` and make it the model; on error the old one stays."""
-        new = load_model(path, expect_kind="fail_slow")
+        """Validate ``path`` (:func:`load_scorer_model`) and make it the model; on
+        error the old one stays."""
+        new = load_scorer_model(path)
         with self._lock:
             old, self._model = self._model, new
         log.info("scorer: model %s (version %s) replaces %s", new.info.path, new.info.version,
@@ -346,6 +372,9 @@ class Scorer:
         # wait), but with a rest of at least half a period after a tick that
         # overran: no catch-up burst, and a starved machine is not starved
         # further by a scorer ticking back to back.
+        why = raise_thread_priority()
+        if why is not None:
+            log.warning("scorer: %s", why)
         due = time.monotonic()
         while True:
             now = time.monotonic()

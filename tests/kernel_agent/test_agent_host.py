@@ -114,7 +114,7 @@ def test_invalid_ones_rejected_and_agent_survives(setup: Callable[..., tuple[Age
     assert all(c.status is Status.REJECTED for c in comps), comps
     reasons = [c.reason for c in comps]
     for expected in ("out of bounds", "unknown device", "not allowed", "expired",
-                     "below the floor", "not one of", "no control channel", "malformed",
+                     "below the floor", "not one of", "no admin socket", "malformed",
                      "malformed"):
         assert any(expected in r for r in reasons), (expected, reasons)
     # A flood beyond the rate limit (12 tokens, ~no refill): 3 left, then refused.

@@ -48,7 +48,7 @@ def test_demote_and_promote_through_the_allow_list(served: Served) -> None:
     demote, promote = specs["demote_leg"], specs["promote_leg"]
     assert isinstance(demote.applier, DriverAction) and not demote.check_effect
     assert demote.applier.available(UBLKB7) is None
-    assert "no control channel to the server of loop0" in str(
+    assert "no admin socket to the server of loop0" in str(
         demote.applier.available(BlockDevice("loop0", 7, 0)))
     assert demote.why_invalid("16") and promote.why_invalid("x")   # the leg, 0..15
 

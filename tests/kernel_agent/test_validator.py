@@ -66,7 +66,7 @@ def test_valid_and_each_rejection(tmp_path: Path) -> None:
         "ring of extension": rec(ext_id=2),
         "not one of": rec(action="scheduler", value="cfq"),
         "offers schedulers": rec(action="scheduler", value="bfq"),
-        "no control channel": rec(action="demote_leg", value="1"),
+        "no admin socket": rec(action="demote_leg", value="1"),
         "no queue/wbt_lat_usec": rec(action="wbt_lat_usec", value="100"),
         "no cgroup I/O throttling": rec(action="throttle_read_bps", value="1000"),
     }

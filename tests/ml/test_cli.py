@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ml.model import REFERENCE_MODELS
+from ml.model import DRIVE_MODEL, REFERENCE_MODELS
 from tests.ml.helpers import ml_main, model_main, sigmoid_model
 from ublk_driver.core.cli import main
 
@@ -52,6 +52,36 @@ def test_use_and_list(tmp_path: Path, state: Path, capsys: pytest.CaptureFixture
     out = json.loads(capsys.readouterr().out)
     assert {m["kind"] for m in out["models"]} == {"fail_slow", "failure"}
     assert out["devices"] == [{"dev_id": 3, "model": str(good)}]
+
+
+def test_list_shows_the_drive_model_and_what_each_is_for(
+        state: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert model_main(["list", "--json"]) == 0
+    models = {m["name"]: m for m in json.loads(capsys.readouterr().out)["models"]}
+    assert set(models) == {"fail_slow", "drive_fail_slow", "failure"}
+    drive = models["drive_fail_slow"]
+    assert "error" not in drive and drive["path"] == DRIVE_MODEL
+    assert drive["kind"] == "fail_slow" and "fit_lat_ratio_p50" in drive["features"]
+    assert "ml detect" in drive["for"] and "monitor" in drive["for"]
+    assert "not for the in-server scorer" in drive["for"]
+    assert "in-server scorer" in models["fail_slow"]["for"]
+    assert "SMART" in models["failure"]["for"]
+    assert model_main(["list"]) == 0
+    text = capsys.readouterr().out
+    assert f"packaged drive_fail_slow: {DRIVE_MODEL}" in text
+    assert text.count("  for: ") == 3 and "devices use the packaged fail_slow model" in text
+
+
+def test_use_refuses_a_model_the_scorer_cannot_feed(
+        state: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    state.mkdir()
+    (state / "3.model").write_text(REFERENCE_MODELS["fail_slow"] + "\n")
+    assert model_main(["use", DRIVE_MODEL, "-n", "3"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ublkml: error: ")
+    assert "fit_lat_ratio_p10, fit_lat_ratio_p50, fit_lat_ratio_p90" in err[0]
+    assert REFERENCE_MODELS["fail_slow"] in err[0]           # which model to use instead
+    assert (state / "3.model").read_text().strip() == REFERENCE_MODELS["fail_slow"]
 
 
 def test_usage_errors_and_help(capsys: pytest.CaptureFixture[str]) -> None:

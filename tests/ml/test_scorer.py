@@ -12,9 +12,10 @@ import pytest
 
 from ml.bench_scoring import measure
 from ml.features import summarize
-from ml.model import REFERENCE_MODELS, ModelError
+from ml.model import DRIVE_MODEL, REFERENCE_MODELS, ModelError, drive_model
 from ml.scorer import Scorer, model_file, verdicts_file
 from tests.ml.helpers import GOOD_META, batch, sigmoid_model
+from ublk_driver.core.cli import main
 from ublk_driver.records import COMPLETION_DTYPE, SUMMARY_DTYPE
 
 
@@ -152,6 +153,42 @@ def test_hot_swap_through_the_state_file(tmp_path: Path) -> None:
     state = json.loads(Path(verdicts_file(7, str(tmp_path))).read_text())
     assert "unknown feature" in state["model_error"]
     assert state["verdicts"][0]["path"] == 0 and state["model"]["version"] == "9"
+
+
+def test_refuses_a_model_needing_features_summaries_lack(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """At start: the packaged drive model (fit_* features) as a path, as a Model, and
+    through `ublkml add --score`, which refuses it before any device exists."""
+    for model in (DRIVE_MODEL, drive_model()):
+        with pytest.raises(ModelError) as e:
+            Scorer(Source(), model)
+        msg = str(e.value)
+        assert "\n" not in msg and msg.startswith(f"{DRIVE_MODEL}: needs fit_lat_ratio_p10, "
+                                                    "fit_lat_ratio_p50, fit_lat_ratio_p90,")
+        assert REFERENCE_MODELS["fail_slow"] in msg
+    mixed = tmp_path / "mixed.onnx"   # one fit_* feature among per-path ones
+    mixed.write_bytes(sigmoid_model(
+        {**GOOD_META, "ublkml.features": "peer_lat_ratio,fit_lat_ratio_p50"}))
+    with pytest.raises(ModelError, match=r"needs fit_lat_ratio_p50, which"):
+        Scorer(Source(), str(mixed))
+    assert main(["add", "-t", "null", "--score", DRIVE_MODEL]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs fit_lat_ratio_p10" in err[0]
+
+
+def test_hot_swap_refuses_a_drive_model_and_keeps_the_old_one(tmp_path: Path) -> None:
+    src = Source(*(batch(500, seed=i) for i in range(10)))
+    sc = Scorer(src, dev_id=7, directory=str(tmp_path), state_interval_s=0)
+    with pytest.raises(ModelError, match="per-path summaries do not have"):
+        sc.swap_model(DRIVE_MODEL)
+    assert sc.model.info.path == REFERENCE_MODELS["fail_slow"]
+    Path(model_file(7, str(tmp_path))).write_text(f"{DRIVE_MODEL}\n")
+    sc.tick()  # refused: logged, old model kept, the tick still scored
+    assert sc.model.info.path == REFERENCE_MODELS["fail_slow"] and sc.errors == 1
+    state = json.loads(Path(verdicts_file(7, str(tmp_path))).read_text())
+    assert "fit_lat_ratio_p10" in state["model_error"]
+    assert state["model"]["path"] == REFERENCE_MODELS["fail_slow"]
+    assert state["verdicts"][0]["path"] == 0
 
 
 def test_errors_never_stop_it(caplog: pytest.LogCaptureFixture) -> None:
