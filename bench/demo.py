@@ -30,7 +30,8 @@ def cmd_failslow(args: argparse.Namespace) -> int:
     from bench.failslow import FailslowConfig, FailslowError, demonstrate
 
     config = FailslowConfig(quick=args.quick, slow=args.slow, read_iops=args.read_iops,
-                            healthy_minutes=args.healthy_minutes)
+                            healthy_minutes=args.healthy_minutes,
+                            cpu_hogs=_hogs(args.cpu_hogs))
     try:
         config.validate()
     except FailslowError as e:
@@ -39,6 +40,19 @@ def cmd_failslow(args: argparse.Namespace) -> int:
     out = Path(args.out or REPO_ROOT / "results" / f"failslow-{stamp}").resolve()
     return demonstrate(config, out, in_vm=args.in_vm, vm_timeout=args.vm_timeout,
                        report=not args.no_report, print_json=args.json)
+
+
+def _hogs(spec: str) -> int:
+    """``--cpu-hogs``: a count, or ``cpus`` (-1) for one per CPU where the run happens."""
+    if spec == "cpus":
+        return -1
+    try:
+        n = int(spec)
+        if n < 0:
+            raise ValueError(spec)
+        return n
+    except ValueError:
+        raise UsageError(f"--cpu-hogs: expected a number or 'cpus', got {spec!r}") from None
 
 
 def _loop_args(args: argparse.Namespace) -> list[str]:
@@ -84,6 +98,9 @@ def _failslow_options(p: argparse.ArgumentParser) -> None:
                    help=f"slowdown factor (default {Plan.slow:g})")
     p.add_argument("--read-iops", type=int, default=Plan.read_iops,
                    help=f"read rate (default {Plan.read_iops})")
+    p.add_argument("--cpu-hogs", default="0", metavar="N|cpus",
+                   help="run N CPU-bound processes at normal priority alongside (cpus: one "
+                        "per CPU of the machine the demonstration runs on; default 0)")
     p.add_argument("--vm-timeout", type=float, metavar="S",
                    help="kill the test bed after S seconds (default: from the estimate)")
     p.add_argument("--no-report", action="store_true", help="results.json only")

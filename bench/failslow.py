@@ -12,7 +12,7 @@
    region, writes verified with crc32c as they go (``verify_backlog``); the
    healthy mirror first; then ``ublkml fault set --path 1 slow=10`` makes leg
    1 ten times slower; the policy flags it, the agent demotes it through the
-   server's control socket; later ``ublkml fault clear`` and the policy
+   server's admin socket; later ``ublkml fault clear`` and the policy
    re-admits the leg (resync, then active) once its health probes have looked
    healthy long enough; then the healthy mirror again;
 4. after the device is deleted the two legs must be byte-identical.
@@ -104,6 +104,7 @@ class Plan:
     read_depth: int = 8
     slow: float = 10.0
     healthy_minutes: float = 0.0  # > 0: the no-fault bursty run instead
+    cpu_hogs: int = 0             # CPU-bound processes at normal priority; -1: one per CPU
 
     @property
     def runtime_s(self) -> float:
@@ -399,6 +400,43 @@ def mirror_with_agent(work: Path, plan: Plan) -> Iterator[Setup]:
         s.facts["legs_identical"] = digests[0] == digests[1]
 
 
+@contextlib.contextmanager
+def cpu_hogs(n: int) -> Iterator[dict[str, Any]]:
+    """``n`` busy-looping processes at nice 0 (whatever this process's nice) until exit;
+    ``n`` = -1: one per CPU this process may run on.  The yielded dict gets, on exit,
+    the count, the wall time and each process's CPU seconds (what shows they were busy)."""
+    if n < 0:
+        n = len(os.sched_getaffinity(0))
+    hogs = [subprocess.Popen([sys.executable, "-c", "import os\nos.nice(-os.nice(0))\n"
+                              "while True: pass"])
+            for _ in range(n)]
+    facts: dict[str, Any] = {}
+    if hogs:
+        _say(f"{n} CPU-bound process(es) at normal priority: pids "
+             f"{', '.join(str(h.pid) for h in hogs)}")
+    t0 = time.monotonic()
+    try:
+        yield facts
+    finally:
+        cpu = [_cpu_seconds(h.pid) for h in hogs]
+        for h in hogs:
+            h.kill()
+        for h in hogs:
+            h.wait()
+        if hogs:
+            facts.update(cpu_hogs=n, cpu_hogs_wall_s=round(time.monotonic() - t0, 1),
+                         cpu_hogs_cpu_s=cpu)
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a live process, from /proc/PID/stat."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return round((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), 1)
+
+
 def _fio(job: Path) -> subprocess.Popen[str]:
     out = job.with_suffix(".json")
     return subprocess.Popen(["fio", "--output-format=json", f"--output={out}", str(job)],
@@ -473,12 +511,14 @@ def run_failslow(out: Path, plan: Plan) -> dict[str, Any]:
         "in_vm": _in_vm()}}
     with tempfile.TemporaryDirectory(prefix="failslow") as tmp, \
             mirror_with_agent(Path(tmp), plan) as s:
-        if plan.healthy_minutes:
-            doc["healthy"] = _healthy_run(s, plan, out)
-        else:
-            doc["run"] = _main_run(s, plan, out)
+        with cpu_hogs(plan.cpu_hogs) as hogs:
+            if plan.healthy_minutes:
+                doc["healthy"] = _healthy_run(s, plan, out)
+            else:
+                doc["run"] = _main_run(s, plan, out)
         doc["events"] = _events(s)
     doc["meta"].update(s.facts)
+    doc["meta"].update(hogs)
     doc["goals"] = goals(doc)
     _write_json(out / "results.json", doc)
     return doc
@@ -669,6 +709,9 @@ def write_report(doc: dict[str, Any], out: Path) -> Path:
     lines.append(f"Kernel {m.get('kernel')}{' (qemu test bed, TCG)' if m.get('in_vm') else ''}; "
                  f"legs on {m.get('filesystem')}; agent accounting: {m.get('agent_source')}; "
                  f"started {m.get('started')}.")
+    if m.get("cpu_hogs"):
+        lines.append(f"Busy machine: {m['cpu_hogs']} CPU-bound process(es) at normal priority "
+                     f"(CPU seconds {m['cpu_hogs_cpu_s']} in {m['cpu_hogs_wall_s']} s).")
     lines.append("")
     if "run" in doc:
         r = doc["run"]
@@ -771,21 +814,24 @@ class FailslowConfig:
     slow: float = Plan.slow
     read_iops: int = Plan.read_iops
     healthy_minutes: float = 0.0
+    cpu_hogs: int = 0
 
     def validate(self) -> None:
-        if self.healthy_minutes < 0 or self.slow < 1 or self.read_iops < 1:
+        if self.healthy_minutes < 0 or self.slow < 1 or self.read_iops < 1 \
+                or self.cpu_hogs < -1:
             raise FailslowError("--healthy-minutes must be >= 0, --slow >= 1, "
-                                "--read-iops >= 1")
+                                "--read-iops >= 1, --cpu-hogs >= 0")
 
     def plan(self) -> Plan:
         base = QUICK if self.quick else Plan()
         return Plan(**{**asdict(base), "slow": self.slow, "read_iops": self.read_iops,
-                       "healthy_minutes": self.healthy_minutes})
+                       "healthy_minutes": self.healthy_minutes, "cpu_hogs": self.cpu_hogs})
 
     def to_args(self) -> list[str]:
         """The ``ublkml demo failslow`` options that give this configuration back."""
         out = ["--slow", f"{self.slow:g}", "--read-iops", str(self.read_iops),
-               "--healthy-minutes", f"{self.healthy_minutes:g}"]
+               "--healthy-minutes", f"{self.healthy_minutes:g}",
+               "--cpu-hogs", "cpus" if self.cpu_hogs < 0 else str(self.cpu_hogs)]
         return out + (["--quick"] if self.quick else [])
 
 

@@ -58,6 +58,7 @@ from kernel_agent.ring import (
     decode_submission,
 )
 from kernel_agent.validator import Mode, Policy, Validator, Verdict, WatchedDevice
+from ublk_driver.core.priority import raise_thread_priority
 
 PER_TURN = 32  # submissions read per extension per turn
 
@@ -292,6 +293,11 @@ class Agent:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, on_signal)
             signal.signal(signal.SIGINT, on_signal)
+        # The loop answers recommendations: a demotion must not wait behind
+        # CPU-bound processes at normal priority.
+        why = raise_thread_priority()
+        if why is not None:
+            self.events.write({"event": "priority", "note": why})
         self.sync(force=True)
         last_state = time.monotonic()
         while not self._stop.is_set():

@@ -2,9 +2,10 @@
 
 A short run of the demonstration (``bench.failslow``, ``QUICK``): kernel agent,
 two-leg mirror with the scorer and the leg policy in its server, fio reads plus
-crc32c-verified writes in one fio run; leg 1 made 10x slower through
-``ublkml fault set``: detected and demoted through the agent within 3 s of the
-onset (as the server saw it); the fault cleared: re-admitted (resync, active)
+crc32c-verified writes in one fio run, and a CPU-bound process at normal
+priority on every CPU; leg 1 made 10x slower through ``ublkml fault set``:
+detected and demoted through the agent within 3 s of the onset (as the server
+saw it) although the machine is busy; the fault cleared: re-admitted (resync, active)
 within ``READMIT_GOAL_S``; fio's verification passes (the runner raises if any
 job reports an error) and the legs are byte-identical after the device is
 deleted.  Then a minute of bursty mixed load with no fault: no demotion.
@@ -15,6 +16,7 @@ bytes); none can pass when the loop does not close.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,7 +36,7 @@ def _steps(doc: dict[str, Any]) -> list[tuple[str, Any, Any, Any]]:
 
 
 def test_slow_leg_demoted_through_the_agent_and_readmitted(tmp_path: Path) -> None:
-    doc = run_failslow(tmp_path, QUICK)
+    doc = run_failslow(tmp_path, dataclasses.replace(QUICK, cpu_hogs=-1))
     run = doc["run"]
     steps = _steps(doc)
     print({k: run[k] for k in ("detect_s", "demote_s", "readmit_after_clear_s")},
@@ -54,6 +56,10 @@ def test_slow_leg_demoted_through_the_agent_and_readmitted(tmp_path: Path) -> No
     assert all(j["error"] == 0 for j in run["fio"].values())
     assert run["fio"]["writes"]["write_ios"] > 0 and run["fio"]["reads"]["read_ios"] > 0
     assert doc["meta"]["legs_identical"] is True
+    # The machine was busy: every hog ran for at least a quarter of the run.
+    meta = doc["meta"]
+    assert meta["cpu_hogs"] >= 2 and None not in meta["cpu_hogs_cpu_s"], meta
+    assert min(meta["cpu_hogs_cpu_s"]) >= 0.25 * meta["cpu_hogs_wall_s"], meta
 
 
 def test_no_demotion_while_healthy(tmp_path: Path,

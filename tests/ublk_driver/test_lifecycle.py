@@ -327,8 +327,8 @@ def test_queue_processes_go_with_their_server() -> None:
 
 # Cycles (make test, make soak) after a warm-up of WARMUP; seconds a cycle under TCG:
 # 0.6 in-process, 5.9 through the CLI (two interpreter start-ups).
-CYCLES_IN_PROCESS = (40, 100)
-CYCLES_CLI = (20, 100)
+CYCLES_IN_PROCESS = (20, 100)
+CYCLES_CLI = (4, 100)
 WARMUP = 5
 
 
@@ -336,7 +336,7 @@ def memory_bound_kib(cycles: int) -> int:
     """Memory growth (KiB) allowed over ``cycles``: 2 MiB of noise (the
     mirror's RSS moves by about that much over 100 cycles) plus 60 KiB a
     cycle, less than the 128 KiB of I/O buffers one cycle touches: 7.9 MiB
-    over 100 cycles, 4.3 MiB over 40, 3.2 MiB over 20."""
+    over 100 cycles, 3.2 MiB over 20, 2.2 MiB over 4."""
     return (2 << 10) + 60 * cycles
 
 
@@ -407,7 +407,7 @@ def _backing(kind: str, tmp_path: Path) -> list[str]:
 def test_add_delete_cycles_in_process_leak_nothing(
         kind: str, tmp_path: Path, figures: dict[str, Any],
         soak_count: Callable[[int, int], int]) -> None:
-    """Server API, this process: add, start, I/O, shutdown, 40 times (100 with
+    """Server API, this process: add, start, I/O, shutdown, 20 times (100 with
     --soak).
 
     Bounds, over the cycles after a warm-up of 5: the same number of open fds
@@ -478,7 +478,7 @@ def test_add_delete_cycles_in_process_leak_nothing(
 def test_add_delete_cycles_through_the_cli_leak_nothing(
         kind: str, tmp_path: Path, figures: dict[str, Any],
         soak_count: Callable[[int, int], int]) -> None:
-    """`ublkml add` (a daemon per device) then `ublkml del`, 20 times (100 with
+    """`ublkml add` (a daemon per device) then `ublkml del`, 4 times (100 with
     --soak): every server process exits, no device, state file or socket is
     left, this (long-lived) process holds no more fds; the kernel's
     unreclaimable memory grows by ``memory_bound_kib(cycles)`` at most."""
