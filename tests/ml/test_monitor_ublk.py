@@ -277,12 +277,16 @@ def test_monitor_flags_the_slow_nvme_then_a_critical_one(
         assert "CRITICAL" in out and "SLOW" in out
 
 
+# Known bug, encoded tightly: the detection assertions run first and fail the
+# test as usual; only the teardown's `ublkml del` timing out (seen in every run so
+# far, on the emulated SATA disk and on NVMe: the loop device over ext4 over a
+# dm-delay that was just set back from 5 ms to 0) is expected, and strict=True
+# fails the test once it stops hanging, so that this marker goes with the fix.
+@pytest.mark.xfail(strict=True, raises=subprocess.TimeoutExpired,
+                   reason="ublkml del of the lone loop device hangs at teardown")
 def test_lone_drive_is_flagged_against_its_own_baseline(
         emulated_drives: list[EmulatedDrive], tmp_path: Path,
         state_dirs: tuple[Path, Path]) -> None:
-    # An NVMe drive: with the emulated SATA disk (AHCI) under dm-delay and ext4,
-    # `ublkml del` of the loop device hung at teardown in the test bed (cause
-    # not found yet); the same stack on NVMe tears down cleanly.
     lone = next(d for d in emulated_drives if d.kind == "nvme")
     with contextlib.ExitStack() as stack:
         dm, set_delay = stack.enter_context(dm_delay("ublkml-mon-lone", lone.path))
