@@ -43,7 +43,9 @@ devices() {
   cd /tmp
   unset PYTHONPATH
   [ -e /dev/ublk-control ] || fail "no /dev/ublk-control here (use --testbed)"
-  local ublkml="$VENV/bin/ublkml" scratch dev_id="" bdev
+  # Globals, not locals: the EXIT trap runs after this function has returned.
+  ublkml="$VENV/bin/ublkml" scratch="" dev_id=""
+  local bdev
   scratch=$(mktemp -d /dev/shm/ublkml-wheel.XXXXXX)
   export UBLKML_AGENT_DIR="$scratch/agent"
   cleanup_devices() {
