@@ -43,7 +43,7 @@ from ml.monitor._samples import Counters, CounterSource, SampleRing, difference
 from ml.monitor._smartpoll import SmartPoller, SmartResult
 from ublk_driver.admin.paths import default_state_dir
 from ublk_driver.core.errors import UblkError
-from ublk_driver.core.priority import TIMELY_NICE
+from ublk_driver.core.priority import TIMELY_NICE, raise_thread_priority
 
 log = logging.getLogger("ublkml.ml.monitor")
 
@@ -477,7 +477,8 @@ class Monitor:
     def start(self) -> Monitor:
         """Adopt the first topology, then start the threads."""
         if self.config.nice is not None:
-            self.priority_note = _raise_priority(self.config.nice)
+            # Before any other thread starts: they inherit this thread's nice value.
+            self.priority_note = raise_thread_priority(self.config.nice)
         topo = self.discover()
         with self._lock:
             self._adopt(topo)
@@ -539,13 +540,6 @@ def _nice() -> int | None:
         return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     except OSError:
         return None
-
-
-def _raise_priority(nice: int) -> str | None:
-    """Lower this thread's nice value before any other thread starts (they inherit it)."""
-    from ublk_driver.core.priority import raise_thread_priority
-
-    return raise_thread_priority(nice)
 
 
 def _json_default(o: object) -> object:
