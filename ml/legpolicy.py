@@ -61,10 +61,8 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from kernel_agent.agent import read_agent_state
-from kernel_agent.errors import AgentError
-from kernel_agent.registry import Registry
-from kernel_agent.ring import Channel, Recommendation
+from kernel_agent.link import ExtensionLink
+from kernel_agent.ring import Recommendation
 from ml.features import FEATURE_INDEX, Summary, select, summarize, summary_features
 from ml.scorer import state_dir
 from ublk_driver.core.errors import UblkError
@@ -403,41 +401,23 @@ class AgentSink:
         self.device = device
         self.agent_dir = agent_dir
         self.ttl_ms = ttl_ms
-        self.retry_s = retry_s
-        self.clock = clock
-        self.ext_id: int | None = None
-        self._channel: Any = None
-        self._tried = float("-inf")
-        self._why = "not registered with the kernel agent yet"
+        self.link = ExtensionLink("ml-extension", agent_dir, retry_s, clock,
+                                  what="leg recommendations")
         self._pending: dict[int, Request] = {}
 
-    def _connect(self) -> str | None:
-        if self._channel is not None:
-            return None
-        now = self.clock()
-        if now - self._tried < self.retry_s:
-            return self._why
-        self._tried = now
-        reg = Registry(self.agent_dir)
-        if read_agent_state(reg.root) is None:
-            self._why = (f"no kernel agent is running (state dir {reg.root}): leg "
-                         "recommendations are not sent; start one with `ublkml agent start`")
-            return self._why
-        try:
-            ext = reg.add("ml-extension", {"pid": str(os.getpid()), "model": "fail-slow"})
-            self._channel = Channel.open(ext.ring)
-        except (AgentError, OSError) as e:
-            self._why = f"cannot register with the kernel agent: {e}"
-            return self._why
-        self.ext_id = ext.id
-        log.warning("legpolicy: registered with the kernel agent as extension %d", ext.id)
-        return None
+    @property
+    def ext_id(self) -> int | None:
+        return self.link.ext_id
 
     def submit(self, req: Request, model: str) -> str | None:
-        why = self._connect()
-        if why is not None:
-            return why
-        rec = self._channel.submit(Recommendation(
+        if self.link.channel is None:
+            why = self.link.connect({"pid": str(os.getpid()), "model": "fail-slow"})
+            if why is not None:
+                return why
+            log.warning("legpolicy: registered with the kernel agent as extension %d",
+                        self.link.ext_id)
+        assert self.link.channel is not None
+        rec = self.link.channel.submit(Recommendation(
             device=self.device, action=req.action, value=str(req.leg),
             confidence=max(0.0, min(1.0, req.confidence)), model=model,
             ttl_ms=self.ttl_ms, ext_id=0))
@@ -447,10 +427,10 @@ class AgentSink:
         return None
 
     def answers(self) -> list[Answer]:
-        if self._channel is None:
+        if self.link.channel is None:
             return []
         out = []
-        for c in self._channel.completions():
+        for c in self.link.channel.completions():
             req = self._pending.pop(c.seq, None)
             if req is None:
                 continue  # follow-ups (KEPT) of requests already answered, or not ours
@@ -458,13 +438,7 @@ class AgentSink:
         return out
 
     def close(self) -> None:
-        if self._channel is not None:
-            self._channel.close()
-            self._channel = None
-        if self.ext_id is not None:
-            with contextlib.suppress(AgentError, OSError):
-                Registry(self.agent_dir).remove(self.ext_id)
-            self.ext_id = None
+        self.link.close()
 
 
 # ---- the glue on the scorer's hooks ------------------------------------------------

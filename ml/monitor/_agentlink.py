@@ -16,18 +16,16 @@ next to the agent's ``events.jsonl`` and ``audit.jsonl``).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import time
 from dataclasses import dataclass
 from typing import Any
 
-from kernel_agent.agent import read_agent_state
 from kernel_agent.errors import AgentError
 from kernel_agent.eventlog import JsonLinesLog
+from kernel_agent.link import ExtensionLink
 from kernel_agent.registry import Registry, proc_starttime
-from kernel_agent.ring import Channel, Recommendation
+from kernel_agent.ring import Recommendation
 
 log = logging.getLogger("ublkml.ml.monitor")
 
@@ -50,13 +48,10 @@ class AgentLink:
 
     def __init__(self, agent_dir: str | None = None, ttl_ms: int = 10_000,
                  retry_s: float = 10.0, enabled: bool = True) -> None:
-        self.registry = Registry(agent_dir)
+        self.link = ExtensionLink(CLASS, agent_dir, retry_s)
+        self.registry = self.link.registry
         self.ttl_ms = ttl_ms
-        self.retry_s = retry_s
         self.enabled = enabled
-        self.ext_id: int | None = None
-        self._channel: Channel | None = None
-        self._tried = float("-inf")
         self.note = "not registered with the kernel agent yet" if enabled else \
             "recommendations disabled (--no-agent)"
         self.sent: dict[int, Sent] = {}
@@ -75,32 +70,23 @@ class AgentLink:
             except OSError as e:
                 log.warning("monitor: cannot write the alert log: %s", e)
 
+    @property
+    def ext_id(self) -> int | None:
+        return self.link.ext_id
+
     def connect(self, model: str) -> bool:
         if not self.enabled:
             return False
-        if self._channel is not None:
+        if self.link.channel is not None:
             return True
-        now = time.monotonic()
-        if now - self._tried < self.retry_s:
+        why = self.link.connect({"pid": str(os.getpid()), "model": model[:60]},
+                                before_add=_drop_dead_monitors)
+        if why is not None:
+            self.note = why
             return False
-        self._tried = now
-        if read_agent_state(self.registry.root) is None:
-            self.note = (f"no kernel agent is running (state dir {self.registry.root}): "
-                         "recommendations are not sent; start one with `ublkml agent start`")
-            return False
-        try:
-            for e in self.registry.extensions():  # a monitor that died unregistered
-                if e.cls == CLASS and e.state == "live" and \
-                        proc_starttime(e.pid) != e.starttime:
-                    self.registry.remove(e.id)
-            ext = self.registry.add(CLASS, {"pid": str(os.getpid()), "model": model[:60]})
-            self._channel = Channel.open(ext.ring)
-        except (AgentError, OSError) as e:
-            self.note = f"cannot register with the kernel agent: {e}"
-            return False
-        self.ext_id = ext.id
-        self.note = f"registered with the kernel agent as extension {ext.id}"
-        self.write_log({"type": "monitor", "what": "registered", "ext": ext.id,
+        ext_id = self.link.ext_id
+        self.note = f"registered with the kernel agent as extension {ext_id}"
+        self.write_log({"type": "monitor", "what": "registered", "ext": ext_id,
                         "pid": os.getpid()})
         return True
 
@@ -109,8 +95,8 @@ class AgentLink:
         """Submit one recommendation; what was sent, or why nothing was."""
         if not self.connect(model):
             return self.note
-        assert self._channel is not None
-        rec = self._channel.submit(Recommendation(
+        assert self.link.channel is not None
+        rec = self.link.channel.submit(Recommendation(
             device=device, action=action, value=value,
             confidence=max(0.5, min(1.0, confidence)), model=f"monitor:{why}"[:64],
             ttl_ms=self.ttl_ms, ext_id=self.ext_id or 0))
@@ -124,15 +110,14 @@ class AgentLink:
 
     def answers(self) -> list[Sent]:
         """Recommendations the agent answered since the last call."""
-        if self._channel is None:
+        if self.link.channel is None:
             return []
         out = []
         try:
-            completions = self._channel.completions()
+            completions = self.link.channel.completions()
         except (AgentError, OSError) as e:
             self.note = f"the agent's ring became unusable: {e}"
-            self._channel.close()
-            self._channel = None
+            self.link.drop_channel()
             return []
         for c in completions:
             s = self.sent.get(c.seq)
@@ -143,13 +128,14 @@ class AgentLink:
         return out
 
     def close(self) -> None:
-        if self._channel is not None:
-            self._channel.close()
-            self._channel = None
-        if self.ext_id is not None:
-            with contextlib.suppress(AgentError, OSError):
-                self.registry.remove(self.ext_id)
-            self.ext_id = None
+        self.link.close()
         if self._log is not None:
             self._log.close()
             self._log = None
+
+
+def _drop_dead_monitors(registry: Registry) -> None:
+    """A registration left by a monitor that died while no agent ran to remove it."""
+    for e in registry.extensions():
+        if e.cls == CLASS and e.state == "live" and proc_starttime(e.pid) != e.starttime:
+            registry.remove(e.id)
