@@ -64,11 +64,14 @@ PER_TURN = 32  # submissions read per extension per turn
 
 
 def remove_ublk_device(dev_id: int) -> None:
-    """Delete a ublk device whose server died (DEL_DEV through /dev/ublk-control)."""
+    """Delete a ublk device whose server died, without waiting for the kernel to
+    free it: DEL_DEV would block the agent for as long as any process holds
+    /dev/ublkbN open (DEL_DEV_ASYNC; DEL_DEV on kernels without it)."""
     from ublk_driver.control import Control
 
     with Control() as ctrl:
-        ctrl.delete(dev_id)
+        if not ctrl.delete_async(dev_id):
+            ctrl.delete(dev_id)
 
 
 @dataclass

@@ -12,14 +12,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import select
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from ublk_driver.blockdev import KEEP
-from ublk_driver.control import Control, bdev_path
+from ublk_driver.control import Control, bdev_openers, bdev_path
 from ublk_driver.core.cli import PROG, CliError, Parser, Subparsers, UsageError, build_parser
 from ublk_driver.core.errors import ConfigError, DeviceNotFoundError, UblkError
 from ublk_driver.core.sizes import format_size, parse_size
@@ -412,15 +414,40 @@ def _wait_pid_exit(pid: int, timeout: float) -> bool:
 
 
 def delete_device(ctrl: Control, dev_id: int, timeout: float = 30.0) -> None:
-    """DEL_DEV (stops the device if live), then wait for its server to finish."""
+    """Stop and delete the device, then wait, ``timeout`` s in all at most,
+    for the kernel to free the device (so that its id can be used again) and
+    for its server to flush its target and exit (so that `del` means "data
+    is safe")."""
     info = ctrl.get_info(dev_id)
-    ctrl.delete(dev_id)
-    # DEL_DEV returns once the server closed the char device; wait for it to
-    # flush its target and exit too, so that `del` means "data is safe".
+    deadline = time.monotonic() + timeout
+    if not ctrl.delete_async(dev_id):
+        # An older kernel: its DEL_DEV itself waits for the device to be
+        # freed, for as long as any process holds /dev/ublkbN open.
+        ctrl.delete(dev_id)
+    if not ctrl.wait_freed(dev_id, timeout):
+        raise CliError(f"device {dev_id} deleted, but {bdev_path(dev_id)} is still open by "
+                       f"{_openers(dev_id)}: the kernel frees id {dev_id} once that is closed")
     if info.ublksrv_pid > 0 and info.ublksrv_pid != os.getpid() and not _wait_pid_exit(
-            info.ublksrv_pid, timeout):
+            info.ublksrv_pid, max(deadline - time.monotonic(), 0.0)):
         raise CliError(f"device {dev_id} deleted, but its server (pid {info.ublksrv_pid}) "
-                       f"has not exited after {timeout:.0f} s")
+                       f"has not exited after {timeout:g} s")
+
+
+def _openers(dev_id: int) -> str:
+    found = bdev_openers(dev_id)
+    if not found:
+        return "a process not visible here"
+    return ", ".join(f"pid {pid} ({comm})" for pid, comm in found)
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
 
 
 def cmd_del(args: argparse.Namespace) -> int:
@@ -429,7 +456,7 @@ def cmd_del(args: argparse.Namespace) -> int:
         deleted = []
         for dev_id in ids:
             try:
-                delete_device(ctrl, dev_id)
+                delete_device(ctrl, dev_id, args.timeout)
             except DeviceNotFoundError:
                 if not args.all:
                     raise CliError(f"no ublk device with id {dev_id} (see `ublkml list`)"
@@ -563,10 +590,15 @@ def register_list(sub: Subparsers) -> None:
 def register_del(sub: Subparsers) -> None:
     d: Parser = sub.add_parser("del", help="delete ublk devices",
                                description="Stop and delete a device; its server flushes the "
-                               "target and exits before this returns.")
+                               "target and exits, and the kernel frees the device (once no "
+                               "process holds /dev/ublkbN open), before this returns.  Fails, "
+                               "naming the processes that still hold it open, if that takes "
+                               "longer than --timeout.")
     g = d.add_mutually_exclusive_group(required=True)
     g.add_argument("-n", "--number", type=int, help="device id")
     g.add_argument("-a", "--all", action="store_true", help="every ublk device")
+    d.add_argument("--timeout", type=_positive_seconds, default=30.0, metavar="S",
+                   help="give up after S seconds per device (default: %(default)g)")
     d.add_argument("--json", action="store_true", help="machine-readable output")
     d.set_defaults(func=cmd_del)
 

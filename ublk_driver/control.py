@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import time
 from types import TracebackType
 
 from ublk_driver import _bindings
@@ -43,6 +44,38 @@ def cdev_path(dev_id: int) -> str:
 
 def bdev_path(dev_id: int) -> str:
     return f"/dev/ublkb{dev_id}"
+
+
+def bdev_openers(dev_id: int, proc: str = "/proc") -> list[tuple[int, str]]:
+    """(pid, command name) of the processes that hold ``/dev/ublkbN`` open.
+
+    A deleted device's node is gone from /dev, but its openers still show it
+    in /proc/PID/fd as ``/dev/ublkbN (deleted)``; they are what keeps the
+    kernel from freeing the device.
+    """
+    path = bdev_path(dev_id)
+    found = []
+    for entry in os.listdir(proc):
+        if not entry.isdigit():
+            continue
+        try:
+            fds = os.listdir(f"{proc}/{entry}/fd")
+        except OSError:
+            continue  # exited, or not ours to look at
+        for fd in fds:
+            try:
+                target = os.readlink(f"{proc}/{entry}/fd/{fd}")
+            except OSError:
+                continue
+            if target in (path, f"{path} (deleted)"):
+                try:
+                    with open(f"{proc}/{entry}/comm") as f:
+                        comm = f.read().strip()
+                except OSError:
+                    comm = "?"
+                found.append((int(entry), comm))
+                break
+    return sorted(found)
 
 
 class Control:
@@ -139,8 +172,39 @@ class Control:
         self._cmd(Cmd.STOP_DEV, dev_id)
 
     def delete(self, dev_id: int) -> None:
-        """DEL_DEV: waits until nobody holds the device's char device."""
+        """DEL_DEV: stops and removes the device, then waits until the kernel
+        has freed it: until its server has closed the char device *and* every
+        process holding ``/dev/ublkbN`` open has closed it, however long."""
         self._cmd(Cmd.DEL_DEV, dev_id)
+
+    def delete_async(self, dev_id: int) -> bool:
+        """DEL_DEV_ASYNC: what DEL_DEV does, without the wait (see
+        :meth:`wait_freed`).  False, and nothing done, when the kernel has no
+        such command (before 6.9, or legacy opcodes only)."""
+        if not self.ioctl_encode:
+            return False
+        try:
+            self._cmd(Cmd.DEL_DEV_ASYNC, dev_id)
+        except DeviceNotFoundError:
+            raise
+        except ControlError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                return False
+            raise
+        return True
+
+    def wait_freed(self, dev_id: int, timeout: float, poll: float = 0.05) -> bool:
+        """Until the kernel has freed device ``dev_id`` (its id is free again);
+        False if it has not after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.get_info(dev_id)
+            except DeviceNotFoundError:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(poll)
 
     def get_queue_affinity(self, dev_id: int, q_id: int) -> set[int]:
         """CPUs that blk-mq maps to queue ``q_id``."""

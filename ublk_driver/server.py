@@ -3,8 +3,10 @@
 Lifecycle (the kernel's order): ADD_DEV, SET_PARAMS, open ``/dev/ublkcN``,
 queue threads submit their FETCHes, START_DEV (from this thread: it blocks
 until every tag has a FETCH outstanding), serve, then STOP_DEV, join the
-queues, close the char device, DEL_DEV (it waits for that close), and close
-the target so its data reaches stable storage.
+queues, close the char device, delete the device (DEL_DEV_ASYNC; DEL_DEV on
+kernels without it), close the target so its data reaches stable storage,
+and wait a bounded time for the kernel to free the device: it does once the
+char device and every opener of ``/dev/ublkbN`` have closed it.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from ublk_driver import _bindings
 from ublk_driver.admin import AdminServer, socket_path
 from ublk_driver.blockdev import check_scheduler, read_scheduler, set_scheduler
-from ublk_driver.control import Control, bdev_path, cdev_path
+from ublk_driver.control import Control, bdev_openers, bdev_path, cdev_path
 from ublk_driver.core.errors import ConfigError, ControlError, DeviceNotFoundError, UblkError
 from ublk_driver.queue import QueueProcess, QueueWorker, check_poll_us, default_spin_usec
 from ublk_driver.targets.base import Backend, CompletionPath
@@ -52,6 +54,9 @@ STATE_DIR = os.environ.get("UBLKML_STATE_DIR", "/run/ublkml")
 DEFAULT_DEPTH = 128
 DEFAULT_QUEUES = 1
 DEFAULT_MAX_IO = 512 * 1024
+#: how long shutdown waits for the kernel to free the deleted device (for a
+#: process still holding /dev/ublkbN open) before it reports that and returns
+DELETE_WAIT = 5.0
 
 
 RECOVERY_FLAGS = {"off": 0, "reissue": int(Feature.USER_RECOVERY | Feature.USER_RECOVERY_REISSUE),
@@ -460,7 +465,7 @@ class Server:
         if self._cdev_fd >= 0:
             os.close(self._cdev_fd)
             self._cdev_fd = -1
-        self._delete_quietly()
+        deleted = self._delete_quietly()
         if self._ctarget is not None and not any(w.is_alive() for w in self._workers):
             self._ctarget.free()
             self._ctarget = None
@@ -468,21 +473,41 @@ class Server:
             self.backend.close()
         except OSError as e:
             problems.append(f"closing the target: {e}")
+        self._wait_freed(deleted)
         self._remove_state()
         if self._own_control:
             self.control.close()
         return problems
 
-    def _delete_quietly(self) -> None:
+    def _delete_quietly(self) -> int | None:
+        """Delete the device without waiting for the kernel to free it (DEL_DEV
+        would wait for every process holding /dev/ublkbN open, however long);
+        the id to wait for (:meth:`_wait_freed`), if any."""
         if self.info is None:
-            return
+            return None
+        dev_id = self.info.dev_id
         try:
-            self.control.delete(self.info.dev_id)
+            if self.control.delete_async(dev_id):
+                return dev_id
+            self.control.delete(dev_id)  # an older kernel: it waits itself
         except DeviceNotFoundError:
             pass  # someone (`ublkml del`) deleted it already
         except ControlError as e:
             if e.errno != errno.ENODEV:
                 raise
+        return None
+
+    def _wait_freed(self, dev_id: int | None) -> None:
+        """Until the kernel frees the deleted device, for a while: so that its
+        id can be used again once we return.  Not a failure of the server if
+        it does not (its data is flushed): an opener of /dev/ublkbN that has
+        not closed it yet, which is said on stderr."""
+        if dev_id is None or self.control.wait_freed(dev_id, DELETE_WAIT):
+            return
+        holders = ", ".join(f"pid {pid} ({comm})" for pid, comm in bdev_openers(dev_id))
+        print(f"ublkml: device {dev_id} deleted, but {bdev_path(dev_id)} is still open by "
+              f"{holders or 'another process'}: the kernel frees id {dev_id} once that is "
+              "closed", file=sys.stderr, flush=True)
 
     def read_completions(self, max_per_queue: int = 65536) -> np.ndarray:
         """Drain the completion records of every queue (``records.COMPLETION_DTYPE``).

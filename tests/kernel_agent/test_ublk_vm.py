@@ -20,6 +20,7 @@ from kernel_agent.agent import Agent
 from kernel_agent.eventlog import read_jsonl
 from kernel_agent.registry import Registry
 from tests.ublk_driver.ublk_helpers import fio, next_dev_id, ublkml, wait_gone
+from ublk_driver.control import Control
 
 pytestmark = pytest.mark.ublk
 
@@ -80,4 +81,6 @@ def test_sigkill_server_device_removed(bpf_ok: None, tmp_path: Path, instance: s
     assert Registry(tmp_path).extensions() == []
     died = [r for r in read_jsonl(tmp_path / "audit.jsonl") if r.get("what") == "died"]
     assert died and died[0]["id"] == ext.id and died[0]["action"] == f"device {dev_id} removed"
+    with Control() as ctrl:  # deleted without waiting: freed once its last opener closed
+        assert ctrl.wait_freed(dev_id, 10)
     assert ublkml("list", "--json").stdout.count(f'"dev_id": {dev_id},') == 0

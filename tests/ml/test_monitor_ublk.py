@@ -161,10 +161,18 @@ class MonitorRun:
 
 
 def fio_load(dev: str, seconds: float, iops: int) -> subprocess.Popen[bytes]:
+    """fio reading ``dev`` for ``seconds`` in the background.
+
+    ``--thread``: the job runs in this one process, so that killing and waiting
+    for it really closes ``dev``.  By default fio forks a process per job, and
+    a SIGKILL to the parent leaves that job running, orphaned, with ``dev``
+    open until its ``--runtime`` ends; the kernel frees a deleted ublk device
+    only once its last opener has closed it, so ``ublkml del`` waited for it.
+    """
     return subprocess.Popen(["fio", "--name=m", f"--filename={dev}", "--direct=1",
                              "--rw=randread", "--bs=4k", "--iodepth=8", "--ioengine=io_uring",
                              f"--rate_iops={iops}", "--time_based", f"--runtime={int(seconds)}",
-                             "--output=/dev/null"], stdout=subprocess.DEVNULL)
+                             "--thread", "--output=/dev/null"], stdout=subprocess.DEVNULL)
 
 
 @pytest.fixture
@@ -277,13 +285,6 @@ def test_monitor_flags_the_slow_nvme_then_a_critical_one(
         assert "CRITICAL" in out and "SLOW" in out
 
 
-# Known bug, encoded tightly: the detection assertions run first and fail the
-# test as usual; only the teardown's `ublkml del` timing out (seen in every run so
-# far, on the emulated SATA disk and on NVMe: the loop device over ext4 over a
-# dm-delay that was just set back from 5 ms to 0) is expected, and strict=True
-# fails the test once it stops hanging, so that this marker goes with the fix.
-@pytest.mark.xfail(strict=True, raises=subprocess.TimeoutExpired,
-                   reason="ublkml del of the lone loop device hangs at teardown")
 def test_lone_drive_is_flagged_against_its_own_baseline(
         emulated_drives: list[EmulatedDrive], tmp_path: Path,
         state_dirs: tuple[Path, Path]) -> None:

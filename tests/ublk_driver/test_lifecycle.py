@@ -6,6 +6,7 @@ import errno
 import itertools
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from tests.ublk_driver.ublk_helpers import (
     write_direct,
 )
 from ublk_driver.blockdev import parse_schedulers
+from ublk_driver.control import Control
 
 pytestmark = pytest.mark.ublk
 
@@ -51,6 +53,45 @@ def test_unknown_and_double_delete_are_clear_errors() -> None:
         pass
     proc = ublkml("del", "-n", str(d.dev_id), check=False)
     assert proc.returncode == 1 and "no ublk device" in proc.stderr
+
+
+def _exited(pid: int, timeout: float) -> bool:
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        return bool(select.select([pidfd], [], [], timeout)[0])
+    finally:
+        os.close(pidfd)
+
+
+def test_del_names_who_holds_the_device_open_instead_of_hanging() -> None:
+    """The kernel frees a deleted device only once every opener of
+    /dev/ublkbN has closed it.  `del` does not wait for that forever: after
+    --timeout it says who holds it, in one line; the server flushes and exits
+    anyway, and the id is free again once the holder closes the device."""
+    dev_id = next_dev_id()
+    info = json.loads(ublkml("add", "-n", str(dev_id), "-t", "null", "--json").stdout)
+    with open(info["bdev"], "rb") as bdev:
+        holder = subprocess.Popen(["sleep", "600"], stdin=bdev)
+    try:
+        t0 = time.monotonic()
+        proc = ublkml("del", "-n", str(dev_id), "--timeout", "3", check=False, timeout=60)
+        took = time.monotonic() - t0
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+        assert f"/dev/ublkb{dev_id} is still open by pid {holder.pid} (sleep)" in proc.stderr
+        assert took < 30, took  # 3 s, plus two Python start-ups under TCG
+        assert not os.path.exists(info["bdev"])
+        assert _exited(info["pid"], 30), "the server waits for the holder"
+    finally:
+        holder.kill()
+        holder.wait()
+    with Control() as ctrl:
+        assert ctrl.wait_freed(dev_id, 10)
+    with device("-t", "null"):  # and the driver is fine
+        pass
 
 
 def test_duplicate_id_is_refused_and_leaves_the_first_alone() -> None:
