@@ -48,7 +48,8 @@ def tick_line(state: dict[str, Any]) -> dict[str, Any]:
     return {"ts": state["updated"], "drives": {
         n: {"score": d["score"], "flagged": d["flagged"], "slow": d["slow"],
             "judged_by": d["judged_by"], "samples": d["samples"],
-            "smart_risk": d["smart"]["risk"], "smart_critical": d["smart"]["critical"]}
+            "smart_risk": d["smart"]["risk"], "smart_critical": d["smart"]["critical"],
+            "features": d.get("features")}
         for n, d in state["drives"].items()}}
 
 

@@ -12,7 +12,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto
 
-from ml.model import REFERENCE_MODELS, ModelError, load_model, load_model_bytes, parse_metadata
+from ml.model import (
+    DRIVE_MODEL,
+    REFERENCE_MODELS,
+    ModelError,
+    load_model,
+    load_model_bytes,
+    parse_metadata,
+)
+from ml.train import FAIL_SLOW_MONOTONE
 from tests.ml.helpers import GOOD_META, sigmoid_model
 from ublk_driver.core.errors import UblkError
 
@@ -179,3 +187,20 @@ def test_reference_models_score_any_sane_input(kind: str, seed: int, scale: floa
     x = (rng.random((64, len(m.features))) * scale).astype(np.float32)
     s = m.score(x)  # raises ModelError on NaN or out of [0, 1]
     assert s.shape == (64,)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.sampled_from([REFERENCE_MODELS["fail_slow"], DRIVE_MODEL]), st.integers(0, 2**32 - 1))
+def test_fail_slow_models_are_monotone(path: str, seed: int) -> None:
+    """More latency than the peers never lowers a packaged fail-slow score, more
+    throughput never raises it: a healthy drive whose ratios fall because a peer
+    turned slow cannot be flagged for it."""
+    m = load_model(path, expect_kind="fail_slow")
+    rng = np.random.default_rng(seed)
+    x = (rng.random((32, len(m.features))) * rng.choice([1.5, 4.0, 40.0])).astype(np.float32)
+    base = m.score(x)
+    for i, name in enumerate(m.features):
+        up = x.copy()
+        up[:, i] += (rng.random(32) * 3).astype(np.float32)
+        moved = (m.score(up) - base) * FAIL_SLOW_MONOTONE[name]
+        assert np.all(moved >= 0), (name, x[moved < 0], base[moved < 0])

@@ -353,6 +353,7 @@ def test_monitor_flags_a_throttled_loop_device(tmp_path: Path,
     print(f"flagged {delay:.1f} s after the throttle")
     assert 0 < delay <= 8.0, delay
     assert ticks[-1]["drives"][top]["slow"]
+    assert ticks[-1]["drives"][top]["features"]["peer_lat_ratio"] > 2, ticks[-1]
 
     state = read_state(str(tmp_path / "state"))
     assert state is not None and state["version"] == 1
