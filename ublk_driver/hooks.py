@@ -11,7 +11,6 @@ after the server has stopped.  The driver knows hooks only through this class.
 from __future__ import annotations
 
 import argparse
-from importlib import metadata
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -47,6 +46,8 @@ class ServerHook:
 
 def hook_classes() -> list[type[ServerHook]]:
     """Every installed hook class, in entry-point order."""
+    from importlib import metadata  # seconds in the TCG test bed: only `add` needs it
+
     classes = []
     for ep in metadata.entry_points(group=HOOKS_GROUP):
         cls = ep.load()

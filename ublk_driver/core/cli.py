@@ -9,7 +9,11 @@ never imports the layers above it.
 
 ``ublkml NAME ...`` loads only the entry point ``NAME``, so that ``ublkml add``
 does not pay for onnxruntime or libbpf; ``--help``, shell completion
-(argcomplete) and an unknown command load them all.
+(argcomplete) and an unknown command load them all.  The driver's own commands
+(:data:`DRIVER_COMMANDS`, the same names and values as its entry points: a test
+holds them equal) do not even look the entry points up: importlib.metadata
+costs 1-2 s to import in the TCG test bed, where tests run ``ublkml add`` and
+``del`` hundreds of times.
 
 Errors: a command raises :class:`CliError` (or any :class:`UblkError`, or an
 ``OSError``); :func:`run` prints it as one line on stderr and returns the exit
@@ -20,12 +24,13 @@ from __future__ import annotations
 
 import argparse
 import errno
+import importlib
 import os
 import signal
 import sys
-from collections.abc import Callable, Iterable, Sequence
-from importlib import metadata
-from typing import TYPE_CHECKING, Any, TypeAlias
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 from ublk_driver.core.errors import UblkError
 
@@ -89,10 +94,26 @@ def add_group(sub: Subparsers, name: str, *, help: str, description: str | None 
 
 
 def _version() -> str:
+    from importlib import metadata
+
     try:
         return metadata.version("ublkml")
     except metadata.PackageNotFoundError:
         return "unknown (not installed)"
+
+
+class _VersionAction(argparse.Action):
+    """``--version``, which reads the installed version only when asked."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS,
+                 default: str = argparse.SUPPRESS, help: str = "show the version and exit"
+                 ) -> None:
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        print(f"{parser.prog} {_version()}")
+        parser.exit()
 
 
 #: The order of ``ublkml --help``: a device's life first, then the parts above it;
@@ -100,18 +121,60 @@ def _version() -> str:
 HELP_ORDER = ("add", "del", "list", "recover", "features", "status", "fault", "leg", "demo",
               "bench", "agent", "model", "ml", "monitor", "vm")
 
+#: The driver's own ``ublkml.commands`` entry points (name -> "module:function").
+DRIVER_COMMANDS = {
+    "add": "ublk_driver.cli:register_add",
+    "recover": "ublk_driver.cli:register_recover",
+    "list": "ublk_driver.cli:register_list",
+    "del": "ublk_driver.cli:register_del",
+    "features": "ublk_driver.cli:register_features",
+    "status": "ublk_driver.admin.cli:register_status",
+    "fault": "ublk_driver.admin.cli:register_fault",
+    "leg": "ublk_driver.admin.cli:register_leg",
+    "vm": "ublk_driver.testbed.cli:register",
+}
 
-def _entry_points() -> dict[str, metadata.EntryPoint]:
+
+class Command(Protocol):
+    """What the parser tree needs of a command: an entry point, or a driver command."""
+
+    def load(self) -> Any: ...
+
+
+@dataclass(frozen=True)
+class DriverCommand:
+    """A driver command by its entry point's value, loaded without importlib.metadata."""
+
+    value: str
+
+    def load(self) -> Any:
+        module, _, attr = self.value.partition(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+def _entry_points() -> dict[str, Command]:
+    from importlib import metadata
+
     eps = {ep.name: ep for ep in metadata.entry_points(group=COMMANDS_GROUP)}
     rank = {name: i for i, name in enumerate(HELP_ORDER)}
     return {n: eps[n] for n in sorted(eps, key=lambda n: (rank.get(n, len(rank)), n))}
 
 
+def _commands(names: Iterable[str] | None) -> dict[str, Command]:
+    """The commands to build a tree of: the driver's own without a look at the entry
+    points when ``names`` are all driver commands, else every registered one."""
+    wanted = None if names is None else list(names)
+    if wanted and all(n in DRIVER_COMMANDS for n in wanted):
+        return {n: DriverCommand(DRIVER_COMMANDS[n]) for n in wanted}
+    return _entry_points()
+
+
 def build_parser(names: Iterable[str] | None = None, *,
-                 commands: dict[str, metadata.EntryPoint] | None = None) -> Parser:
+                 commands: Mapping[str, Command] | None = None) -> Parser:
     """The parser tree with the commands ``names`` (default: every registered one).
     A command whose package cannot be imported is left out of the tree with a note
     in the epilog: the others still work."""
+    names = None if names is None else list(names)
     parser = Parser(
         prog=PROG,
         description="Linux block devices served from Python through the kernel's ublk "
@@ -119,9 +182,9 @@ def build_parser(names: Iterable[str] | None = None, *,
         epilog="Run `ublkml COMMAND --help` for a command's options. Devices need root and "
         "the ublk_drv module; without it, `ublkml vm run -- CMD` runs CMD in the project's "
         "qemu test bed.")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
-    eps = _entry_points() if commands is None else commands
+    eps = _commands(names) if commands is None else commands
     broken = []
     for name in eps if names is None else [n for n in names if n in eps]:
         try:
@@ -156,15 +219,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``ublkml ARGV...``: parse, dispatch, return the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     first = argv[0] if argv else None
-    commands = _entry_points()
-    names = [first] if first in commands and "_ARGCOMPLETE" not in os.environ else None
+    completing = "_ARGCOMPLETE" in os.environ   # set by the shell's completion hook
+    commands = _commands([first] if first is not None and not completing else None)
+    names = [first] if first in commands and not completing else None
     parser = build_parser(names, commands=commands)
-    try:
-        import argcomplete
-    except ImportError:  # completion is optional: the command works without it
-        pass
-    else:
-        argcomplete.autocomplete(parser)
+    if completing:
+        try:
+            import argcomplete
+        except ImportError:  # completion is optional: the command works without it
+            pass
+        else:
+            argcomplete.autocomplete(parser)
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # usage error (2) or --help/--version (0): a status, not an exit

@@ -159,3 +159,30 @@ def test_a_command_whose_package_is_broken_leaves_the_others_working(
         assert cli.main(["zap"]) == 2
     finally:
         sys.path.remove(str(tmp_path))
+
+
+def test_driver_commands_are_the_driver_entry_points() -> None:
+    """The fast path's table and pyproject's entry points name the same functions."""
+    from importlib import metadata
+
+    eps = {ep.name: ep.value for ep in metadata.entry_points(group=cli.COMMANDS_GROUP)
+           if ep.value.startswith("ublk_driver.")}
+    assert eps == cli.DRIVER_COMMANDS
+
+
+def test_a_driver_command_starts_without_importlib_metadata() -> None:
+    """`ublkml list` and the other device commands skip the entry-point lookup and
+    shell completion; another package's command still finds its entry point."""
+    probe = ("import sys\nfrom ublk_driver.core.cli import main\nrc = main(sys.argv[1:])\n"
+             "print(rc, 'importlib.metadata' in sys.modules, 'argcomplete' in sys.modules)")
+    for argv, loaded in ((["list", "--help"], False), (["del", "--help"], False),
+                         (["agent", "--help"], True)):
+        p = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True,
+                           text=True, timeout=120, check=False)
+        assert p.returncode == 0, p.stderr
+        assert p.stdout.splitlines()[-1] == f"0 {loaded} False", (argv, p.stdout[-300:])
+
+
+def test_version_is_read_when_asked() -> None:
+    p = ublkml("--version")
+    assert p.returncode == 0 and p.stdout.startswith("ublkml ") and p.stdout.count("\n") == 1
