@@ -44,6 +44,7 @@ from ml.monitor._smartpoll import SmartPoller, SmartResult
 from ublk_driver.admin.paths import default_state_dir
 from ublk_driver.core.errors import UblkError
 from ublk_driver.core.priority import TIMELY_NICE, raise_thread_priority
+from ublk_driver.drive_verdicts import DriveVerdict, write_verdicts
 
 log = logging.getLogger("ublkml.ml.monitor")
 
@@ -468,9 +469,13 @@ class Monitor:
         path = state_file(self.config.state_dir)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.tmp{os.getpid()}"
+        snap = self.snapshot()
         with open(tmp, "w") as f:
-            json.dump(self.snapshot(), f, default=_json_default)
+            json.dump(snap, f, default=_json_default)
         os.replace(tmp, path)
+        # The driver's own file, for `ublkml status` beside each device's drives.
+        write_verdicts("monitor", {n: drive_verdict(d) for n, d in snap["drives"].items()},
+                       self.config.state_dir)
 
     # ---- running ------------------------------------------------------------------
 
@@ -540,6 +545,24 @@ def _nice() -> int | None:
         return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     except OSError:
         return None
+
+
+def drive_verdict(d: dict[str, Any]) -> DriveVerdict:
+    """A drive of the state file as the driver's verdict (what `ublkml status` shows)."""
+    smart = d.get("smart") or {}
+    if smart.get("critical"):
+        state = "CRITICAL"
+    elif d.get("slow"):
+        state = "SLOW"
+    elif d.get("flagged"):
+        state = "FAILING"
+    elif d.get("judged_by") is None:
+        state = "unjudged"
+    else:
+        state = "ok"
+    score = d.get("score")
+    return DriveVerdict(state, str(d.get("reason") or ""),
+                        None if score is None else float(score))
 
 
 def _json_default(o: object) -> object:

@@ -50,6 +50,7 @@ from ml.monitor import (
 )
 from ml.monitor._drives import fs_device, whole_device
 from ml.smart import parse_smartctl_json
+from ublk_driver.drive_verdicts import read_verdicts
 
 THROTTLE = Path("/sys/fs/cgroup/blkio/blkio.throttle.read_iops_device")
 
@@ -370,6 +371,11 @@ def test_monitor_flags_a_throttled_loop_device(tmp_path: Path,
             assert "Unable to detect device type" in sm["error"], sm
     assert state["drives"][top]["flagged"] and "peer" in state["drives"][top]["reason"]
     assert state["ebpf"]["available"] and state["stats"]["errors"] == 0
+    # The driver's file for `ublkml status`: the same verdicts, the writer gone.
+    pub = read_verdicts(str(tmp_path / "state"))
+    assert pub is not None and pub.by == "monitor" and not pub.writer_alive()
+    assert pub.drives[top].state == "SLOW" and pub.drives[top].score is not None
+    assert pub.drives[drives["a"]].state == pub.drives[drives["b"]].state == "ok"
     assert state["stats"]["tick_ms_p50"] < 100
     log = [json.loads(line) for line in
            (tmp_path / "agent" / "monitor.jsonl").read_text().splitlines()]

@@ -283,6 +283,17 @@ def test_monitor_flags_the_slow_nvme_then_a_critical_one(
                              capture_output=True, text=True, check=True).stdout
         print(out)
         assert "CRITICAL" in out and "SLOW" in out
+        # ... and `ublkml status` of each device, beside the drives under its paths.
+        st = json.loads(subprocess.run([sys.executable, "-m", "ublk_driver", "status", "-n",
+                                        str(loop0.dev_id), "--json"], capture_output=True,
+                                       text=True, check=True).stdout)
+        (d,) = st["paths"][0]["drives"]
+        assert d["name"] == nvme0.name and d["verdict"]["state"] == "SLOW", d
+        assert d["verdict"]["by"] == "monitor" and d["verdict"]["current"] is True
+        out = subprocess.run([sys.executable, "-m", "ublk_driver", "status", "-n",
+                              str(mirror.dev_id)], capture_output=True, text=True,
+                             check=True).stdout
+        assert f"{nvme1.name} (" in out and "[monitor: CRITICAL" in out, out
 
 
 def test_lone_drive_is_flagged_against_its_own_baseline(

@@ -18,6 +18,7 @@ from ublk_driver.admin import AdminClient, AdminError
 from ublk_driver.core.cli import Parser, Subparsers, UsageError, add_group
 from ublk_driver.core.errors import UblkError
 from ublk_driver.core.sizes import format_size
+from ublk_driver.drive_verdicts import read_verdicts
 
 LEG_VERBS = {"demote": "demoted", "fail": "failed", "promote": "active"}
 
@@ -72,6 +73,15 @@ def _print_json(obj: object) -> None:
 
 def _status(args: argparse.Namespace) -> int:
     st = _client(args).call("status")
+    verdicts = read_verdicts()
+    if verdicts is not None:   # what the host monitor says of this device's drives
+        for path in st.get("paths") or []:
+            for d in path.get("drives") or []:
+                v = verdicts.drives.get(d.get("name"))
+                if v is not None:
+                    d["verdict"] = {"state": v.state, "score": v.score, "reason": v.reason,
+                                    "by": verdicts.by, "updated": verdicts.updated,
+                                    "current": verdicts.writer_alive()}
     if args.json:
         _print_json(st)
         return 0
@@ -106,11 +116,21 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _path_line(path: dict[str, Any]) -> str:
-    """``path 0 leg0  /data/leg0.img -> sda (8:0)``, or ``-> no drive (why)``."""
-    drives = ", ".join(f"{d['name']} ({d['dev']})" for d in path.get("drives") or [])
+    """``path 0 leg0  /data/leg0.img -> sda (8:0)``, or ``-> no drive (why)``; a
+    drive's verdict follows it when a monitor published one:
+    ``sda (8:0) [monitor: SLOW 0.97]`` (``, stale`` once the monitor has stopped)."""
+    drives = ", ".join(f"{d['name']} ({d['dev']}){_verdict_text(d.get('verdict'))}"
+                       for d in path.get("drives") or [])
     where = drives or f"no drive ({path.get('no_drive') or 'unknown'})"
     return (f"path {path.get('index')} {path.get('name')}  {path.get('backing') or '-'} "
             f"-> {where}")
+
+
+def _verdict_text(v: dict[str, Any] | None) -> str:
+    if not v:
+        return ""
+    score = "" if v.get("score") is None else f" {v['score']:.2f}"
+    return f" [{v.get('by')}: {v.get('state')}{score}{'' if v.get('current') else ', stale'}]"
 
 
 def register_status(sub: Subparsers) -> None:
