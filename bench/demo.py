@@ -92,8 +92,8 @@ def _failslow_options(p: argparse.ArgumentParser) -> None:
                    help=f"short phases ({QUICK.before_s:g} s healthy, "
                         f"{QUICK.runtime_s:g} s run): a smoke test")
     p.add_argument("--healthy-minutes", type=float, default=0.0, metavar="N",
-                   help="instead: N minutes of bursty mixed load with no fault; reports the "
-                        "demotions (goal: none)")
+                   help="then N minutes of bursty mixed load with no fault on the same "
+                        "mirror; reports that run's demotions (goal: none)")
     p.add_argument("--slow", type=float, default=Plan.slow,
                    help=f"slowdown factor (default {Plan.slow:g})")
     p.add_argument("--read-iops", type=int, default=Plan.read_iops,

@@ -24,8 +24,9 @@ two healthy phases reported as the machine's own noise.
 
 Results: ``results.json``, ``report.md`` and ``latency.png`` (read latency
 over time, the injection, demotion, clearing and re-admission marked) in
-``--out``.  ``--healthy-minutes N`` runs a bursty mixed load with no fault for
-N minutes instead and reports the demotions (the goal is none).
+``--out``.  ``--healthy-minutes N`` then runs a bursty mixed load with no fault
+for N minutes on the same mirror, its legs re-admitted, and reports the
+demotions of that run (the goal is none).
 
 Exit status: 0 when the run completed and fio verified everything (the goals
 are reported, not enforced: this is a benchmark), 1 when something failed,
@@ -103,7 +104,7 @@ class Plan:
     write_iops: int = 50
     read_depth: int = 8
     slow: float = 10.0
-    healthy_minutes: float = 0.0  # > 0: the no-fault bursty run instead
+    healthy_minutes: float = 0.0  # > 0: then this long with no fault, bursty load
     cpu_hogs: int = 0             # CPU-bound processes at normal priority; -1: one per CPU
 
     @property
@@ -112,9 +113,7 @@ class Plan:
         return self.before_s + self.fault_s + 10 + self.after_s
 
     def estimate_s(self) -> float:
-        if self.healthy_minutes:
-            return self.healthy_minutes * 60 + 90
-        return self.runtime_s + 90
+        return self.runtime_s + self.healthy_minutes * 60 + 90
 
 
 QUICK = Plan(before_s=10, fault_s=14, after_s=10, window_s=2)
@@ -512,10 +511,11 @@ def run_failslow(out: Path, plan: Plan) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="failslow") as tmp, \
             mirror_with_agent(Path(tmp), plan) as s:
         with cpu_hogs(plan.cpu_hogs) as hogs:
-            if plan.healthy_minutes:
-                doc["healthy"] = _healthy_run(s, plan, out)
-            else:
-                doc["run"] = _main_run(s, plan, out)
+            doc["run"] = _main_run(s, plan, out)
+        if plan.healthy_minutes:
+            # On the same mirror, after a demotion and re-admission: a leg policy that
+            # stays edgy after a fault would show here.
+            doc["healthy"] = _healthy_run(s, plan, out)
         doc["events"] = _events(s)
     doc["meta"].update(s.facts)
     doc["meta"].update(hogs)
@@ -613,25 +613,27 @@ def _healthy_run(s: Setup, plan: Plan, out: Path) -> dict[str, Any]:
     job = out / "healthy.fio"
     job.write_text(fio_job(s.bdev, runtime, plan, str(out / "healthy"), True))
     _say(f"healthy: {plan.healthy_minutes:g} min of bursty mixed load, no fault")
+    from ml.legpolicy import summary
+
     start = time.time()
+
+    def since_start() -> list[dict[str, Any]]:
+        return [e for e in _events(s) if float(e.get("t", 0.0)) >= start]
+
     proc = _fio(job)
-    seen: set[str] = set()
+    seen: set[str] = {json.dumps(e, sort_keys=True) for e in _events(s)}
     try:
         t = start
         while t < start + runtime:
             t = min(t + 60, start + runtime)
             _wait(s, seen, t)
-            from ml.legpolicy import summary
-
             _say(f"  {(t - start) / 60:.0f} of {plan.healthy_minutes:g} min: "
-                 f"{summary(_events(s))['demotions']} demotion(s)")
+                 f"{summary(since_start())['demotions']} demotion(s)")
     except BaseException:
         proc.kill()
         raise
     fio_doc = _finish_fio(proc, out / "healthy.json", runtime + 120)
-    from ml.legpolicy import summary
-
-    ev = _events(s)
+    ev = since_start()
     lat = read_lat_log(_lat_file(out / "healthy"))
     return {"minutes": plan.healthy_minutes, **summary(ev),
             "requests": sum(1 for e in ev if e["event"] == "request"),
