@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ublk_driver.admin.paths import default_state_dir
 from ublk_driver.blockdev import KEEP
 from ublk_driver.control import Control, bdev_openers, bdev_path
 from ublk_driver.core.cli import PROG, CliError, Parser, Subparsers, UsageError, build_parser
@@ -27,7 +28,7 @@ from ublk_driver.core.errors import ConfigError, DeviceNotFoundError, UblkError
 from ublk_driver.core.sizes import format_size, parse_size
 from ublk_driver.faults import FaultSpec
 from ublk_driver.hooks import ServerHook, hook_classes
-from ublk_driver.server import STATE_DIR, Server, ServerConfig, read_state
+from ublk_driver.server import Server, ServerConfig, read_state
 from ublk_driver.targets import LoopTarget, MemTarget, MirrorTarget, NullTarget, load_plugin
 from ublk_driver.targets.base import Backend
 from ublk_driver.targets.plugin import check_timeout
@@ -237,9 +238,9 @@ def cmd_recover(args: argparse.Namespace) -> int:
         raise CliError(f"device {dev_id} was added without --recovery: it cannot be recovered")
     state = read_state(dev_id)
     if not state or not isinstance(state.get("add_args"), list):
-        raise CliError(f"no record of how device {dev_id} was served "
-                       f"({os.path.join(STATE_DIR, f'{dev_id}.json')} is missing or was not "
-                       "written by `ublkml add`): cannot rebuild its target")
+        record = os.path.join(default_state_dir(), f"{dev_id}.json")
+        raise CliError(f"no record of how device {dev_id} was served ({record} is missing "
+                       "or was not written by `ublkml add`): cannot rebuild its target")
     try:
         add_args = build_parser(["add"]).parse_args(["add", *map(str, state["add_args"])])
     except SystemExit:
@@ -293,8 +294,8 @@ def _add_daemon(req: AddRequest, extra: dict[str, Any], recover: int | None) -> 
         code = 1
         try:
             os.setsid()
-            os.makedirs(STATE_DIR, exist_ok=True)
-            log_path = os.path.join(STATE_DIR, f"server-{os.getpid()}.log")
+            os.makedirs(default_state_dir(), exist_ok=True)
+            log_path = os.path.join(default_state_dir(), f"server-{os.getpid()}.log")
             log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             null_fd = os.open(os.devnull, os.O_RDWR)
             os.dup2(null_fd, 0)

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from ublk_driver import _bindings
 from ublk_driver.admin import AdminServer, socket_path
+from ublk_driver.admin.paths import default_state_dir
 from ublk_driver.blockdev import check_scheduler, read_scheduler, set_scheduler
 from ublk_driver.control import Control, bdev_openers, bdev_path, cdev_path
 from ublk_driver.core.errors import ConfigError, ControlError, DeviceNotFoundError, UblkError
@@ -50,7 +51,6 @@ if TYPE_CHECKING:
     from ublk_driver.faults import FaultSpec
     from ublk_driver.targets.mirror import LegInfo, MirrorTarget
 
-STATE_DIR = os.environ.get("UBLKML_STATE_DIR", "/run/ublkml")
 DEFAULT_DEPTH = 128
 DEFAULT_QUEUES = 1
 DEFAULT_MAX_IO = 512 * 1024
@@ -391,7 +391,7 @@ class Server:
             print(f"ublkml: device {self.dev_id}: cannot tell its drives: {e}",
                   file=sys.stderr, flush=True)
         try:
-            self._ctl = AdminServer(self, socket_path(self.dev_id, STATE_DIR)).start()
+            self._ctl = AdminServer(self, socket_path(self.dev_id)).start()
         except OSError as e:  # the device serves without it; the log says why it is missing
             print(f"ublkml: device {self.dev_id} has no admin socket: {e}",
                   file=sys.stderr, flush=True)
@@ -641,7 +641,7 @@ class Server:
     # ---- state file for `ublkml list` ---------------------------------------
 
     def _state_path(self) -> str:
-        return os.path.join(STATE_DIR, f"{self.dev_id}.json")
+        return os.path.join(default_state_dir(), f"{self.dev_id}.json")
 
     def _write_state(self) -> None:
         assert self.info is not None
@@ -650,7 +650,7 @@ class Server:
                  "block_size": self.backend.block_size, **self.backend.describe(),
                  **self.state_extra}
         try:
-            os.makedirs(STATE_DIR, exist_ok=True)
+            os.makedirs(default_state_dir(), exist_ok=True)
             tmp = self._state_path() + ".tmp"
             with open(tmp, "w") as f:
                 json.dump(state, f)
@@ -680,7 +680,7 @@ def _pid_alive(pid: int) -> bool:
 
 def read_state(dev_id: int) -> dict[str, Any] | None:
     try:
-        with open(os.path.join(STATE_DIR, f"{dev_id}.json")) as f:
+        with open(os.path.join(default_state_dir(), f"{dev_id}.json")) as f:
             data: dict[str, Any] = json.load(f)
             return data
     except (OSError, ValueError):

@@ -27,7 +27,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ublk_driver import cli, server
 from ublk_driver.control import Control
 from ublk_driver.core.cli import main
 
@@ -42,8 +41,6 @@ def hermetic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     monkeypatch.setattr(Control.__init__, "__defaults__", (str(tmp_path / "no-ublk-control"),))
     monkeypatch.setenv("UBLKML_STATE_DIR", str(tmp_path / "state"))
     monkeypatch.setenv("UBLKML_AGENT_DIR", str(tmp_path / "agent"))
-    monkeypatch.setattr(server, "STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.setattr(cli, "STATE_DIR", str(tmp_path / "state"))
     monkeypatch.chdir(tmp_path)
     (tmp_path / "disk.img").write_bytes(bytes(1 << 20))
     (tmp_path / "odd.img").write_bytes(bytes(1000))

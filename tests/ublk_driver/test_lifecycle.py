@@ -26,6 +26,7 @@ from tests.ublk_driver.ublk_helpers import (
     wait_gone,
     write_direct,
 )
+from ublk_driver.admin.paths import default_state_dir
 from ublk_driver.blockdev import parse_schedulers
 from ublk_driver.control import Control
 
@@ -419,14 +420,13 @@ def _meminfo() -> dict[str, int]:
 
 def _leftovers(ids: set[int]) -> dict[str, list[str]]:
     """Anything of these devices still around, by where it was found."""
-    from ublk_driver.server import STATE_DIR
-
+    state_dir = default_state_dir()
     found: dict[str, list[str]] = {"sysfs": [], "dev": [], "list": [], "state": []}
     for i in ids:
         if os.path.exists(f"/sys/class/ublk-char/ublkc{i}"):
             found["sysfs"].append(f"ublkc{i}")
         found["dev"] += [p for p in (f"/dev/ublkb{i}", f"/dev/ublkc{i}") if os.path.exists(p)]
-        for d in (STATE_DIR, STATE_DIR + "-ctl"):
+        for d in (state_dir, state_dir + "-ctl"):
             found["state"] += [os.path.join(d, f"{i}{ext}") for ext in (".json", ".sock")
                                if os.path.exists(os.path.join(d, f"{i}{ext}"))]
     listed = {r["dev_id"] for r in json.loads(ublkml("list", "--json").stdout)}
@@ -523,8 +523,7 @@ def test_add_delete_cycles_through_the_cli_leak_nothing(
     --soak): every server process exits, no device, state file or socket is
     left, this (long-lived) process holds no more fds; the kernel's
     unreclaimable memory grows by ``memory_bound_kib(cycles)`` at most."""
-    from ublk_driver.server import STATE_DIR
-
+    state_dir = default_state_dir()
     files = _backing(kind, tmp_path)
     args = ["-t", "loop", "-f", files[0]] if kind == "loop" else [
         "-t", "mirror", "--leg", files[0], "--leg", files[1]]
@@ -542,7 +541,7 @@ def test_add_delete_cycles_through_the_cli_leak_nothing(
     cycles = soak_count(*CYCLES_CLI)
     for _ in range(WARMUP):
         cycle()
-    logs0 = len(list(Path(STATE_DIR).glob("server-*.log")))
+    logs0 = len(list(Path(state_dir).glob("server-*.log")))
     fds0, mem0 = len(os.listdir("/proc/self/fd")), _meminfo()
     t0 = time.monotonic()
     for _ in range(cycles):
@@ -553,7 +552,7 @@ def test_add_delete_cycles_through_the_cli_leak_nothing(
     fig = {"cycles": cycles, "warmup": WARMUP, "seconds_per_cycle": round(per_cycle, 3),
            "test_process_fds": [fds0, fds1], "servers_alive_after": len(alive),
            "kernel_kib": {k: [mem0[k], mem1[k]] for k in mem0},
-           "server_logs_added": len(list(Path(STATE_DIR).glob("server-*.log"))) - logs0}
+           "server_logs_added": len(list(Path(state_dir).glob("server-*.log"))) - logs0}
     figures[f"cycles_cli_{kind}"] = fig
     print(f"cli {kind}: {json.dumps(fig)}")
     assert alive == []

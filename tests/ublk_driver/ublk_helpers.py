@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import itertools
 import json
 import os
+import selectors
+import signal
 import subprocess
 import sys
+import threading
 import time
+import traceback
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,13 +31,104 @@ def next_dev_id() -> int:
 
 def ublkml(*args: str, check: bool = True,
            timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """Run the real command line (``python -m ublk_driver``)."""
-    proc = subprocess.run([sys.executable, "-m", "ublk_driver", *args], capture_output=True,
-                          text=True, timeout=timeout)
+    """Run the real command line: the ``ublkml`` entry point's ``main`` in a fork
+    of this process, else ``python -m ublk_driver``.
+
+    Most modules a command needs are already imported here, while a fresh
+    interpreter costs 3-4 s in the TCG test bed, and the tests start a few
+    hundred commands.  A fork while another Python thread runs (a FioLoop)
+    could inherit a lock that thread held, and ``--score`` loads onnxruntime
+    into the server, whose thread pools are not made for a forked parent: those
+    commands run as their own process, as a user runs them.  (Idle native
+    pools, such as numpy's BLAS threads, are fork-safe: multiprocessing's fork
+    start method relies on that.)
+    """
+    argv = [str(a) for a in args]
+    if threading.active_count() == 1 and "--score" not in argv:
+        _import_the_commands()
+        proc = _run_in_fork(argv, timeout)
+    else:
+        proc = subprocess.run([sys.executable, "-m", "ublk_driver", *argv],
+                              capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"ublkml {' '.join(args)} failed ({proc.returncode}):\n"
                              f"{proc.stdout}{proc.stderr}")
     return proc
+
+
+@functools.cache
+def _import_the_commands() -> None:
+    """Import here, once, what the commands import, so that no fork imports it again."""
+    import ublk_driver.admin.cli
+    import ublk_driver.cli  # noqa: F401
+    from ublk_driver.hooks import hook_classes
+
+    hook_classes()
+
+
+def _run_in_fork(argv: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """``ublkml ARGV`` as ``ublk_driver.core.cli.main`` in a child of this process, with
+    its own stdin (/dev/null), stdout and stderr, as ``subprocess.run`` would give it."""
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never return into the test run
+        code = 1
+        try:
+            os.close(out_r)
+            os.close(err_r)
+            null = os.open(os.devnull, os.O_RDONLY)
+            for fd, target in ((null, 0), (out_w, 1), (err_w, 2)):
+                os.dup2(fd, target)
+                os.close(fd)
+            # As subprocess does (close_fds): a server forked from here must not
+            # keep this test run's files open - a /dev/ublkbN among them would
+            # keep that device from being freed.
+            os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            sys.stdin = open(0, closefd=False)  # noqa: SIM115 - the child's own stdio
+            sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115
+            sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
+            from ublk_driver.core.cli import main
+
+            code = main(argv)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()
+                sys.stderr.flush()
+            os._exit(code)
+    os.close(out_w)
+    os.close(err_w)
+    chunks: dict[int, list[bytes]] = {out_r: [], err_r: []}
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as sel:
+        for fd in chunks:
+            sel.register(fd, selectors.EVENT_READ)
+        while sel.get_map():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                for fd in chunks:
+                    os.close(fd)
+                raise subprocess.TimeoutExpired(["ublkml", *argv], timeout)
+            for key, _ in sel.select(min(left, 1.0)):
+                data = os.read(key.fd, 65536)
+                if data:
+                    chunks[key.fd].append(data)
+                else:
+                    sel.unregister(key.fd)
+    for fd in chunks:
+        os.close(fd)
+    _, status = os.waitpid(pid, 0)
+    return subprocess.CompletedProcess(["ublkml", *argv], os.waitstatus_to_exitcode(status),
+                                       b"".join(chunks[out_r]).decode(errors="replace"),
+                                       b"".join(chunks[err_r]).decode(errors="replace"))
 
 
 @dataclass
