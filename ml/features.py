@@ -255,7 +255,7 @@ def peer_median(values: FloatArray) -> FloatArray:
 def peer_ratio(values: FloatArray) -> FloatArray:
     """values / peer_median(values), 1.0 without peers, clipped to [0, RATIO_CAP]."""
     med = peer_median(values)
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # capped below
         r = values / med
     r[np.isnan(med)] = 1.0                                 # no peers
     r[(med == 0) & (values == 0)] = 1.0                    # both idle
@@ -494,7 +494,8 @@ def fit_baseline(throughput: FloatArray, latency: FloatArray) -> Baseline:
 
 
 def _ratios(lat: FloatArray, ref: FloatArray) -> FloatArray:
-    with np.errstate(divide="ignore", invalid="ignore"):
+    # over: a subnormal reference (1e-313 us) overflows the quotient; capped below.
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         r = lat / ref
     r[(ref <= 0) & (lat <= 0)] = 1.0
     r[(ref <= 0) & (lat > 0)] = RATIO_CAP

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from ml import features as F
@@ -203,6 +203,7 @@ def test_self_baseline_judges_a_lone_drive(k: float, seed: int, interval: float)
 
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.floats(0, 1e9), st.floats(0, 1e6)), min_size=1, max_size=200))
+@example([(0.0, 0.0), (0.0, 1.0), (0.0, 2.2250738585e-313)])  # a subnormal reference: overflow
 def test_fit_curve_is_monotone_in_throughput_and_within_the_data(
         pts: list[tuple[float, float]]) -> None:
     t, y = (np.array(c) for c in zip(*pts, strict=True))
