@@ -51,9 +51,12 @@ GROUP_TITLES = {
               "same RamStore",
 }
 HEADLINE = "4k-randread-qd32"
-#: The overhead group: the plain device, then the two "on" sides.
+#: The overhead group: the plain device, then the "on" sides.
 OVERHEAD_OFF = "ublkml-null-off"
-OVERHEAD_ON = ("ublkml-null-acct", "ublkml-null-score")
+OVERHEAD_ON = ("ublkml-null-acct", "ublkml-null-score", "ublkml-null-monitor")
+#: What the overhead table calls each "on" side.
+OVERHEAD_LABELS = {"ublkml-null-acct": "accounting on", "ublkml-null-score": "--score",
+                   "ublkml-null-monitor": "monitor on"}
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,10 @@ GOALS: tuple[Goal, ...] = (
          "ublkml null --score >= 0.95 x plain IOPS (4k randread QD32, 1 queue, "
          "median of rounds)",
          "median_iops_ratio", "ublkml-null-score", OVERHEAD_OFF, HEADLINE, 1, 0.95),
+    Goal("monitoring-overhead",
+         "drive monitor on >= 0.95 x off IOPS (ublkml null, 4k randread QD32, 1 queue, "
+         "median of rounds)",
+         "median_iops_ratio", "ublkml-null-monitor", OVERHEAD_OFF, HEADLINE, 1, 0.95),
 )
 
 
@@ -399,12 +406,17 @@ def _pair_tables(doc: dict[str, Any], group: str, base: str, ub: str,
 
 
 def _overhead_table(doc: dict[str, Any]) -> list[str]:
-    """The overhead group round by round, then the medians the goals compare."""
+    """The overhead group round by round, then the medians the goals compare.
+
+    A column per "on" side that the results have (results from before the
+    monitor was measured have no monitor column).
+    """
     recs = [r for r in doc.get("results", []) if r["group"] == "overhead"]
     if not recs:
         return []
     by: dict[tuple[int, str], dict[str, Any]] = {
         (int(r.get("round", 0)), r["device"]): r for r in recs}
+    on = [d for d in OVERHEAD_ON if any(r["device"] == d for r in recs)]
     rows = []
 
     def row(label: str, off: float | None, cells: list[tuple[str, float | None]]) -> list[str]:
@@ -415,17 +427,17 @@ def _overhead_table(doc: dict[str, Any]) -> list[str]:
 
     for rnd in sorted({k[0] for k in by}):
         cells = []
-        for dev in (OVERHEAD_OFF, *OVERHEAD_ON):
+        for dev in (OVERHEAD_OFF, *on):
             rec = by.get((rnd, dev))
             value = float(rec["iops"]) if rec is not None and _ok(rec) else None
             cells.append((_cell(rec, _fmt_iops(value)), value))
         rows.append(row(str(rnd + 1), cells[0][1], cells))
-    medians = [median_iops(doc, d) for d in (OVERHEAD_OFF, *OVERHEAD_ON)]
+    medians = [median_iops(doc, d) for d in (OVERHEAD_OFF, *on)]
     rows.append(row("**median**", medians[0], [(_fmt_iops(m), m) for m in medians]))
     # Paired: each round's on ÷ off, then the median; robust to a drift of the
     # machine's speed across rounds, which moves both sides of a round alike.
-    paired: list[str] = []
-    for dev in OVERHEAD_ON:
+    paired = ["median of the rounds' ratios", ""]
+    for dev in on:
         rs = []
         for rnd in sorted({k[0] for k in by}):
             a, b = by.get((rnd, dev)), by.get((rnd, OVERHEAD_OFF))
@@ -433,29 +445,59 @@ def _overhead_table(doc: dict[str, Any]) -> list[str]:
                 r = ratio(float(a["iops"]), float(b["iops"]))
                 if r is not None:
                     rs.append(r)
-        paired.append(_fmt_ratio(statistics.median(rs)) if rs else "n/a")
-    rows.append(["median of the rounds' ratios", "", "", paired[0], "", paired[1]])
+        paired += ["", _fmt_ratio(statistics.median(rs)) if rs else "n/a"]
+    rows.append(paired)
     counted = [int(r["accounting"]["ios_counted"]) for r in recs
                if _ok(r) and isinstance(r.get("accounting"), dict)
                and r["accounting"].get("ios_counted") is not None]
     attach = sorted({str(r["accounting"].get("attach")) for r in recs
                      if _ok(r) and isinstance(r.get("accounting"), dict)})
-    lines = ["### overhead: ublkml null plain vs eBPF accounting on vs --score "
-             "(4k randread QD32, 1 queue)", "",
-             "Each round measures the plain device, the same device with accounting on, "
-             "and the scoring device, " + (
+    sides = ["the plain device", *(f"the same device with {OVERHEAD_LABELS[d]}"
+                                   if d != "ublkml-null-score" else "the scoring device"
+                                   for d in on)]
+    title = " vs ".join(["ublkml null plain", *(
+        {"ublkml-null-acct": "eBPF accounting on", "ublkml-null-score": "--score",
+         "ublkml-null-monitor": "drive monitor on"}[d] for d in on)])
+    lines = [f"### overhead: {title} (4k randread QD32, 1 queue)", "",
+             "Each round measures " + ", ".join(sides[:-1])
+             + ("," if len(sides) > 2 else "") + f" and {sides[-1]}, " + (
                  "in an order that rotates from round to round"
                  if doc.get("meta", {}).get("overhead_order") == "rotated" else
                  "always in that order (the place in the round can bias the ratios)") +
              "; ratios are on ÷ the plain device of the same round, and of the medians.", ""]
-    lines += _table(["round", f"{OVERHEAD_OFF} IOPS", "accounting on IOPS", "ratio",
-                     "--score IOPS", "ratio"], rows)
+    header = ["round", f"{OVERHEAD_OFF} IOPS"]
+    for d in on:
+        header += [f"{OVERHEAD_LABELS[d]} IOPS", "ratio"]
+    lines += _table(header, rows)
     if counted:
         lines += ["", f"The accounting ({', '.join(attach)}) counted "
                   f"{', '.join(f'{c:,}' for c in counted)} I/Os in its rounds "
                   "(ramp included)."]
+    lines += _monitor_lines([r for r in recs if _ok(r) and isinstance(r.get("monitor"), dict)])
     lines += _bpf_cost_lines(doc.get("meta", {}).get("bpf_cost"))
     return [*lines, ""]
+
+
+def _monitor_lines(recs: list[dict[str, Any]]) -> list[str]:
+    """What the monitor did in its rounds (the runner's ``monitor`` field)."""
+    if not recs:
+        return []
+    mons = [r["monitor"] for r in recs]
+    sources = ", ".join(sorted({str(m.get("source")) for m in mons}))
+    nice = ", ".join(sorted({str(m.get("nice")) for m in mons}))
+    ticks = ", ".join(str(m.get("ticks")) for m in mons)
+    samples = ", ".join(str(m.get("samples")) for m in mons)
+    tick_ms = [float(m["tick_ms_p50"]) for m in mons if m.get("tick_ms_p50") is not None]
+    cpu = [(float(m["cpu_s"]), float(m.get("cpu_share") or 0.0)) for m in mons
+           if m.get("cpu_s") is not None]
+    text = (f"The monitor ({sources}, nice {nice}) ticked {ticks} times in its rounds, "
+            f"with I/O in {samples} intervals of its last window")
+    if tick_ms:
+        text += f"; a tick took {statistics.median(tick_ms):.1f} ms (median of the p50s)"
+    if cpu:
+        text += ("; its CPU time while measured: "
+                 + ", ".join(f"{c:.2f} s ({share:.1%} of a CPU)" for c, share in cpu))
+    return ["", text + "."]
 
 
 def _bpf_cost_lines(cost: Any) -> list[str]:

@@ -3,7 +3,7 @@
 Three groups, each a ublkml device next to the kernel (or nbdkit) device it
 should be compared with, measured with identical fio jobs (:mod:`bench.jobs`),
 and a fourth, ``overhead``, of ublkml null devices with and without the
-kernel agent's eBPF accounting and the ML scorer:
+kernel agent's eBPF accounting, the ML scorer and the drive monitor:
 
 ======== ===================================== =======================================
 group    baseline                              ublkml
@@ -12,11 +12,14 @@ null     kernel ``null_blk`` (blk-mq, no IRQ)  ``ublkml add -t null``
 loop     kernel loop, ``--direct-io=on``       ``ublkml add -t loop -f FILE`` (same file)
 python   nbdkit Python plug-in + kernel NBD    ``ublkml add -t python`` (same RamStore)
 overhead ``ublkml add -t null`` (plain)        the same device with eBPF accounting
-                                               attached; ``ublkml add -t null --score``
+                                               attached; ``ublkml add -t null --score``;
+                                               the plain device watched by
+                                               ``ublkml monitor run``
 ======== ===================================== =======================================
 
 The overhead group measures only 4k randread QD32 on 1 queue, in rounds
-(plain, accounting, scoring; plain, ...), and its goals compare medians.
+(plain, accounting, monitor, scoring, in an order that changes from round to
+round), and its goals compare medians.
 
 Where to measure: the figures of one report must come from one kernel on one
 machine in one sitting, or the ratios mean nothing.  Where ``/dev/ublk-control``
@@ -87,6 +90,7 @@ __all__ = [
     "MissingToolError",
     "accounting_attached",
     "measure",
+    "monitor_running",
     "overhead_cases",
     "plan_cases",
     "run_in_vm",
@@ -105,6 +109,9 @@ QUICK_RUNTIME, QUICK_RAMP = 2.0, 1.0
 #: Seconds a measurement costs beyond runtime + ramp (fio start-up under TCG),
 #: and a device set-up; only for the time estimate and the VM timeout.
 _CASE_OVERHEAD, _SETUP_OVERHEAD, _BOOT_OVERHEAD = 4.0, 4.0, 30.0
+#: ... and the start and stop of the monitor of a monitor round (Python, numpy,
+#: onnxruntime and the eBPF programs loading: 23-27 s to its first tick under TCG).
+_MONITOR_OVERHEAD = 25.0
 
 DEPTH = 128                  # hardware queue depth of every device
 NULL_GB = 16                 # null_blk and ublkml null: 16 GiB, no memory behind them
@@ -113,8 +120,8 @@ RAM_BYTES = 256 << 20        # the python group's RamStore
 #: The test bed: as many vCPUs as the project's machines have cores (more would
 #: only time-share them), and room for the tmpfs file and two RamStores.
 VM_CPUS, VM_MEMORY_MB = 2, 4096
-#: Alternations of the overhead group (plain, accounting on, scoring on): the
-#: goals compare medians.  Full: 15 measurements, about 4 min; --quick: 9.
+#: Alternations of the overhead group (plain, accounting on, monitor on, scoring
+#: on): the goals compare medians.  Full: 20 measurements, about 6 min; --quick: 12.
 OVERHEAD_ROUNDS_FULL, OVERHEAD_ROUNDS_QUICK = 5, 3
 #: Rounds of the cases the pair groups' goals are computed from (the headline 4k
 #: randread QD32 on 1 and 2 queues, QD1 on 1 queue), in every pair group: the
@@ -130,6 +137,17 @@ OVERHEAD_WORKLOAD, OVERHEAD_QUEUES = "4k-randread-qd32", 1
 #: The kernel agent instance the overhead group attaches (pins under
 #: /sys/fs/bpf/ublkml/<instance>/ while measuring).
 ACCOUNTING_INSTANCE = "bench-overhead"
+#: ``ublkml monitor run`` options of the monitor rounds, besides ``--drive``: the
+#: one drive only (``--no-devices``: not the drives of the other ublkml devices
+#: alive meanwhile), no kernel agent to register with, no smartctl (a null
+#: device has no SMART).  Its priority is the default one, nice -10, as a user
+#: runs it.
+MONITOR_ARGS = ("--no-devices", "--no-agent", "--no-smart", "--interval", "1",
+                "--window", "10")
+#: Seconds the monitor may take from its start to its first tick that lists the
+#: drive (Python, numpy and onnxruntime importing, the model and the eBPF
+#: programs loading: slow under TCG), and to stop after SIGINT before it is killed.
+MONITOR_START_TIMEOUT, MONITOR_STOP_TIMEOUT = 60.0, 30.0
 
 #: Debian packages that provide each external tool, for error messages.
 TOOL_PACKAGES = {
@@ -212,6 +230,11 @@ DEVICES: tuple[DeviceSpec, ...] = (
     DeviceSpec("ublkml-null-score", "overhead", "ublkml", "ublkml-null-off", 1, (),
                f"ublkml add -t null --size {NULL_GB}G -q 1 -d {DEPTH} --score (the reference "
                "ONNX fail-slow model; completion records on)"),
+    DeviceSpec("ublkml-null-monitor", "overhead", "ublkml", "ublkml-null-off", 1, (),
+               "the same device as ublkml-null-off watched by the drive monitor, a process "
+               "of its own at nice -10 (ublkml monitor run --drive /dev/ublkbN "
+               + " ".join(MONITOR_ARGS) + ": eBPF block tracepoints, one tick a second), "
+               "started before and stopped after each of its measurements"),
 )
 
 
@@ -263,16 +286,29 @@ def _order(case: Case) -> tuple[int, int, int, int, int]:
 
 
 def _overhead_position(case: Case) -> int:
-    """Where a device comes within its overhead round: rotated by one each
-    round and reversed every other round.  With a fixed order (off, accounting,
-    scoring) the place in the round biases the ratios: the device always
-    measured last came out a few percent *faster* than the plain one."""
+    """Where a device comes within its overhead round: the rows of a Williams
+    design.  With a fixed order (off, accounting, scoring) the place in the
+    round biased the ratios: the device always measured last came out a few
+    percent *faster* than the plain one.  Here, over n rounds of n devices
+    (n even; 2n rounds for n odd), every device takes every place once and
+    follows every other device once."""
     names = [d.name for d in DEVICES if d.group == "overhead"]
-    k = case.round % len(names)
-    order = names[k:] + names[:k]
-    if case.round % 2:
-        order.reverse()
-    return order.index(case.device.name)
+    return _williams_row(len(names), case.round).index(names.index(case.device.name))
+
+
+def _williams_row(n: int, row: int) -> list[int]:
+    """Row ``row`` of a Williams design for ``n`` treatments: 0, 1, n-1, 2, n-2, ...
+    shifted by the row; for an odd ``n`` the second n rows are the first n reversed."""
+    first, lo, hi = [0], 1, n - 1
+    while lo <= hi:
+        first.append(lo)
+        if lo != hi:
+            first.append(hi)
+        lo, hi = lo + 1, hi - 1
+    out = [(x + row) % n for x in first]
+    if n % 2 and (row // n) % 2:
+        out.reverse()
+    return out
 
 
 def overhead_cases(rounds: int) -> list[Case]:
@@ -316,7 +352,9 @@ def estimate_seconds(cases: Sequence[Case], runtime: float, ramp: float) -> floa
     """Rough wall time of the measurements (set-ups included, boot excluded)."""
     measured = [c for c in cases if c.applicable]
     setups = len({(c.device.name, c.queues) for c in measured})  # one per device and count
-    return len(measured) * (runtime + ramp + _CASE_OVERHEAD) + setups * _SETUP_OVERHEAD
+    monitors = sum(1 for c in measured if c.device.name == "ublkml-null-monitor")
+    return (len(measured) * (runtime + ramp + _CASE_OVERHEAD) + setups * _SETUP_OVERHEAD
+            + monitors * _MONITOR_OVERHEAD)
 
 
 @dataclass(frozen=True)
@@ -723,6 +761,110 @@ def accounting_attached(path: str) -> Iterator[dict[str, Any]]:
         raise BenchError(f"eBPF accounting counted no I/O on {bd.name} ({bd.majmin})")
 
 
+def _process_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of a process (all its threads), from /proc/PID/stat."""
+    stat = _read(f"/proc/{pid}/stat")
+    if not stat:
+        return None
+    fields = stat[stat.rfind(")") + 2:].split()  # the name may hold spaces and ')'
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@contextlib.contextmanager
+def monitor_running(path: str, *, python: str = sys.executable, log_path: Path | None = None,
+                    scratch: Path | None = None,
+                    start_timeout: float = MONITOR_START_TIMEOUT) -> Iterator[dict[str, Any]]:
+    """``ublkml monitor run`` watching ``path`` with eBPF, for the block.
+
+    The real command, a process of its own (``python -m ublk_driver monitor run
+    --drive PATH`` with :data:`MONITOR_ARGS`), with its state and the agent's
+    directory in a temporary directory (``UBLKML_STATE_DIR``,
+    ``UBLKML_AGENT_DIR``): it touches no other device's state.  The block is
+    entered once the monitor's state file lists the drive, sampled by eBPF
+    (its first tick); a monitor that exits, samples from sysfs or is not
+    there within ``start_timeout`` seconds is a :class:`BenchError`.  When the
+    block ends the monitor gets SIGINT (killed if it has not stopped within
+    :data:`MONITOR_STOP_TIMEOUT` s), and the yielded dict is filled with what it
+    did: source, ticks and intervals with I/O during the block, tick duration,
+    its CPU seconds.  No interval with I/O in its last window is an error: the
+    monitor did not see the measurement, so "on" would not have been on.
+    """
+    from ml.monitor import read_state
+
+    drive = os.path.basename(os.path.realpath(path))
+    state_dir = Path(tempfile.mkdtemp(prefix="ublkml-bench-monitor-", dir=scratch))
+    env = {**_child_env(), "UBLKML_STATE_DIR": str(state_dir),
+           "UBLKML_AGENT_DIR": str(state_dir / "agent")}
+    argv = [python, "-m", "ublk_driver", "monitor", "run", "--drive", path, *MONITOR_ARGS]
+    log_file = log_path or state_dir / "monitor.log"
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    info: dict[str, Any] = {"drive": drive, "args": " ".join(MONITOR_ARGS)}
+    try:
+        with open(log_file, "w") as log:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env)
+        info["pid"] = proc.pid
+        t_start = time.monotonic()
+        try:
+            def exited() -> BenchError:
+                tail = _read(log_file).splitlines()[-1:] or ["(no output)"]
+                return BenchError(f"ublkml monitor run exited with status {proc.returncode} "
+                                  f"before watching {drive}: {tail[0]}")
+
+            def ready() -> bool:
+                if proc.poll() is not None:
+                    raise exited()
+                d = ((read_state(str(state_dir)) or {}).get("drives") or {}).get(drive)
+                if d is None:
+                    return False
+                if d.get("source") != "ebpf":
+                    raise BenchError(f"the monitor samples {drive} from {d.get('source')}, "
+                                     f"not eBPF: {d.get('source_note')}")
+                return True
+
+            _wait_for(ready, start_timeout, f"the monitor's first tick on {drive} (its log: "
+                      f"{log_file})")
+            first = read_state(str(state_dir)) or {}
+            info["start_s"] = round(time.monotonic() - t_start, 2)
+            cpu0, t0 = _process_cpu_s(proc.pid), time.monotonic()
+            yield info
+            cpu1, wall = _process_cpu_s(proc.pid), time.monotonic() - t0
+            last = read_state(str(state_dir)) or {}
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+                try:
+                    proc.wait(MONITOR_STOP_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    say(f"warning: the monitor (pid {proc.pid}) did not stop within "
+                        f"{MONITOR_STOP_TIMEOUT:.0f} s of SIGINT: killed")
+                    proc.kill()
+                    proc.wait(10)
+        info["exit"] = proc.returncode
+        final = read_state(str(state_dir)) or last  # written once more as it stops
+        d = (final.get("drives") or {}).get(drive) or {}
+        stats, stats0 = final.get("stats") or {}, first.get("stats") or {}
+        info.update(
+            source=d.get("source"), source_note=d.get("source_note"),
+            nice=(final.get("priority") or {}).get("nice"),
+            priority_note=(final.get("priority") or {}).get("note"),
+            ticks=int(stats.get("ticks") or 0) - int(stats0.get("ticks") or 0),
+            late_ticks=int(stats.get("late_ticks") or 0),
+            errors=int(stats.get("errors") or 0),
+            tick_ms_p50=stats.get("tick_ms_p50"), tick_ms_max=stats.get("tick_ms_max"),
+            samples=int(d.get("samples") or 0),
+            samples_total=int(d.get("samples_total") or 0),
+            judged_by=d.get("judged_by"), wall_s=round(wall, 3),
+            cpu_s=None if cpu0 is None or cpu1 is None else round(cpu1 - cpu0, 3))
+        if info["cpu_s"] is not None and wall > 0:
+            info["cpu_share"] = round(info["cpu_s"] / wall, 4)
+    finally:
+        shutil.rmtree(state_dir, ignore_errors=True)
+    if not info["samples"]:
+        raise BenchError(f"the monitor saw no I/O on {drive} during the measurement "
+                         f"({info['ticks']} ticks, source {info['source']})")
+
+
 BPF_STATS_SYSCTL = "/proc/sys/kernel/bpf_stats_enabled"
 
 
@@ -1094,10 +1236,13 @@ class _Run:
     def overhead(self, cases: list[Case], ctx: Context) -> None:
         """The overhead group: a plain and a ``--score`` ublkml null device side by side.
 
-        Round after round: the plain device ("off"), the same device with the
-        eBPF accounting attached only for that measurement, the scoring
-        device.  The programs are detached (and their maps unpinned) before the
-        next measurement, so that the other two never run with them.
+        Round after round, in an order that changes (see _overhead_position):
+        the plain device ("off"), the same device with the eBPF accounting
+        attached only for that measurement, the same device watched by the
+        drive monitor (a process started for that measurement), the scoring
+        device.  The programs are detached (and their maps unpinned), and the
+        monitor stopped, before the next measurement, so that the others never
+        run with them.
         """
         self.meta["overhead_rounds"] = max(c.round for c in cases) + 1
         self.meta["overhead_order"] = "rotated"  # see _overhead_position
@@ -1107,8 +1252,8 @@ class _Run:
         try:
             with contextlib.ExitStack() as stack:
                 for spec in dict.fromkeys(c.device for c in cases):
-                    if spec.name == "ublkml-null-acct":
-                        continue  # the plain device, with the programs attached
+                    if spec.name in _ON_THE_PLAIN_DEVICE:
+                        continue  # the plain device, with the programs or the monitor
                     try:
                         handles[spec.name] = stack.enter_context(
                             open_device(spec, OVERHEAD_QUEUES, ctx))
@@ -1117,9 +1262,10 @@ class _Run:
                         errors[spec.name] = (f"setting up {spec.name} with "
                                              f"{OVERHEAD_QUEUES} queue(s): {e}")
                 for case in cases:
-                    if case.device.name == "ublkml-null-acct":
+                    if case.device.name in _ON_THE_PLAIN_DEVICE:
                         self.one(case, handles.get(plain.name), ctx, errors.get(plain.name),
-                                 accounting=True)
+                                 accounting=case.device.name == "ublkml-null-acct",
+                                 monitor=case.device.name == "ublkml-null-monitor")
                     else:
                         name = case.device.name
                         self.one(case, handles.get(name), ctx, errors.get(name))
@@ -1144,11 +1290,12 @@ class _Run:
         self.save()
 
     def one(self, case: Case, handle: Handle | None, ctx: Context, error: str | None,
-            *, accounting: bool = False) -> None:
+            *, accounting: bool = False, monitor: bool = False) -> None:
         """Measure one case, or record why it could not be measured.
 
         ``accounting``: with the kernel agent's eBPF accounting attached to the
-        device during the measurement (:func:`accounting_attached`).
+        device during the measurement (:func:`accounting_attached`);
+        ``monitor``: with the drive monitor watching it (:func:`monitor_running`).
         """
         self.index += 1
         rec = _record(case, self.meta)
@@ -1167,6 +1314,13 @@ class _Run:
                         figures = measure_case(case, handle, ctx, runtime=self.runtime,
                                                ramp=self.ramp, profile=self.config.profile)
                     figures["accounting"] = acct
+                elif monitor:
+                    log = ctx.outdir / "logs" / f"monitor-r{case.round + 1}.log"
+                    with monitor_running(handle.path, python=ctx.python, log_path=log,
+                                         scratch=ctx.scratch) as mon:
+                        figures = measure_case(case, handle, ctx, runtime=self.runtime,
+                                               ramp=self.ramp, profile=self.config.profile)
+                    figures["monitor"] = mon
                 else:
                     figures = measure_case(case, handle, ctx, runtime=self.runtime,
                                            ramp=self.ramp, profile=self.config.profile)
@@ -1184,6 +1338,10 @@ class _Run:
             self.code = 1
             print(f"ERROR: {rec['error']}", file=sys.stderr, flush=True)
         self.add(rec)
+
+
+#: Overhead cases measured on ublkml-null-off's device, with something switched on.
+_ON_THE_PLAIN_DEVICE = ("ublkml-null-acct", "ublkml-null-monitor")
 
 
 def measure(config: BenchConfig, outdir: Path) -> tuple[dict[str, Any], int]:

@@ -24,12 +24,14 @@ GOOD = {
     ("nbdkit-python", 2): 2_500, ("ublkml-python", 2): 12_000,
     ("ublkml-python-threads", 1): 8_500, ("ublkml-python-threads", 2): 7_000,
 }
-#: The overhead group: IOPS per round of the plain device and the two "on" sides.
-#: Medians 100,000 / 98,000 / 96,000: ratios 0.98 (accounting) and 0.96 (scoring).
+#: The overhead group: IOPS per round of the plain device and the three "on" sides.
+#: Medians 100,000 / 98,000 / 96,000 / 97,000: ratios 0.98 (accounting), 0.96
+#: (scoring) and 0.97 (monitor).
 OVERHEAD = {
     "ublkml-null-off": (100_000, 95_000, 101_000),
     "ublkml-null-acct": (98_000, 99_000, 90_000),
     "ublkml-null-score": (96_000, 93_000, 97_000),
+    "ublkml-null-monitor": (97_000, 99_500, 92_000),
 }
 
 
@@ -180,7 +182,7 @@ def test_markdown_has_tables_and_pass_fail_lines() -> None:
     md = render_markdown(make_doc(iops))
     assert md.startswith("# ublkml benchmark report")
     assert "## Targets" in md
-    assert "8 PASS, 1 FAIL, 0 n/a" in md
+    assert "9 PASS, 1 FAIL, 0 n/a" in md
     assert "- PASS: ublkml null >= 0.70 x null_blk IOPS (4k randread QD32, 1 queue): " \
            "ratio 0.75 (60,000 vs 80,000 IOPS)" in md
     assert "- FAIL: ublkml loop >= 0.90 x kernel loop IOPS" in md
@@ -325,7 +327,13 @@ def test_header_shows_noise_sampled_during_the_run() -> None:
 def test_overhead_goals_compare_medians_of_the_rounds() -> None:
     goals = _by_key(make_doc())
     acct, score = goals["accounting-overhead"], goals["scoring-overhead"]
-    assert acct.goal.kind == score.goal.kind == "median_iops_ratio"
+    mon = goals["monitoring-overhead"]
+    assert acct.goal.kind == score.goal.kind == mon.goal.kind == "median_iops_ratio"
+    assert (mon.goal.device, mon.goal.other) == ("ublkml-null-monitor", "ublkml-null-off")
+    assert (mon.goal.workload, mon.goal.queues) == ("4k-randread-qd32", 1)
+    assert mon.ratio == pytest.approx(97_000 / 100_000)
+    assert mon.status == "PASS"
+    assert mon.detail == "median 97,000 vs 100,000 IOPS (3 rounds)"
     assert acct.ratio == pytest.approx(98_000 / 100_000)
     assert acct.status == "PASS"
     assert acct.detail == "median 98,000 vs 100,000 IOPS (3 rounds)"
@@ -338,16 +346,20 @@ def test_overhead_goals_fail_under_their_thresholds_and_pass_at_them() -> None:
     off = (100_000.0, 100_000.0, 100_000.0)
     doc = make_doc(overhead={"ublkml-null-off": off,
                              "ublkml-null-acct": (96_900.0, 99_000.0, 90_000.0),
-                             "ublkml-null-score": (94_999.0, 94_000.0, 99_000.0)})
+                             "ublkml-null-score": (94_999.0, 94_000.0, 99_000.0),
+                             "ublkml-null-monitor": (99_000.0, 90_000.0, 94_990.0)})
     goals = _by_key(doc)
     assert goals["accounting-overhead"].status == "FAIL"   # 0.969 < 0.97
     assert goals["scoring-overhead"].status == "FAIL"      # 0.94999 < 0.95
+    assert goals["monitoring-overhead"].status == "FAIL"   # 0.9499 < 0.95
     doc = make_doc(overhead={"ublkml-null-off": off,
                              "ublkml-null-acct": (97_000.0,) * 3,
-                             "ublkml-null-score": (95_000.0,) * 3})
+                             "ublkml-null-score": (95_000.0,) * 3,
+                             "ublkml-null-monitor": (95_000.0,) * 3})
     goals = _by_key(doc)
     assert goals["accounting-overhead"].status == "PASS"   # >= 0.97
     assert goals["scoring-overhead"].status == "PASS"      # >= 0.95
+    assert goals["monitoring-overhead"].status == "PASS"   # >= 0.95
 
 
 def test_overhead_goals_use_the_rounds_that_succeeded_and_say_so() -> None:
@@ -378,19 +390,64 @@ def test_markdown_overhead_lines_and_table() -> None:
     assert "| ublkml null --score >= 0.95 x plain IOPS (4k randread QD32, 1 queue, median " \
            "of rounds) | median 96,000 vs 100,000 IOPS (3 rounds) | 0.96 | >= 0.95 | " \
            "**PASS** |" in md
-    assert "### overhead: ublkml null plain vs eBPF accounting on" in md
-    assert "| 2 | 95,000 | 99,000 | 1.04 | 93,000 | 0.98 |" in md
-    assert "| **median** | 100,000 | 98,000 | 0.98 | 96,000 | 0.96 |" in md
+    assert ("### overhead: ublkml null plain vs eBPF accounting on vs --score vs drive "
+            "monitor on (4k randread QD32, 1 queue)") in md
+    assert ("Each round measures the plain device, the same device with accounting on, the "
+            "scoring device, and the same device with monitor on, ") in md
+    assert ("| round | ublkml-null-off IOPS | accounting on IOPS | ratio | --score IOPS | "
+            "ratio | monitor on IOPS | ratio |") in md
+    assert "| 2 | 95,000 | 99,000 | 1.04 | 93,000 | 0.98 | 99,500 | 1.05 |" in md
+    assert "| **median** | 100,000 | 98,000 | 0.98 | 96,000 | 0.96 | 97,000 | 0.97 |" in md
+    # Each round's ratio, then their median: acct 0.98, 1.04, 0.89; score 0.96, 0.98,
+    # 0.96; monitor 0.97, 1.05, 0.91.
+    assert "| median of the rounds' ratios |  |  | 0.98 |  | 0.96 |  | 0.97 |" in md
     assert "The accounting (tp_btf) counted 123,456 I/Os" in md
+    assert ("- PASS: drive monitor on >= 0.95 x off IOPS (ublkml null, 4k randread QD32, "
+            "1 queue, median of rounds): ratio 0.97 (median 97,000 vs 100,000 IOPS "
+            "(3 rounds))") in md
+
+
+def test_markdown_says_what_the_monitor_did() -> None:
+    doc = make_doc()
+    mons = [r for r in doc["results"] if r["device"] == "ublkml-null-monitor"]
+    for n, r in enumerate(mons):
+        r["monitor"] = {"drive": "ublkb0", "source": "ebpf", "nice": -10, "ticks": 12 + n,
+                        "samples": 10, "tick_ms_p50": 2.0 + n, "cpu_s": 0.25,
+                        "cpu_share": 0.02}
+    md = render_markdown(doc)
+    assert ("The monitor (ebpf, nice -10) ticked 12, 13, 14 times in its rounds, with I/O in "
+            "10, 10, 10 intervals of its last window; a tick took 3.0 ms (median of the "
+            "p50s); its CPU time while measured: 0.25 s (2.0% of a CPU), 0.25 s (2.0% of a "
+            "CPU), 0.25 s (2.0% of a CPU).") in md
+
+
+def test_overhead_table_of_results_without_the_monitor() -> None:
+    """Results measured before the monitor was in the group: the same table as
+    then (no monitor column), and the monitoring goal n/a, not measured."""
+    doc = make_doc(overhead={k: v for k, v in OVERHEAD.items() if k != "ublkml-null-monitor"})
+    md = render_markdown(doc)
+    assert ("### overhead: ublkml null plain vs eBPF accounting on vs --score (4k randread "
+            "QD32, 1 queue)") in md
+    assert ("Each round measures the plain device, the same device with accounting on, and "
+            "the scoring device, ") in md
+    assert "| 2 | 95,000 | 99,000 | 1.04 | 93,000 | 0.98 |" in md
+    assert "| median of the rounds' ratios |  |  | 0.98 |  | 0.96 |" in md
+    assert "monitor on IOPS" not in md
+    goal = _by_key(doc)["monitoring-overhead"]
+    assert goal.status == "n/a"
+    assert goal.detail == "ublkml-null-monitor 4k-randread-qd32 q1 not measured"
 
 
 def test_markdown_overhead_errors_name_the_round() -> None:
     doc = make_doc(overhead={"ublkml-null-off": (100_000.0, 100_000.0),
                              "ublkml-null-acct": (99_000.0, None),
-                             "ublkml-null-score": (96_000.0, 96_000.0)})
+                             "ublkml-null-score": (96_000.0, 96_000.0),
+                             "ublkml-null-monitor": (None, 98_000.0)})
     md = render_markdown(doc)
     assert "- ublkml-null-acct 4k randread QD32 q1 round 2: fio failed (exit 1): boom" in md
-    assert "| 2 | 100,000 | error | - | 96,000 | 0.96 |" in md
+    assert "- ublkml-null-monitor 4k randread QD32 q1 round 1: fio failed (exit 1): boom" in md
+    assert "| 1 | 100,000 | 99,000 | 0.99 | 96,000 | 0.96 | error | - |" in md
+    assert "| 2 | 100,000 | error | - | 96,000 | 0.96 | 98,000 | 0.98 |" in md
 
 
 def test_markdown_bpf_cost_line() -> None:

@@ -34,7 +34,8 @@ def test_quick_benchmark_end_to_end(tmp_path: Path) -> None:
     assert {r["device"] for r in results} == {"null_blk", "ublkml-null", "kernel-loop",
                                               "ublkml-loop", "nbdkit-python",
                                               "ublkml-python", "ublkml-null-off",
-                                              "ublkml-null-acct", "ublkml-null-score"}
+                                              "ublkml-null-acct", "ublkml-null-score",
+                                              "ublkml-null-monitor"}
     failed = [f"{r['device']} q{r['queues']}: {r.get('error')}" for r in results
               if r["status"] != "ok"]
     assert not failed, "\n".join(failed) + "\n" + log
@@ -45,6 +46,8 @@ def test_quick_benchmark_end_to_end(tmp_path: Path) -> None:
         assert r["kernel"].startswith("6.")
     acct = [r for r in results if r["device"] == "ublkml-null-acct"]
     assert len(acct) >= 3 and all(r["accounting"]["ios_counted"] > 0 for r in acct)
+    mon = [r for r in results if r["device"] == "ublkml-null-monitor"]
+    assert len(mon) >= 3 and all(r["monitor"]["source"] == "ebpf" for r in mon)
     cost = doc["meta"]["bpf_cost"]
     assert "error" not in cost, cost
     assert cost["ios"] > 0 and 0 < cost["ns_per_io"] < 1e6, cost
