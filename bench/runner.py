@@ -121,7 +121,7 @@ RAM_BYTES = 256 << 20        # the python group's RamStore
 #: only time-share them), and room for the tmpfs file and two RamStores.
 VM_CPUS, VM_MEMORY_MB = 2, 4096
 #: Alternations of the overhead group (plain, accounting on, monitor on, scoring
-#: on): the goals compare medians.  Full: 20 measurements, about 6 min; --quick: 12.
+#: on): the goals compare medians.  Full: 20 measurements, about 8 min; --quick: 12.
 OVERHEAD_ROUNDS_FULL, OVERHEAD_ROUNDS_QUICK = 5, 3
 #: Rounds of the cases the pair groups' goals are computed from (the headline 4k
 #: randread QD32 on 1 and 2 queues, QD1 on 1 queue), in every pair group: the
