@@ -6,7 +6,6 @@ import errno
 import itertools
 import json
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from tests.ublk_driver.ublk_helpers import (
 )
 from ublk_driver.admin.paths import default_state_dir
 from ublk_driver.blockdev import parse_schedulers
+from ublk_driver.cli import _wait_pid_exit
 from ublk_driver.control import Control
 
 pytestmark = pytest.mark.ublk
@@ -56,17 +56,6 @@ def test_unknown_and_double_delete_are_clear_errors() -> None:
     assert proc.returncode == 1 and "no ublk device" in proc.stderr
 
 
-def _exited(pid: int, timeout: float) -> bool:
-    try:
-        pidfd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    try:
-        return bool(select.select([pidfd], [], [], timeout)[0])
-    finally:
-        os.close(pidfd)
-
-
 def test_del_names_who_holds_the_device_open_instead_of_hanging() -> None:
     """The kernel frees a deleted device only once every opener of
     /dev/ublkbN has closed it.  `del` does not wait for that forever: after
@@ -85,7 +74,7 @@ def test_del_names_who_holds_the_device_open_instead_of_hanging() -> None:
         assert f"/dev/ublkb{dev_id} is still open by pid {holder.pid} (sleep)" in proc.stderr
         assert took < 30, took  # 3 s, plus two Python start-ups under TCG
         assert not os.path.exists(info["bdev"])
-        assert _exited(info["pid"], 30), "the server waits for the holder"
+        assert _wait_pid_exit(info["pid"], 30), "the server waits for the holder"
     finally:
         holder.kill()
         holder.wait()
