@@ -56,6 +56,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ublk_driver.core.errors import UblkError
+from ublk_driver.core.process import cpu_seconds
 from ublk_driver.scratch import ScratchUnavailableError, ram_ext4
 from ublk_driver.testbed.where import needs_testbed, run_in_testbed
 
@@ -417,7 +418,7 @@ def cpu_hogs(n: int) -> Iterator[dict[str, Any]]:
     try:
         yield facts
     finally:
-        cpu = [_cpu_seconds(h.pid) for h in hogs]
+        cpu = [None if (s := cpu_seconds(h.pid)) is None else round(s, 1) for h in hogs]
         for h in hogs:
             h.kill()
         for h in hogs:
@@ -425,15 +426,6 @@ def cpu_hogs(n: int) -> Iterator[dict[str, Any]]:
         if hogs:
             facts.update(cpu_hogs=n, cpu_hogs_wall_s=round(time.monotonic() - t0, 1),
                          cpu_hogs_cpu_s=cpu)
-
-
-def _cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of a live process, from /proc/PID/stat."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return round((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), 1)
 
 
 def _fio(job: Path) -> subprocess.Popen[str]:

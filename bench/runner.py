@@ -77,6 +77,7 @@ from bench.jobs import (
 from bench.report import GOALS
 from ublk_driver.blockdev import parse_schedulers
 from ublk_driver.core.errors import UblkError
+from ublk_driver.core.process import cpu_seconds
 from ublk_driver.scratch import ScratchUnavailableError, ram_ext4, unload_module, with_sbin
 from ublk_driver.testbed.where import run_in_testbed
 
@@ -761,15 +762,6 @@ def accounting_attached(path: str) -> Iterator[dict[str, Any]]:
         raise BenchError(f"eBPF accounting counted no I/O on {bd.name} ({bd.majmin})")
 
 
-def _process_cpu_s(pid: int) -> float | None:
-    """User + system CPU seconds of a process (all its threads), from /proc/PID/stat."""
-    stat = _read(f"/proc/{pid}/stat")
-    if not stat:
-        return None
-    fields = stat[stat.rfind(")") + 2:].split()  # the name may hold spaces and ')'
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 @contextlib.contextmanager
 def monitor_running(path: str, *, python: str = sys.executable, log_path: Path | None = None,
                     scratch: Path | None = None,
@@ -826,9 +818,9 @@ def monitor_running(path: str, *, python: str = sys.executable, log_path: Path |
                       f"{log_file})")
             first = read_state(str(state_dir)) or {}
             info["start_s"] = round(time.monotonic() - t_start, 2)
-            cpu0, t0 = _process_cpu_s(proc.pid), time.monotonic()
+            cpu0, t0 = cpu_seconds(proc.pid), time.monotonic()
             yield info
-            cpu1, wall = _process_cpu_s(proc.pid), time.monotonic() - t0
+            cpu1, wall = cpu_seconds(proc.pid), time.monotonic() - t0
             last = read_state(str(state_dir)) or {}
         finally:
             if proc.poll() is None:

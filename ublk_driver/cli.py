@@ -22,7 +22,7 @@ from typing import Any
 
 from ublk_driver.admin.paths import default_state_dir
 from ublk_driver.blockdev import KEEP
-from ublk_driver.control import Control, bdev_openers, bdev_path
+from ublk_driver.control import Control, bdev_path, still_open_message
 from ublk_driver.core.cli import PROG, CliError, Parser, Subparsers, UsageError, build_parser
 from ublk_driver.core.errors import ConfigError, DeviceNotFoundError, UblkError
 from ublk_driver.core.sizes import format_size, parse_size
@@ -425,20 +425,12 @@ def delete_device(ctrl: Control, dev_id: int, timeout: float = 30.0) -> None:
         # An older kernel: its DEL_DEV itself waits for the device to be
         # freed, for as long as any process holds /dev/ublkbN open.
         ctrl.delete(dev_id)
-    if not ctrl.wait_freed(dev_id, timeout):
-        raise CliError(f"device {dev_id} deleted, but {bdev_path(dev_id)} is still open by "
-                       f"{_openers(dev_id)}: the kernel frees id {dev_id} once that is closed")
+    if not ctrl.wait_freed(dev_id, max(deadline - time.monotonic(), 0.0)):
+        raise CliError(still_open_message(dev_id))
     if info.ublksrv_pid > 0 and info.ublksrv_pid != os.getpid() and not _wait_pid_exit(
             info.ublksrv_pid, max(deadline - time.monotonic(), 0.0)):
         raise CliError(f"device {dev_id} deleted, but its server (pid {info.ublksrv_pid}) "
                        f"has not exited after {timeout:g} s")
-
-
-def _openers(dev_id: int) -> str:
-    found = bdev_openers(dev_id)
-    if not found:
-        return "a process not visible here"
-    return ", ".join(f"pid {pid} ({comm})" for pid, comm in found)
 
 
 def _positive_seconds(text: str) -> float:

@@ -78,6 +78,15 @@ def bdev_openers(dev_id: int, proc: str = "/proc") -> list[tuple[int, str]]:
     return sorted(found)
 
 
+def still_open_message(dev_id: int) -> str:
+    """What to say of a deleted device the kernel has not freed yet: who holds it."""
+    found = bdev_openers(dev_id)
+    who = (", ".join(f"pid {pid} ({comm})" for pid, comm in found) if found
+           else "a process not visible here")
+    return (f"device {dev_id} deleted, but {bdev_path(dev_id)} is still open by {who}: "
+            f"the kernel frees id {dev_id} once that is closed")
+
+
 class Control:
     """A handle on the ublk control device."""
 

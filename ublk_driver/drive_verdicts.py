@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ublk_driver.admin.paths import default_state_dir
+from ublk_driver.core.process import pid_alive
 
 __all__ = ["STATES", "VERDICTS_FILE", "DriveVerdict", "Verdicts", "read_verdicts",
            "verdicts_path", "write_verdicts"]
@@ -56,11 +57,7 @@ class Verdicts:
 
     def writer_alive(self) -> bool:
         """The process that wrote the file still runs (else its verdicts are stale)."""
-        try:
-            with open(f"/proc/{self.pid}/stat") as f:
-                return f.read().rpartition(")")[2].split()[0] not in ("Z", "X")
-        except (OSError, IndexError):
-            return False
+        return pid_alive(self.pid)
 
 
 def verdicts_path(state_dir: str | None = None) -> str:

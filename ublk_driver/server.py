@@ -27,8 +27,9 @@ from ublk_driver import _bindings
 from ublk_driver.admin import AdminServer, socket_path
 from ublk_driver.admin.paths import default_state_dir
 from ublk_driver.blockdev import check_scheduler, read_scheduler, set_scheduler
-from ublk_driver.control import Control, bdev_openers, bdev_path, cdev_path
+from ublk_driver.control import Control, bdev_path, cdev_path, still_open_message
 from ublk_driver.core.errors import ConfigError, ControlError, DeviceNotFoundError, UblkError
+from ublk_driver.core.process import pid_alive
 from ublk_driver.queue import QueueProcess, QueueWorker, check_poll_us, default_spin_usec
 from ublk_driver.targets.base import Backend, CompletionPath
 from ublk_driver.targets.plugin import PluginBackend, check_fork_safe
@@ -352,7 +353,7 @@ class Server:
                                   "added with --recovery reissue|fail can be recovered")
             if info.state == DevState.QUIESCED:
                 return info
-            if info.state == DevState.LIVE and _pid_alive(info.ublksrv_pid):
+            if info.state == DevState.LIVE and pid_alive(info.ublksrv_pid):
                 raise ConfigError(f"device {dev_id} is live, served by pid "
                                   f"{info.ublksrv_pid}: nothing to recover")
             if time.monotonic() > deadline:
@@ -504,10 +505,7 @@ class Server:
         not closed it yet, which is said on stderr."""
         if dev_id is None or self.control.wait_freed(dev_id, DELETE_WAIT):
             return
-        holders = ", ".join(f"pid {pid} ({comm})" for pid, comm in bdev_openers(dev_id))
-        print(f"ublkml: device {dev_id} deleted, but {bdev_path(dev_id)} is still open by "
-              f"{holders or 'another process'}: the kernel frees id {dev_id} once that is "
-              "closed", file=sys.stderr, flush=True)
+        print(f"ublkml: {still_open_message(dev_id)}", file=sys.stderr, flush=True)
 
     def read_completions(self, max_per_queue: int = 65536) -> np.ndarray:
         """Drain the completion records of every queue (``records.COMPLETION_DTYPE``).
@@ -664,18 +662,6 @@ class Server:
             for path in [self._state_path(), *self.backend.state_files()]:
                 with contextlib.suppress(OSError):
                     os.unlink(path)
-
-
-def _pid_alive(pid: int) -> bool:
-    """True while ``pid`` runs (a zombie, not yet reaped, has stopped serving)."""
-    if pid <= 0:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rpartition(")")[2].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
 
 
 def read_state(dev_id: int) -> dict[str, Any] | None:

@@ -44,6 +44,7 @@ from ml.monitor._smartpoll import SmartPoller, SmartResult
 from ublk_driver.admin.paths import default_state_dir
 from ublk_driver.core.errors import UblkError
 from ublk_driver.core.priority import TIMELY_NICE, raise_thread_priority
+from ublk_driver.core.process import pid_alive
 from ublk_driver.drive_verdicts import DriveVerdict, write_verdicts
 
 log = logging.getLogger("ublkml.ml.monitor")
@@ -583,10 +584,4 @@ def read_state(state_dir: str | None = None) -> dict[str, Any] | None:
 
 def monitor_alive(state: dict[str, Any]) -> bool:
     pid = state.get("pid")
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
+    return isinstance(pid, int) and pid_alive(pid)

@@ -75,13 +75,14 @@ def _status(args: argparse.Namespace) -> int:
     st = _client(args).call("status")
     verdicts = read_verdicts()
     if verdicts is not None:   # what the host monitor says of this device's drives
+        current = verdicts.writer_alive()
         for path in st.get("paths") or []:
             for d in path.get("drives") or []:
                 v = verdicts.drives.get(d.get("name"))
                 if v is not None:
                     d["verdict"] = {"state": v.state, "score": v.score, "reason": v.reason,
                                     "by": verdicts.by, "updated": verdicts.updated,
-                                    "current": verdicts.writer_alive()}
+                                    "current": current}
     if args.json:
         _print_json(st)
         return 0
