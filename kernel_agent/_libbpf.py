@@ -21,17 +21,23 @@ import errno as _errno
 import os
 import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 
 __all__ = [
     "BPF_ANY",
     "BPF_EXIST",
+    "BPF_MAP_TYPE_RINGBUF",
+    "BPF_MAP_TYPE_USER_RINGBUF",
     "BPF_NOEXIST",
     "BpfLink",
     "BpfObject",
     "BpfProgram",
     "LibbpfError",
     "RingBuffer",
+    "UserRingBuffer",
     "libbpf_available",
+    "libbpf_missing",
+    "map_create",
     "map_delete_elem",
     "map_get_next_key",
     "map_keys",
@@ -39,6 +45,7 @@ __all__ = [
     "map_update_elem",
     "num_possible_cpus",
     "obj_get",
+    "obj_pin",
 ]
 
 BPF_ANY = 0
@@ -110,6 +117,18 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "libbpf_num_possible_cpus": (ctypes.c_int, []),
     "libbpf_set_print": (_P, [_PRINT_FN]),
 }
+# Declared when the library has them, and looked up on use (_need): the user
+# ring buffer came with libbpf 1.1, and the accounting must not depend on it.
+_OPTIONAL: dict[str, tuple[object, list[object]]] = {
+    "user_ring_buffer__new": (_P, [ctypes.c_int, _P]),
+    "user_ring_buffer__reserve": (_P, [_P, ctypes.c_uint32]),
+    "user_ring_buffer__submit": (None, [_P, _P]),
+    "user_ring_buffer__free": (None, [_P]),
+    "bpf_prog_test_run_opts": (ctypes.c_int, [ctypes.c_int, _P]),
+    "bpf_map_create": (ctypes.c_int, [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32,
+                                      ctypes.c_uint32, ctypes.c_uint32, _P]),
+    "bpf_obj_pin": (ctypes.c_int, [ctypes.c_int, ctypes.c_char_p]),
+}
 
 
 def _libbpf() -> ctypes.CDLL:
@@ -131,6 +150,11 @@ def _libbpf() -> ctypes.CDLL:
             fn = getattr(lib, fname)
             fn.restype = restype
             fn.argtypes = argtypes
+        for fname, (restype, argtypes) in _OPTIONAL.items():
+            if hasattr(lib, fname):
+                fn = getattr(lib, fname)
+                fn.restype = restype
+                fn.argtypes = argtypes
         _libc = ctypes.CDLL(None)
         _libc.vsnprintf.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p,
                                     ctypes.c_void_p]
@@ -146,6 +170,24 @@ def libbpf_available() -> bool:
     except OSError:
         return False
     return True
+
+
+def libbpf_missing(name: str) -> str | None:
+    """None if libbpf exports the optional function ``name``, else why not."""
+    try:
+        _need(name)
+    except LibbpfError as e:
+        return str(e)
+    return None
+
+
+def _need(name: str) -> Callable[..., Any]:
+    """An optional libbpf function, or LibbpfError(ENOSYS) naming the version it needs."""
+    lib = _libbpf()
+    if name not in _OPTIONAL or not hasattr(lib, name):
+        raise LibbpfError(_errno.ENOSYS, f"this libbpf has no {name} (it needs libbpf >= 1.1)")
+    fn: Callable[..., Any] = getattr(lib, name)
+    return fn
 
 
 def _take_log() -> str:
@@ -175,6 +217,24 @@ def num_possible_cpus() -> int:
 def obj_get(path: str) -> int:
     """``bpf_obj_get``: a new fd for a pinned object (close it yourself)."""
     return _check_int(_libbpf().bpf_obj_get(path.encode()), f"bpf_obj_get({path})")
+
+
+def obj_pin(fd: int, path: str) -> None:
+    """``bpf_obj_pin``: pin a map or program fd at ``path`` in bpffs."""
+    _check_int(_need("bpf_obj_pin")(fd, path.encode()), f"bpf_obj_pin({path})")
+
+
+#: enum bpf_map_type values used by map_create.
+BPF_MAP_TYPE_RINGBUF = 27
+BPF_MAP_TYPE_USER_RINGBUF = 31
+
+
+def map_create(map_type: int, name: str, key_size: int, value_size: int,
+               max_entries: int) -> int:
+    """``bpf_map_create`` with default options: a new map's fd (close it yourself)."""
+    return _check_int(_need("bpf_map_create")(map_type, name.encode(), key_size, value_size,
+                                              max_entries, None),
+                      f"bpf_map_create({name})")
 
 
 def _buf(data: bytes) -> ctypes.Array[ctypes.c_char]:
@@ -221,6 +281,19 @@ def map_keys(fd: int, key_size: int) -> Iterator[bytes]:
         key = map_get_next_key(fd, key, key_size)
 
 
+class _TestRunOpts(ctypes.Structure):
+    """``struct bpf_test_run_opts`` (libbpf 1.1 layout; ``sz`` tells libbpf which)."""
+
+    _fields_ = [
+        ("sz", ctypes.c_size_t), ("data_in", _P), ("data_out", _P),
+        ("data_size_in", ctypes.c_uint32), ("data_size_out", ctypes.c_uint32),
+        ("ctx_in", _P), ("ctx_out", _P),
+        ("ctx_size_in", ctypes.c_uint32), ("ctx_size_out", ctypes.c_uint32),
+        ("retval", ctypes.c_uint32), ("repeat", ctypes.c_int), ("duration", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32), ("cpu", ctypes.c_uint32), ("batch_size", ctypes.c_uint32),
+    ]
+
+
 class BpfLink:
     """An attachment; detached by :meth:`destroy` (or when the process exits)."""
 
@@ -237,6 +310,24 @@ class BpfProgram:
     def __init__(self, ptr: int, name: str) -> None:
         self._ptr = ptr
         self.name = name
+
+    @property
+    def fd(self) -> int:
+        return _check_int(_libbpf().bpf_program__fd(self._ptr), f"bpf_program__fd({self.name})")
+
+    def test_run(self, ctx: bytearray) -> int:
+        """Run the loaded program once (``bpf_prog_test_run_opts``); its return value.
+
+        For a ``SEC("syscall")`` program the kernel copies ``ctx`` in and,
+        after the run, back out: ``ctx`` is updated in place.
+        """
+        buf = ctypes.create_string_buffer(bytes(ctx), len(ctx))
+        opts = _TestRunOpts(sz=ctypes.sizeof(_TestRunOpts), ctx_in=ctypes.addressof(buf),
+                            ctx_size_in=len(ctx))
+        _check_int(_need("bpf_prog_test_run_opts")(self.fd, ctypes.byref(opts)),
+                   f"bpf_prog_test_run_opts({self.name})")
+        ctx[:] = buf.raw
+        return ctypes.c_int32(opts.retval).value
 
     def set_autoload(self, autoload: bool) -> None:
         _check_int(_libbpf().bpf_program__set_autoload(self._ptr, autoload),
@@ -345,6 +436,15 @@ class RingBuffer:
         assert self._ptr is not None
         return int(_libbpf().ring_buffer__epoll_fd(self._ptr))
 
+    def consume(self) -> int:
+        """Consume every record ready now, without waiting; returns the count."""
+        assert self._ptr is not None
+        ret = int(_libbpf().ring_buffer__consume(self._ptr))
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+        return _check_int(ret, "ring_buffer__consume")
+
     def poll(self, timeout_ms: int) -> int:
         """Consume what is ready (waiting up to ``timeout_ms``); returns the count."""
         assert self._ptr is not None
@@ -359,4 +459,29 @@ class RingBuffer:
     def free(self) -> None:
         if self._ptr is not None:
             _libbpf().ring_buffer__free(self._ptr)
+            self._ptr = None
+
+
+class UserRingBuffer:
+    """``struct user_ring_buffer``: the producer side of a BPF_MAP_TYPE_USER_RINGBUF.
+
+    One producer per ring (libbpf does not serialise producers); the kernel
+    side drains it with ``bpf_user_ringbuf_drain``.
+    """
+
+    def __init__(self, map_fd: int) -> None:
+        self._new = _need("user_ring_buffer__new")
+        self._ptr: int | None = _check_ptr(self._new(map_fd, None), "user_ring_buffer__new")
+
+    def submit(self, data: bytes) -> None:
+        """Copy ``data`` into one sample and publish it; ENOSPC when the ring is full."""
+        assert self._ptr is not None
+        sample = _check_ptr(_need("user_ring_buffer__reserve")(self._ptr, len(data)),
+                            "user_ring_buffer__reserve")
+        ctypes.memmove(sample, data, len(data))
+        _need("user_ring_buffer__submit")(self._ptr, sample)
+
+    def free(self) -> None:
+        if self._ptr is not None:
+            _need("user_ring_buffer__free")(self._ptr)
             self._ptr = None

@@ -151,6 +151,7 @@ if ((build)); then
 import sys, zipfile
 names = zipfile.ZipFile(sys.argv[1]).namelist()
 want = ["kernel_agent/bpf/blkacct.bpf.o", "kernel_agent/bpf/blkacct.bpf.c",
+        "kernel_agent/bpf/recocheck.bpf.o", "kernel_agent/bpf/recocheck.bpf.c",
         "ublkml-0.1.0.dist-info/licenses/LICENSE", "ublk_driver/py.typed"]
 for n in names:
     if not n.endswith(".py"):
@@ -160,7 +161,7 @@ if not any(n.startswith("ublk_driver/_ublkml_cffi") and n.endswith(".so") for n 
     missing.append("ublk_driver/_ublkml_cffi*.so")
 sys.exit(f"missing from the wheel: {missing}" if missing else 0)
 EOF
-  ok "the wheel carries the extension, the eBPF object and LICENSE"
+  ok "the wheel carries the extension, the eBPF objects and LICENSE"
 fi
 
 "$PY" - <<'EOF' || fail "metadata"
