@@ -3,7 +3,8 @@
 ``ublkml bench [OPTIONS]`` measures (here where the kernel has ublk, else in
 one boot of the test bed) and writes results.json, report.md and plots;
 ``ublkml bench report RESULTS_JSON`` re-renders a report from saved results;
-``ublkml bench plugin-timeout`` measures what the plug-in timeout costs.
+``ublkml bench plugin-timeout`` measures what the plug-in timeout costs;
+``ublkml bench engine-ab`` compares the C engines of two checkouts.
 
 The arguments become a :class:`bench.runner.BenchConfig` here, at the edge;
 the runner never sees argparse.
@@ -17,7 +18,7 @@ import json
 import os
 from pathlib import Path
 
-from bench import runner
+from bench import engine_ab, runner
 from bench.runner import (
     FULL_RAMP,
     FULL_RUNTIME,
@@ -198,3 +199,4 @@ def register(sub: Subparsers) -> None:
                    help="also measure the relay without pinning (UBLKML_RELAY_PIN=0)")
     t.set_defaults(func=cmd_plugin_timeout)
 
+    engine_ab.register(verbs)
