@@ -273,7 +273,7 @@ void record(struct ublkml_queue *q, uint16_t tag, uint8_t path, uint8_t op,
 void handle_request(struct ublkml_queue *q, uint16_t tag);
 int process_batch(struct ublkml_queue *q);
 /* Handle every ready CQE, without waiting. */
-void reap(struct ublkml_queue *q);
+unsigned reap(struct ublkml_queue *q);
 int queue_done(const struct ublkml_queue *q);
 int ring_error(int ret);
 /* Frees what ublkml_queue_free left (see ops.detach_queue). */

@@ -520,8 +520,6 @@ int ring_error(int ret)
  * batch; an idle one goes to sleep after spin_ns. */
 int process_batch(struct ublkml_queue *q)
 {
-	struct io_uring_cqe *cqe;
-	unsigned head, n = 0;
 	int ret;
 
 	if (q->spin_ns) {
@@ -545,14 +543,7 @@ int process_batch(struct ublkml_queue *q)
 		if (ring_error(ret))
 			return ret;
 	}
-	io_uring_for_each_cqe(&q->ring, head, cqe) {
-		handle_cqe(q, cqe);
-		n++;
-	}
-	io_uring_cq_advance(&q->ring, n);
-	if (n)
-		q->st.batches++;
-	return (int)n;
+	return (int)reap(q);
 }
 
 int ublkml_queue_run(struct ublkml_queue *q)
@@ -581,7 +572,7 @@ int take_events(struct ublkml_event *list, int *count,
 	return n;
 }
 
-void reap(struct ublkml_queue *q)
+unsigned reap(struct ublkml_queue *q)
 {
 	struct io_uring_cqe *cqe;
 	unsigned head, n = 0;
@@ -593,4 +584,5 @@ void reap(struct ublkml_queue *q)
 	io_uring_cq_advance(&q->ring, n);
 	if (n)
 		q->st.batches++;
+	return n;
 }

@@ -381,16 +381,28 @@ static int dirty_clear(struct mirror_leg *lg, uint64_t r)
 	return 1;
 }
 
+/* The regions [*first, *end) that the bytes [off, off + len) touch. */
+static void regions_of(const struct mirror *m, uint64_t off, uint64_t len,
+		       uint64_t *first, uint64_t *end)
+{
+	uint64_t last;
+
+	*first = off >> m->region_shift;
+	*end = *first;
+	if (!len)
+		return;
+	last = (off + len - 1) >> m->region_shift;
+	*end = last < m->n_regions ? last + 1 : m->n_regions;
+}
+
 static void dirty_range(struct ublkml_target *t, int leg, uint64_t off,
 			uint64_t len)
 {
 	struct mirror *m = t->priv;
-	uint64_t r, last;
+	uint64_t r, end;
 
-	if (!len)
-		return;
-	last = (off + len - 1) >> m->region_shift;
-	for (r = off >> m->region_shift; r <= last && r < m->n_regions; r++)
+	regions_of(m, off, len, &r, &end);
+	for (; r < end; r++)
 		dirty_set(&m->legs[leg], r);
 }
 
@@ -398,12 +410,10 @@ static void dirty_clear_range(struct ublkml_target *t, int leg, uint64_t off,
 			      uint64_t len)
 {
 	struct mirror *m = t->priv;
-	uint64_t r, last;
+	uint64_t r, end;
 
-	if (!len)
-		return;
-	last = (off + len - 1) >> m->region_shift;
-	for (r = off >> m->region_shift; r <= last && r < m->n_regions; r++)
+	regions_of(m, off, len, &r, &end);
+	for (; r < end; r++)
 		dirty_clear(&m->legs[leg], r);
 }
 
