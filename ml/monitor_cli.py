@@ -89,9 +89,11 @@ def cmd_run(args: argparse.Namespace) -> int:
           f"; eBPF: {'yes' if state['ebpf']['available'] else state['ebpf']['note']}; "
           f"agent: {state['agent']['note']}; state: {args.state_file}", file=sys.stderr,
           flush=True)
+    # No polling: the signal handlers end the wait (a lock wait is interrupted by
+    # signals on POSIX), so the main thread costs no wake-ups while the monitor runs.
     deadline = None if args.duration is None else time.monotonic() + args.duration
     try:
-        while not mon.wait(0.2):
+        while not mon.wait(None if deadline is None else max(deadline - time.monotonic(), 0)):
             if deadline is not None and time.monotonic() >= deadline:
                 break
     finally:
