@@ -4,7 +4,8 @@
 one boot of the test bed) and writes results.json, report.md and plots;
 ``ublkml bench report RESULTS_JSON`` re-renders a report from saved results;
 ``ublkml bench plugin-timeout`` measures what the plug-in timeout costs;
-``ublkml bench engine-ab`` compares the C engines of two checkouts.
+``ublkml bench engine-ab`` compares the C engines of two checkouts;
+``ublkml bench monitor-overhead`` measures the drive monitor's cost natively.
 
 The arguments become a :class:`bench.runner.BenchConfig` here, at the edge;
 the runner never sees argparse.
@@ -18,7 +19,7 @@ import json
 import os
 from pathlib import Path
 
-from bench import engine_ab, runner
+from bench import engine_ab, monitor_overhead, runner
 from bench.runner import (
     FULL_RAMP,
     FULL_RUNTIME,
@@ -200,3 +201,4 @@ def register(sub: Subparsers) -> None:
     t.set_defaults(func=cmd_plugin_timeout)
 
     engine_ab.register(verbs)
+    monitor_overhead.register(verbs)
