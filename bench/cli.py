@@ -32,20 +32,13 @@ from bench.runner import (
     QUICK_RUNTIME,
     BenchConfig,
 )
-from ublk_driver.core.cli import CliError, Subparsers, UsageError
+from ublk_driver.core.cli import CliError, Subparsers, UsageError, int_in
 from ublk_driver.testbed.where import needs_testbed
 
 __all__ = ["config_from", "register"]
 
 
-def _rounds(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if not 1 <= n <= 100:
-        raise argparse.ArgumentTypeError(f"rounds must be 1..100, got {text!r}")
-    return n
+_rounds = int_in("rounds", 1, 100)
 
 
 def _poll_us(text: str) -> int:

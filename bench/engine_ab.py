@@ -73,7 +73,7 @@ from bench.runner import (
     Handle,
     say,
 )
-from ublk_driver.core.cli import CliError, Subparsers, UsageError
+from ublk_driver.core.cli import CliError, Subparsers, UsageError, int_in, seconds_in
 from ublk_driver.scratch import ScratchUnavailableError, ram_ext4, with_sbin
 from ublk_driver.testbed.where import needs_testbed, run_in_testbed
 
@@ -659,24 +659,10 @@ def run_in_vm(trees: Sequence[Tree], rounds: int, runtime: float, ramp: float, o
 # ---------------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if not 1 <= n <= 100:
-        raise argparse.ArgumentTypeError(f"rounds must be 1..100, got {text!r}")
-    return n
+_positive_int = int_in("rounds", 1, 100)
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value <= 3600:
-        raise argparse.ArgumentTypeError(f"expected seconds (0..3600), got {text!r}")
-    return value
+_seconds = seconds_in("seconds", 0, 3600)
 
 
 def cmd_engine_ab(args: argparse.Namespace) -> int:

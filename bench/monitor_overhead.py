@@ -47,7 +47,7 @@ from bench.runner import (
     run_fio,
     say,
 )
-from ublk_driver.core.cli import CliError, Subparsers
+from ublk_driver.core.cli import CliError, Subparsers, int_in, seconds_in
 
 GOAL = 0.95
 WORKLOAD = "4k-randread-qd32"
@@ -180,18 +180,8 @@ def cmd_monitor_overhead(args: argparse.Namespace) -> int:
     return 0 if doc["summary"]["passed"] else 1
 
 
-def _positive_int(text: str) -> int:
-    n = int(text)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
-    return n
-
-
-def _seconds(text: str) -> float:
-    x = float(text)
-    if not 0 < x <= 3600:
-        raise argparse.ArgumentTypeError(f"must be in (0, 3600] s, got {text}")
-    return x
+_positive_int = int_in("rounds", 1, 100)
+_seconds = seconds_in("seconds", 0, 3600, low_open=True)
 
 
 def register(verbs: Subparsers) -> None:

@@ -56,6 +56,36 @@ class UsageError(CliError):
         super().__init__(message, 2)
 
 
+def int_in(what: str, low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse ``type``: an integer in ``low..high`` (no upper bound when None)."""
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            n = None
+        bounds = f"{low}..{high}" if high is not None else f">= {low}"
+        if n is None or n < low or (high is not None and n > high):
+            raise argparse.ArgumentTypeError(f"{what} must be {bounds}, got {text!r}")
+        return n
+    return parse
+
+
+def seconds_in(what: str, low: float, high: float, *, low_open: bool = False
+               ) -> Callable[[str], float]:
+    """An argparse ``type``: seconds in ``[low, high]`` (``(low, high]`` with ``low_open``)."""
+    def parse(text: str) -> float:
+        try:
+            x = float(text)
+        except ValueError:
+            x = float("nan")
+        above = x > low if low_open else x >= low
+        if not (above and x <= high):
+            bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+            raise argparse.ArgumentTypeError(f"{what} must be in {bounds} s, got {text!r}")
+        return x
+    return parse
+
+
 def one_line(text: object) -> str:
     """``text`` with control characters escaped: an argv word may hold a newline,
     and an error that echoes it must still be one line."""

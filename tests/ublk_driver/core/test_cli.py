@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from ublk_driver.core import cli
 from ublk_driver.core.cli import CliError, UsageError, one_line, run
@@ -186,3 +188,34 @@ def test_a_driver_command_starts_without_importlib_metadata() -> None:
 def test_version_is_read_when_asked() -> None:
     p = ublkml("--version")
     assert p.returncode == 0 and p.stdout.startswith("ublkml ") and p.stdout.count("\n") == 1
+
+
+@given(st.one_of(st.integers(-1000, 1000).map(str), st.text(max_size=6)))
+def test_int_in_accepts_exactly_the_integers_in_bounds(text: str) -> None:
+    parse = cli.int_in("rounds", 1, 100)
+    try:
+        expected: int | None = int(text)
+    except ValueError:
+        expected = None
+    if expected is not None and 1 <= expected <= 100:
+        assert parse(text) == expected
+    else:
+        with pytest.raises(argparse.ArgumentTypeError, match=r"rounds must be 1\.\.100, got"):
+            parse(text)
+    assert cli.int_in("n", 0)("123456789") == 123456789
+
+
+@given(st.one_of(st.floats(allow_nan=True, allow_infinity=True).map(str),
+                 st.text(max_size=6)))
+def test_seconds_in_bounds_open_and_closed(text: str) -> None:
+    closed, half_open = cli.seconds_in("s", 0, 10), cli.seconds_in("s", 0, 10, low_open=True)
+    try:
+        x = float(text)
+    except ValueError:
+        x = float("nan")
+    for parse, ok in ((closed, 0 <= x <= 10), (half_open, 0 < x <= 10)):
+        if ok:
+            assert parse(text) == x
+        else:
+            with pytest.raises(argparse.ArgumentTypeError, match="s must be in"):
+                parse(text)
