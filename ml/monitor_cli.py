@@ -202,9 +202,7 @@ def register(sub: Subparsers) -> None:
                    help="ticks in a row above the threshold that flag a drive (default 3)")
     r.add_argument("--clear-after", type=_positive_int, default=10, metavar="N",
                    help="ticks in a row below it that clear the flag (default 10)")
-    r.add_argument("--model", metavar="FILE",
-                   help="fail_slow ONNX model (default: the packaged drive model, "
-                   "ml/models/drive_fail_slow.onnx, calibrated on real fleet telemetry)")
+    r.add_argument("--model", metavar="FILE", help="fail_slow ONNX model (default: packaged)")
     r.add_argument("--failure-model", metavar="FILE",
                    help="failure ONNX model for SMART (default: packaged)")
     r.add_argument("--demote-slow", action="store_true",

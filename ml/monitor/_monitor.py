@@ -28,7 +28,7 @@ import numpy as np
 
 from kernel_agent.accounting import BlockDevice
 from kernel_agent.errors import AgentError
-from ml.model import Model, drive_model, load_model, reference_model
+from ml.model import Model, load_model, reference_model
 from ml.monitor._agentlink import AgentLink, Sent
 from ml.monitor._drives import (
     DeviceInfo,
@@ -132,7 +132,7 @@ class Monitor:
         config.check()
         self.config = c = config
         self.model: Model = (load_model(c.model, expect_kind="fail_slow") if c.model
-                             else drive_model())
+                             else reference_model("fail_slow"))
         failure: Model | None = None
         if c.smart:
             failure = (load_model(c.failure_model, expect_kind="failure") if c.failure_model
