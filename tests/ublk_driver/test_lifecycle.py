@@ -433,6 +433,25 @@ def _backing(kind: str, tmp_path: Path) -> list[str]:
     return files
 
 
+def _fixed_malloc_thresholds() -> None:
+    """Fix glibc's mmap and trim thresholds at 128 KiB for this process.
+
+    By default glibc raises its mmap threshold to the size of a freed mmap'ed
+    block (up to 32 MiB) and its trim threshold to twice that: after one 16 MiB
+    RamDisk or queue buffer is freed, the next ones come from the heap, and up
+    to 32 MiB of freed heap is kept mapped. A soak of 100 cycles measured VmData
+    +32 MiB (python) and RSS +16 MiB (loop) that way, with the same fds,
+    threads and Python objects. Fixed thresholds return every large freed block
+    to the kernel, so what VmData and RSS still gain was not freed.
+    """
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    m_trim_threshold, m_mmap_threshold = -1, -3   # <malloc.h>
+    for param in (m_mmap_threshold, m_trim_threshold):
+        assert libc.mallopt(param, 128 << 10) == 1, "mallopt failed"
+
+
 @pytest.mark.parametrize("kind", ["loop", "mirror", "python"])
 def test_add_delete_cycles_in_process_leak_nothing(
         kind: str, tmp_path: Path, figures: dict[str, Any],
@@ -475,6 +494,7 @@ def test_add_delete_cycles_in_process_leak_nothing(
             assert server.shutdown() == []
 
     cycles = soak_count(*CYCLES_IN_PROCESS)
+    _fixed_malloc_thresholds()
     for _ in range(WARMUP):
         cycle()
     gc.collect()
