@@ -13,7 +13,29 @@ Each turn of :meth:`Agent.step`:
    flooding extension cannot starve the others), validates every entry and
    answers it on the completion ring; every decision also goes to
    ``audit.jsonl``;
-6. advances the effect checks of applied changes.
+6. where the eBPF checker is loaded, runs ``rc_check`` on each extension's
+   kernel queue (as many records per turn, at most) and acts on its verdicts;
+7. advances the effect checks of applied changes.
+
+Which checker judges recommendations: the eBPF program ``rc_check``
+(:mod:`kernel_agent.recocheck`) when it loads (root, Linux >= 6.1, libbpf >=
+1.1, the object): every registered extension then gets a queue pair, the
+watched devices' modes and leases are mirrored into its maps, and extensions
+that connect through :func:`kernel_agent.link.open_submitter` submit there.
+Otherwise the Python :class:`~kernel_agent.validator.Validator`, and
+:attr:`Agent.checker_reason` says why (``agent.json``, ``ublkml agent
+status``, the audit's start entry).  While the eBPF checker is loaded no
+recommendation is checked in Python: records that arrive on a ring file are
+refused (REJECTED, reason ``RING_REFUSED``), since they would bypass the
+kernel's checks, leases included; extensions submit through
+:func:`kernel_agent.link.open_submitter`, which picks the kernel queue.
+
+A device's lease may have several holders (its owner, and the drive monitor
+where it claims the device): :func:`kernel_agent.registry.lease_holders`,
+mirrored into ``rc_leases`` whenever the registry changes.
+
+The agent wakes up at once when a submitter writes to its FIFO
+(``<state dir>/wake``, :class:`kernel_agent.ring.Waker`), else every tick.
 
 Effect check: a change is applied only after one *baseline* window of the
 device's kernel-side mean latency (issue -> complete, from eBPF or sysfs), then
@@ -28,9 +50,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import select
 import signal
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -48,8 +72,20 @@ from kernel_agent.accounting import (
 from kernel_agent.actions import ActionError, ActionSpec, default_actions
 from kernel_agent.errors import AgentError, BpfUnavailableError, RingError, UnknownDeviceError
 from kernel_agent.eventlog import JsonLinesLog
-from kernel_agent.registry import DeviceConfig, Extension, Registry, proc_starttime
+from kernel_agent.recocheck import OBJECT_PATH as RC_OBJECT_PATH
+from kernel_agent.recocheck import RecoCheck, reason_text
+from kernel_agent.recocheck_model import ACTION_IDS, SCHEDULERS, ExtPolicy, Reason
+from kernel_agent.recocheck_model import Verdict as KernelVerdict
+from kernel_agent.registry import (
+    DeviceConfig,
+    Extension,
+    Limits,
+    Registry,
+    lease_holders,
+    proc_starttime,
+)
 from kernel_agent.ring import (
+    WAKE_NAME,
     Channel,
     Completion,
     MalformedRecord,
@@ -61,6 +97,12 @@ from kernel_agent.validator import Mode, Policy, Validator, Verdict, WatchedDevi
 from ublk_driver.core.priority import raise_thread_priority
 
 PER_TURN = 32  # submissions read per extension per turn
+#: The answer to a ring-file record while the eBPF checker is loaded.
+#: (It fits a completion's 104-byte reason.)
+RING_REFUSED = ("refused: checks run in eBPF; submit via the extension's eBPF queue "
+                "(kernel_agent.link.open_submitter)")
+ACTION_NAMES = {i: name for name, i in ACTION_IDS.items()}
+log = logging.getLogger("ublkml.kernel_agent")
 
 
 def remove_ublk_device(dev_id: int) -> None:
@@ -88,6 +130,7 @@ class Trial:
     snap: DeviceStats
     before_us: float | None = None
     old: str = ""
+    audit: dict[str, Any] | None = None   # what every decision on it also logs
 
 
 @dataclass
@@ -95,6 +138,15 @@ class _Live:
     ext: Extension
     pidfd: int
     channel: Channel | None
+    queue: str | None = None              # the pinned eBPF submission queue
+    policy: ExtPolicy | None = None       # what the kernel enforces for it
+    kseq: int = 0                         # the last verdict's sequence number
+
+
+def ext_policy(limits: Limits) -> ExtPolicy:
+    """A class's recommendation policy as the eBPF checker takes it."""
+    return ExtPolicy(limits.rate_per_s, limits.burst, limits.floor_permille,
+                     limits.max_ttl_ms)
 
 
 def mean_latency_us(a: DeviceStats, b: DeviceStats, min_ios: int) -> float | None:
@@ -118,7 +170,9 @@ class Agent:
                  actions: dict[str, ActionSpec] | None = None, window_s: float = 1.0,
                  tolerance: float = 0.25, min_ios: int = 20, tick_s: float = 0.05,
                  log_max_bytes: int = 4 << 20,
-                 remove_device: Callable[[int], None] = remove_ublk_device) -> None:
+                 remove_device: Callable[[int], None] = remove_ublk_device,
+                 check_in_kernel: bool = True, recocheck_object: Path = RC_OBJECT_PATH
+                 ) -> None:
         self.registry = Registry(root)
         self.root = self.registry.root
         self.instance = instance
@@ -127,6 +181,8 @@ class Agent:
         self.remove_device = remove_device
         self.validator = Validator(actions if actions is not None else default_actions(),
                                    policy or Policy())
+        # An explicit policy holds for every extension (tests); else each class's.
+        self._policy = policy
         self.acc: BpfAccounting | None = None
         self.fallback_reason = ""
         if use_bpf:
@@ -136,7 +192,25 @@ class Agent:
                 self.fallback_reason = str(e)
         else:
             self.fallback_reason = "eBPF disabled (--no-bpf)"
+        self.rc: RecoCheck | None = None
+        self.checker_reason = ""
+        if not use_bpf:
+            self.checker_reason = "eBPF disabled (--no-bpf)"
+        elif not check_in_kernel:
+            self.checker_reason = "the eBPF checker is disabled (--no-bpf-checker)"
+        else:
+            try:
+                self.rc = RecoCheck(instance, recocheck_object)
+            except (AgentError, OSError) as e:
+                self.checker_reason = str(e).splitlines()[0]
+        if self.rc is None:  # `agent run` prints it too, into agent.log
+            log.info("kernel agent: recommendations checked by the Python validator: %s",
+                     self.checker_reason)
         self.root.mkdir(parents=True, exist_ok=True)
+        self._wake_fd = self._open_wake()
+        self._mirrored: dict[str, tuple[str, frozenset[int]]] = {}
+        self._holders: dict[str, frozenset[int]] = {}   # watched device -> lease holders
+        self._unwatched_claims: set[tuple[int, str]] = set()
         self.events = JsonLinesLog(self.root / "events.jsonl", log_max_bytes)
         self.audit = JsonLinesLog(self.root / "audit.jsonl", log_max_bytes)
         self._ring = self.acc.ring_buffer(self._on_event) if self.acc else None
@@ -149,8 +223,21 @@ class Agent:
         self.counters = {"events": 0, "decisions": 0, "deaths": 0}
         self._stop = threading.Event()
         self.audit.write({"type": "agent", "what": "start", "pid": os.getpid(),
-                          "source": self.source, "fallback": self.fallback_reason or None})
+                          "source": self.source, "fallback": self.fallback_reason or None,
+                          "checker": self.checker,
+                          "checker_reason": self.checker_reason or None})
         self._write_state()
+
+    def _open_wake(self) -> int:
+        """The wake-up FIFO, held read-write so that it never reads end-of-file."""
+        path = self.root / WAKE_NAME
+        try:
+            if not stat.S_ISFIFO(os.lstat(path).st_mode):
+                os.unlink(path)
+                raise FileNotFoundError
+        except FileNotFoundError:
+            os.mkfifo(path, 0o600)
+        return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
 
     # -- state ----------------------------------------------------------------------
 
@@ -158,12 +245,21 @@ class Agent:
     def source(self) -> str:
         return "ebpf" if self.acc else "sysfs"
 
+    @property
+    def checker(self) -> str:
+        """Who checks recommendations: ``ebpf`` (rc_check) or ``python`` (the validator)."""
+        return "ebpf" if self.rc else "python"
+
     def _write_state(self) -> None:
         state = {"pid": os.getpid(), "instance": self.instance, "source": self.source,
                  "attach": self.acc.attach if self.acc else None,
                  "fallback_reason": self.fallback_reason or None,
                  "pin_dir": self.acc.pin_dir if self.acc else None,
-                 "devices": {n: {"dev": d.bd.majmin, "mode": d.mode.value}
+                 "checker": self.checker, "checker_reason": self.checker_reason or None,
+                 "queues": {str(i): lv.queue for i, lv in self._live.items()},
+                 "devices": {n: {"dev": d.bd.majmin, "mode": d.mode.value,
+                                 "owner": self._wanted[n].owner if n in self._wanted else None,
+                                 "holders": sorted(self._holders.get(n, ()))}
                              for n, d in self.devices.items()},
                  "extensions": sorted(self._live), "counters": self.counters}
         tmp = self.root / f"agent.json.tmp{os.getpid()}"
@@ -188,19 +284,33 @@ class Agent:
             return
         self._mtime = mtime
         wanted = self.registry.devices()
+        exts = {e.id: e for e in self.registry.extensions()}
         for name in list(self.devices):
             if name not in wanted:
                 self._unwatch(name)
         self._wanted = wanted
-        self._retry_devices()
-        exts = {e.id: e for e in self.registry.extensions()}
+        self._holders = lease_holders(wanted, list(exts.values()))
+        self._audit_claims(exts)
         for ext_id in list(self._live):
             if ext_id not in exts or exts[ext_id].state != "live":
                 self._drop(ext_id)
         for ext in exts.values():
             if ext.state == "live" and ext.id not in self._live:
                 self._adopt(ext)
+        # After adoption: a new extension's queue exists before its leases reach
+        # the kernel, so it never sees an answer from a lease without its bit.
+        self._retry_devices()
         self._write_state()
+
+    def _audit_claims(self, exts: dict[int, Extension]) -> None:
+        """Log, once each, claims on devices the agent does not watch (granted nothing)."""
+        pending = {(e.id, n) for e in exts.values() if e.state == "live"
+                   for n in e.claims if n not in self._wanted}
+        for ext_id, name in sorted(pending - self._unwatched_claims):
+            self.audit.write({"type": "lease", "what": "claim-not-granted", "ext": ext_id,
+                              "device": name,
+                              "reason": f"{name} is not watched by the agent"})
+        self._unwatched_claims = pending
 
     def _retry_devices(self) -> None:
         """Watch wanted devices that exist (a ublk device may appear later)."""
@@ -212,6 +322,7 @@ class Agent:
                 if self._slow.get(name) != cfg.slow_us and self.acc:
                     self.acc.set_slow_threshold(cur.bd, cfg.slow_us)
                     self._slow[name] = cfg.slow_us
+                self._mirror(name, cfg)
                 continue
             try:
                 bd = resolve_device(name)
@@ -221,14 +332,34 @@ class Agent:
                 self.acc.watch(bd, cfg.slow_us)
             self._slow[name] = cfg.slow_us
             self.devices[name] = WatchedDevice(bd, Mode(cfg.mode))
+            self._mirror(name, cfg)
             self.audit.write({"type": "device", "what": "watch", "device": name,
                               "dev": bd.majmin, "mode": cfg.mode, "slow_us": cfg.slow_us,
-                              "source": self.source})
+                              "owner": cfg.owner, "source": self.source})
+
+    def _mirror(self, name: str, cfg: DeviceConfig) -> None:
+        """The device's mode and lease holders into the checker's rc_modes / rc_leases."""
+        holders = self._holders.get(name, frozenset())
+        if self._mirrored.get(name) == (cfg.mode, holders):
+            return
+        before = self._mirrored.get(name)
+        if self.rc is not None:
+            dev = self.devices[name].bd.dev
+            self.rc.set_mode(dev, Mode(cfg.mode))
+            self.rc.set_lease(dev, holders)
+        self._mirrored[name] = (cfg.mode, holders)
+        if before is None or before[1] != holders:
+            self.audit.write({"type": "lease", "what": "holders", "device": name,
+                              "holders": sorted(holders), "owner": cfg.owner,
+                              "checker": self.checker})
 
     def _unwatch(self, name: str) -> None:
         dev = self.devices.pop(name)
         self._slow.pop(name, None)
         self.trials.pop(name, None)
+        if self._mirrored.pop(name, None) is not None and self.rc is not None:
+            self.rc.set_mode(dev.bd.dev, None)
+            self.rc.set_lease(dev.bd.dev, ())
         if self.acc:
             with contextlib.suppress(OSError):
                 self.acc.unwatch(dev.bd)
@@ -251,8 +382,16 @@ class Agent:
                               "reason": str(e)})
         live = _Live(ext, pidfd, channel)
         self._live[ext.id] = live
-        self.audit.write({"type": "extension", "what": "adopt", "id": ext.id, "cls": ext.cls,
-                          "pid": ext.pid})
+        entry: dict[str, Any] = {"type": "extension", "what": "adopt", "id": ext.id,
+                                 "cls": ext.cls, "pid": ext.pid, "checker": self.checker}
+        if pidfd >= 0 and self.rc is not None:
+            try:
+                live.policy = ext_policy(self.registry.limits()[ext.cls])
+                live.queue = self.rc.add_extension(ext.id, live.policy).submission
+                entry["queue"] = live.queue
+            except (AgentError, OSError) as e:
+                entry["queue_problem"] = f"no eBPF queue, its ring is checked in Python: {e}"
+        self.audit.write(entry)
         if pidfd < 0:
             self._on_death(live)
 
@@ -262,6 +401,8 @@ class Agent:
             os.close(live.pidfd)
         if live.channel:
             live.channel.close()
+        if self.rc is not None and live.queue is not None:
+            self.rc.remove_extension(ext_id)
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -270,15 +411,16 @@ class Agent:
         fds = [lv.pidfd for lv in self._live.values() if lv.pidfd >= 0]
         if self._ring is not None:
             fds.append(self._ring.epoll_fd())
+        fds.append(self._wake_fd)
         wait = self.tick_s if timeout is None else timeout
-        if fds:
-            try:
-                ready = set(select.select(fds, [], [], wait)[0])
-            except InterruptedError:
-                ready = set()
-        else:
-            time.sleep(wait)
+        try:
+            ready = set(select.select(fds, [], [], wait)[0])
+        except InterruptedError:
             ready = set()
+        if self._wake_fd in ready:
+            with contextlib.suppress(BlockingIOError):
+                while os.read(self._wake_fd, 4096):
+                    pass
         for live in list(self._live.values()):
             if live.pidfd in ready:
                 self._on_death(live)
@@ -286,6 +428,7 @@ class Agent:
             self._ring.poll(0)
         for live in list(self._live.values()):
             self._serve_ring(live)
+            self._serve_queue(live)
         self._advance_trials()
 
     def run(self) -> None:
@@ -322,8 +465,13 @@ class Agent:
         self.trials.clear()
         if self._ring is not None:
             self._ring.free()
+        if self.rc is not None:
+            self.rc.close()
         if self.acc:
             self.acc.close()
+        os.close(self._wake_fd)
+        with contextlib.suppress(OSError):
+            os.unlink(self.root / WAKE_NAME)
         self.audit.write({"type": "agent", "what": "stop", "pid": os.getpid()})
         self.events.close()
         self.audit.close()
@@ -364,7 +512,8 @@ class Agent:
 
     # -- recommendations ----------------------------------------------------------------------
 
-    def _decide(self, live: _Live, c: Completion, rec: Recommendation | None = None) -> None:
+    def _decide(self, live: _Live, c: Completion, rec: Recommendation | None = None,
+                extra: dict[str, Any] | None = None) -> None:
         self.counters["decisions"] += 1
         c = Completion(c.seq, c.ext_id, c.status, c.device, c.action, c.old, c.new,
                        c.reason, time.time_ns())
@@ -380,6 +529,7 @@ class Agent:
                                  "reason": c.reason, "posted": posted}
         if rec is not None:
             entry.update(value=rec.value, confidence=rec.confidence, model=rec.model)
+        entry.update(extra or {"checker": "python"})
         self.audit.write(entry)
 
     def _serve_ring(self, live: _Live) -> None:
@@ -392,13 +542,16 @@ class Agent:
             return
         if problem:
             self._decide(live, Completion(0, live.ext.id, Status.REJECTED, reason=problem))
+        if self.rc is not None:
+            self._refuse_ring(live, raws)
+            return
         for raw in raws:
             try:
                 rec = decode_submission(raw)
             except MalformedRecord as e:
                 # Still costs a token: a flood of garbage is a flood.
                 self.validator.check(Recommendation("", "", "", 0.0, "", 0, -1),
-                                     live.ext.id, {})
+                                     live.ext.id, {}, self._class_policy(live))
                 self._decide(live, Completion(0, live.ext.id, Status.REJECTED,
                                               reason=f"malformed: {e}"))
                 continue
@@ -409,6 +562,77 @@ class Agent:
                                               rec.action, reason=f"internal error: {e!r}"),
                              rec)
 
+    def _refuse_ring(self, live: _Live, raws: list[bytes]) -> None:
+        """With the eBPF checker loaded, a ring record would bypass the kernel's
+        checks (leases first): each is answered REJECTED, and says where to submit."""
+        extra = {"checker": "ebpf", "reason_code": "RING"}
+        for raw in raws:
+            try:
+                rec: Recommendation | None = decode_submission(raw)
+            except MalformedRecord:
+                rec = None
+            c = Completion(rec.seq if rec else 0, live.ext.id, Status.REJECTED,
+                           rec.device if rec else "", rec.action if rec else "",
+                           reason=RING_REFUSED)
+            self._decide(live, c, rec, extra)
+
+    def _serve_queue(self, live: _Live) -> None:
+        """Run rc_check on the extension's kernel queue and act on the verdicts."""
+        if self.rc is None or live.queue is None:
+            return
+        try:
+            self.rc.run(live.ext.id, PER_TURN)
+            verdicts = self.rc.verdicts(live.ext.id)
+        except (AgentError, OSError) as e:
+            self.audit.write({"type": "extension", "what": "queue-unusable", "id": live.ext.id,
+                              "reason": str(e)})
+            return
+        for v in verdicts:
+            try:
+                self._on_verdict(live, v)
+            except Exception as e:  # a bug must not take the agent down
+                self._decide(live, Completion(v.rec.seq, live.ext.id, Status.FAILED,
+                                              reason=f"internal error: {e!r}"),
+                             extra={"checker": "ebpf", "kseq": v.kseq})
+
+    def _device_name(self, dev: int) -> str:
+        for name, d in self.devices.items():
+            if d.bd.dev == dev:
+                return name
+        return f"{dev >> 20}:{dev & 0xFFFFF}"
+
+    def _on_verdict(self, live: _Live, v: KernelVerdict) -> None:
+        if live.kseq and v.kseq != live.kseq + 1:
+            self.audit.write({"type": "extension", "what": "verdicts-lost", "id": live.ext.id,
+                              "after": live.kseq, "next": v.kseq})
+        live.kseq = v.kseq
+        s = v.rec
+        action = ACTION_NAMES.get(s.action, f"action #{s.action}")
+        value = SCHEDULERS[s.value] if action == "scheduler" and 0 <= s.value < len(
+            SCHEDULERS) else str(s.value)
+        rec = Recommendation(self._device_name(s.dev), action, value, s.confidence / 1000,
+                             live.ext.model or f"model {s.model:#010x}", s.ttl_ms, s.ext_id,
+                             s.seq, s.created_ns + time.time_ns() - time.monotonic_ns())
+        extra: dict[str, Any] = {"checker": "ebpf", "kseq": v.kseq,
+                                 "reason_code": v.reason.name}
+        holders = self.rc.holders(v.holders) if self.rc is not None else []
+        if v.reason is Reason.OWNER:
+            extra["holders"] = holders
+        if v.status in (Status.REJECTED, Status.OBSERVED):
+            text = reason_text(v, rec, live.policy or ExtPolicy(), holders=holders)
+            self._decide(live, Completion(s.seq, live.ext.id, v.status, rec.device,
+                                          rec.action, new=rec.value, reason=text), rec, extra)
+            return
+        # Approved by the kernel: what it cannot check (the device offers the
+        # value, the knob exists) is checked here, then applied as ever.
+        dev = self.devices.get(rec.device)
+        if dev is None:
+            verdict = Verdict(Status.REJECTED, f"unknown device {rec.device!r} (no longer "
+                              "watched by the agent)")
+        else:
+            verdict = self.validator.finish(rec, dev)
+        self._act(live, rec, verdict, extra)
+
     def _ring_unusable(self, live: _Live, e: RingError) -> None:
         """Stop using an extension's ring (truncated under us); the extension stays."""
         if live.channel is not None:
@@ -418,11 +642,29 @@ class Agent:
                           "reason": str(e)})
 
     def _handle(self, live: _Live, rec: Recommendation) -> None:
-        v: Verdict = self.validator.check(rec, live.ext.id, self.devices)
+        self._act(live, rec, self.validator.check(rec, live.ext.id, self.devices,
+                                                  self._class_policy(live)),
+                  {"checker": "python"})
 
+    def _class_policy(self, live: _Live) -> Policy | None:
+        """The Python validator's policy for this extension: its class's, as the
+        eBPF checker's (None: the agent's own, given explicitly)."""
+        if self._policy is not None:
+            return None
+        if live.policy is None:
+            try:
+                live.policy = ext_policy(self.registry.limits()[live.ext.cls])
+            except (AgentError, KeyError):
+                live.policy = ExtPolicy()
+        p = live.policy
+        return Policy(p.floor_permille / 1000, float(p.rate_per_s), p.burst, p.max_ttl_ms)
+
+    def _act(self, live: _Live, rec: Recommendation, v: Verdict,
+             extra: dict[str, Any]) -> None:
+        """Answer a checked recommendation; an approved one starts its trial."""
         def answer(status: Status, reason: str, old: str = "", new: str = "") -> None:
             self._decide(live, Completion(rec.seq, live.ext.id, status, rec.device, rec.action,
-                                          old, new, reason), rec)
+                                          old, new, reason), rec, extra)
 
         if v.status is not Status.APPLIED:
             answer(v.status, v.reason, new=v.value)
@@ -433,7 +675,7 @@ class Agent:
                    "evaluated")
             return
         trial = Trial(live.ext.id, rec, v.spec, v.device, v.value, "baseline",
-                      time.monotonic() + self.window_s, self._snapshot(v.device))
+                      time.monotonic() + self.window_s, self._snapshot(v.device), audit=extra)
         if not v.spec.check_effect:
             self._apply(trial)
             return
@@ -447,12 +689,13 @@ class Agent:
         c = Completion(t.rec.seq, t.ext_id, status, t.rec.device, t.rec.action, t.old, t.value,
                        reason)
         if live is not None:
-            self._decide(live, c, t.rec)
+            self._decide(live, c, t.rec, t.audit)
         else:  # the extension is gone; the log still gets the decision
             self.audit.write({"type": "decision", "ext": t.ext_id, "seq": t.rec.seq,
                               "status": status.name.lower(), "device": t.rec.device,
                               "action": t.rec.action, "old": t.old, "new": t.value,
-                              "reason": reason, "posted": False})
+                              "reason": reason, "posted": False,
+                              **(t.audit or {"checker": "python"})})
 
     def _apply(self, t: Trial) -> bool:
         try:

@@ -29,8 +29,10 @@ from kernel_agent.accounting import (
 )
 from kernel_agent.agent import Agent, read_agent_state
 from kernel_agent.errors import AgentError, BpfUnavailableError, UnknownDeviceError
+from kernel_agent.link import open_submitter
+from kernel_agent.recocheck import held_by, recocheck_unavailable_reason
 from kernel_agent.registry import CLASSES, Registry, state_dir
-from kernel_agent.ring import Channel, Recommendation, Status
+from kernel_agent.ring import Recommendation, Status
 from kernel_agent.validator import Mode
 from ublk_driver.core.cli import Subparsers, UsageError, add_group
 
@@ -85,8 +87,9 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_watch(args: argparse.Namespace) -> int:
     name = resolve_device(args.device).name if not args.device.startswith("ublkb") \
         else args.device
-    Registry().watch(name, args.mode, args.slow_us)
-    print(f"watching {name} (mode {args.mode})")
+    Registry().watch(name, args.mode, args.slow_us, args.owner)
+    lease = f", leased to extension {args.owner}" if args.owner is not None else ""
+    print(f"watching {name} (mode {args.mode}{lease})")
     return 0
 
 
@@ -146,8 +149,13 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_recommend(args: argparse.Namespace) -> int:
-    ext = Registry().get(args.ext)
-    ch = Channel.open(ext.ring)
+    reg = Registry()
+    ext = reg.get(args.ext)
+    # The path every extension takes: the kernel queue when the eBPF checker runs.
+    ch, checker = open_submitter(reg, ext)
+    print(f"submitting as extension {ext.id} through "
+          + ("its eBPF queue" if checker == "ebpf" else f"its ring file ({checker})"),
+          file=sys.stderr)
     try:
         sent = ch.submit(Recommendation(args.device, args.action, args.value, args.confidence,
                                         args.model, args.ttl_ms, ext.id))
@@ -172,11 +180,12 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     agent = Agent(instance=args.instance, use_bpf=not args.no_bpf, attach=args.attach,
-                  window_s=args.window)
+                  window_s=args.window, check_in_kernel=not args.no_bpf_checker)
     try:
         print(f"agent {args.instance}: source {agent.source}"
               + (f" ({agent.fallback_reason})" if agent.fallback_reason else "")
-              + f", state {agent.root}", file=sys.stderr, flush=True)
+              + f", state {agent.root}", file=sys.stderr)
+        print(checker_line(agent.checker, agent.checker_reason), file=sys.stderr, flush=True)
         agent.run()
     finally:
         agent.close()
@@ -192,6 +201,8 @@ def cmd_start(args: argparse.Namespace) -> int:
             "--attach", args.attach, "--window", str(args.window)]
     if args.no_bpf:
         argv.append("--no-bpf")
+    if args.no_bpf_checker:
+        argv.append("--no-bpf-checker")
     with open(root / "agent.log", "ab") as log:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                 start_new_session=True)
@@ -200,7 +211,8 @@ def cmd_start(args: argparse.Namespace) -> int:
         state = read_agent_state(root)
         if state and state.get("pid") == proc.pid:
             print(json.dumps(state) if args.json else
-                  f"agent pid {proc.pid}: source {state['source']}")
+                  f"agent pid {proc.pid}: source {state['source']}; "
+                  + checker_line(state.get("checker"), state.get("checker_reason")))
             return 0
         if proc.poll() is not None:
             raise AgentError(f"the agent exited ({proc.returncode}); see {root / 'agent.log'}")
@@ -227,10 +239,44 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def checker_line(checker: str | None, reason: str | None) -> str:
+    """Which checker judges recommendations, in one line."""
+    if checker == "ebpf":
+        return "recommendations checked by: eBPF (rc_check)"
+    return f"recommendations checked by: Python validator: {reason or 'unknown reason'}"
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     state = read_agent_state(state_dir())
-    doc = state or {"running": False, "bpf": bpf_unavailable_reason() or "usable"}
-    print(json.dumps(doc, indent=1))
+    if state is None:
+        doc: dict[str, Any] = {"running": False, "bpf": bpf_unavailable_reason() or "usable",
+                               "checker": None,
+                               "checker_reason": recocheck_unavailable_reason()}
+    else:
+        doc = {"running": True, **state}
+    doc["checked_by"] = checker_line(doc.get("checker"), doc.get("checker_reason")) \
+        if state is not None else None
+    if args.json:
+        print(json.dumps(doc, indent=1))
+        return 0
+    if state is None:
+        why = doc["checker_reason"]
+        print(f"no agent running (state dir {state_dir()}); eBPF accounting: {doc['bpf']}; "
+              f"eBPF checker: {why or 'usable'}")
+        return 0
+    print(f"agent pid {state['pid']} (instance {state.get('instance')}): accounting "
+          f"{state.get('source')}"
+          + (f" ({state['fallback_reason']})" if state.get("fallback_reason") else ""))
+    print(doc["checked_by"])
+    queues = state.get("queues") or {}
+    for ext_id in state.get("extensions", []):
+        q = queues.get(str(ext_id))
+        print(f"  extension {ext_id}: " + (f"eBPF queue {q}" if q else "ring file (Python)"))
+    for name, d in (state.get("devices") or {}).items():
+        holders = d.get("holders") or []
+        lease = f", {held_by(holders)}" + (f" (owner {d['owner']})"
+                                            if d.get("owner") is not None else "")
+        print(f"  device {name} ({d.get('dev')}): mode {d.get('mode')}{lease}")
     return 0
 
 
@@ -264,6 +310,9 @@ def register(sub: Subparsers) -> None:
     w.add_argument("--mode", choices=modes, default=Mode.RECOMMEND.value)
     w.add_argument("--slow-us", type=int, default=0,
                    help="log I/Os slower than this (microseconds; 0: off)")
+    w.add_argument("--owner", type=int, metavar="ID",
+                   help="lease the device to extension ID: with the eBPF checker, only its "
+                   "recommendations for the device pass")
     w.set_defaults(func=cmd_watch)
 
     u = sub.add_parser("unwatch", help="stop accounting a device")
@@ -280,7 +329,12 @@ def register(sub: Subparsers) -> None:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_stats)
 
-    rc = sub.add_parser("recommend", help="submit one recommendation on an extension's ring")
+    rc = sub.add_parser(
+        "recommend", help="submit one recommendation as a registered extension",
+        description="Submit one recommendation as extension ID, on the path the extension "
+        "itself takes (kernel_agent.link.open_submitter): its eBPF queue when the agent "
+        "checks recommendations in the kernel (leases included), else its ring file. Each "
+        "queue has one producer: not while the extension itself is submitting.")
     rc.add_argument("--ext", type=int, required=True, help="extension id")
     rc.add_argument("device")
     rc.add_argument("action")
@@ -297,7 +351,10 @@ def register(sub: Subparsers) -> None:
         d = sub.add_parser(name, help=helptext)
         d.add_argument("--instance", default="default",
                        help="names the pin directory /sys/fs/bpf/ublkml/INSTANCE")
-        d.add_argument("--no-bpf", action="store_true", help="use /sys/block sampling only")
+        d.add_argument("--no-bpf", action="store_true",
+                       help="no eBPF at all: /sys/block sampling, Python validator")
+        d.add_argument("--no-bpf-checker", action="store_true",
+                       help="check recommendations with the Python validator, not rc_check")
         d.add_argument("--attach", choices=["auto", "tp_btf", "tracepoint"], default="auto")
         d.add_argument("--window", type=float, default=1.0,
                        help="effect-check window in seconds (default 1)")
@@ -306,5 +363,10 @@ def register(sub: Subparsers) -> None:
 
     st = sub.add_parser("stop", help="stop the background agent")
     st.set_defaults(func=cmd_stop)
-    ss = sub.add_parser("status", help="the running agent's state (JSON)")
+    ss = sub.add_parser("status", help="the running agent's state, and which checker judges "
+                        "recommendations",
+                        description="The running agent: accounting source, which checker "
+                        "judges recommendations (eBPF rc_check, or the Python validator and "
+                        "why), each extension's queue, watched devices with modes and leases.")
+    ss.add_argument("--json", action="store_true", help="agent.json plus running/checked_by")
     ss.set_defaults(func=cmd_status)

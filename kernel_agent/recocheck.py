@@ -5,7 +5,8 @@ setup.py's ``build_bpf``) and pins its maps under
 ``/sys/fs/bpf/ublkml/<instance>/`` next to the accounting's: ``rc_ext``
 (extension ids and policies by slot), ``rc_state`` (token buckets and
 sequence counters), ``rc_actions`` (the allow-list with integer bounds),
-``rc_modes`` and ``rc_leases`` (by device ``dev_t``), and the two
+``rc_modes`` and ``rc_leases`` (by device ``dev_t``; a lease is a set of
+holders, kept in the kernel as a mask of extension slots), and the two
 ARRAY_OF_MAPS ``rc_subq`` / ``rc_compq`` holding every extension's own
 queues.  :meth:`RecoCheck.add_extension` creates an extension's submission
 queue (USER_RINGBUF) and completion queue (RINGBUF) and pins them as
@@ -21,14 +22,16 @@ test holds the kernel to.
 Not root, a kernel without user ring buffers (before 6.1), a libbpf before
 1.1 or a missing object: :class:`~kernel_agent.errors.BpfUnavailableError`
 says which, and that the Python validator (:mod:`kernel_agent.validator`) is
-the fall-back.  The agent daemon does not use this module yet.
+the fall-back.  The agent (:mod:`kernel_agent.agent`) loads it at start and
+runs it on every extension's queue; :func:`reason_text` words its verdicts
+as the validator words the same refusals.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,20 +45,27 @@ from kernel_agent.accounting import (
 from kernel_agent.errors import AgentError, BpfUnavailableError
 from kernel_agent.recocheck_model import (
     ACTION,
+    ACTION_IDS,
     ARGS,
     EXT,
     MAX_ACTIONS,
     MAX_EXT,
     MODE_IDS,
+    PERMILLE_ONE,
+    SCHEDULERS,
     STATE,
+    SUB,
     U32,
+    U64,
     Bounds,
     BucketState,
     ExtPolicy,
+    Reason,
     Submission,
     Verdict,
     default_bounds,
 )
+from kernel_agent.ring import Recommendation, Status
 from kernel_agent.validator import Mode
 
 __all__ = [
@@ -64,6 +74,7 @@ __all__ = [
     "ExtensionQueues",
     "RecoCheck",
     "RunResult",
+    "reason_text",
     "recocheck_unavailable_reason",
 ]
 
@@ -86,6 +97,60 @@ def recocheck_unavailable_reason(object_path: Path = OBJECT_PATH) -> str | None:
     if not _libbpf.libbpf_available():
         return "libbpf.so.1 not found (Debian: apt-get install libbpf1)"
     return _libbpf.libbpf_missing("user_ring_buffer__new")
+
+
+def held_by(holders: Sequence[int]) -> str:
+    """``leased to extension 3`` / ``extensions 3 and 7`` / ``no extension``."""
+    if not holders:
+        return "leased to no extension"
+    if len(holders) == 1:
+        return f"leased to extension {holders[0]}"
+    ids = [str(h) for h in holders]
+    return f"leased to extensions {', '.join(ids[:-1])} and {ids[-1]}"
+
+
+def reason_text(v: Verdict, rec: Recommendation, policy: ExtPolicy,
+                bounds: Mapping[int, Bounds] | None = None,
+                holders: Sequence[int] = ()) -> str:
+    """A refusal (or OBSERVED) in the words the Python validator uses for it.
+
+    ``rec`` is the verdict's record with names put back (device, action,
+    value text); ``policy`` and ``bounds`` are what the checker was given;
+    ``holders`` the extension ids of the verdict's lease mask
+    (:meth:`RecoCheck.holders`).
+    """
+    r = v.reason
+    if r is Reason.RATE:
+        return (f"rate limit: more than {policy.rate_per_s}/s (burst {policy.burst}) "
+                f"from extension {v.owner}")
+    if r is Reason.MALFORMED:
+        return f"malformed: a record of other than {SUB.size} bytes"
+    if r is Reason.EXT:
+        return f"extension id {v.rec.ext_id} in the queue of extension {v.owner}"
+    if r is Reason.TTL:
+        return f"ttl_ms {v.rec.ttl_ms} not in (0, {policy.max_ttl_ms}]"
+    if r is Reason.EXPIRED:
+        return "expired before the kernel checked it"
+    if r is Reason.CONF_HIGH:
+        return f"confidence {rec.confidence:g} above 1"
+    if r is Reason.CONF_LOW:
+        return (f"confidence {rec.confidence:.3f} below the floor "
+                f"{policy.floor_permille / PERMILLE_ONE:g}")
+    if r is Reason.DEVICE:
+        return f"unknown device {rec.device!r} (not watched by the agent)"
+    if r is Reason.OWNER:
+        return f"owner: {rec.device} is {held_by(holders)}, not to extension {v.owner}"
+    if r is Reason.OBSERVE:
+        return f"{rec.device} is in observe mode"
+    if r is Reason.ACTION:
+        return f"action {rec.action!r} is not allowed (allowed: {', '.join(sorted(ACTION_IDS))})"
+    if r is Reason.BOUNDS:
+        if rec.action == "scheduler":
+            return f"scheduler={rec.value!r} is not one of {sorted(SCHEDULERS)}"
+        b = (bounds if bounds is not None else default_bounds()).get(v.rec.action)
+        where = f" [{b.lo}, {b.hi}]" if b is not None else ""
+        return f"{rec.action}={rec.value} out of bounds{where}"
+    return f"{Status(v.status).name.lower()} by the kernel ({r.name})"
 
 
 def _unavailable(why: str) -> BpfUnavailableError:
@@ -160,6 +225,7 @@ class RecoCheck:
         self.pin_dir = pin_dir(instance)
         self.queue_bytes = queue_bytes
         self._slots: dict[int, _Slot] = {}
+        self._leases: dict[int, frozenset[int]] = {}   # dev -> holders' extension ids
         self._pinned: list[tuple[_libbpf.BpfMap, str]] = []
         ensure_bpffs()
         self._obj = _libbpf.BpfObject(str(object_path))
@@ -209,13 +275,52 @@ class RecoCheck:
         else:
             _libbpf.map_update_elem(self._fd["rc_modes"], key, U32.pack(MODE_IDS[mode]))
 
-    def set_lease(self, dev: int, ext_id: int | None) -> None:
-        """Lease ``dev`` to extension ``ext_id`` (None: to nobody)."""
+    def set_lease(self, dev: int, holders: Collection[int]) -> None:
+        """Lease ``dev`` to the extensions ``holders`` (ids; empty: to nobody).
+
+        An id without a slot yet (not added, or removed) is kept and enters the
+        kernel's mask when :meth:`add_extension` gives it one.
+        """
         key = U32.pack(_u32("dev", dev))
-        if ext_id is None:
-            _libbpf.map_delete_elem(self._fd["rc_leases"], key)
+        want = frozenset(_u32("ext id", h) for h in holders)
+        if want:
+            self._leases[dev] = want
         else:
-            _libbpf.map_update_elem(self._fd["rc_leases"], key, U32.pack(_u32("ext id", ext_id)))
+            self._leases.pop(dev, None)
+        self._write_lease(dev, key)
+
+    def _write_lease(self, dev: int, key: bytes | None = None) -> None:
+        key = key if key is not None else U32.pack(dev)
+        mask = self.lease_mask(self._leases.get(dev, frozenset()))
+        if mask:
+            _libbpf.map_update_elem(self._fd["rc_leases"], key, U64.pack(mask))
+        else:
+            _libbpf.map_delete_elem(self._fd["rc_leases"], key)
+
+    def _rewrite_leases_of(self, ext_id: int) -> None:
+        for dev, holders in self._leases.items():
+            if ext_id in holders:
+                self._write_lease(dev)
+
+    def lease_mask(self, holders: Collection[int]) -> int:
+        """The kernel's mask for these holders: the bits of those that have a slot."""
+        mask = 0
+        for h in holders:
+            s = self._slots.get(h)
+            if s is not None:
+                mask |= 1 << s.slot
+        return mask
+
+    def lease(self, dev: int) -> int:
+        """The mask the kernel holds for ``dev`` (0: leased to nobody)."""
+        raw = _libbpf.map_lookup_elem(self._fd["rc_leases"], U32.pack(_u32("dev", dev)),
+                                      U64.size)
+        return 0 if raw is None else int(U64.unpack(raw)[0])
+
+    def holders(self, mask: int) -> list[int]:
+        """The extension ids of a verdict's lease mask, in slot order."""
+        by_slot = {s.slot: s.ext_id for s in self._slots.values()}
+        return [by_slot[i] for i in range(MAX_EXT) if mask >> i & 1 and i in by_slot]
 
     def add_extension(self, ext_id: int, policy: ExtPolicy | None = None) -> ExtensionQueues:
         """Give extension ``ext_id`` a slot, its two queues and ``policy``."""
@@ -255,6 +360,7 @@ class RecoCheck:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
                 _libbpf.obj_pin(fd, path)
+            self._rewrite_leases_of(ext_id)   # its leases given before it had a slot
         except BaseException:
             self.remove_extension(ext_id)
             raise
@@ -285,6 +391,9 @@ class RecoCheck:
         s = self._slots.pop(ext_id, None)
         if s is None:
             return
+        # Its bit leaves every lease before the slot can go to another extension.
+        with contextlib.suppress(OSError):
+            self._rewrite_leases_of(ext_id)
         key = U32.pack(s.slot)
         with contextlib.suppress(OSError):
             _libbpf.map_update_elem(self._fd["rc_ext"], key, bytes(EXT.size))

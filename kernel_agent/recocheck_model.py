@@ -31,11 +31,18 @@ compares with these sizes)::
     8  u64 created_ns                16 u32 status   (kernel_agent.ring.Status)
     16 u32 ttl_ms                    20 u32 reason   (Reason)
     20 u32 confidence (permille)     24 u32 owner    (the queue owner's id)
-    24 u32 dev (MAJOR << 20 | MINOR) 28 u32 holder   (lease holder; 0: none)
-    28 u32 action (ACTION_IDS)       32 u32 tokens   (whole tokens left)
-    32 s64 value                     36 u32 reserved
-    40 u32 model                     40 the submission as checked
-    44 u32 reserved                     (all zero when malformed)
+    24 u32 dev (MAJOR << 20 | MINOR) 28 u32 tokens   (whole tokens left)
+    28 u32 action (ACTION_IDS)       32 u64 holders  (the lease: a mask of slots)
+    32 s64 value                     40 the submission as checked
+    40 u32 model                        (all zero when malformed)
+    44 u32 reserved
+
+A device's lease (``rc_leases``) is a *set* of holders: bit ``i`` of its
+mask is the extension in slot ``i`` (a device is leased to its server or leg
+policy and to the host-wide drive monitor at once).  The OWNER check passes
+when the bit of the queue the record came through is set; the verdict
+reports the whole mask, which user space turns back into extension ids
+(:meth:`kernel_agent.recocheck.RecoCheck.holders`).
 """
 
 from __future__ import annotations
@@ -51,18 +58,20 @@ from kernel_agent.validator import Mode
 TOKEN = 1_000_000_000
 NS_PER_MS = 1_000_000
 PERMILLE_ONE = 1000
-#: Extension slots, action ids and devices of one loaded checker (RC_MAX_*).
+#: Extension slots, action ids and devices of one loaded checker (RC_MAX_*);
+#: a lease is a 64-bit mask of slots.
 MAX_EXT = 64
 MAX_ACTIONS = 16
 MAX_DEVS = 1024
 
 SUB = struct.Struct("<IIQIIIIqII")     # struct rc_rec
-VERDICT = struct.Struct("<QQIIIIII")   # struct rc_verdict, without its rc_rec
+VERDICT = struct.Struct("<QQIIIIQ")    # struct rc_verdict, without its rc_rec
 EXT = struct.Struct("<IIIIII")         # struct rc_ext
 STATE = struct.Struct("<QQQIIQ")       # struct rc_state
 ACTION = struct.Struct("<IIqq")        # struct rc_action
 ARGS = struct.Struct("<IIII")          # struct rc_args
 U32 = struct.Struct("<I")
+U64 = struct.Struct("<Q")
 
 #: The program's device modes (RC_MODE_*), by the validator's names.
 MODE_IDS: dict[Mode, int] = {Mode.OBSERVE: 1, Mode.RECOMMEND: 2, Mode.ENFORCE: 3}
@@ -134,23 +143,22 @@ class Verdict:
     status: Status
     reason: Reason
     owner: int
-    holder: int
     tokens: int
+    holders: int          # the device's lease: bit i = slot i (0 before check 9)
     rec: Submission
-    reserved: int = 0
 
     def pack(self) -> bytes:
         return VERDICT.pack(self.kseq, self.now_ns, self.status, self.reason, self.owner,
-                            self.holder, self.tokens, self.reserved) + self.rec.pack()
+                            self.tokens, self.holders) + self.rec.pack()
 
     @classmethod
     def unpack(cls, raw: bytes) -> Verdict:
         """Decode a verdict; ValueError for a size or status/reason it cannot be."""
         if len(raw) != VERDICT.size + SUB.size:
             raise ValueError(f"a verdict is {VERDICT.size + SUB.size} bytes, not {len(raw)}")
-        kseq, now, status, reason, owner, holder, tokens, res = VERDICT.unpack_from(raw)
-        return cls(kseq, now, Status(status), Reason(reason), owner, holder, tokens,
-                   Submission.unpack(raw[VERDICT.size:]), res)
+        kseq, now, status, reason, owner, tokens, holders = VERDICT.unpack_from(raw)
+        return cls(kseq, now, Status(status), Reason(reason), owner, tokens, holders,
+                   Submission.unpack(raw[VERDICT.size:]))
 
 
 @dataclass(frozen=True)
@@ -225,9 +233,9 @@ class RecoCheckModel:
     """The checker's maps and per-extension state, and the checks themselves.
 
     ``owners`` maps a slot to its extension id and policy (``rc_ext``),
-    ``modes`` and ``leases`` a device to its mode and lease holder
-    (``rc_modes``, ``rc_leases``), ``actions`` an action id to its bounds
-    (``rc_actions``).
+    ``modes`` a device to its mode (``rc_modes``), ``leases`` a device to its
+    holders as a mask of slots (``rc_leases``: bit ``i`` is slot ``i``),
+    ``actions`` an action id to its bounds (``rc_actions``).
     """
 
     owners: dict[int, tuple[int, ExtPolicy]] = field(default_factory=dict)
@@ -242,14 +250,15 @@ class RecoCheckModel:
         st = self.states.setdefault(slot, BucketState())
         whole = len(sample) == SUB.size
         rec = Submission.unpack(sample) if whole else EMPTY
-        status, reason, holder = self._decide(owner, policy, st, rec, whole, now_ns)
+        status, reason, holders = self._decide(slot, owner, policy, st, rec, whole, now_ns)
         st.kseq += 1
-        return Verdict(st.kseq, now_ns, status, reason, owner, holder, st.tokens // TOKEN, rec)
+        return Verdict(st.kseq, now_ns, status, reason, owner, st.tokens // TOKEN, holders,
+                       rec)
 
-    def _decide(self, owner: int, policy: ExtPolicy, st: BucketState, rec: Submission,
-                whole: bool, now: int) -> tuple[Status, Reason, int]:
-        def reject(reason: Reason, holder: int = 0) -> tuple[Status, Reason, int]:
-            return Status.REJECTED, reason, holder
+    def _decide(self, slot: int, owner: int, policy: ExtPolicy, st: BucketState,
+                rec: Submission, whole: bool, now: int) -> tuple[Status, Reason, int]:
+        def reject(reason: Reason, holders: int = 0) -> tuple[Status, Reason, int]:
+            return Status.REJECTED, reason, holders
 
         st.refill(policy, now)
         if st.tokens < TOKEN:
@@ -270,19 +279,19 @@ class RecoCheckModel:
         mode = self.modes.get(rec.dev)
         if mode is None:
             return reject(Reason.DEVICE)
-        holder = self.leases.get(rec.dev, 0)
-        if holder != owner:
-            return reject(Reason.OWNER, holder)
+        holders = self.leases.get(rec.dev, 0)
+        if not holders >> slot & 1:
+            return reject(Reason.OWNER, holders)
         if mode is Mode.OBSERVE:
-            return Status.OBSERVED, Reason.OBSERVE, holder
+            return Status.OBSERVED, Reason.OBSERVE, holders
         bounds = self.actions.get(rec.action)
         if bounds is None:
-            return reject(Reason.ACTION, holder)
+            return reject(Reason.ACTION, holders)
         if not bounds.lo <= rec.value <= bounds.hi:
-            return reject(Reason.BOUNDS, holder)
+            return reject(Reason.BOUNDS, holders)
         if mode is Mode.RECOMMEND:
-            return Status.RECOMMENDED, Reason.OK, holder
-        return Status.APPLIED, Reason.OK, holder
+            return Status.RECOMMENDED, Reason.OK, holders
+        return Status.APPLIED, Reason.OK, holders
 
     def reset(self, slot: int) -> None:
         """Forget ``slot``'s bucket and sequence (as the loader zeroes ``rc_state``)."""
@@ -306,6 +315,7 @@ __all__ = [
     "SUB",
     "TOKEN",
     "U32",
+    "U64",
     "VERDICT",
     "Bounds",
     "BucketState",

@@ -8,12 +8,24 @@
   death, delete the device: nobody serves it) or ``keep`` (leave it for a
   recovering server), ``mode`` for the watched device.
 * ``ml-extension``: a process sending recommendations (a model).  Params:
-  ``pid`` (required), ``memory``, ``files``, ``model``.
+  ``pid`` (required), ``memory``, ``files``, ``model``, ``device`` (the
+  device it acts for: leased to it unless a live extension holds it; ``mode``
+  then watches it in that mode if nobody watches it yet).
 * ``monitor``: the host-wide drive monitor (``ublkml monitor run``), one per
-  host; the same params as ``ml-extension``.
+  host; the same params as ``ml-extension``, and ``claims`` (comma-separated
+  device names: the devices whose drives it watches, see below).
 
-Each class has limits (instances, queues, depth, memory, files); a
-registration over a limit is refused with the limit named.  Limits come from
+Each class has limits (instances, queues, depth, memory, files) and a
+recommendation policy (rate, burst, confidence floor, longest TTL: what the
+eBPF checker enforces); a registration over a limit is refused with the
+limit named.  A device's ``owner`` is the extension that registered it (a
+server's ``ublkbN``, a ``device=`` claim, ``agent watch --owner``): it holds
+the device's *lease*, and only the lease's holders' recommendations for the
+device pass the eBPF checker.  A lease may have several holders: the owner,
+and every live extension of a class in :data:`CO_HOLDERS` (the drive
+monitor) that *claims* the device (:meth:`Registry.claim`, or ``claims=`` at
+registration), provided the device is watched; :func:`lease_holders` is that
+rule, which the agent applies.  Limits come from
 :data:`DEFAULT_LIMITS`, overridden by ``<state dir>/limits.json`` (same
 shape).  The registry is one JSON file, ``<state dir>/registry.json``,
 rewritten atomically under an ``flock`` so that the CLI and the agent can both
@@ -44,6 +56,9 @@ from ublk_driver.core.sizes import parse_size
 DEFAULT_STATE_DIR = "/run/ublkml/agent"
 CLASSES = ("ublk-server", "ml-extension", "monitor")
 POLICIES = ("remove", "keep")
+#: Classes whose claims share a device's lease with its owner: the host-wide
+#: drive monitor recommends for every device whose drives it watches.
+CO_HOLDERS = ("monitor",)
 
 
 def state_dir() -> Path:
@@ -52,11 +67,22 @@ def state_dir() -> Path:
 
 @dataclass(frozen=True)
 class Limits:
+    """A class's resource limits and its recommendation policy.
+
+    The policy (rate, burst, confidence floor in permille, longest TTL) is
+    what the eBPF checker enforces for each extension of the class
+    (:class:`kernel_agent.recocheck_model.ExtPolicy`).
+    """
+
     instances: int
     queues: int
     depth: int
     memory: int   # bytes
     files: int
+    rate_per_s: int = 5
+    burst: int = 20
+    floor_permille: int = 500
+    max_ttl_ms: int = 3_600_000
 
 
 DEFAULT_LIMITS: dict[str, Limits] = {
@@ -85,6 +111,7 @@ class Extension:
     state: str = "live"       # live | dead (kept for recovery) | removed
     registered: float = field(default_factory=time.time)
     ring: str = ""
+    claims: list[str] = field(default_factory=list)   # devices it co-holds (CO_HOLDERS)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -100,7 +127,7 @@ class DeviceConfig:
     name: str
     mode: str = Mode.RECOMMEND.value
     slow_us: int = 0
-    owner: int | None = None   # the ublk-server extension that added it
+    owner: int | None = None   # the extension that registered it: it holds the lease
 
 
 def proc_starttime(pid: int) -> int | None:
@@ -111,6 +138,43 @@ def proc_starttime(pid: int) -> int | None:
         return None
     # comm may contain spaces and parentheses: split after the last ')'.
     return int(stat[stat.rindex(")") + 2:].split()[19])
+
+
+def _claim(doc: dict[str, Any], name: str, ext_id: int, mode: str) -> None:
+    """Lease ``name`` to ``ext_id`` unless a live extension holds it (then the
+    eBPF checker refuses the claimant's recommendations for it, naming the holder)."""
+    cur = doc["devices"].get(name)
+    if cur is None:
+        doc["devices"][name] = asdict(DeviceConfig(name, mode=mode, owner=ext_id))
+        return
+    holder = doc["extensions"].get(str(cur.get("owner")))
+    if holder is None or holder.get("state") != "live":
+        cur["owner"] = ext_id
+
+
+def _names(text: str) -> list[str]:
+    """``claims=`` as a sorted list of device names."""
+    names = sorted({n.strip() for n in text.split(",") if n.strip()})
+    for n in names:
+        if "/" in n or not n.isprintable():
+            raise RegistryError(f"claims: {n!r} is not a device name (e.g. ublkb3)")
+    return names
+
+
+def lease_holders(devices: dict[str, DeviceConfig], extensions: list[Extension]
+                  ) -> dict[str, frozenset[int]]:
+    """Every watched device's lease holders: its owner, and the live extensions
+    of a :data:`CO_HOLDERS` class that claim it.  A claim on a device that is not
+    watched grants nothing (it does once the device is watched)."""
+    out = {name: frozenset() if cfg.owner is None else frozenset({cfg.owner})
+           for name, cfg in devices.items()}
+    for e in extensions:
+        if e.state != "live" or e.cls not in CO_HOLDERS:
+            continue
+        for name in e.claims:
+            if name in out:
+                out[name] = out[name] | {e.id}
+    return out
 
 
 def _int_param(params: dict[str, str], key: str, default: int = 0, size: bool = False) -> int:
@@ -206,6 +270,9 @@ class Registry:
         else:
             ext.policy = "none"
             ext.model = params.pop("model", "")
+        claim = params.pop("device", "") if cls != "ublk-server" else ""
+        if cls in CO_HOLDERS:
+            ext.claims = _names(params.pop("claims", ""))
         if params:
             raise RegistryError(f"unknown parameter(s) for {cls}: {', '.join(sorted(params))}")
         lim = self.limits()[cls]
@@ -230,6 +297,8 @@ class Registry:
             if ext.dev_id is not None:
                 name = f"ublkb{ext.dev_id}"
                 doc["devices"][name] = asdict(DeviceConfig(name, mode=mode, owner=ext.id))
+            if claim:
+                _claim(doc, claim, ext.id, mode)
         return ext
 
     def remove(self, ext_id: int) -> Extension:
@@ -239,11 +308,28 @@ class Registry:
                 raise RegistryError(f"no extension with id {ext_id} (see `ublkml agent list`)")
             for name, dev in list(doc["devices"].items()):
                 if dev.get("owner") == ext_id:
-                    del doc["devices"][name]
+                    if d["cls"] == "ublk-server":
+                        del doc["devices"][name]   # nobody serves it any more
+                    else:
+                        dev["owner"] = None        # a claim: the device stays watched
         ext = Extension.from_json(d)
         with contextlib.suppress(OSError):
             os.unlink(ext.ring)
         return ext
+
+    def claim(self, ext_id: int, names: list[str] | tuple[str, ...]) -> None:
+        """Set the devices extension ``ext_id`` claims a share of the lease of
+        (replacing its claims; the file is rewritten only when they change)."""
+        want = _names(",".join(names))
+        with self._locked() as doc:
+            d = doc["extensions"].get(str(ext_id))
+            if d is None:
+                raise RegistryError(f"no extension with id {ext_id} (see `ublkml agent list`)")
+            if d["cls"] not in CO_HOLDERS:
+                raise RegistryError(f"a {d['cls']} cannot share leases (only "
+                                    f"{', '.join(CO_HOLDERS)}): register with device=NAME")
+            if d.get("claims", []) != want:
+                d["claims"] = want
 
     def set_state(self, ext_id: int, state: str) -> None:
         with self._locked() as doc:
@@ -263,14 +349,20 @@ class Registry:
 
     # -- devices ------------------------------------------------------------------
 
-    def watch(self, name: str, mode: str = Mode.RECOMMEND.value, slow_us: int = 0) -> None:
+    def watch(self, name: str, mode: str = Mode.RECOMMEND.value, slow_us: int = 0,
+              owner: int | None = None) -> None:
+        """Watch ``name``; ``owner`` leases it to that extension (None: keep the lease)."""
         if mode not in {m.value for m in Mode}:
             raise RegistryError(f"mode {mode!r}: one of {', '.join(m.value for m in Mode)}")
         if slow_us < 0:
             raise RegistryError("slow_us must be >= 0")
         with self._locked() as doc:
+            if owner is not None and str(owner) not in doc["extensions"]:
+                raise RegistryError(f"no extension with id {owner} to lease {name} to "
+                                    "(see `ublkml agent list`)")
             old = doc["devices"].get(name, {})
-            doc["devices"][name] = asdict(DeviceConfig(name, mode, slow_us, old.get("owner")))
+            doc["devices"][name] = asdict(DeviceConfig(
+                name, mode, slow_us, owner if owner is not None else old.get("owner")))
 
     def unwatch(self, name: str) -> None:
         with self._locked() as doc:

@@ -58,6 +58,7 @@ from __future__ import annotations
 import math
 import mmap
 import os
+import stat
 import struct
 import time
 import zlib
@@ -81,6 +82,44 @@ COMP = struct.Struct("<IIQII32s32s32s32s104s")
 SUB_CRC_OFFSET = 224
 COMP_CRC_OFFSET = 20
 assert SUB.size == RECORD_SIZE and COMP.size == RECORD_SIZE and HEADER.size == 64
+
+
+#: The agent's wake-up FIFO, in its state dir: a submitter writes a byte to it
+#: after publishing a record, so the agent answers at once instead of at its
+#: next tick (nothing in a ring or a user ring buffer wakes a poller on the
+#: consumer side).
+WAKE_NAME = "wake"
+
+
+class Waker:
+    """The submitter's end of the wake-up FIFO; every failure is silent (the
+    agent's tick still finds the record, only later)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._fd = -1
+
+    def poke(self) -> None:
+        if self._fd < 0:
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError:
+                return  # no FIFO, or no agent holding it open (ENXIO)
+            if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+                os.close(fd)  # never write into anything else found there
+                return
+            self._fd = fd
+        try:
+            os.write(self._fd, b"\0")
+        except BlockingIOError:
+            pass  # full: the agent has wake-ups pending already
+        except OSError:
+            self.close()  # the agent went away (EPIPE): reopen next time
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 class MalformedRecord(ValueError):
@@ -217,6 +256,8 @@ class Channel:
 
     def __init__(self, path: str | os.PathLike[str], fd: int, size: int) -> None:
         self.path = Path(path)
+        # Rings live in <state dir>/rings/: the agent's FIFO is in <state dir>.
+        self._waker = Waker(self.path.parent.parent / WAKE_NAME)
         # The fd stays open: the size is re-checked before the mapping is touched
         # (see _check_size), because the other side may truncate the file.
         self._fd = fd
@@ -314,11 +355,18 @@ class Channel:
         head, tail = self._load(OFF_SUB_HEAD), self._load(OFF_SUB_TAIL)
         if tail - head >= self.sub_slots:
             return None
-        self._seq = max(self._seq, tail) + 1
-        rec = replace(rec, seq=self._seq & 0xFFFFFFFF, ext_id=self.ext_id,
+        rec = replace(rec, seq=self.next_seq(), ext_id=self.ext_id,
                       created_ns=rec.created_ns or time.time_ns())
         self.submit_raw(encode_submission(rec))
+        self._waker.poke()
         return rec
+
+    def next_seq(self) -> int:
+        """The next sequence number of this extension's submissions (shared with
+        the eBPF queue, :class:`kernel_agent.rcqueue.KernelQueue`, whose answers
+        come back on this ring too)."""
+        self._seq = max(self._seq, self._load(OFF_SUB_TAIL)) + 1
+        return self._seq & 0xFFFFFFFF
 
     def submit_raw(self, record: bytes) -> bool:
         """Queue raw bytes (tests use this to send malformed records)."""
@@ -410,6 +458,7 @@ class Channel:
     def close(self) -> None:
         if self._fd < 0:
             return
+        self._waker.close()
         self._idx.release()
         self._map.close()
         os.close(self._fd)

@@ -87,31 +87,41 @@ class Validator:
     _buckets: dict[int, TokenBucket] = field(default_factory=dict)
 
     def check(self, rec: Recommendation, owner: int,
-              devices: Mapping[str, WatchedDevice]) -> Verdict:
+              devices: Mapping[str, WatchedDevice], policy: Policy | None = None) -> Verdict:
+        """``policy``: the owner's own (its class's), else :attr:`policy`."""
         def reject(reason: str) -> Verdict:
             return Verdict(Status.REJECTED, reason)
 
-        bucket = self._buckets.setdefault(owner, TokenBucket(self.policy.rate_per_s,
-                                                             float(self.policy.burst)))
+        p = policy or self.policy
+        bucket = self._buckets.setdefault(owner, TokenBucket(p.rate_per_s, float(p.burst)))
         if not bucket.take(self.monotonic()):
-            return reject(f"rate limit: more than {self.policy.rate_per_s:g}/s "
-                          f"(burst {self.policy.burst}) from extension {owner}")
+            return reject(f"rate limit: more than {p.rate_per_s:g}/s "
+                          f"(burst {p.burst}) from extension {owner}")
         if rec.ext_id != owner:
             return reject(f"extension id {rec.ext_id} in the ring of extension {owner}")
-        if rec.ttl_ms <= 0 or rec.ttl_ms > self.policy.max_ttl_ms:
-            return reject(f"ttl_ms {rec.ttl_ms} not in (0, {self.policy.max_ttl_ms}]")
+        if rec.ttl_ms <= 0 or rec.ttl_ms > p.max_ttl_ms:
+            return reject(f"ttl_ms {rec.ttl_ms} not in (0, {p.max_ttl_ms}]")
         if rec.expired(self.clock_ns()):
             return reject("expired before the agent read it")
         if not rec.confidence <= 1.0:
             return reject(f"confidence {rec.confidence} above 1")
-        if rec.confidence < self.policy.confidence_floor:
+        if rec.confidence < p.confidence_floor:
             return reject(f"confidence {rec.confidence:.3f} below the floor "
-                          f"{self.policy.confidence_floor:g}")
+                          f"{p.confidence_floor:g}")
         dev = devices.get(rec.device)
         if dev is None:
             return reject(f"unknown device {rec.device!r} (not watched by the agent)")
         if dev.mode is Mode.OBSERVE:
             return Verdict(Status.OBSERVED, f"{dev.bd.name} is in observe mode", device=dev)
+        return self.finish(rec, dev)
+
+    def finish(self, rec: Recommendation, dev: WatchedDevice) -> Verdict:
+        """Check 6 alone, for a device in recommend or enforce mode: the action, its
+        value, and whether the device offers it.  The eBPF checker's verdicts come
+        here too: the kernel has no strings, so what the device offers is read here."""
+        def reject(reason: str) -> Verdict:
+            return Verdict(Status.REJECTED, reason)
+
         spec = self.actions.get(rec.action)
         if spec is None:
             return reject(f"action {rec.action!r} is not allowed "

@@ -61,6 +61,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from kernel_agent.errors import AgentError
 from kernel_agent.link import ExtensionLink
 from kernel_agent.ring import Recommendation
 from ml.features import FEATURE_INDEX, Summary, select, summarize, summary_features
@@ -390,7 +391,8 @@ class Sink(Protocol):
 
 
 class AgentSink:
-    """Recommendations through the kernel agent's ring (an ``ml-extension``).
+    """Recommendations through the kernel agent (an ``ml-extension`` holding its device's
+    lease; ``link.submit`` takes the eBPF queue where the agent checks in the kernel).
 
     Registration is lazy and retried: the agent may start after the device.
     Without an agent, :meth:`submit` says so (the caller logs it once).
@@ -411,16 +413,21 @@ class AgentSink:
 
     def submit(self, req: Request, model: str) -> str | None:
         if self.link.channel is None:
-            why = self.link.connect({"pid": str(os.getpid()), "model": "fail-slow"})
+            # device=: the extension acts for its own device and asks for its lease
+            # (the eBPF checker refuses recommendations for devices leased elsewhere).
+            why = self.link.connect({"pid": str(os.getpid()), "model": "fail-slow",
+                                     "device": self.device})
             if why is not None:
                 return why
             log.warning("legpolicy: registered with the kernel agent as extension %d",
                         self.link.ext_id)
-        assert self.link.channel is not None
-        rec = self.link.channel.submit(Recommendation(
-            device=self.device, action=req.action, value=str(req.leg),
-            confidence=max(0.0, min(1.0, req.confidence)), model=model,
-            ttl_ms=self.ttl_ms, ext_id=0))
+        try:
+            rec = self.link.submit(Recommendation(
+                device=self.device, action=req.action, value=str(req.leg),
+                confidence=max(0.0, min(1.0, req.confidence)), model=model,
+                ttl_ms=self.ttl_ms, ext_id=0))
+        except (AgentError, OSError) as e:
+            return f"not sent: {e}"
         if rec is None:
             return "the agent's submission ring is full (is the agent stuck?)"
         self._pending[int(rec.seq)] = req

@@ -35,11 +35,20 @@
  *   6. CONF_HIGH  confidence above 1000 permille;
  *   7. CONF_LOW   confidence below the extension's floor (permille);
  *   8. DEVICE     the device has no mode in `rc_modes` (not watched);
- *   9. OWNER      `rc_leases` does not give the device to this extension;
+ *   9. OWNER      the device's lease in `rc_leases` does not include this
+ *                 extension's slot;
  *  10. OBSERVE    mode observe: status OBSERVED, nothing further checked;
  *  11. ACTION     the action id is not allowed in `rc_actions`;
  *  12. BOUNDS     the value is outside the action's [lo, hi];
  *      then RECOMMENDED (mode recommend) or APPLIED (mode enforce).
+ *
+ * Leases: a device may be leased to several extensions at once (its server
+ * or leg policy, and the host-wide drive monitor).  `rc_leases[dev]` is the
+ * set of holders as a bit mask of extension *slots*, so the check is one
+ * AND with the bit of the queue the record came through: as the owner of a
+ * record is its queue, the holder of a lease is a queue too.  User space
+ * keeps the masks in step with the slots (a freed slot's bit is cleared
+ * from every lease before the slot can be given to another extension).
  *
  * The reference model, the specification this program must match bit for
  * bit, is kernel_agent/recocheck_model.py; its property test runs both
@@ -50,7 +59,7 @@
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
 
-#define RC_MAX_EXT 64        /* extension slots per loaded instance */
+#define RC_MAX_EXT 64        /* extension slots per loaded instance: one bit each in a lease */
 #define RC_MAX_ACTIONS 16    /* action ids 0..15; 0 is never allowed by user space */
 #define RC_MAX_DEVS 1024     /* watched / leased devices */
 #define RC_TOKEN 1000000000ULL  /* one token in nano-tokens */
@@ -108,9 +117,9 @@ struct rc_verdict {
 	__u32 status;      /* RC_APPLIED .. RC_REJECTED */
 	__u32 reason;      /* enum rc_reason */
 	__u32 owner;       /* the queue owner's extension id */
-	__u32 holder;      /* the device's lease holder (0: none), once check 9 ran */
 	__u32 tokens;      /* whole tokens left in the bucket after this record */
-	__u32 reserved;
+	__u64 holders;     /* the device's lease holders, a mask of slots (0: none),
+			    * once check 9 ran */
 	struct rc_rec rec; /* the record as checked (zeroed when malformed) */
 };
 
@@ -208,7 +217,7 @@ struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, RC_MAX_DEVS);
 	__type(key, __u32);    /* dev_t */
-	__type(value, __u32);  /* the extension id holding the lease */
+	__type(value, __u64);  /* the lease holders: bit i = the extension in slot i */
 } rc_leases SEC(".maps");
 
 /* The drain's state, on rc_check's stack; the verdict is built in it, which
@@ -254,7 +263,8 @@ static long check_one(struct bpf_dynptr *dynptr, struct rc_drain *d)
 	struct rc_action *act;
 	struct rc_state *st;
 	struct rc_ext *ext;
-	__u32 *mode, *holder;
+	__u32 *mode;
+	__u64 *holders;
 	void *compq;
 	__u64 now;
 	__u8 extra;
@@ -316,9 +326,9 @@ static long check_one(struct bpf_dynptr *dynptr, struct rc_drain *d)
 		v->reason = RC_R_DEVICE;
 		goto out;
 	}
-	holder = bpf_map_lookup_elem(&rc_leases, &v->rec.dev);
-	v->holder = holder ? *holder : 0;
-	if (v->holder != ext->ext_id) {
+	holders = bpf_map_lookup_elem(&rc_leases, &v->rec.dev);
+	v->holders = holders ? *holders : 0;
+	if (!(v->holders & (1ULL << slot))) {
 		v->reason = RC_R_OWNER;
 		goto out;
 	}

@@ -6,8 +6,14 @@ failure, since the agent may start after the monitor.  A registration left
 behind by a monitor that died while no agent ran to unregister it is removed
 first (its pid no longer runs the process that registered).
 
-Recommendations (``demote_leg`` of a mirror leg whose drive fails) go through
-the extension's ring and are validated by the agent like any other; the
+Recommendations (``demote_leg`` of a mirror leg whose drive fails) go the way
+every extension's go (:meth:`kernel_agent.link.ExtensionLink.submit`: the
+kernel's eBPF checker where the agent runs it) and are validated like any
+other.  A device is leased to its owner (its server or leg policy), so the
+monitor *claims* a share of the lease of every ublk device whose drives it
+watches (:meth:`AgentLink.claim`, from the monitor's topology; sent at
+registration and whenever it changes); the agent grants a claim on a device
+it watches.  The
 submission record has no room for prose, so the reason travels in its
 ``model`` field in short (``monitor:smart``) and in full in the alert log,
 ``<agent dir>/monitor.jsonl`` (:class:`kernel_agent.eventlog.JsonLinesLog`,
@@ -55,6 +61,8 @@ class AgentLink:
         self.note = "not registered with the kernel agent yet" if enabled else \
             "recommendations disabled (--no-agent)"
         self.sent: dict[int, Sent] = {}
+        self.claims: list[str] = []          # the devices it asks to share leases of
+        self._claimed: list[str] | None = None   # what the registry holds for it
         self._log: JsonLinesLog | None = None
         self.log_path: str | None = None
         try:
@@ -79,27 +87,48 @@ class AgentLink:
             return False
         if self.link.channel is not None:
             return True
-        why = self.link.connect({"pid": str(os.getpid()), "model": model[:60]},
-                                before_add=_drop_dead_monitors)
+        params = {"pid": str(os.getpid()), "model": model[:60]}
+        if self.claims:
+            params["claims"] = ",".join(self.claims)
+        why = self.link.connect(params, before_add=_drop_dead_monitors)
         if why is not None:
             self.note = why
             return False
         ext_id = self.link.ext_id
+        self._claimed = list(self.claims)
         self.note = f"registered with the kernel agent as extension {ext_id}"
         self.write_log({"type": "monitor", "what": "registered", "ext": ext_id,
                         "pid": os.getpid()})
         return True
+
+    def claim(self, devices: list[str]) -> None:
+        """Share the leases of ``devices`` (the ublk devices whose drives the monitor
+        watches): with the eBPF checker, only a device's lease holders may act on it.
+        Sent now when registered, else with the registration."""
+        self.claims = sorted(set(devices))
+        if not self.enabled or self.link.ext_id is None or self._claimed == self.claims:
+            return
+        try:
+            self.registry.claim(self.link.ext_id, self.claims)
+        except (AgentError, OSError) as e:
+            self.note = f"cannot claim {', '.join(self.claims)}: {e}"
+            return
+        self._claimed = list(self.claims)
+        self.write_log({"type": "monitor", "what": "claims", "ext": self.link.ext_id,
+                        "devices": self.claims})
 
     def recommend(self, device: str, action: str, value: str, confidence: float,
                   why: str, drive: str, model: str) -> Sent | str:
         """Submit one recommendation; what was sent, or why nothing was."""
         if not self.connect(model):
             return self.note
-        assert self.link.channel is not None
-        rec = self.link.channel.submit(Recommendation(
-            device=device, action=action, value=value,
-            confidence=max(0.5, min(1.0, confidence)), model=f"monitor:{why}"[:64],
-            ttl_ms=self.ttl_ms, ext_id=self.ext_id or 0))
+        try:
+            rec = self.link.submit(Recommendation(
+                device=device, action=action, value=value,
+                confidence=max(0.5, min(1.0, confidence)), model=f"monitor:{why}"[:64],
+                ttl_ms=self.ttl_ms, ext_id=self.ext_id or 0))
+        except (AgentError, OSError) as e:
+            return f"not sent: {e}"
         if rec is None:
             return "the agent's submission ring is full (is the agent stuck?)"
         sent = Sent(int(rec.seq), device, action, value, drive)

@@ -218,6 +218,8 @@ class Monitor:
                 self.smart.urgent(name, "server-errors")
             st.path_errors = total
         self.topology = topo
+        # Its recommendations for these devices pass the agent's lease check.
+        self.agent.claim([f"ublkb{u.dev_id}" for uses in topo.users.values() for u in uses])
 
     def _discover_loop(self) -> None:
         while not self._stop.wait(self.config.rescan_s):

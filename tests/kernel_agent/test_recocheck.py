@@ -80,8 +80,8 @@ LAYOUTS: dict[str, tuple[struct.Struct, tuple[str, ...]]] = {
     "rc_rec": (SUB, ("seq", "ext_id", "created_ns", "ttl_ms", "confidence", "dev", "action",
                      "value", "model", "reserved")),
     "rc_verdict": (struct.Struct(VERDICT.format + "48s"),
-                   ("kseq", "now_ns", "status", "reason", "owner", "holder", "tokens",
-                    "reserved", "rec")),
+                   ("kseq", "now_ns", "status", "reason", "owner", "tokens", "holders",
+                    "rec")),
     "rc_ext": (EXT, ("ext_id", "rate_per_s", "burst", "floor_permille", "max_ttl_ms",
                      "reserved")),
     "rc_state": (STATE, ("tokens", "stamp_ns", "kseq", "primed", "reserved", "lost")),
@@ -126,19 +126,77 @@ def test_foreign_device_is_refused_with_its_owner(rc: RecoCheck) -> None:
     rc.set_policy(mine, ExtPolicy())
     rc.set_actions(default_bounds())
     rc.set_mode(DEVS[0], Mode.ENFORCE)
-    rc.set_lease(DEVS[0], theirs)
+    rc.set_lease(DEVS[0], {theirs})
     rc.set_mode(DEVS[1], Mode.ENFORCE)
-    rc.set_lease(DEVS[1], mine)
+    rc.set_lease(DEVS[1], {mine})
     now = time.monotonic_ns()
     ra = ACTION_IDS["read_ahead_kb"]
     rc.submit(mine, Submission(mine, DEVS[0], ra, 256, 900, 5000, now, seq=1))
     rc.submit(mine, Submission(mine, DEVS[1], ra, 256, 900, 5000, now, seq=2))
     foreign, own = rc.check(mine)
-    assert (foreign.status, foreign.reason, foreign.holder) == (Status.REJECTED, Reason.OWNER,
-                                                                theirs)
+    assert (foreign.status, foreign.reason) == (Status.REJECTED, Reason.OWNER)
+    assert rc.holders(foreign.holders) == [theirs]
     assert (foreign.owner, foreign.rec.seq, foreign.rec.dev) == (mine, 1, DEVS[0])
-    assert (own.status, own.reason, own.holder) == (Status.APPLIED, Reason.OK, mine)
+    assert (own.status, own.reason, rc.holders(own.holders)) == (Status.APPLIED, Reason.OK,
+                                                                 [mine])
     assert (foreign.kseq, own.kseq) == (1, 2)
+
+
+def test_a_device_leased_to_two_extensions(rc: RecoCheck) -> None:
+    """A device leased to both extensions (a server's leg policy and the monitor):
+    either may act on it, and a third, with a queue but no lease, is refused with
+    OWNER naming both holders."""
+    a, b = EXT_IDS
+    third = 77
+    rc.add_extension(third)
+    try:
+        for e in (a, b, third):
+            rc.reset(e)
+            rc.set_policy(e, ExtPolicy())
+        rc.set_actions(default_bounds())
+        rc.set_mode(DEVS[2], Mode.ENFORCE)
+        rc.set_lease(DEVS[2], {a, b})
+        assert rc.lease(DEVS[2]) == 1 << rc.queues(a).slot | 1 << rc.queues(b).slot
+        now = time.monotonic_ns()
+        demote = ACTION_IDS["demote_leg"]
+        for e in (a, b, third):
+            rc.submit(e, Submission(e, DEVS[2], demote, 1, 1000, 5000, now, seq=e))
+        (va,), (vb,), (vt,) = (rc.check(e) for e in (a, b, third))
+        assert (va.status, va.reason, vb.status, vb.reason) == (
+            Status.APPLIED, Reason.OK, Status.APPLIED, Reason.OK)
+        assert (vt.status, vt.reason) == (Status.REJECTED, Reason.OWNER)
+        assert rc.holders(vt.holders) == sorted((a, b), key=lambda e: rc.queues(e).slot)
+    finally:
+        rc.remove_extension(third)
+
+
+def test_a_lease_follows_its_extension_not_its_slot() -> None:
+    """A removed extension's bit leaves every lease: the next extension given its
+    slot does not inherit the lease; a holder added later enters the mask then."""
+    _require_bpf()
+    with RecoCheck(f"rcslot{os.getpid()}") as checker:
+        dev = DEVS[0]
+        checker.set_mode(dev, Mode.ENFORCE)
+        checker.set_lease(dev, {21, 22})   # neither has a slot yet
+        assert checker.lease(dev) == 0
+        slot = checker.add_extension(21).slot
+        assert checker.lease(dev) == 1 << slot
+        checker.remove_extension(21)
+        assert checker.lease(dev) == 0
+        assert checker.add_extension(23).slot == slot   # the freed slot, reused
+        assert checker.lease(dev) == 0
+        now = time.monotonic_ns()
+        checker.submit(23, Submission(23, dev, 1, 128, 900, 5000, now))
+        (v,) = checker.check(23)
+        assert (v.reason, v.holders) == (Reason.OWNER, 0)
+        slot22 = checker.add_extension(22).slot
+        assert checker.lease(dev) == 1 << slot22
+        checker.submit(22, Submission(22, dev, 1, 128, 900, 5000, now))
+        (v,) = checker.check(22)
+        assert (v.status, v.reason, checker.holders(v.holders)) == (
+            Status.APPLIED, Reason.OK, [22])
+        checker.set_lease(dev, ())
+        assert checker.lease(dev) == 0
 
 
 def test_every_reason_in_order(rc: RecoCheck) -> None:
@@ -149,11 +207,11 @@ def test_every_reason_in_order(rc: RecoCheck) -> None:
     rc.set_actions({1: Bounds(10, 20)})
     dev, obs, rec_dev = DEVS
     rc.set_mode(dev, Mode.ENFORCE)
-    rc.set_lease(dev, ext)
+    rc.set_lease(dev, {ext})
     rc.set_mode(obs, Mode.OBSERVE)
-    rc.set_lease(obs, ext)
+    rc.set_lease(obs, {ext})
     rc.set_mode(rec_dev, Mode.RECOMMEND)
-    rc.set_lease(rec_dev, ext)
+    rc.set_lease(rec_dev, {ext})
     rc.set_mode(UNKNOWN_DEV, None)
     now = time.monotonic_ns()
     good = Submission(ext, dev, 1, 15, 600, 5000, now)
@@ -178,12 +236,12 @@ def test_every_reason_in_order(rc: RecoCheck) -> None:
         rc.submit(ext, rec)
     got = [(v.status, v.reason) for v in rc.check(ext)]
     assert got == [(status, reason) for _, status, reason in cases]
-    rc.set_lease(obs, other)  # the lease is checked before the mode
+    rc.set_lease(obs, {other})  # the lease is checked before the mode
     rc.set_policy(ext, ExtPolicy(rate_per_s=0, burst=1))
     rc.reset(ext)
     rc.submit(ext, Submission(ext, obs, 1, 15, 600, 5000, time.monotonic_ns()))
     (v,) = rc.check(ext)
-    assert (v.reason, v.holder) == (Reason.OWNER, other)
+    assert (v.reason, rc.holders(v.holders)) == (Reason.OWNER, [other])
 
 
 def test_completion_room_limits_a_run() -> None:
@@ -248,7 +306,7 @@ Planned = tuple[int, int | None, Submission | bytes]
 # Between batches an extension's policy may change (its bucket carries over).
 Batch = tuple[list[ExtPolicy | None], list[Planned]]
 Scenario = tuple[list[tuple[int, ExtPolicy]], dict[int, Bounds], dict[int, Mode | None],
-                 dict[int, int | None], list[Batch]]
+                 dict[int, frozenset[int]], list[Batch]]
 
 
 def _policy() -> st.SearchStrategy[ExtPolicy]:
@@ -332,8 +390,13 @@ def _scenario(draw: st.DrawFn) -> Scenario:
     actions = draw(_actions())
     modes = {d: draw(st.sampled_from([None, *Mode, Mode.RECOMMEND, Mode.ENFORCE]))
              for d in DEVS}
-    leases = {d: draw(st.sampled_from([None, 99, *EXT_IDS, *EXT_IDS])) for d in DEVS}
-    mine = {e: [d for d in DEVS if leases[d] == e] for e in EXT_IDS}
+    # Each device leased to nobody, one extension, both, or 99 (an id with no
+    # queue: never in the kernel's mask) with or without one of them.
+    leases = {d: draw(st.sampled_from([frozenset(), *(frozenset({e}) for e in EXT_IDS),
+                                       *(frozenset({e}) for e in EXT_IDS), frozenset(EXT_IDS),
+                                       frozenset({99}), frozenset({99, EXT_IDS[1]})]))
+              for d in DEVS}
+    mine = {e: [d for d in DEVS if e in leases[d]] for e in EXT_IDS}
     record = st.integers(0, 1).flatmap(lambda s: _record(s, owners, actions, mine))
     new_policy = st.one_of(st.none(), st.none(), _policy())
     batches = draw(st.lists(st.tuples(st.lists(new_policy, min_size=2, max_size=2),
@@ -357,9 +420,11 @@ def test_kernel_verdicts_equal_the_model(rc: RecoCheck, scenario: Scenario) -> N
     model.actions = dict(actions)
     for d in (*DEVS, UNKNOWN_DEV):
         rc.set_mode(d, modes.get(d))
-        rc.set_lease(d, leases.get(d))
+        rc.set_lease(d, leases.get(d, frozenset()))
     model.modes = {d: m for d, m in modes.items() if m is not None}
-    model.leases = {d: e for d, e in leases.items() if e is not None}
+    # The mask the kernel must hold, computed here from the slots, not asked of rc.
+    model.leases = {d: sum(1 << slots[e] for e in holders if e in slots)
+                    for d, holders in leases.items()}
 
     for new_policies, batch in batches:
         for (ext_id, _), changed in zip(owners, new_policies, strict=True):
@@ -384,3 +449,37 @@ def test_kernel_verdicts_equal_the_model(rc: RecoCheck, scenario: Scenario) -> N
                 assert got == expected
             assert not sent[ext_id], "records the kernel did not answer"
             assert rc.state(ext_id).lost == 0
+
+
+def test_reason_texts_are_the_validators_words() -> None:
+    """Each refusal the kernel gives is worded with the phrase the Python validator
+    uses for it, so logs and extensions read the same either way (OWNER is new)."""
+    from kernel_agent.recocheck import reason_text
+    from kernel_agent.ring import Recommendation
+
+    phrases = {Reason.RATE: "rate limit: more than 5/s (burst 20) from extension 11",
+               Reason.MALFORMED: "malformed", Reason.EXT: "extension id 12 in the queue",
+               Reason.TTL: "ttl_ms 9 not in (0, 3600000]",
+               Reason.EXPIRED: "expired before", Reason.CONF_HIGH: "above 1",
+               Reason.CONF_LOW: "confidence 0.250 below the floor 0.5",
+               Reason.DEVICE: "unknown device 'loop9' (not watched by the agent)",
+               Reason.OWNER: "owner: loop9 is leased to extensions 13 and 14, not to "
+                             "extension 11",
+               Reason.OBSERVE: "loop9 is in observe mode",
+               Reason.ACTION: "action 'read_ahead_kb' is not allowed",
+               Reason.BOUNDS: "read_ahead_kb=77 out of bounds [0, 16384]"}
+    assert set(phrases) == set(Reason) - {Reason.OK}
+    sub = Submission(12, kdev(7, 9), ACTION_IDS["read_ahead_kb"], 77, 250, 9, 0)
+    rec = Recommendation("loop9", "read_ahead_kb", "77", 0.25, "m", 9, 12)
+    for reason, phrase in phrases.items():
+        status = Status.OBSERVED if reason is Reason.OBSERVE else Status.REJECTED
+        v = Verdict(1, 0, status, reason, 11, 0, 0b11, sub)
+        assert phrase in reason_text(v, rec, ExtPolicy(), holders=[13, 14]), reason
+    owner = Verdict(1, 0, Status.REJECTED, Reason.OWNER, 11, 0, 0b1, sub)
+    assert reason_text(owner, rec, ExtPolicy(), holders=[13]) == \
+        "owner: loop9 is leased to extension 13, not to extension 11"
+    assert reason_text(owner, rec, ExtPolicy()) == \
+        "owner: loop9 is leased to no extension, not to extension 11"
+    sched = Recommendation("loop9", "scheduler", "cfq", 0.9, "m", 9, 12)
+    v = Verdict(1, 0, Status.REJECTED, Reason.BOUNDS, 11, 0, 0b1, sub)
+    assert "'cfq' is not one of" in reason_text(v, sched, ExtPolicy())

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from kernel_agent.errors import RegistryError
-from kernel_agent.registry import Registry
+from kernel_agent.registry import Registry, lease_holders
 from kernel_agent.ring import Channel
 
 
@@ -76,3 +76,37 @@ def test_cli_add_list_remove(agent_dir: Path) -> None:
     assert bad.stderr.count("\n") == 1
     assert agent("remove", str(ext["id"])).returncode == 0
     assert "no extensions" in agent("list").stdout
+
+
+def test_leases_are_shared_with_the_monitor_on_watched_devices(tmp_path: Path) -> None:
+    """A device's lease holders: its owner (device=), and the monitor where it claims
+    the device and the device is watched; a claim is replaced, not added to, and
+    only a co-holder class may claim."""
+    reg = Registry(tmp_path)
+    pid = str(os.getpid())
+    legs = reg.add("ml-extension", {"pid": pid, "device": "ublkb3", "mode": "enforce"})
+    mon = reg.add("monitor", {"pid": pid, "claims": "ublkb3, ublkb9,ublkb3"})
+    assert mon.claims == ["ublkb3", "ublkb9"]
+    reg.watch("loop7")
+    holders = lease_holders(reg.devices(), reg.extensions())
+    # ublkb9 is not watched: the claim grants nothing there (until it is).
+    assert holders == {"ublkb3": {legs.id, mon.id}, "loop7": frozenset()}
+    reg.claim(mon.id, ["loop7"])
+    assert lease_holders(reg.devices(), reg.extensions()) == {
+        "ublkb3": {legs.id}, "loop7": {mon.id}}
+    mtime = reg.mtime_ns()
+    reg.claim(mon.id, ["loop7"])       # unchanged: the agent is not made to re-sync
+    assert reg.mtime_ns() == mtime
+    reg.set_state(mon.id, "dead")
+    assert lease_holders(reg.devices(), reg.extensions())["loop7"] == frozenset()
+    with pytest.raises(RegistryError, match="ml-extension cannot share leases"):
+        reg.claim(legs.id, ["loop7"])
+    with pytest.raises(RegistryError, match="unknown parameter"):
+        reg.add("ml-extension", {"pid": pid, "claims": "loop7"})
+    with pytest.raises(RegistryError, match="not a device name"):
+        reg.claim(mon.id, ["../etc"])
+    with pytest.raises(RegistryError, match="no extension with id 99"):
+        reg.claim(99, [])
+    reg.remove(mon.id)
+    assert lease_holders(reg.devices(), reg.extensions()) == {
+        "ublkb3": {legs.id}, "loop7": frozenset()}

@@ -208,9 +208,11 @@ def test_monitor_flags_the_slow_nvme_then_a_critical_one(
             "--leg", backing(fs1 / "leg1.img", 16)))
         stack.callback(set_smart_critical_warning, nvme1, 0)  # the drives are shared
         stack.callback(set_delay, 0)   # the drive at full speed again before teardown
-        # The agent, in enforce mode for the mirror, so that a demotion is applied.
+        # The agent, in enforce mode for the mirror, so that a demotion is applied;
+        # its recommendations checked in the kernel (eBPF), leases included.
         Registry(agent_dir).watch(os.path.basename(mirror.bdev), mode="enforce")
-        agent = Agent(agent_dir, use_bpf=False)
+        agent = Agent(agent_dir, instance=f"montest{os.getpid()}")
+        assert agent.checker == "ebpf", agent.checker_reason
         runner = threading.Thread(target=agent.run, daemon=True)
         runner.start()
 
@@ -250,8 +252,9 @@ def test_monitor_flags_the_slow_nvme_then_a_critical_one(
         time.sleep(healthy_s)
         healthy = [t for t in mon.ticks if t["ts"] >= first["ts"]]
         assert len(healthy) >= healthy_s * 0.5
-        assert not any(t["drives"][n]["flagged"] for t in healthy
-                       for n in (nvme0.name, nvme1.name)), healthy[-1]
+        flagged = [(t["ts"], n, t["drives"][n]) for t in healthy
+                   for n in (nvme0.name, nvme1.name) if t["drives"][n]["flagged"]]
+        assert not flagged, flagged[:3]
 
         set_delay(10)
         slowed = time.time()
@@ -284,6 +287,14 @@ def test_monitor_flags_the_slow_nvme_then_a_critical_one(
         assert "reliability degraded" in smart[0]["message"]
         assert answers and answers[0]["action"] == "demote_leg" and answers[0]["value"] == "1"
         assert answers[0]["status"] == "applied", answers
+        # Approved by the kernel's checker: the monitor shares the mirror's lease.
+        (mon_ext,) = [e for e in Registry(agent_dir).extensions() if e.cls == "monitor"]
+        assert os.path.basename(mirror.bdev) in mon_ext.claims, mon_ext
+        (applied,) = [r for r in read_jsonl(agent_dir / "audit.jsonl")
+                      if r["type"] == "decision" and r["action"] == "demote_leg"
+                      and r["status"] == "applied"]
+        assert (applied["ext"], applied["checker"], applied["reason_code"]) == (
+            mon_ext.id, "ebpf", "OK"), applied
         legs = AdminClient(mirror.dev_id).call("leg_info")["legs"]
         assert [leg["state"] for leg in legs] == ["active", "demoted"], legs
         out = subprocess.run([sys.executable, "-m", "ublk_driver", "monitor", "status"],
