@@ -262,17 +262,10 @@ def verify_engine(pid: int, tree: Tree) -> str:
 
 def _tree_ublkml(tree: Tree, args: Sequence[str], what: str,
                  check: bool = True) -> subprocess.CompletedProcess[str]:
-    """``python -m ublk_driver ARGS`` from ``tree``; a failure is one-line :class:`AbError`."""
-    try:
-        proc = subprocess.run([sys.executable, "-m", "ublk_driver", *args], cwd=tree.path,
-                              env=tree.env(), capture_output=True, text=True, timeout=180,
-                              check=False)
-    except subprocess.TimeoutExpired:
-        raise AbError(f"{what} ({tree.label} tree) did not finish within 180 s") from None
-    if check and proc.returncode != 0:
-        text = (proc.stderr.strip() or proc.stdout.strip() or "(no output)").splitlines()
-        raise AbError(f"{what} ({tree.label} tree) failed (exit {proc.returncode}): {text[-1]}")
-    return proc
+    """``python -m ublk_driver ARGS`` from ``tree``; a failure is one-line :class:`BenchError`."""
+    return runner._sh([sys.executable, "-m", "ublk_driver", *args],
+                      what=f"{what} ({tree.label} tree)", timeout=180, check=check,
+                      cwd=tree.path, env=tree.env())
 
 
 def add_args(kind: str, loop_file: Path | None) -> list[str]:
@@ -309,7 +302,7 @@ def tree_device(tree: Tree, args: Sequence[str]) -> Iterator[Handle]:
     finally:
         try:
             _tree_ublkml(tree, ["del", "-n", str(dev_id)], "ublkml del")
-        except AbError as e:
+        except BenchError as e:
             say(f"warning: {e}")
 
 

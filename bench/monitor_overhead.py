@@ -30,7 +30,6 @@ import datetime
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -48,6 +47,7 @@ from bench.runner import (
     say,
 )
 from ublk_driver.core.cli import CliError, Subparsers, int_in, seconds_in
+from ublk_driver.scratch import loop_device
 
 GOAL = 0.95
 WORKLOAD = "4k-randread-qd32"
@@ -92,17 +92,8 @@ def ram_loop_device(mib: int = LOOP_MIB) -> Iterator[str]:
                                      dir=_tmpfs_dir()) as tmp:
         back = Path(tmp) / "disk.img"
         create_backing_file(back, mib << 20)
-        try:
-            dev = subprocess.run(["losetup", "-f", "--show", "--direct-io=on", str(back)],
-                                 capture_output=True, text=True, check=True).stdout.strip()
-        except FileNotFoundError:
-            raise BenchError("losetup is missing (util-linux)") from None
-        except subprocess.CalledProcessError as e:
-            raise BenchError(f"losetup failed: {e.stderr.strip() or e}") from None
-        try:
+        with loop_device(back, direct_io=True) as dev:
             yield dev
-        finally:
-            subprocess.run(["losetup", "-d", dev], check=False)
 
 
 def measure(dev: str, outdir: Path, runtime: float, ramp: float) -> dict[str, Any]:

@@ -419,12 +419,14 @@ def say(message: str) -> None:
     print(f"bench: {message}", file=sys.stderr, flush=True)
 
 
-def _sh(argv: Sequence[str], *, what: str, timeout: float = 120,
-        check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run a command; failures become one-line :class:`BenchError` messages."""
+def _sh(argv: Sequence[str], *, what: str, timeout: float = 120, check: bool = True,
+        cwd: Path = REPO_ROOT, env: dict[str, str] | None = None
+        ) -> subprocess.CompletedProcess[str]:
+    """Run a command (in the repository with :func:`_child_env` unless told otherwise);
+    failures become one-line :class:`BenchError` messages."""
     try:
         proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout,
-                              cwd=REPO_ROOT, check=False, env=_child_env())
+                              cwd=cwd, check=False, env=_child_env() if env is None else env)
     except FileNotFoundError:
         raise MissingToolError(argv[0]) from None
     except subprocess.TimeoutExpired:

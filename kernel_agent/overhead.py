@@ -16,6 +16,7 @@ the normal case).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -23,9 +24,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from kernel_agent.accounting import BpfAccounting, resolve_device
+from ublk_driver import scratch
 
 
 def fio_iops(path: str, runtime: float, iodepth: int = 32, bs: str = "4k") -> float:
@@ -58,25 +62,29 @@ def _prog_runtime() -> dict[str, tuple[int, int]]:
 _BPF_STATS = "/proc/sys/kernel/bpf_stats_enabled"
 
 
-def _make_loop(size: int) -> tuple[str, str]:
+@contextlib.contextmanager
+def _ram_loop(size: int) -> Iterator[tuple[str, str]]:
+    """A loop device over a ``size``-byte file in /dev/shm: (device, file), both removed after."""
     fd, img = tempfile.mkstemp(prefix="ublkml-overhead-", suffix=".img",
                                dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
-    os.ftruncate(fd, size)
-    os.write(fd, b"\1" * 4096)  # not all holes
-    os.close(fd)
-    path = subprocess.run(["losetup", "-f", "--show", img], capture_output=True, text=True,
-                          check=True).stdout.strip()
-    return path, img
+    try:
+        os.ftruncate(fd, size)
+        os.write(fd, b"\1" * 4096)  # not all holes
+        os.close(fd)
+        with scratch.loop_device(Path(img)) as dev:
+            yield dev, img
+    finally:
+        os.unlink(img)
 
 
 def measure_overhead(device: str | None = None, runtime: float = 5.0, rounds: int = 3,
                      size: int = 256 << 20, instance: str = "overhead") -> dict[str, Any]:
     """Alternate rounds without and with accounting; IOPS per round and the ratio."""
     made: tuple[str, str] | None = None
-    if device is None:
-        made = _make_loop(size)
-        device = made[0]
-    try:
+    with contextlib.ExitStack() as stack:
+        if device is None:
+            made = stack.enter_context(_ram_loop(size))
+            device = made[0]
         bd = resolve_device(device)
         path = f"/dev/{bd.name}"
         off: list[float] = []
@@ -125,10 +133,6 @@ def measure_overhead(device: str | None = None, runtime: float = 5.0, rounds: in
             "kernel": os.uname().release,
             "cpus": os.cpu_count(),
         }
-    finally:
-        if made is not None:
-            subprocess.run(["losetup", "-d", made[0]], check=False)
-            os.unlink(made[1])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,6 +41,7 @@ from kernel_agent.errors import AgentError
 from kernel_agent.link import ExtensionLink
 from kernel_agent.registry import Registry
 from kernel_agent.ring import WAKE_NAME, Recommendation, Status
+from ublk_driver import scratch
 
 POLL_S = 50e-6
 
@@ -51,15 +52,11 @@ def loop_device(work: Path) -> Iterator[str]:
     img = work / "disk.img"
     with open(img, "wb") as f:
         f.truncate(64 << 20)
-    proc = subprocess.run(["losetup", "-f", "--show", str(img)], capture_output=True,
-                          text=True)
-    if proc.returncode:
-        raise AgentError(f"losetup failed: {proc.stderr.strip()} (loop devices need root)")
-    path = proc.stdout.strip()
     try:
-        yield os.path.basename(path)
-    finally:
-        subprocess.run(["losetup", "-d", path], check=False)
+        with scratch.loop_device(img) as path:
+            yield os.path.basename(path)
+    except scratch.ScratchUnavailableError as e:
+        raise AgentError(f"{e} (loop devices need root)") from None
 
 
 @contextlib.contextmanager

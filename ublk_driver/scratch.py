@@ -22,7 +22,8 @@ from typing import Any
 
 from ublk_driver.core.errors import UblkError
 
-__all__ = ["RAM_DISK", "ScratchUnavailableError", "ram_ext4", "unload_module", "with_sbin"]
+__all__ = ["RAM_DISK", "ScratchUnavailableError", "loop_device", "ram_ext4", "unload_module",
+           "with_sbin"]
 
 #: The brd disk this module creates (``rd_nr=1``): it refuses to run if it exists.
 RAM_DISK = "/dev/ram0"
@@ -64,6 +65,21 @@ def unload_module(module: str) -> bool:
             return True
         time.sleep(0.25)
     return False
+
+
+@contextlib.contextmanager
+def loop_device(backing: Path, *, direct_io: bool = False) -> Iterator[str]:
+    """A kernel loop device over the file ``backing`` for the block (``/dev/loopN``).
+
+    Needs root; raises :class:`ScratchUnavailableError` (losetup's own reason)
+    where the device cannot be set up, and detaches it afterwards.
+    """
+    argv = ["losetup", "-f", "--show", *(["--direct-io=on"] if direct_io else []), str(backing)]
+    dev = _sh(argv, "losetup").stdout.strip()
+    try:
+        yield dev
+    finally:
+        _sh(["losetup", "-d", dev], f"losetup -d {dev}", check=False)
 
 
 @contextlib.contextmanager
