@@ -230,15 +230,23 @@ def _missing_object_reason(object_path: Path = OBJECT_PATH) -> str | None:
             f"ublkml wheel {needs} (its build compiles the object)")
 
 
-def bpf_unavailable_reason(object_path: Path = OBJECT_PATH) -> str | None:
-    """Why eBPF accounting cannot work here, or None if it may."""
+def bpf_load_unavailable_reason(object_path: Path, capabilities: str) -> str | None:
+    """Why no BPF object can be loaded here (its file, root, libbpf), or None."""
     missing = _missing_object_reason(object_path)
     if missing:
         return missing
     if os.geteuid() != 0:
-        return "not root (loading BPF programs needs CAP_BPF and CAP_PERFMON)"
+        return f"not root (loading BPF programs needs {capabilities})"
     if not _libbpf.libbpf_available():
         return "libbpf.so.1 not found (Debian: apt-get install libbpf1)"
+    return None
+
+
+def bpf_unavailable_reason(object_path: Path = OBJECT_PATH) -> str | None:
+    """Why eBPF accounting cannot work here, or None if it may."""
+    reason = bpf_load_unavailable_reason(object_path, "CAP_BPF and CAP_PERFMON")
+    if reason:
+        return reason
     if not Path("/sys/kernel/btf/vmlinux").exists() and not Path(
             "/sys/kernel/tracing/events/block").exists() and not Path(
             "/sys/kernel/debug/tracing/events/block").exists():

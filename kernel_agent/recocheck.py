@@ -38,7 +38,7 @@ from pathlib import Path
 from kernel_agent import _libbpf
 from kernel_agent.accounting import (
     BPF_DIR,
-    _missing_object_reason,
+    bpf_load_unavailable_reason,
     ensure_bpffs,
     pin_dir,
 )
@@ -89,14 +89,8 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 def recocheck_unavailable_reason(object_path: Path = OBJECT_PATH) -> str | None:
     """Why the eBPF checker cannot be used here, or None if it may (the load decides)."""
-    missing = _missing_object_reason(object_path)
-    if missing:
-        return missing
-    if os.geteuid() != 0:
-        return "not root (loading BPF programs needs CAP_BPF)"
-    if not _libbpf.libbpf_available():
-        return "libbpf.so.1 not found (Debian: apt-get install libbpf1)"
-    return _libbpf.libbpf_missing("user_ring_buffer__new")
+    return (bpf_load_unavailable_reason(object_path, "CAP_BPF")
+            or _libbpf.libbpf_missing("user_ring_buffer__new"))
 
 
 def held_by(holders: Sequence[int]) -> str:

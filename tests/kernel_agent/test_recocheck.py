@@ -55,7 +55,7 @@ UNKNOWN_DEV = kdev(7, 250)
 
 def _require_bpf() -> None:
     if os.geteuid() != 0:
-        pytest.skip("the eBPF checker needs root (CAP_BPF); CI runs these as root")
+        pytest.fail("the eBPF checker needs root (CAP_BPF): run the tests as root, as CI does")
     reason = recocheck_unavailable_reason()
     if reason:
         pytest.fail(f"root, but the eBPF checker is unusable: {reason}")
