@@ -127,7 +127,7 @@ class DeviceStats:
     attach: str | None = None        # "tp_btf", "tracepoint" (ebpf only)
     ios: dict[str, int] = field(default_factory=dict)
     bytes: dict[str, int] = field(default_factory=dict)
-    in_flight: int = 0
+    in_flight: int | None = 0        # None: not counted (completion-only accounting)
     errors: int | None = None        # sysfs does not count errors
     slow_ios: int | None = None
     latency_sum_ns: int | None = None
@@ -175,14 +175,16 @@ def decode_stats(raw: bytes, ncpus: int) -> tuple[int, ...]:
     return tuple(total)
 
 
-def stats_from_values(bd: BlockDevice, values: tuple[int, ...], attach: str) -> DeviceStats:
+def stats_from_values(bd: BlockDevice, values: tuple[int, ...], attach: str,
+                      in_flight_counted: bool = True) -> DeviceStats:
     ios = dict(zip(OPS, values[:NR_OPS], strict=True))
     nbytes = dict(zip(OPS, values[NR_OPS:2 * NR_OPS], strict=True))
     errors, in_flight, slow, lat_sum, dropped = values[2 * NR_OPS:2 * NR_OPS + 5]
     hist_vals = values[2 * NR_OPS + 5:]
     hist = {_hist_label(i): n for i, n in enumerate(hist_vals) if n}
     return DeviceStats(device=bd.name, dev=bd.majmin, source="ebpf", attach=attach, ios=ios,
-                       bytes=nbytes, in_flight=in_flight, errors=errors, slow_ios=slow,
+                       bytes=nbytes, in_flight=in_flight if in_flight_counted else None,
+                       errors=errors, slow_ios=slow,
                        latency_sum_ns=lat_sum, latency_hist_us=hist, events_dropped=dropped)
 
 
@@ -288,10 +290,20 @@ def pin_dir(instance: str) -> str:
 
 
 class BpfAccounting:
-    """The loaded, attached and pinned accounting programs of one agent instance."""
+    """The loaded, attached and pinned accounting programs of one agent instance.
+
+    ``in_flight=False`` attaches the completion program alone (tp_btf only):
+    latency comes from the request's allocation stamp, so the issue and
+    requeue programs are needed only to count requests in flight.  Every
+    block I/O on the machine then crosses one BPF program instead of two,
+    which is what a watcher that reads counts, bytes, latency and errors
+    (the drive monitor) should pay.  Devices whose queue does not stamp
+    requests (iostats off) cannot be watched that way.  The classic
+    tracepoints carry no stamp: there the issue program always runs.
+    """
 
     def __init__(self, instance: str = "default", attach: str = "auto",
-                 object_path: Path = OBJECT_PATH) -> None:
+                 object_path: Path = OBJECT_PATH, in_flight: bool = True) -> None:
         reason = bpf_unavailable_reason(object_path)
         if reason:
             raise BpfUnavailableError(f"eBPF accounting unavailable: {reason}")
@@ -302,6 +314,7 @@ class BpfAccounting:
         self._pinned: list[tuple[_libbpf.BpfMap, str]] = []
         self._cfg: dict[int, list[int]] = {}
         self.ncpus = _libbpf.num_possible_cpus()
+        self.in_flight = in_flight
         ensure_bpffs()
         modes = ["tp_btf", "tracepoint"] if attach == "auto" else [attach]
         errors = []
@@ -332,10 +345,12 @@ class BpfAccounting:
         obj = _libbpf.BpfObject(str(object_path))
         try:
             btf = mode == "tp_btf"
-            btf_progs = ("ka_btf_issue", "ka_btf_requeue", "ka_btf_complete")
+            issue_progs = ("ka_btf_issue", "ka_btf_requeue")
+            btf_progs = ("ka_btf_complete",) if self.completion_only(mode) \
+                else (*issue_progs, "ka_btf_complete")
             tp_progs = ("ka_tp_issue", "ka_tp_complete")
-            for name in btf_progs:
-                obj.program(name).set_autoload(btf)
+            for name in (*issue_progs, "ka_btf_complete"):
+                obj.program(name).set_autoload(name in btf_progs and btf)
             for name in tp_progs:
                 obj.program(name).set_autoload(not btf)
             obj.load()
@@ -351,6 +366,10 @@ class BpfAccounting:
             obj.close()
             raise
         return obj
+
+    def completion_only(self, mode: str | None = None) -> bool:
+        """Whether only completions are traced (no in-flight count, no precise timing)."""
+        return not self.in_flight and (mode or self.attach) == "tp_btf"
 
     def _pin(self) -> None:
         os.makedirs(self.pin_dir, exist_ok=True)
@@ -376,6 +395,10 @@ class BpfAccounting:
                 precise = (bd.sysfs / "queue" / "iostats").read_text().strip() == "0"
             except OSError:
                 precise = True
+        if precise and self.completion_only():
+            raise AgentError(f"cannot watch {bd.name} with completions alone: its queue does "
+                             f"not stamp requests ({bd.sysfs}/queue/iostats is 0); turn "
+                             "iostats on or watch it with the full accounting")
         slots = read_slots(self.slots_fd)
         if bd.dev in slots:
             slot = slots.index(bd.dev)
@@ -422,7 +445,8 @@ class BpfAccounting:
         return [dev for dev in read_slots(self.slots_fd) if dev]
 
     def stats(self, bd: BlockDevice) -> DeviceStats:
-        return read_stats(self.slots_fd, self.stats_fd, self.ncpus, bd, self.attach)
+        return read_stats(self.slots_fd, self.stats_fd, self.ncpus, bd, self.attach,
+                          in_flight_counted=not self.completion_only())
 
     def missed_runs(self) -> int:
         """Program runs the kernel skipped (recursion protection), all devices together.
@@ -470,7 +494,7 @@ def read_slots(slots_fd: int) -> list[int]:
 
 
 def read_stats(slots_fd: int, stats_fd: int, ncpus: int, bd: BlockDevice,
-               attach: str) -> DeviceStats:
+               attach: str, in_flight_counted: bool = True) -> DeviceStats:
     slots = read_slots(slots_fd)
     raw = None
     if bd.dev in slots:
@@ -478,7 +502,7 @@ def read_stats(slots_fd: int, stats_fd: int, ncpus: int, bd: BlockDevice,
                                       ((STATS.size + 7) // 8 * 8) * ncpus)
     if raw is None:
         raise UnknownDeviceError(f"{bd.name} ({bd.majmin}) is not watched by the agent")
-    return stats_from_values(bd, decode_stats(raw, ncpus), attach)
+    return stats_from_values(bd, decode_stats(raw, ncpus), attach, in_flight_counted)
 
 
 class PinnedAccounting:

@@ -141,7 +141,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
     for op, v in doc["ops"].items():
         if v["ios"] or v["bytes"]:
             print(f"  {op:<8} {v['ios']:>12} I/Os {v['bytes']:>16} bytes")
-    print(f"  in flight {doc['in_flight']}, errors {doc['errors']}, slow {doc['slow_ios']}, "
+    in_flight = "not counted" if doc["in_flight"] is None else doc["in_flight"]
+    print(f"  in flight {in_flight}, errors {doc['errors']}, slow {doc['slow_ios']}, "
           f"mean latency {doc['mean_latency_us']} us")
     for bucket, n in (doc.get("latency_hist_us") or {}).items():
         print(f"  {bucket:>18} us {n:>10}")

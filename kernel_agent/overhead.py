@@ -3,11 +3,16 @@
 ``python -m kernel_agent.overhead [--device loop0|--size 256M] [--runtime S]
 [--rounds N]`` prints one JSON document; :func:`measure_overhead` returns it.
 
-Rounds alternate off/on (off, on, off, on, ...) so that drifts of the machine
-hit both sides alike, and the medians are compared: ``ratio`` = median IOPS on
-/ median IOPS off (the goal: >= 0.97).  Without ``--device`` a loop
-device over a file in /dev/shm is created and removed afterwards: RAM-backed,
-so the block layer (and thus the accounting) is a large share of the cost.
+Three arms: off, on (the agent's full accounting: issue, requeue and
+completion programs) and completion_only (the completion program alone, what
+the drive monitor attaches).  Each round runs all three, in reverse order every
+other round, so that drifts of the machine hit every arm alike, and the medians
+are compared: ``ratio`` = median IOPS on / median IOPS off (the agent's goal:
+>= 0.97), ``ratio_completion_only`` likewise (the monitor's goal: >= 0.95).
+
+Without ``--device`` a loop device over a file in /dev/shm is created and
+removed afterwards: RAM-backed, so the block layer (and thus the accounting)
+is a large share of the cost.
 "On" means the real thing: programs attached, the device watched, slow-I/O
 events off (their cost depends on the threshold; a threshold nobody hits is
 the normal case).
@@ -28,7 +33,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from kernel_agent.accounting import BpfAccounting, resolve_device
+from kernel_agent.accounting import BlockDevice, BpfAccounting, resolve_device
 from ublk_driver import scratch
 
 
@@ -77,9 +82,39 @@ def _ram_loop(size: int) -> Iterator[tuple[str, str]]:
         os.unlink(img)
 
 
+def _bpf_ns_per_io(instance: str, bd: BlockDevice, path: str, runtime: float,
+                   in_flight: bool) -> float | None:
+    """The programs' own time per I/O, from the kernel's per-program statistics.
+
+    Kept out of the IOPS rounds because the statistics themselves cost two
+    clock reads per program run (included in the figure)."""
+    with open(_BPF_STATS) as f:
+        stats_before = f.read().strip()
+    try:
+        with open(_BPF_STATS, "w") as f:
+            f.write("1")
+        with BpfAccounting(instance, in_flight=in_flight) as acc:
+            acc.watch(bd)
+            fio_iops(path, runtime)
+            runs = _prog_runtime()
+    finally:
+        with open(_BPF_STATS, "w") as f:
+            f.write(stats_before)
+    completions = runs.get("ka_btf_complete", runs.get("ka_tp_complete", (0, 0)))[1]
+    return round(sum(ns for ns, _ in runs.values()) / completions, 1) if completions else None
+
+
+ARMS = ("off", "on", "completion_only")
+
+
 def measure_overhead(device: str | None = None, runtime: float = 5.0, rounds: int = 3,
                      size: int = 256 << 20, instance: str = "overhead") -> dict[str, Any]:
-    """Alternate rounds without and with accounting; IOPS per round and the ratio."""
+    """Rounds without accounting, with the agent's full accounting (issue,
+    requeue and completion programs) and with the completion program alone
+    (what the drive monitor attaches); IOPS per round and the ratios.
+
+    Each round runs the three arms, in reverse order every other round, so
+    that a drift of the machine hits every arm alike."""
     made: tuple[str, str] | None = None
     with contextlib.ExitStack() as stack:
         if device is None:
@@ -87,49 +122,45 @@ def measure_overhead(device: str | None = None, runtime: float = 5.0, rounds: in
             device = made[0]
         bd = resolve_device(device)
         path = f"/dev/{bd.name}"
-        off: list[float] = []
-        on: list[float] = []
-        counted = 0
-        prog_ns, prog_runs = 0, 0
-        for _ in range(rounds):
-            off.append(fio_iops(path, runtime))
-            with BpfAccounting(instance) as acc:
-                acc.watch(bd)
-                on.append(fio_iops(path, runtime))
-                counted += acc.stats(bd).total_ios
-            time.sleep(0.2)
-        # Then one round with the kernel's per-program run-time statistics on:
-        # the programs' own cost per I/O, unlike IOPS not disturbed by other
-        # load on the machine.  Kept out of the IOPS rounds because the
-        # statistics themselves cost two clock reads per program run.
-        with open(_BPF_STATS) as f:
-            stats_before = f.read().strip()
-        try:
-            with open(_BPF_STATS, "w") as f:
-                f.write("1")
-            with BpfAccounting(instance) as acc:
-                acc.watch(bd)
-                fio_iops(path, runtime)
-                for ns, cnt in _prog_runtime().values():
-                    prog_ns, prog_runs = prog_ns + ns, prog_runs + cnt
-        finally:
-            with open(_BPF_STATS, "w") as f:
-                f.write(stats_before)
-        med_off, med_on = statistics.median(off), statistics.median(on)
+        iops: dict[str, list[float]] = {arm: [] for arm in ARMS}
+        counted = {"on": 0, "completion_only": 0}
+        for r in range(rounds):
+            for arm in (ARMS if r % 2 == 0 else ARMS[::-1]):
+                if arm == "off":
+                    iops[arm].append(fio_iops(path, runtime))
+                    continue
+                with BpfAccounting(instance, in_flight=arm == "on") as acc:
+                    acc.watch(bd)
+                    iops[arm].append(fio_iops(path, runtime))
+                    counted[arm] += acc.stats(bd).total_ios
+                time.sleep(0.2)
+        ns_full = _bpf_ns_per_io(instance, bd, path, runtime, in_flight=True)
+        ns_lean = _bpf_ns_per_io(instance, bd, path, runtime, in_flight=False)
+        med = {arm: statistics.median(v) for arm, v in iops.items()}
+
+        def ratio(arm: str) -> float | None:
+            return round(med[arm] / med["off"], 4) if med["off"] else None
+
+        def share(ns: float | None) -> float | None:
+            # Of all CPUs, at the "off" IOPS.
+            return round(ns * med["off"] / 1e9 / (os.cpu_count() or 1), 4) if ns else None
+
         return {
             "workload": "randread 4k, io_uring, iodepth 32, direct",
             "device": bd.name, "backing": made[1] if made else None,
             "runtime_s": runtime, "rounds": rounds,
-            "iops_off": [round(x) for x in off], "iops_on": [round(x) for x in on],
-            "median_iops_off": round(med_off), "median_iops_on": round(med_on),
-            "ratio": round(med_on / med_off, 4) if med_off else None,
-            "ios_counted_with_accounting": counted,
-            # Two program runs per I/O (issue + complete), bpf_stats_enabled's
-            # own clock reads included; share = of all CPUs at the "off" IOPS.
-            "bpf_ns_per_io": round(2 * prog_ns / prog_runs, 1) if prog_runs else None,
-            "bpf_ns_per_io_share_at_median_off": round(
-                2 * prog_ns / prog_runs * med_off / 1e9 / (os.cpu_count() or 1), 4)
-            if prog_runs else None,
+            "iops_off": [round(x) for x in iops["off"]],
+            "iops_on": [round(x) for x in iops["on"]],
+            "iops_completion_only": [round(x) for x in iops["completion_only"]],
+            "median_iops_off": round(med["off"]), "median_iops_on": round(med["on"]),
+            "median_iops_completion_only": round(med["completion_only"]),
+            "ratio": ratio("on"),
+            "ratio_completion_only": ratio("completion_only"),
+            "ios_counted_with_accounting": counted["on"],
+            "ios_counted_completion_only": counted["completion_only"],
+            "bpf_ns_per_io": ns_full, "bpf_ns_per_io_completion_only": ns_lean,
+            "bpf_ns_per_io_share_at_median_off": share(ns_full),
+            "bpf_ns_per_io_share_completion_only": share(ns_lean),
             "kernel": os.uname().release,
             "cpus": os.cpu_count(),
         }
@@ -141,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", help="an existing block device (default: a RAM-backed loop "
                    "device made for the run)")
     p.add_argument("--runtime", type=float, default=5.0, help="seconds per round")
-    p.add_argument("--rounds", type=int, default=3, help="off/on pairs")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of the three arms")
     p.add_argument("--size", type=int, default=256 << 20, help="loop device size in bytes")
     args = p.parse_args(argv)
     print(json.dumps(measure_overhead(args.device, args.runtime, args.rounds, args.size),

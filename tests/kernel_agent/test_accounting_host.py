@@ -22,6 +22,7 @@ from kernel_agent.accounting import (
     sysfs_stats,
 )
 from kernel_agent.agent import Agent
+from kernel_agent.errors import AgentError
 from kernel_agent.registry import Registry
 
 from .conftest import fio, fio_totals
@@ -66,6 +67,42 @@ def test_exact_counts(bpf_ok: None, loopdev: str, instance: str, attach: str,
     assert got.bytes["read"] == 4096000 and got.bytes["write"] == 600 * 16384
     assert got.in_flight == 0 and got.errors == 0 and got.source == "ebpf"
     assert sum((got.latency_hist_us or {}).values()) == 1600
+
+
+def test_completion_only_counts_exactly_without_in_flight(bpf_ok: None, loopdev: str,
+                                                          instance: str) -> None:
+    """The completion program alone (the monitor's accounting) counts the same
+    I/Os, bytes and latencies, attaches no issue program, and says in-flight
+    is not counted rather than reporting a negative number."""
+    bd = resolve_device(loopdev)
+    with BpfAccounting(instance, in_flight=False) as acc:
+        assert acc.attach == "tp_btf" and acc.completion_only()
+        assert [name for name, _ in acc._attached] == ["ka_btf_complete"]
+        acc.watch(bd)
+        fio(f"/dev/{loopdev}", "--ioengine=io_uring", "--iodepth=8", "--rw=randrw",
+            "--bs=8k", "--number_ios=900", "--size=32M", "--randseed=2")
+        got = acc.stats(bd)
+        doc = got.to_json()
+    assert got.total_ios == 900 and got.ios["read"] + got.ios["write"] == 900
+    assert got.bytes["read"] + got.bytes["write"] == 900 * 8192
+    assert sum((got.latency_hist_us or {}).values()) == 900
+    assert got.latency_sum_ns and got.latency_sum_ns > 0
+    assert got.in_flight is None and doc["in_flight"] is None
+
+
+def test_completion_only_refuses_a_queue_without_stamps(bpf_ok: None, loopdev: str,
+                                                        instance: str) -> None:
+    """iostats off: requests carry no start stamp, so completions alone cannot
+    time them; watching says so in one line instead of counting nothing."""
+    bd = resolve_device(loopdev)
+    iostats = Path(f"/sys/block/{loopdev}/queue/iostats")
+    iostats.write_text("0")
+    try:
+        with BpfAccounting(instance, in_flight=False) as acc, \
+                pytest.raises(AgentError, match="iostats"):
+            acc.watch(bd)
+    finally:
+        iostats.write_text("1")
 
 
 def test_slow_events_logged_and_pinned_view(bpf_ok: None, loopdev: str, instance: str,
