@@ -175,16 +175,14 @@ def decode_stats(raw: bytes, ncpus: int) -> tuple[int, ...]:
     return tuple(total)
 
 
-def stats_from_values(bd: BlockDevice, values: tuple[int, ...], attach: str,
-                      in_flight_counted: bool = True) -> DeviceStats:
+def stats_from_values(bd: BlockDevice, values: tuple[int, ...], attach: str) -> DeviceStats:
     ios = dict(zip(OPS, values[:NR_OPS], strict=True))
     nbytes = dict(zip(OPS, values[NR_OPS:2 * NR_OPS], strict=True))
     errors, in_flight, slow, lat_sum, dropped = values[2 * NR_OPS:2 * NR_OPS + 5]
     hist_vals = values[2 * NR_OPS + 5:]
     hist = {_hist_label(i): n for i, n in enumerate(hist_vals) if n}
     return DeviceStats(device=bd.name, dev=bd.majmin, source="ebpf", attach=attach, ios=ios,
-                       bytes=nbytes, in_flight=in_flight if in_flight_counted else None,
-                       errors=errors, slow_ios=slow,
+                       bytes=nbytes, in_flight=in_flight, errors=errors, slow_ios=slow,
                        latency_sum_ns=lat_sum, latency_hist_us=hist, events_dropped=dropped)
 
 
@@ -345,12 +343,11 @@ class BpfAccounting:
         obj = _libbpf.BpfObject(str(object_path))
         try:
             btf = mode == "tp_btf"
-            issue_progs = ("ka_btf_issue", "ka_btf_requeue")
-            btf_progs = ("ka_btf_complete",) if self.completion_only(mode) \
-                else (*issue_progs, "ka_btf_complete")
+            all_btf = ("ka_btf_issue", "ka_btf_requeue", "ka_btf_complete")
+            btf_progs = all_btf[-1:] if self.completion_only(mode) else all_btf
             tp_progs = ("ka_tp_issue", "ka_tp_complete")
-            for name in (*issue_progs, "ka_btf_complete"):
-                obj.program(name).set_autoload(name in btf_progs and btf)
+            for name in all_btf:
+                obj.program(name).set_autoload(btf and name in btf_progs)
             for name in tp_progs:
                 obj.program(name).set_autoload(not btf)
             obj.load()
@@ -445,8 +442,10 @@ class BpfAccounting:
         return [dev for dev in read_slots(self.slots_fd) if dev]
 
     def stats(self, bd: BlockDevice) -> DeviceStats:
-        return read_stats(self.slots_fd, self.stats_fd, self.ncpus, bd, self.attach,
-                          in_flight_counted=not self.completion_only())
+        st = read_stats(self.slots_fd, self.stats_fd, self.ncpus, bd, self.attach)
+        if self.completion_only():
+            st.in_flight = None  # only the issue program counts it, and it is not attached
+        return st
 
     def missed_runs(self) -> int:
         """Program runs the kernel skipped (recursion protection), all devices together.
@@ -494,7 +493,7 @@ def read_slots(slots_fd: int) -> list[int]:
 
 
 def read_stats(slots_fd: int, stats_fd: int, ncpus: int, bd: BlockDevice,
-               attach: str, in_flight_counted: bool = True) -> DeviceStats:
+               attach: str) -> DeviceStats:
     slots = read_slots(slots_fd)
     raw = None
     if bd.dev in slots:
@@ -502,7 +501,7 @@ def read_stats(slots_fd: int, stats_fd: int, ncpus: int, bd: BlockDevice,
                                       ((STATS.size + 7) // 8 * 8) * ncpus)
     if raw is None:
         raise UnknownDeviceError(f"{bd.name} ({bd.majmin}) is not watched by the agent")
-    return stats_from_values(bd, decode_stats(raw, ncpus), attach, in_flight_counted)
+    return stats_from_values(bd, decode_stats(raw, ncpus), attach)
 
 
 class PinnedAccounting:
